@@ -1,1 +1,274 @@
-// placeholder
+#include "core/model_architecture.h"
+
+#include <cmath>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+
+namespace emoserve {
+namespace {
+
+using torch::jit::Module;
+
+// A 3x3 convolution, batch norm, ReLU, max-pool, dropout.
+constexpr char kConvBlockSource[] = R"(
+def forward(self, x):
+    x = torch.conv2d(x, self.conv_weight, self.conv_bias, [1, 1], [1, 1])
+    x = torch.batch_norm(x, self.bn_weight, self.bn_bias, self.bn_running_mean,
+                         self.bn_running_var, self.training, 0.1, 1e-5, False)
+    x = torch.relu(x)
+    x = torch.max_pool2d(x, [self.pool, self.pool], [self.pool, self.pool])
+    return torch.dropout(x, self.dropout, self.training)
+)";
+
+// torch.nn.TransformerEncoderLayer (post-norm, ReLU) on [B, S, D].
+constexpr char kEncoderLayerSource[] = R"(
+def forward(self, x):
+    b = x.size(0)
+    s = x.size(1)
+    d = x.size(2)
+    h = self.num_heads
+    qkv = torch.linear(x, self.in_proj_weight, self.in_proj_bias)
+    q, k, v = qkv.chunk(3, -1)
+    q = q.reshape(b, s, h, d // h).transpose(1, 2)
+    k = k.reshape(b, s, h, d // h).transpose(1, 2)
+    v = v.reshape(b, s, h, d // h).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+    attention = torch.dropout(torch.softmax(scores, -1), self.dropout, self.training)
+    attended = torch.matmul(attention, v).transpose(1, 2).reshape(b, s, d)
+    attended = torch.linear(attended, self.out_proj_weight, self.out_proj_bias)
+    x = torch.layer_norm(x + torch.dropout(attended, self.dropout, self.training),
+                         [d], self.norm1_weight, self.norm1_bias, 1e-5, False)
+    hidden = torch.relu(torch.linear(x, self.linear1_weight, self.linear1_bias))
+    hidden = torch.dropout(hidden, self.dropout, self.training)
+    hidden = torch.linear(hidden, self.linear2_weight, self.linear2_bias)
+    return torch.layer_norm(x + torch.dropout(hidden, self.dropout, self.training),
+                            [d], self.norm2_weight, self.norm2_bias, 1e-5, False)
+)";
+
+// The whole model; ENCODER_CALLS is replaced by the chain of encoder layers.
+constexpr char kModelSource[] = R"(
+def logits(self, x):
+    x = (x - self.feature_mean.view(1, 1, -1, 1)) / self.feature_std.view(1, 1, -1, 1)
+    conv = torch.flatten(self.conv2.forward(self.conv1.forward(self.conv0.forward(x))), 1)
+    seq = torch.max_pool2d(x, [1, self.time_pool], [1, self.time_pool])
+    seq = seq.squeeze(1).transpose(1, 2)
+    ENCODER_CALLS
+    summary = seq.mean(1)
+    return torch.linear(torch.cat([conv, summary], 1), self.fc_weight, self.fc_bias)
+
+def forward(self, x):
+    return torch.softmax(self.logits(x), 1)
+)";
+
+// PyTorch's default for Linear and Conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+// for weight (kaiming_uniform with a=sqrt(5)) and bias.
+torch::Tensor UniformFanIn(std::vector<int64_t> shape, int64_t fan_in) {
+  const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+  return torch::empty(shape).uniform_(-bound, bound);
+}
+
+torch::Tensor XavierUniform(int64_t rows, int64_t cols) {
+  const double bound = std::sqrt(6.0 / static_cast<double>(rows + cols));
+  return torch::empty({rows, cols}).uniform_(-bound, bound);
+}
+
+Module NewModule(const std::string& name,
+                 const std::shared_ptr<torch::jit::CompilationUnit>& unit) {
+  Module module(c10::QualifiedName(absl::StrCat("__torch__.emoserve.", name)),
+                unit, /*shouldMangle=*/true);
+  module.register_attribute("training", c10::BoolType::get(), true);
+  return module;
+}
+
+Module ConvBlock(int index, int in_channels, int out_channels, int pool,
+                 double dropout,
+                 const std::shared_ptr<torch::jit::CompilationUnit>& unit) {
+  Module block = NewModule(absl::StrCat("ConvBlock", index), unit);
+  const int64_t fan_in = static_cast<int64_t>(in_channels) * 9;
+  block.register_parameter(
+      "conv_weight", UniformFanIn({out_channels, in_channels, 3, 3}, fan_in),
+      false);
+  block.register_parameter("conv_bias", UniformFanIn({out_channels}, fan_in),
+                           false);
+  block.register_parameter("bn_weight", torch::ones({out_channels}), false);
+  block.register_parameter("bn_bias", torch::zeros({out_channels}), false);
+  block.register_buffer("bn_running_mean", torch::zeros({out_channels}));
+  block.register_buffer("bn_running_var", torch::ones({out_channels}));
+  block.register_attribute("pool", c10::IntType::get(), pool);
+  block.register_attribute("dropout", c10::FloatType::get(), dropout);
+  block.define(kConvBlockSource);
+  return block;
+}
+
+Module EncoderLayer(int index, int d_model, int heads, int feedforward,
+                    double dropout,
+                    const std::shared_ptr<torch::jit::CompilationUnit>& unit) {
+  Module layer = NewModule(absl::StrCat("EncoderLayer", index), unit);
+  layer.register_parameter("in_proj_weight", XavierUniform(3 * d_model, d_model),
+                           false);
+  layer.register_parameter("in_proj_bias", torch::zeros({3 * d_model}), false);
+  layer.register_parameter("out_proj_weight",
+                           UniformFanIn({d_model, d_model}, d_model), false);
+  layer.register_parameter("out_proj_bias", torch::zeros({d_model}), false);
+  layer.register_parameter("linear1_weight",
+                           UniformFanIn({feedforward, d_model}, d_model), false);
+  layer.register_parameter("linear1_bias", UniformFanIn({feedforward}, d_model),
+                           false);
+  layer.register_parameter("linear2_weight",
+                           UniformFanIn({d_model, feedforward}, feedforward),
+                           false);
+  layer.register_parameter("linear2_bias", UniformFanIn({d_model}, feedforward),
+                           false);
+  layer.register_parameter("norm1_weight", torch::ones({d_model}), false);
+  layer.register_parameter("norm1_bias", torch::zeros({d_model}), false);
+  layer.register_parameter("norm2_weight", torch::ones({d_model}), false);
+  layer.register_parameter("norm2_bias", torch::zeros({d_model}), false);
+  layer.register_attribute("num_heads", c10::IntType::get(), heads);
+  layer.register_attribute("scale", c10::FloatType::get(),
+                           1.0 / std::sqrt(static_cast<double>(d_model / heads)));
+  layer.register_attribute("dropout", c10::FloatType::get(), dropout);
+  layer.define(kEncoderLayerSource);
+  return layer;
+}
+
+absl::Status Validate(const ArchitectureOptions& o) {
+  if (o.num_features <= 0 || o.num_frames <= 0 || o.num_classes < 2) {
+    return absl::InvalidArgumentError(
+        "architecture: num_features and num_frames must be positive and "
+        "num_classes at least 2");
+  }
+  int rows = o.num_features;
+  int cols = o.num_frames;
+  for (int i = 0; i < 3; ++i) {
+    if (o.conv_channels[i] <= 0 || o.conv_pool[i] <= 0) {
+      return absl::InvalidArgumentError(
+          "architecture: conv channels and pools must be positive");
+    }
+    rows /= o.conv_pool[i];
+    cols /= o.conv_pool[i];
+  }
+  if (rows == 0 || cols == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "architecture: a ", o.num_features, "x", o.num_frames,
+        " input is too small for the CNN branch's pooling"));
+  }
+  if (o.time_pool <= 0 || o.num_frames / o.time_pool == 0) {
+    return absl::InvalidArgumentError("architecture: bad time_pool");
+  }
+  if (o.transformer_layers <= 0 || o.transformer_heads <= 0 ||
+      o.num_features % o.transformer_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "architecture: d_model (", o.num_features,
+        ") must be a multiple of transformer_heads (", o.transformer_heads,
+        ") and layers must be positive"));
+  }
+  if (o.conv_dropout < 0 || o.conv_dropout >= 1 || o.transformer_dropout < 0 ||
+      o.transformer_dropout >= 1) {
+    return absl::InvalidArgumentError("architecture: dropout must be in [0, 1)");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(
+    const nlohmann::json& json) {
+  ArchitectureOptions o;
+  if (!json.is_object()) {
+    return absl::InvalidArgumentError("architecture must be a JSON object");
+  }
+  try {
+    for (const auto& [key, value] : json.items()) {
+      if (key == "num_features") o.num_features = value.get<int>();
+      else if (key == "num_frames") o.num_frames = value.get<int>();
+      else if (key == "num_classes") o.num_classes = value.get<int>();
+      else if (key == "conv_channels" || key == "conv_pool") {
+        auto v = value.get<std::vector<int>>();
+        if (v.size() != 3) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("architecture: ", key, " needs 3 values"));
+        }
+        int* target = key == "conv_channels" ? o.conv_channels : o.conv_pool;
+        for (int i = 0; i < 3; ++i) target[i] = v[i];
+      } else if (key == "conv_dropout") o.conv_dropout = value.get<double>();
+      else if (key == "time_pool") o.time_pool = value.get<int>();
+      else if (key == "transformer_layers") o.transformer_layers = value.get<int>();
+      else if (key == "transformer_heads") o.transformer_heads = value.get<int>();
+      else if (key == "transformer_feedforward") o.transformer_feedforward = value.get<int>();
+      else if (key == "transformer_dropout") o.transformer_dropout = value.get<double>();
+      else if (key == "name") continue;
+      else return absl::InvalidArgumentError(absl::StrCat("architecture: unknown key '", key, "'"));
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("architecture: ", e.what()));
+  }
+  if (absl::Status s = Validate(o); !s.ok()) return s;
+  return o;
+}
+
+nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& o) {
+  return {{"name", "parallel_cnn_transformer"},
+          {"num_features", o.num_features},
+          {"num_frames", o.num_frames},
+          {"num_classes", o.num_classes},
+          {"conv_channels", std::vector<int>(o.conv_channels, o.conv_channels + 3)},
+          {"conv_pool", std::vector<int>(o.conv_pool, o.conv_pool + 3)},
+          {"conv_dropout", o.conv_dropout},
+          {"time_pool", o.time_pool},
+          {"transformer_layers", o.transformer_layers},
+          {"transformer_heads", o.transformer_heads},
+          {"transformer_feedforward", o.transformer_feedforward},
+          {"transformer_dropout", o.transformer_dropout}};
+}
+
+absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
+    const ArchitectureOptions& o) {
+  if (absl::Status s = Validate(o); !s.ok()) return s;
+  try {
+    auto unit = std::make_shared<torch::jit::CompilationUnit>();
+    Module model = NewModule("ParallelCnnTransformer", unit);
+    model.register_buffer("feature_mean", torch::zeros({o.num_features}));
+    model.register_buffer("feature_std", torch::ones({o.num_features}));
+    int in_channels = 1;
+    int rows = o.num_features;
+    int cols = o.num_frames;
+    for (int i = 0; i < 3; ++i) {
+      model.register_module(
+          absl::StrCat("conv", i),
+          ConvBlock(i, in_channels, o.conv_channels[i], o.conv_pool[i],
+                    o.conv_dropout, unit));
+      in_channels = o.conv_channels[i];
+      rows /= o.conv_pool[i];
+      cols /= o.conv_pool[i];
+    }
+    std::string encoder_calls;
+    for (int i = 0; i < o.transformer_layers; ++i) {
+      model.register_module(
+          absl::StrCat("encoder", i),
+          EncoderLayer(i, o.num_features, o.transformer_heads,
+                       o.transformer_feedforward, o.transformer_dropout, unit));
+      absl::StrAppend(&encoder_calls, i == 0 ? "" : "\n    ", "seq = self.encoder",
+                      i, ".forward(seq)");
+    }
+    model.register_attribute("time_pool", c10::IntType::get(), o.time_pool);
+    const int64_t fc_in =
+        static_cast<int64_t>(in_channels) * rows * cols + o.num_features;
+    model.register_parameter("fc_weight",
+                             UniformFanIn({o.num_classes, fc_in}, fc_in), false);
+    model.register_parameter("fc_bias", UniformFanIn({o.num_classes}, fc_in),
+                             false);
+    model.define(
+        absl::StrReplaceAll(kModelSource, {{"ENCODER_CALLS", encoder_calls}}));
+    return model;
+  } catch (const std::exception& e) {
+    return absl::InternalError(
+        absl::StrCat("building the model failed: ", e.what()));
+  }
+}
+
+}  // namespace emoserve

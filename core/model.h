@@ -1,0 +1,57 @@
+// A loaded model: model.pt (TorchScript) checked against model.json.
+// LibTorch stays behind this interface.
+#ifndef EMOSERVE_CORE_MODEL_H_
+#define EMOSERVE_CORE_MODEL_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "core/model_config.h"
+
+namespace emoserve {
+
+struct ModelOptions {
+  // "cpu", "cuda" or "cuda:N".
+  std::string device = "cpu";
+};
+
+// Sets LibTorch's intra-op thread count for the process (it defaults to 1
+// here). threads <= 0 means one per hardware core.
+void SetModelThreads(int threads);
+
+class Model {
+ public:
+  // Loads <dir>/model.json and <dir>/model.pt, moves the module to the
+  // device and runs a dry forward of the declared [1, 1, F, T] shape; any
+  // disagreement (shape, label count, output not probabilities) is a clear
+  // kInvalidArgument / kFailedPrecondition error.
+  static absl::StatusOr<std::unique_ptr<Model>> Load(
+      const std::string& dir, const ModelOptions& options = {});
+  ~Model();
+
+  const ModelConfig& config() const { return config_; }
+  const std::string& device() const { return device_; }
+  int num_classes() const { return static_cast<int>(config_.labels.size()); }
+  // Floats in one input ([F][T]) and one output row.
+  int input_size() const { return config_.num_features() * config_.num_frames(); }
+
+  // `features` holds `batch_size` inputs of input_size() floats each
+  // ([B][F][T], contiguous). Returns batch_size * num_classes()
+  // probabilities, row-major. Thread-safe.
+  absl::StatusOr<std::vector<float>> Predict(absl::Span<const float> features,
+                                             int batch_size) const;
+
+ private:
+  struct Module;
+  Model(ModelConfig config, std::string device, std::unique_ptr<Module> module);
+  ModelConfig config_;
+  std::string device_;
+  std::unique_ptr<Module> module_;
+};
+
+}  // namespace emoserve
+
+#endif  // EMOSERVE_CORE_MODEL_H_

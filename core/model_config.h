@@ -1,0 +1,43 @@
+// model.json: what a model directory declares about its model.pt.
+#ifndef EMOSERVE_CORE_MODEL_CONFIG_H_
+#define EMOSERVE_CORE_MODEL_CONFIG_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/feature_params.h"
+#include "nlohmann/json.hpp"
+
+namespace emoserve {
+
+inline constexpr char kInputLayoutBatchChannelFeatureTime[] = "[B,1,F,T]";
+
+struct ModelConfig {
+  std::string name;
+  std::string version;
+  std::vector<std::string> labels;  // In the module's output order.
+  int sample_rate = 16000;
+  double window_seconds = 3.0;  // The model's fixed input length.
+  FeatureParams features;       // features.sample_rate == sample_rate.
+  std::string input_layout = kInputLayoutBatchChannelFeatureTime;
+  // Free-form: how the model was made (command, data, split, metrics) and
+  // the architecture. Carried through unchanged.
+  nlohmann::json architecture = nlohmann::json::object();
+  nlohmann::json provenance = nlohmann::json::object();
+
+  int window_samples() const;
+  int num_features() const { return features.num_features(); }
+  int num_frames() const { return features.NumFrames(window_samples()); }
+};
+
+absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& json);
+nlohmann::json ModelConfigToJson(const ModelConfig& config);
+
+// Reads and validates `path` (a model.json).
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path);
+absl::Status SaveModelConfig(const ModelConfig& config, const std::string& path);
+
+}  // namespace emoserve
+
+#endif  // EMOSERVE_CORE_MODEL_CONFIG_H_

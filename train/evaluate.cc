@@ -1,0 +1,103 @@
+#include "train/evaluate.h"
+
+#include <algorithm>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/audio.h"
+#include "core/resampler.h"
+#include "core/windowing.h"
+#include "train/progress.h"
+
+namespace emoserve {
+
+absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessAudio(
+    const std::vector<RavdessClip>& clips, int sample_rate) {
+  std::vector<LabeledAudio> loaded;
+  loaded.reserve(clips.size());
+  ProgressBar progress("loading audio", static_cast<int>(clips.size()));
+  for (const RavdessClip& clip : clips) {
+    absl::StatusOr<Audio> audio = DecodeAudioFile(clip.path);
+    if (!audio.ok()) {
+      return absl::Status(audio.status().code(),
+                          absl::StrCat(clip.path, ": ", audio.status().message()));
+    }
+    absl::StatusOr<std::vector<float>> samples =
+        Resample(audio->samples, audio->sample_rate, sample_rate);
+    if (!samples.ok()) return samples.status();
+    loaded.push_back({clip, *std::move(samples)});
+    progress.Update(static_cast<int>(loaded.size()));
+  }
+  progress.Finish();
+  return loaded;
+}
+
+absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& clips,
+                                              const ModelConfig& config,
+                                              const FeatureExtractor& extractor,
+                                              const BatchPredictor& predict,
+                                              int batch_size) {
+  // RAVDESS emotion index -> the model's output index.
+  const std::vector<std::string>& names = RavdessLabels();
+  std::vector<int> to_model(names.size(), -1);
+  for (size_t i = 0; i < names.size(); ++i) {
+    auto it = std::find(config.labels.begin(), config.labels.end(), names[i]);
+    if (it != config.labels.end()) to_model[i] = static_cast<int>(it - config.labels.begin());
+  }
+  ConfusionMatrix matrix(config.labels);
+  const size_t window = config.window_samples();
+  const size_t hop = std::max<size_t>(1, window / 2);
+  const size_t input_size =
+      static_cast<size_t>(config.num_features()) * config.num_frames();
+  const int classes = static_cast<int>(config.labels.size());
+
+  // Windows of several clips share a batch; a clip's result is complete when
+  // its last window has been predicted.
+  std::vector<float> batch;
+  std::vector<size_t> batch_clip;  // clip index of each window in the batch
+  std::vector<float> window_samples(window);
+  FeatureMatrix features;
+  std::vector<std::vector<float>> clip_probabilities(clips.size());
+  auto flush = [&]() -> absl::Status {
+    if (batch_clip.empty()) return absl::OkStatus();
+    absl::StatusOr<std::vector<float>> probabilities =
+        predict(batch, static_cast<int>(batch_clip.size()));
+    if (!probabilities.ok()) return probabilities.status();
+    for (size_t w = 0; w < batch_clip.size(); ++w) {
+      auto& out = clip_probabilities[batch_clip[w]];
+      out.insert(out.end(), probabilities->begin() + w * classes,
+                 probabilities->begin() + (w + 1) * classes);
+    }
+    batch.clear();
+    batch_clip.clear();
+    return absl::OkStatus();
+  };
+  for (size_t c = 0; c < clips.size(); ++c) {
+    if (to_model[clips[c].clip.emotion] < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the model has no label '", names[clips[c].clip.emotion], "'"));
+    }
+    for (size_t start : WindowStarts(clips[c].samples.size(), window, hop)) {
+      CopyWindow(clips[c].samples, start, window, window_samples.data());
+      if (absl::Status s = extractor.Compute(window_samples, &features); !s.ok()) return s;
+      if (features.data.size() != input_size) {
+        return absl::InternalError("feature shape differs from the model's input");
+      }
+      batch.insert(batch.end(), features.data.begin(), features.data.end());
+      batch_clip.push_back(c);
+      if (static_cast<int>(batch_clip.size()) == batch_size) {
+        if (absl::Status s = flush(); !s.ok()) return s;
+      }
+    }
+  }
+  if (absl::Status s = flush(); !s.ok()) return s;
+  for (size_t c = 0; c < clips.size(); ++c) {
+    const std::vector<float> mean = MeanProbabilities(clip_probabilities[c], classes);
+    const int predicted =
+        static_cast<int>(std::max_element(mean.begin(), mean.end()) - mean.begin());
+    matrix.Add(to_model[clips[c].clip.emotion], predicted);
+  }
+  return matrix;
+}
+
+}  // namespace emoserve

@@ -1,0 +1,44 @@
+// Clip-level evaluation shared by the trainer's validation and
+// `emoserve-train eval`: windows as the server makes them, features, a batch
+// predictor, the mean of the windows' probabilities.
+#ifndef EMOSERVE_TRAIN_EVALUATE_H_
+#define EMOSERVE_TRAIN_EVALUATE_H_
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "core/features.h"
+#include "core/model_config.h"
+#include "train/metrics.h"
+#include "train/ravdess.h"
+
+namespace emoserve {
+
+struct LabeledAudio {
+  RavdessClip clip;
+  std::vector<float> samples;  // mono, at the model's rate
+};
+
+// Decodes and resamples every clip to `sample_rate`, with a progress bar.
+absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessAudio(
+    const std::vector<RavdessClip>& clips, int sample_rate);
+
+// Features of batch_size windows ([B][F][T]) -> probabilities ([B][C]).
+using BatchPredictor = std::function<absl::StatusOr<std::vector<float>>(
+    absl::Span<const float> features, int batch_size)>;
+
+// Classifies each clip (windows of config.window_seconds every half window,
+// probabilities averaged) and counts the results against the clip's label.
+// The model's labels must include every RAVDESS label present.
+absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& clips,
+                                              const ModelConfig& config,
+                                              const FeatureExtractor& extractor,
+                                              const BatchPredictor& predict,
+                                              int batch_size = 32);
+
+}  // namespace emoserve
+
+#endif  // EMOSERVE_TRAIN_EVALUATE_H_

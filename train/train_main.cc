@@ -1,0 +1,143 @@
+// emoserve-train: trains the bundled model on RAVDESS and evaluates models.
+//   emoserve-train train --data DIR --out DIR [--epochs N --seed S ...]
+//   emoserve-train eval --model DIR --data DIR [--actors 21-24] [--json]
+#include <malloc.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_join.h"
+#include "core/features.h"
+#include "core/model.h"
+#include "train/evaluate.h"
+#include "train/ravdess.h"
+#include "train/trainer.h"
+
+namespace emoserve {
+namespace {
+
+int Fail(const absl::Status& status) {
+  std::fprintf(stderr, "emoserve-train: %s\n", std::string(status.message()).c_str());
+  return 1;
+}
+
+int RunEval(const std::string& model_dir, const std::string& data_dir,
+            const std::string& actors_text, const std::string& device, int threads,
+            bool json) {
+  SetModelThreads(threads);
+  absl::StatusOr<std::set<int>> actors = ParseActorSet(actors_text);
+  if (!actors.ok()) return Fail(actors.status());
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(model_dir, {device});
+  if (!model.ok()) return Fail(model.status());
+  const ModelConfig& config = (*model)->config();
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  if (!extractor.ok()) return Fail(extractor.status());
+  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(data_dir, *actors);
+  if (!clips.ok()) return Fail(clips.status());
+  absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
+  if (!audio.ok()) return Fail(audio.status());
+  absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
+      *audio, config, **extractor,
+      [&](absl::Span<const float> features, int batch) {
+        return (*model)->Predict(features, batch);
+      });
+  if (!matrix.ok()) return Fail(matrix.status());
+  if (json) {
+    nlohmann::json out = matrix->ToJson();
+    out["model"] = config.name;
+    out["version"] = config.version;
+    out["actors"] = std::vector<int>(actors->begin(), actors->end());
+    std::cout << out.dump(1) << "\n";
+  } else {
+    std::cout << "model " << config.name << " " << config.version << ", actors "
+              << absl::StrJoin(*actors, ",") << "\n"
+              << matrix->ToText();
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace emoserve
+
+int main(int argc, char** argv) {
+  // glibc's default malloc makes LibTorch several times slower here.
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  using emoserve::TrainOptions;
+
+  CLI::App app{"emoserve-train: train and evaluate emoserve's emotion model on RAVDESS"};
+  app.require_subcommand(1);
+
+  TrainOptions options;
+  options.features = emoserve::DefaultTrainFeatures();
+  std::string train_actors, val_actors = "19-20", test_actors = "21-24", feature_kind = "mfcc";
+  CLI::App* train = app.add_subcommand("train", "train a model and write a model directory");
+  train->add_option("--data", options.data_dir, "RAVDESS folder (Actor_NN/...flac|wav)")
+      ->required();
+  train->add_option("--out", options.out_dir, "output model directory")->required();
+  train->add_option("--epochs", options.epochs, "epochs")->capture_default_str();
+  train->add_option("--seed", options.seed, "random seed")->capture_default_str();
+  train->add_option("--batch-size", options.batch_size)->capture_default_str();
+  train->add_option("--lr", options.learning_rate, "peak learning rate (one-cycle AdamW)")
+      ->capture_default_str();
+  train->add_option("--weight-decay", options.weight_decay)->capture_default_str();
+  train->add_option("--threads", options.threads, "LibTorch threads (0 = all cores)")
+      ->capture_default_str();
+  train->add_option("--train-actors", train_actors,
+                    "training actors (default: all but validation and test)");
+  train->add_option("--val-actors", val_actors)->capture_default_str();
+  train->add_option("--test-actors", test_actors)->capture_default_str();
+  train->add_option("--features", feature_kind, "mfcc or log_mel")->capture_default_str();
+  train->add_option("--n-mfcc", options.features.n_mfcc)->capture_default_str();
+  train->add_option("--n-mels", options.features.n_mels)->capture_default_str();
+  train->add_option("--mixup", options.mixup_alpha, "mixup alpha (0 = off)")
+      ->capture_default_str();
+  train->add_option("--noise-prob", options.noise_probability)->capture_default_str();
+  train->add_option("--speed-prob", options.speed_probability)->capture_default_str();
+  train->add_option("--label-smoothing", options.label_smoothing)->capture_default_str();
+  train->add_option("--conv-dropout", options.architecture.conv_dropout)->capture_default_str();
+  train->add_option("--transformer-dropout", options.architecture.transformer_dropout)
+      ->capture_default_str();
+  train->add_option("--heads", options.architecture.transformer_heads)->capture_default_str();
+  train->add_option("--name", options.model_name)->capture_default_str();
+  train->add_option("--version", options.model_version)->capture_default_str();
+
+  std::string model_dir, data_dir, actors = "21-24", device = "cpu";
+  int threads = 0;
+  bool json = false;
+  CLI::App* eval = app.add_subcommand("eval", "evaluate a model directory on RAVDESS actors");
+  eval->add_option("--model", model_dir, "model directory")->required();
+  eval->add_option("--data", data_dir, "RAVDESS folder")->required();
+  eval->add_option("--actors", actors, "actors to evaluate on")->capture_default_str();
+  eval->add_option("--device", device, "cpu, cuda or cuda:N")->capture_default_str();
+  eval->add_option("--threads", threads, "LibTorch threads (0 = all cores)");
+  eval->add_flag("--json", json, "print JSON");
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (eval->parsed()) {
+    return emoserve::RunEval(model_dir, data_dir, actors, device, threads, json);
+  }
+  options.command_line = "emoserve-train";
+  for (int i = 1; i < argc; ++i) options.command_line += std::string(" ") + argv[i];
+  if (feature_kind == "mfcc") {
+    options.features.kind = emoserve::FeatureKind::kMfcc;
+  } else if (feature_kind == "log_mel") {
+    options.features.kind = emoserve::FeatureKind::kLogMel;
+  } else {
+    return emoserve::Fail(absl::InvalidArgumentError("--features must be mfcc or log_mel"));
+  }
+  for (auto [text, target] : {std::pair{&train_actors, &options.train_actors},
+                              std::pair{&val_actors, &options.val_actors},
+                              std::pair{&test_actors, &options.test_actors}}) {
+    if (text->empty()) continue;
+    absl::StatusOr<std::set<int>> parsed = emoserve::ParseActorSet(*text);
+    if (!parsed.ok()) return emoserve::Fail(parsed.status());
+    *target = *parsed;
+  }
+  if (absl::Status s = emoserve::Train(options); !s.ok()) return emoserve::Fail(s);
+  return 0;
+}

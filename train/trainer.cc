@@ -1,0 +1,464 @@
+#include "train/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "core/features.h"
+#include "core/model.h"
+#include "core/model_config.h"
+#include "core/resampler.h"
+#include "core/windowing.h"
+#include "train/evaluate.h"
+#include "train/metrics.h"
+#include "train/progress.h"
+#include "train/ravdess.h"
+
+namespace emoserve {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point since) {
+  return std::chrono::duration<double>(Clock::now() - since).count();
+}
+
+// Makes one augmented training example: speed perturbation, a random crop
+// of one window, white noise, then features with SpecAugment-style masks
+// (masked cells take the feature's training mean, i.e. 0 once normalised).
+class Augmenter {
+ public:
+  Augmenter(const TrainOptions& options, const FeatureExtractor& extractor,
+            size_t window, std::vector<float> feature_mean)
+      : options_(options),
+        extractor_(extractor),
+        window_(window),
+        feature_mean_(std::move(feature_mean)),
+        samples_(window) {}
+
+  absl::Status Make(const std::vector<float>& clip, std::mt19937_64& rng,
+                    float* out) {
+    std::uniform_real_distribution<double> unit(0.0, 1.0);
+    const std::vector<float>* source = &clip;
+    std::vector<float> perturbed;
+    if (unit(rng) < options_.speed_probability) {
+      const double speed =
+          options_.speed_min + (options_.speed_max - options_.speed_min) * unit(rng);
+      // Playing `speed` times faster = treating the clip as recorded at a
+      // higher rate and converting it back.
+      const int from = static_cast<int>(std::lround(options_.sample_rate * speed));
+      absl::StatusOr<std::vector<float>> resampled =
+          Resample(clip, from, options_.sample_rate);
+      if (!resampled.ok()) return resampled.status();
+      perturbed = *std::move(resampled);
+      source = &perturbed;
+    }
+    const size_t length = source->size();
+    const size_t start =
+        length > window_
+            ? std::uniform_int_distribution<size_t>(0, length - window_)(rng)
+            : 0;
+    CopyWindow(*source, start, window_, samples_.data());
+    if (unit(rng) < options_.noise_probability) {
+      double power = 0.0;
+      for (float s : samples_) power += static_cast<double>(s) * s;
+      power /= static_cast<double>(window_);
+      const double snr = options_.noise_snr_min_db +
+                         (options_.noise_snr_max_db - options_.noise_snr_min_db) * unit(rng);
+      std::normal_distribution<float> noise(
+          0.0f, static_cast<float>(std::sqrt(power / std::pow(10.0, snr / 10.0))));
+      for (float& s : samples_) s += noise(rng);
+    }
+    if (absl::Status s = extractor_.Compute(samples_, &features_); !s.ok()) return s;
+    const int rows = features_.rows;
+    const int cols = features_.cols;
+    for (int m = 0; m < options_.time_masks; ++m) {
+      const int width = std::uniform_int_distribution<int>(0, options_.time_mask_max_frames)(rng);
+      const int first = std::uniform_int_distribution<int>(0, std::max(0, cols - width))(rng);
+      for (int r = 0; r < rows; ++r) {
+        for (int c = first; c < std::min(cols, first + width); ++c) {
+          features_.data[static_cast<size_t>(r) * cols + c] = feature_mean_[r];
+        }
+      }
+    }
+    for (int m = 0; m < options_.feature_masks; ++m) {
+      const int height = std::uniform_int_distribution<int>(0, options_.feature_mask_max_rows)(rng);
+      const int first = std::uniform_int_distribution<int>(0, std::max(0, rows - height))(rng);
+      for (int r = first; r < std::min(rows, first + height); ++r) {
+        std::fill_n(features_.data.begin() + static_cast<size_t>(r) * cols, cols,
+                    feature_mean_[r]);
+      }
+    }
+    std::copy(features_.data.begin(), features_.data.end(), out);
+    return absl::OkStatus();
+  }
+
+ private:
+  const TrainOptions& options_;
+  const FeatureExtractor& extractor_;
+  size_t window_;
+  std::vector<float> feature_mean_;
+  std::vector<float> samples_;
+  FeatureMatrix features_;
+};
+
+// Per-feature mean and standard deviation over the first window of every
+// training clip (no augmentation).
+absl::Status FeatureStatistics(const std::vector<LabeledAudio>& clips,
+                               const FeatureExtractor& extractor, size_t window,
+                               std::vector<float>* mean, std::vector<float>* stddev) {
+  const int rows = extractor.num_features();
+  std::vector<double> sum(rows, 0.0), sum_sq(rows, 0.0);
+  double count = 0;
+  std::vector<float> samples(window);
+  FeatureMatrix features;
+  for (const LabeledAudio& clip : clips) {
+    CopyWindow(clip.samples, 0, window, samples.data());
+    if (absl::Status s = extractor.Compute(samples, &features); !s.ok()) return s;
+    for (int r = 0; r < rows; ++r) {
+      for (int c = 0; c < features.cols; ++c) {
+        const double v = features.at(r, c);
+        sum[r] += v;
+        sum_sq[r] += v * v;
+      }
+    }
+    count += features.cols;
+  }
+  mean->assign(rows, 0.0f);
+  stddev->assign(rows, 1.0f);
+  for (int r = 0; r < rows; ++r) {
+    const double m = sum[r] / count;
+    (*mean)[r] = static_cast<float>(m);
+    (*stddev)[r] = static_cast<float>(std::sqrt(std::max(1e-6, sum_sq[r] / count - m * m)));
+  }
+  return absl::OkStatus();
+}
+
+// One-cycle: linear warm-up over the first 30% of steps, cosine decay after.
+double OneCycleLearningRate(double peak, int64_t step, int64_t total) {
+  const double warmup = 0.3 * total;
+  if (step < warmup) return peak * (0.04 + 0.96 * step / warmup);
+  const double progress = (step - warmup) / std::max(1.0, total - warmup);
+  return peak * (1e-3 + (1 - 1e-3) * 0.5 * (1 + std::cos(M_PI * progress)));
+}
+
+double SampleBeta(double alpha, std::mt19937_64& rng) {
+  std::gamma_distribution<double> gamma(alpha, 1.0);
+  const double a = gamma(rng);
+  const double b = gamma(rng);
+  return a + b > 0 ? a / (a + b) : 0.5;
+}
+
+BatchPredictor TorchPredictor(torch::jit::Module& module, int rows, int cols) {
+  return [&module, rows, cols](absl::Span<const float> features,
+                               int batch) -> absl::StatusOr<std::vector<float>> {
+    torch::NoGradGuard no_grad;
+    torch::Tensor input = torch::from_blob(const_cast<float*>(features.data()),
+                                           {batch, 1, rows, cols});
+    torch::Tensor out = module.forward({input}).toTensor().contiguous();
+    return std::vector<float>(out.data_ptr<float>(), out.data_ptr<float>() + out.numel());
+  };
+}
+
+std::string ActorList(const std::set<int>& actors) { return absl::StrJoin(actors, ","); }
+
+}  // namespace
+
+FeatureParams DefaultTrainFeatures() {
+  FeatureParams p;
+  p.kind = FeatureKind::kMfcc;
+  p.n_mfcc = 40;
+  p.n_fft = 512;
+  p.win_length = 400;
+  p.hop_length = 160;
+  p.window = WindowType::kHamming;
+  p.center = true;
+  p.pad_mode = PadMode::kConstant;
+  p.n_mels = 64;
+  p.fmin = 0.0;
+  p.fmax = 8000.0;
+  p.db_ref = DbRef::kOne;
+  p.top_db = 80.0;
+  p.sample_rate = 16000;
+  return p;
+}
+
+absl::Status Train(const TrainOptions& options) {
+  const auto start = Clock::now();
+  std::error_code error;
+  fs::create_directories(options.out_dir, error);
+  if (error) {
+    return absl::InternalError(absl::StrCat("cannot create ", options.out_dir, ": ",
+                                            error.message()));
+  }
+  SetModelThreads(options.threads);
+  torch::manual_seed(options.seed);
+  std::mt19937_64 rng(options.seed);
+
+  // The split.
+  std::set<int> train_actors = options.train_actors;
+  if (train_actors.empty()) {
+    for (int a = 1; a <= 24; ++a) {
+      if (!options.val_actors.count(a) && !options.test_actors.count(a)) train_actors.insert(a);
+    }
+  }
+  for (int a : train_actors) {
+    if (options.val_actors.count(a) || options.test_actors.count(a)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "actor ", a, " is in the training set and in the validation or test set"));
+    }
+  }
+  absl::StatusOr<std::vector<RavdessClip>> train_list =
+      ListRavdess(options.data_dir, train_actors);
+  if (!train_list.ok()) return train_list.status();
+  absl::StatusOr<std::vector<RavdessClip>> val_list =
+      ListRavdess(options.data_dir, options.val_actors);
+  if (!val_list.ok()) return val_list.status();
+  std::fprintf(stderr, "train: actors %s (%zu clips); validation: actors %s (%zu clips)\n",
+               ActorList(train_actors).c_str(), train_list->size(),
+               ActorList(options.val_actors).c_str(), val_list->size());
+  absl::StatusOr<std::vector<LabeledAudio>> train_audio =
+      LoadRavdessAudio(*train_list, options.sample_rate);
+  if (!train_audio.ok()) return train_audio.status();
+  absl::StatusOr<std::vector<LabeledAudio>> val_audio =
+      LoadRavdessAudio(*val_list, options.sample_rate);
+  if (!val_audio.ok()) return val_audio.status();
+
+  // The model's config: the one source of truth for features from here on.
+  ModelConfig config;
+  config.name = options.model_name;
+  config.version = options.model_version;
+  config.labels = RavdessLabels();
+  config.sample_rate = options.sample_rate;
+  config.window_seconds = options.window_seconds;
+  config.features = options.features;
+  config.features.sample_rate = options.sample_rate;
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  if (!extractor.ok()) return extractor.status();
+  const int rows = config.num_features();
+  const int cols = config.num_frames();
+  const size_t window = config.window_samples();
+  ArchitectureOptions architecture = options.architecture;
+  architecture.num_features = rows;
+  architecture.num_frames = cols;
+  architecture.num_classes = static_cast<int>(config.labels.size());
+  config.architecture = ArchitectureOptionsToJson(architecture);
+
+  std::vector<float> mean, stddev;
+  if (absl::Status s = FeatureStatistics(*train_audio, **extractor, window, &mean, &stddev);
+      !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<torch::jit::Module> built = BuildParallelCnnTransformer(architecture);
+  if (!built.ok()) return built.status();
+  torch::jit::Module module = *std::move(built);
+  module.attr("feature_mean").toTensor().copy_(torch::tensor(mean));
+  module.attr("feature_std").toTensor().copy_(torch::tensor(stddev));
+  std::vector<torch::Tensor> parameters;
+  int64_t parameter_count = 0;
+  for (torch::Tensor p : module.parameters()) {
+    p.set_requires_grad(true);
+    parameters.push_back(p);
+    parameter_count += p.numel();
+  }
+  std::fprintf(stderr, "model: %lld parameters, input [B, 1, %d, %d]\n",
+               static_cast<long long>(parameter_count), rows, cols);
+  torch::optim::AdamW optimizer(parameters, torch::optim::AdamWOptions(options.learning_rate)
+                                                .weight_decay(options.weight_decay));
+  const auto cross_entropy = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(
+      options.label_smoothing);
+
+  Augmenter augmenter(options, **extractor, window, mean);
+  const int64_t examples = static_cast<int64_t>(train_audio->size());
+  const int64_t batches_per_epoch = (examples + options.batch_size - 1) / options.batch_size;
+  const int64_t total_steps = batches_per_epoch * options.epochs;
+  const std::string model_path = (fs::path(options.out_dir) / "model.pt").string();
+  std::vector<EpochRecord> curve;
+  double best_uar = -1.0;
+  int best_epoch = 0;
+  int64_t step = 0;
+  std::vector<size_t> order(examples);
+  std::vector<float> inputs;
+  const auto train_start = Clock::now();
+
+  for (int epoch = 1; epoch <= options.epochs; ++epoch) {
+    const auto epoch_start = Clock::now();
+    module.train();
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::shuffle(order.begin(), order.end(), rng);
+    double loss_sum = 0.0;
+    int64_t correct = 0;
+    ProgressBar progress(absl::StrFormat("epoch %d/%d", epoch, options.epochs),
+                         static_cast<int>(batches_per_epoch));
+    for (int64_t b = 0; b < batches_per_epoch; ++b) {
+      const int64_t first = b * options.batch_size;
+      const int64_t count = std::min<int64_t>(options.batch_size, examples - first);
+      inputs.resize(static_cast<size_t>(count) * rows * cols);
+      std::vector<int64_t> targets(count);
+      for (int64_t i = 0; i < count; ++i) {
+        const LabeledAudio& clip = (*train_audio)[order[first + i]];
+        targets[i] = clip.clip.emotion;
+        if (absl::Status s = augmenter.Make(clip.samples, rng,
+                                            inputs.data() + static_cast<size_t>(i) * rows * cols);
+            !s.ok()) {
+          return s;
+        }
+      }
+      torch::Tensor x = torch::from_blob(inputs.data(), {count, 1, rows, cols});
+      torch::Tensor y = torch::tensor(targets, torch::kLong);
+      // Mixup: blend each example with another of the batch, and the losses
+      // of both labels with the same weight.
+      double lambda = 1.0;
+      torch::Tensor permutation = torch::arange(count, torch::kLong);
+      if (options.mixup_alpha > 0 && count > 1) {
+        lambda = SampleBeta(options.mixup_alpha, rng);
+        std::vector<int64_t> perm(count);
+        for (int64_t i = 0; i < count; ++i) perm[i] = i;
+        std::shuffle(perm.begin(), perm.end(), rng);
+        permutation = torch::tensor(perm, torch::kLong);
+        x = lambda * x + (1 - lambda) * x.index_select(0, permutation);
+      }
+      const double lr = OneCycleLearningRate(options.learning_rate, step++, total_steps);
+      for (auto& group : optimizer.param_groups()) {
+        static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+      }
+      torch::Tensor logits = module.run_method("logits", x).toTensor();
+      torch::Tensor loss =
+          lambda * torch::nn::functional::cross_entropy(logits, y, cross_entropy) +
+          (1 - lambda) * torch::nn::functional::cross_entropy(
+                             logits, y.index_select(0, permutation), cross_entropy);
+      optimizer.zero_grad();
+      loss.backward();
+      torch::nn::utils::clip_grad_norm_(parameters, 5.0);
+      optimizer.step();
+      loss_sum += loss.item<double>() * count;
+      correct += logits.argmax(1).eq(y).sum().item<int64_t>();
+      progress.Update(static_cast<int>(b + 1),
+                      absl::StrFormat("loss %.3f", loss_sum / (first + count)));
+    }
+
+    module.eval();
+    absl::StatusOr<ConfusionMatrix> val =
+        EvaluateClips(*val_audio, config, **extractor, TorchPredictor(module, rows, cols));
+    if (!val.ok()) return val.status();
+    EpochRecord record;
+    record.epoch = epoch;
+    record.learning_rate = OneCycleLearningRate(options.learning_rate, step - 1, total_steps);
+    record.train_loss = loss_sum / examples;
+    record.train_accuracy = static_cast<double>(correct) / examples;
+    record.val_accuracy = val->accuracy();
+    record.val_uar = val->uar();
+    record.seconds = Seconds(epoch_start);
+    curve.push_back(record);
+    // Model selection on validation UAR only; ties keep the earlier epoch.
+    const bool best = record.val_uar > best_uar;
+    if (best) {
+      best_uar = record.val_uar;
+      best_epoch = epoch;
+      module.save(model_path);
+    }
+    const double per_epoch = Seconds(train_start) / epoch;
+    progress.Finish(absl::StrFormat(
+        "loss %.3f train acc %.3f | val acc %.3f UAR %.3f%s | %.1f s/epoch, %.0f clips/s, "
+        "total ETA %s",
+        record.train_loss, record.train_accuracy, record.val_accuracy, record.val_uar,
+        best ? " *" : "", per_epoch, examples / record.seconds,
+        FormatDuration(per_epoch * (options.epochs - epoch)).c_str()));
+    if (absl::Status s = WriteTrainingCurveCsv(
+            curve, (fs::path(options.out_dir) / "training_curve.csv").string());
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (absl::Status s = WriteTrainingCurveSvg(
+          curve, (fs::path(options.out_dir) / "training_curve.svg").string());
+      !s.ok()) {
+    return s;
+  }
+  const double train_seconds = Seconds(train_start);
+
+  // Provenance first, metrics after: the final numbers come from loading
+  // the written directory exactly as the server does.
+  config.provenance = {
+      {"command", options.command_line},
+      {"data", options.data_dir},
+      {"split",
+       {{"train_actors", std::vector<int>(train_actors.begin(), train_actors.end())},
+        {"val_actors", std::vector<int>(options.val_actors.begin(), options.val_actors.end())},
+        {"test_actors",
+         std::vector<int>(options.test_actors.begin(), options.test_actors.end())}}},
+      {"seed", options.seed},
+      {"epochs", options.epochs},
+      {"best_epoch", best_epoch},
+      {"train_clips", examples},
+      {"train_seconds", std::round(train_seconds)},
+      {"train_clips_per_second", std::round(examples * options.epochs / train_seconds)},
+      {"parameters", parameter_count}};
+  const std::string json_path = (fs::path(options.out_dir) / "model.json").string();
+  if (absl::Status s = SaveModelConfig(config, json_path); !s.ok()) return s;
+  absl::StatusOr<std::unique_ptr<Model>> saved = Model::Load(options.out_dir);
+  if (!saved.ok()) return saved.status();
+  const BatchPredictor serving_predictor = [&](absl::Span<const float> f, int batch) {
+    return (*saved)->Predict(f, batch);
+  };
+  absl::StatusOr<ConfusionMatrix> val =
+      EvaluateClips(*val_audio, config, **extractor, serving_predictor);
+  if (!val.ok()) return val.status();
+  config.provenance["validation"] = val->ToJson();
+  if (absl::Status s = val->WriteCsv((fs::path(options.out_dir) / "confusion_val.csv").string());
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = val->WriteSvg((fs::path(options.out_dir) / "confusion_val.svg").string(),
+                                     "validation (actors " + ActorList(options.val_actors) + ")");
+      !s.ok()) {
+    return s;
+  }
+  std::fprintf(stderr, "\nvalidation, best epoch %d:\n%s", best_epoch, val->ToText().c_str());
+
+  absl::StatusOr<std::vector<RavdessClip>> test_list =
+      ListRavdess(options.data_dir, options.test_actors);
+  if (test_list.ok()) {
+    absl::StatusOr<std::vector<LabeledAudio>> test_audio =
+        LoadRavdessAudio(*test_list, options.sample_rate);
+    if (!test_audio.ok()) return test_audio.status();
+    absl::StatusOr<ConfusionMatrix> test =
+        EvaluateClips(*test_audio, config, **extractor, serving_predictor);
+    if (!test.ok()) return test.status();
+    config.provenance["test"] = test->ToJson();
+    if (absl::Status s =
+            test->WriteCsv((fs::path(options.out_dir) / "confusion_test.csv").string());
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = test->WriteSvg(
+            (fs::path(options.out_dir) / "confusion_test.svg").string(),
+            "test (actors " + ActorList(options.test_actors) + ")");
+        !s.ok()) {
+      return s;
+    }
+    std::fprintf(stderr, "\ntest:\n%s", test->ToText().c_str());
+  } else {
+    std::fprintf(stderr, "no test clips (%s): test metrics not recorded\n",
+                 std::string(test_list.status().message()).c_str());
+  }
+  if (absl::Status s = SaveModelConfig(config, json_path); !s.ok()) return s;
+  std::fprintf(stderr, "wrote %s in %s (training %s, %.0f clips/s)\n", options.out_dir.c_str(),
+               FormatDuration(Seconds(start)).c_str(), FormatDuration(train_seconds).c_str(),
+               examples * options.epochs / train_seconds);
+  return absl::OkStatus();
+}
+
+}  // namespace emoserve

@@ -1,0 +1,64 @@
+// `emoserve-train train`: trains the parallel CNN + Transformer on RAVDESS
+// and writes a model directory (model.pt, model.json) with its reports.
+#ifndef EMOSERVE_TRAIN_TRAINER_H_
+#define EMOSERVE_TRAIN_TRAINER_H_
+
+#include <cstdint>
+#include <set>
+#include <string>
+
+#include "absl/status/status.h"
+#include "core/feature_params.h"
+#include "core/model_architecture.h"
+
+namespace emoserve {
+
+struct TrainOptions {
+  std::string data_dir;
+  std::string out_dir;
+  std::string model_name = "emoserve-ravdess";
+  std::string model_version = "1";
+  std::string command_line;  // recorded in model.json's provenance
+
+  // Speaker-independent split. Test actors are evaluated once, at the end,
+  // and never used for training or model selection.
+  std::set<int> train_actors;  // empty: every actor not in val or test
+  std::set<int> val_actors = {19, 20};
+  std::set<int> test_actors = {21, 22, 23, 24};
+
+  int sample_rate = 16000;
+  double window_seconds = 3.0;
+  FeatureParams features;  // defaults set in DefaultTrainFeatures()
+  ArchitectureOptions architecture;  // num_features/frames/classes derived
+
+  int epochs = 60;
+  int batch_size = 32;
+  double learning_rate = 1e-3;  // peak of the one-cycle schedule
+  double weight_decay = 1e-2;
+  double label_smoothing = 0.1;
+  uint64_t seed = 1;
+  int threads = 0;  // LibTorch intra-op threads; 0 = all cores
+
+  // Augmentation, drawn afresh for every example of every epoch.
+  double noise_probability = 0.8;  // additive white noise...
+  double noise_snr_min_db = 15.0;  // ...at an SNR drawn from this range
+  double noise_snr_max_db = 30.0;
+  double speed_probability = 0.5;  // speed perturbation (resampling)
+  double speed_min = 0.9;
+  double speed_max = 1.1;
+  int time_masks = 2;  // SpecAugment-style masks
+  int time_mask_max_frames = 20;
+  int feature_masks = 2;
+  int feature_mask_max_rows = 5;
+  double mixup_alpha = 0.2;  // 0 disables mixup
+};
+
+// 40 MFCCs of a 64-band Slaney mel spectrogram: 25 ms Hamming windows every
+// 10 ms at 16 kHz.
+FeatureParams DefaultTrainFeatures();
+
+absl::Status Train(const TrainOptions& options);
+
+}  // namespace emoserve
+
+#endif  // EMOSERVE_TRAIN_TRAINER_H_
