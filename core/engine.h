@@ -1,0 +1,139 @@
+// The inference engine: windows of audio from many callers -> features on a
+// worker pool -> dynamic batches on the model -> completions by callback.
+// No gRPC here; the server adapts requests to this interface.
+#ifndef EMOSERVE_CORE_ENGINE_H_
+#define EMOSERVE_CORE_ENGINE_H_
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "core/model.h"
+
+namespace emoserve {
+
+struct EngineOptions {
+  // Largest batch handed to the model.
+  int max_batch_size = 32;
+  // Windows waiting (for features or for the model) beyond which new
+  // submissions are rejected at once with kResourceExhausted.
+  int max_queue_size = 2048;
+  // 0: a batch runs as soon as the model is free, with whatever waited (no
+  // added latency when idle). > 0: while fewer than max_batch_size windows
+  // wait, the runner waits up to this long for more.
+  absl::Duration max_queue_delay = absl::ZeroDuration();
+  // Feature worker threads; 0 = one per core.
+  int feature_threads = 0;
+  // Model runner threads, each running whole batches; 1 suits a CPU whose
+  // cores already serve LibTorch's intra-op threads.
+  int model_instances = 1;
+  // LibTorch intra-op threads; 0 = one per core.
+  int intra_op_threads = 0;
+  // Default voice-activity threshold: windows whose RMS level (dBFS) is
+  // below it are silence and skip the model.
+  double vad_threshold_dbfs = -50.0;
+};
+
+// Stage timings, for metrics. Called on engine threads: keep it cheap and
+// thread-safe.
+class EngineObserver {
+ public:
+  virtual ~EngineObserver() = default;
+  // Once per window that reached the model: time queued (submission to the
+  // start of its batch, less feature time) and feature time.
+  virtual void OnWindow(absl::Duration queue_wait, absl::Duration features) {}
+  // Once per batch run.
+  virtual void OnBatch(int batch_size, absl::Duration inference) {}
+  // Windows waiting, after each change.
+  virtual void OnQueueDepth(int depth) {}
+};
+
+// Set by the caller (e.g. a cancelled RPC); the engine drops the work before
+// compute and completes it with kCancelled.
+class CancelFlag {
+ public:
+  void Cancel() { cancelled_.store(true, std::memory_order_relaxed); }
+  bool cancelled() const { return cancelled_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<bool> cancelled_{false};
+};
+
+// Every callback below is called exactly once, on an engine thread or inline
+// in the submitting call (for an immediate rejection). Statuses:
+// kResourceExhausted (queue full), kDeadlineExceeded, kCancelled,
+// kUnavailable (shutting down), kInvalidArgument.
+struct WindowRequest {
+  // Exactly model.config().window_samples() samples at the model's rate.
+  std::vector<float> samples;
+  absl::Time deadline = absl::InfiniteFuture();
+  std::shared_ptr<const CancelFlag> cancel;  // may be null
+  // Probabilities in the model's label order.
+  std::function<void(absl::StatusOr<std::vector<float>>)> done;
+};
+
+struct WindowResult {
+  double start_seconds = 0;
+  double end_seconds = 0;
+  bool speech = false;
+  std::vector<float> probabilities;  // empty when !speech
+};
+
+struct ClipResult {
+  // Mean over the windows that hold speech (over all windows when none
+  // does), in the model's label order.
+  std::vector<float> probabilities;
+  std::vector<WindowResult> windows;
+  int speech_windows = 0;
+  double duration_seconds = 0;
+};
+
+struct ClipRequest {
+  std::vector<float> samples;  // mono at the model's rate
+  double hop_seconds = 0;      // 0 = half the model's window
+  // Overrides EngineOptions::vad_threshold_dbfs when set; -inf disables VAD.
+  std::optional<double> vad_threshold_dbfs;
+  absl::Time deadline = absl::InfiniteFuture();
+  std::shared_ptr<const CancelFlag> cancel;
+  std::function<void(absl::StatusOr<ClipResult>)> done;
+};
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(
+      std::shared_ptr<const Model> model, const EngineOptions& options,
+      EngineObserver* observer = nullptr);
+  // Shuts down (see Shutdown) and joins the threads.
+  ~Engine();
+
+  // Never blocks on compute.
+  void Submit(WindowRequest request);
+  // Splits into windows (all windows of all clips share the batcher) and
+  // aggregates. Clips shorter than a window are zero-padded.
+  void Classify(ClipRequest request);
+
+  // Stops accepting work (new submissions get kUnavailable), finishes what
+  // was queued within `grace`, then completes the rest with kUnavailable.
+  void Shutdown(absl::Duration grace = absl::Seconds(10));
+
+  const Model& model() const;
+  const EngineOptions& options() const;
+  int queue_depth() const;
+
+ private:
+  struct Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// RMS level of `samples` in dBFS (-inf for digital silence).
+double RmsDbfs(absl::Span<const float> samples);
+
+}  // namespace emoserve
+
+#endif  // EMOSERVE_CORE_ENGINE_H_
