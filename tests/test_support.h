@@ -6,6 +6,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
 namespace emoserve::testing {
 
 // The shared data folder (env EMOSERVE_SHARED_DIR, else the configured
@@ -17,6 +20,34 @@ std::optional<std::string> SharedDir();
 // A sine of `seconds` at `rate`, amplitude `amplitude`.
 std::vector<float> Sine(double frequency, double amplitude, int rate,
                         double seconds);
+
+// Containers/encodings that EncodeAudio can write.
+enum class AudioFormat {
+  kWavPcm16,
+  kWavPcm24,
+  kWavPcm32,
+  kWavFloat,
+  kFlac,  // 16-bit.
+  kOggVorbis,
+  kMp3,
+};
+
+// Encodes interleaved float samples with libsndfile, entirely in memory
+// (virtual I/O), so that decoder tests need no fixture files.
+absl::StatusOr<std::string> EncodeAudio(absl::Span<const float> interleaved,
+                                        int channels, int sample_rate,
+                                        AudioFormat format);
+
+// Root mean square of `x` (0 when empty).
+double Rms(absl::Span<const float> x);
+
+// Amplitude of the `frequency` component of `x` (a single-bin DFT with a
+// Hann window): a full-scale sine at exactly that frequency gives ~amplitude.
+double ToneAmplitude(absl::Span<const float> x, double frequency, int rate);
+
+// Frequency of a (near-)pure tone from its rising zero crossings,
+// interpolated linearly; 0 when there are fewer than two crossings.
+double ZeroCrossingFrequency(absl::Span<const float> x, int rate);
 
 }  // namespace emoserve::testing
 
