@@ -3,13 +3,15 @@
 # Idempotent: packages already present are left alone. Used by the README's
 # quick start, .ci/run and docker/Dockerfile alike.
 #   scripts/install-deps.sh            build + test dependencies
+#   scripts/install-deps.sh --build    only what compiling needs (the image's
+#                                      build stage)
 #   scripts/install-deps.sh --runtime  only what the server binaries need
 set -euo pipefail
 
 runtime_packages=(
   libtorch1.13 libopenblas0-openmp libgrpc++1.51 libprotobuf32 libsndfile1
   libfftw3-single3 libsoxr0 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0
-  ca-certificates
+  libabsl20220623 ca-certificates
 )
 build_packages=(
   build-essential cmake ninja-build ccache pkg-config git
@@ -17,14 +19,21 @@ build_packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libsndfile1-dev libfftw3-dev libabsl-dev prometheus-cpp-dev libsoxr-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
+)
+test_packages=(
   # Independent checks in tests: Python's torch and grpc, promtool.
   python3 python3-torch python3-grpcio python3-protobuf python3-numpy prometheus
+  # Deployment tests: manifests (yaml), the image built with podman on a
+  # debootstrapped base.
+  python3-yaml podman debootstrap
 )
 
-packages=("${build_packages[@]}")
-if [[ "${1:-}" == "--runtime" ]]; then
-  packages=("${runtime_packages[@]}")
-fi
+case "${1:-}" in
+  --runtime) packages=("${runtime_packages[@]}") ;;
+  --build) packages=("${build_packages[@]}") ;;
+  "") packages=("${build_packages[@]}" "${test_packages[@]}") ;;
+  *) echo "usage: $0 [--build|--runtime]" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${packages[@]}"; do
