@@ -1,0 +1,274 @@
+#include "client/cli.h"
+
+#include <map>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
+
+namespace emoserve::client {
+namespace {
+
+constexpr char kVersion[] = "emoserve 0.1.0";
+
+// --output for a command that knows the formats in `names`; the first of
+// `choices` ("table|json|csv") is the default.
+void AddOutputOption(CLI::App* command, const std::string& choices,
+                     OutputFormat* output) {
+  static const std::map<std::string, OutputFormat> kNames = {
+      {"table", OutputFormat::kText},
+      {"text", OutputFormat::kText},
+      {"json", OutputFormat::kJson},
+      {"csv", OutputFormat::kCsv}};
+  std::map<std::string, OutputFormat> names;
+  for (absl::string_view choice : absl::StrSplit(choices, '|')) {
+    names.emplace(std::string(choice), kNames.at(std::string(choice)));
+  }
+  command->add_option("-o,--output", *output, "Output format")
+      ->transform(
+          CLI::CheckedTransformer(names, CLI::ignore_case).description(""))
+      ->type_name(choices)
+      ->default_str(choices.substr(0, choices.find('|')));
+}
+
+}  // namespace
+
+ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
+  CliOptions options;
+  CLI::App app(
+      "emoserve: tells which emotion a voice carries, with an emoserve "
+      "server.\n"
+      "Examples:\n"
+      "  emoserve classify a.wav b.flac --output json\n"
+      "  emoserve stream speech.wav\n"
+      "  arecord -q -f S16_LE -r 16000 -c 1 -t raw | emoserve stream - "
+      "--rate 16000\n"
+      "  emoserve bench --rps 200 --duration 30 clips/*.flac\n"
+      "  emoserve health   # exit status 0 only when SERVING",
+      "emoserve");
+  app.set_version_flag("--version", kVersion);
+  app.fallthrough();
+
+  ConnectionOptions& connection = options.connection;
+  app.add_option("-s,--server", connection.server,
+                 "Server address host:port")
+      ->envname("EMOSERVE_SERVER")
+      ->capture_default_str();
+  double timeout_seconds = 0;
+  CLI::Option* timeout_option =
+      app.add_option("-t,--timeout", timeout_seconds,
+                     "Per-call deadline in seconds (default: 30 for "
+                     "classify/info/bench calls, 2 for health, none for "
+                     "streams; 0 = none)")
+          ->check(CLI::NonNegativeNumber);
+  app.add_flag("--tls", connection.tls, "Connect over TLS");
+  app.add_option("--ca", connection.ca_path,
+                 "PEM root certificates to trust (implies --tls)");
+  app.add_option("--cert", connection.cert_path,
+                 "PEM client certificate for mutual TLS (implies --tls)");
+  app.add_option("--key", connection.key_path,
+                 "PEM client private key for mutual TLS (implies --tls)");
+
+  const std::string table_formats = "table|json|csv";
+  const std::string text_formats = "text|json";
+
+  // classify
+  ClassifyCommandOptions& classify = options.classify;
+  CLI::App* classify_command = app.add_subcommand(
+      "classify",
+      "Classify audio files (WAV, FLAC, OGG, MP3: the server decodes them)");
+  classify_command->add_option("FILE", classify.files, "Audio files")
+      ->required();
+  classify_command
+      ->add_option("-j,--concurrency", classify.concurrency,
+                   "Files classified in parallel")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  AddOutputOption(classify_command, table_formats, &classify.output);
+  classify_command->add_flag("--timeline", classify.timeline,
+                             "Also print each window's result (long audio)");
+  classify_command
+      ->add_option("--hop", classify.hop_seconds,
+                   "Seconds between windows (0: the server's default)")
+      ->check(CLI::NonNegativeNumber);
+
+  // stream
+  StreamCommandOptions& stream = options.stream;
+  CLI::App* stream_command = app.add_subcommand(
+      "stream",
+      "Stream audio live: a file (decoded here) or raw PCM on stdin (\"-\")");
+  stream_command->add_option("FILE", stream.input, "Audio file, or - for stdin")
+      ->required();
+  CLI::Option* rate_option =
+      stream_command
+          ->add_option("-r,--rate", stream.rate,
+                       "stdin: sample rate in Hz")
+          ->check(CLI::Range(8000, 192000))
+          ->capture_default_str();
+  CLI::Option* format_option =
+      stream_command
+          ->add_option("-f,--format", stream.format, "stdin: sample format")
+          ->transform(CLI::CheckedTransformer(
+              std::map<std::string, RawSampleFormat>{
+                  {"s16le", RawSampleFormat::kS16LE},
+                  {"f32le", RawSampleFormat::kF32LE}},
+              CLI::ignore_case)
+                         .description(""))
+          ->type_name("s16le|f32le")
+          ->default_str("s16le");
+  CLI::Option* channels_option =
+      stream_command
+          ->add_option("-c,--channels", stream.channels,
+                       "stdin: interleaved channels (mixed to mono)")
+          ->check(CLI::Range(1, 64))
+          ->capture_default_str();
+  stream_command
+      ->add_option("--chunk-ms", stream.chunk_ms,
+                   "Milliseconds of audio per message")
+      ->check(CLI::Range(1.0, 10000.0))
+      ->capture_default_str();
+  stream_command->add_flag("--fast", stream.fast,
+                           "Send as fast as possible instead of real time");
+  stream_command->add_flag("--interim,!--no-interim", stream.interim,
+                           "Print every window's result as it comes "
+                           "(default) or only speech events and finals");
+  stream_command
+      ->add_option("--hop", stream.hop_seconds,
+                   "Seconds between windows (0: the server's default)")
+      ->check(CLI::NonNegativeNumber);
+  double vad_threshold = 0;
+  CLI::Option* vad_option =
+      stream_command
+          ->add_option("--vad-threshold", vad_threshold,
+                       "Voice-activity threshold in dBFS (e.g. -45; default: "
+                       "the server's)")
+          ->check(CLI::Range(-200.0, 0.0));
+  stream_command
+      ->add_flag("--no-vad", stream.vad_disabled,
+                 "Classify every window, silence included")
+      ->excludes(vad_option);
+  AddOutputOption(stream_command, text_formats, &stream.output);
+
+  // info, health
+  CLI::App* info_command =
+      app.add_subcommand("info", "Describe the served model");
+  AddOutputOption(info_command, text_formats, &options.info.output);
+  CLI::App* health_command = app.add_subcommand(
+      "health",
+      "Check the server's health (exit status 0 only when SERVING); fit for "
+      "a container health check");
+  health_command->add_option("--service", options.health.service,
+                             "Service name to check (default: the server)");
+  health_command->add_flag("-q,--quiet", options.health.quiet,
+                           "Print nothing; the exit status tells");
+
+  // bench
+  BenchCommandOptions& bench = options.bench;
+  CLI::App* bench_command = app.add_subcommand(
+      "bench",
+      "Load-test the server with audio files: closed loop (--concurrency), "
+      "open loop (--rps) or real-time streams (--streams)");
+  bench_command->add_option("FILE", bench.files, "Audio files to send")
+      ->required();
+  CLI::Option* concurrency_option =
+      bench_command
+          ->add_option("-j,--concurrency", bench.concurrency,
+                       "Closed loop: calls kept in flight")
+          ->check(CLI::Range(1, 100000))
+          ->capture_default_str();
+  CLI::Option* rps_option =
+      bench_command
+          ->add_option("--rps", bench.rps,
+                       "Open loop: requests per second, sent on schedule "
+                       "whatever the server's pace")
+          ->check(CLI::PositiveNumber)
+          ->excludes(concurrency_option);
+  bench_command
+      ->add_option("--streams", bench.streams,
+                   "Real-time streams kept open (each file streamed at its "
+                   "own pace, then the next)")
+      ->check(CLI::Range(1, 100000))
+      ->excludes(concurrency_option)
+      ->excludes(rps_option);
+  bench_command
+      ->add_option("-d,--duration", bench.duration_seconds,
+                   "Seconds measured")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  bench_command
+      ->add_option("--warmup", bench.warmup_seconds,
+                   "Seconds of load before measuring")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  bench_command
+      ->add_option("--chunk-ms", bench.chunk_ms,
+                   "Streams: milliseconds of audio per message")
+      ->check(CLI::Range(1.0, 10000.0))
+      ->capture_default_str();
+  bench_command->add_flag("--timeline", bench.timeline,
+                          "Unary: ask for per-window results too");
+  bench_command
+      ->add_option("--max-in-flight", bench.max_in_flight,
+                   "Open loop: sends due while this many calls are in flight "
+                   "are dropped (and counted)")
+      ->check(CLI::Range(1, 1000000))
+      ->capture_default_str();
+  bench_command
+      ->add_option("--progress-every", bench.progress_seconds,
+                   "Seconds between progress lines (default: 1 on a "
+                   "terminal, 5 otherwise)")
+      ->check(CLI::NonNegativeNumber);
+  AddOutputOption(bench_command, text_formats, &bench.output);
+
+  app.require_subcommand(1);
+
+  ParsedCommandLine parsed;
+  std::vector<const char*> argv;
+  argv.reserve(args.size());
+  for (const std::string& arg : args) argv.push_back(arg.c_str());
+  std::ostringstream out;
+  std::ostringstream err;
+  try {
+    app.parse(static_cast<int>(argv.size()), argv.data());
+  } catch (const CLI::ParseError& e) {
+    // Help and --version are "errors" with exit code 0.
+    const int code = app.exit(e, out, err);
+    parsed.exit_code = code == 0 ? kExitOk : kExitUsage;
+    parsed.out = out.str();
+    parsed.err = err.str();
+    return parsed;
+  }
+
+  auto usage_error = [&](const std::string& message) {
+    parsed.exit_code = kExitUsage;
+    parsed.err = "emoserve: " + message + "\nRun with --help for more information.\n";
+    return parsed;
+  };
+  if (timeout_option->count() > 0) connection.timeout_seconds = timeout_seconds;
+  if (classify_command->parsed()) {
+    options.command = Command::kClassify;
+  } else if (stream_command->parsed()) {
+    options.command = Command::kStream;
+    if (vad_option->count() > 0) stream.vad_threshold_dbfs = vad_threshold;
+    const bool raw_format_given = rate_option->count() > 0 ||
+                                  format_option->count() > 0 ||
+                                  channels_option->count() > 0;
+    if (stream.input != "-" && raw_format_given) {
+      return usage_error(
+          "--rate, --format and --channels describe raw PCM on stdin (FILE "
+          "\"-\"); a file's own header gives its format");
+    }
+  } else if (info_command->parsed()) {
+    options.command = Command::kInfo;
+  } else if (health_command->parsed()) {
+    options.command = Command::kHealth;
+  } else {
+    options.command = Command::kBench;
+  }
+  parsed.options = std::move(options);
+  return parsed;
+}
+
+}  // namespace emoserve::client

@@ -1,0 +1,96 @@
+// The `emoserve` command line: commands, their options and the parser.
+#ifndef EMOSERVE_CLIENT_CLI_H_
+#define EMOSERVE_CLIENT_CLI_H_
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "client/connection.h"
+
+namespace emoserve::client {
+
+// kText is the readable default (a table for `classify`).
+enum class OutputFormat { kText, kJson, kCsv };
+
+struct ClassifyCommandOptions {
+  std::vector<std::string> files;
+  int concurrency = 4;
+  OutputFormat output = OutputFormat::kText;
+  bool timeline = false;
+  double hop_seconds = 0;  // 0: the server's default
+};
+
+// Raw PCM read from stdin ("-"): what arecord/sox write.
+enum class RawSampleFormat { kS16LE, kF32LE };
+
+struct StreamCommandOptions {
+  std::string input;  // a file decoded locally, or "-" for raw PCM on stdin
+  int rate = 16000;
+  RawSampleFormat format = RawSampleFormat::kS16LE;
+  int channels = 1;
+  double chunk_ms = 100;
+  bool fast = false;  // send as fast as the server takes it, not real time
+  bool interim = true;
+  double hop_seconds = 0;
+  std::optional<double> vad_threshold_dbfs;  // unset: the server's default
+  bool vad_disabled = false;
+  OutputFormat output = OutputFormat::kText;
+};
+
+struct InfoCommandOptions {
+  OutputFormat output = OutputFormat::kText;
+};
+
+struct HealthCommandOptions {
+  std::string service;  // "" = the whole server
+  bool quiet = false;
+};
+
+struct BenchCommandOptions {
+  std::vector<std::string> files;
+  int concurrency = 8;      // closed loop: calls kept in flight
+  double rps = 0;           // > 0: open loop at this rate
+  int streams = 0;          // > 0: this many real-time streams instead
+  double duration_seconds = 10;
+  double warmup_seconds = 2;
+  double chunk_ms = 100;    // streams
+  bool timeline = false;    // unary: ask for per-window results
+  int max_in_flight = 10000;  // open loop: sends beyond this are dropped
+  double progress_seconds = 0;  // 0: every second on a TTY, else every 5 s
+  OutputFormat output = OutputFormat::kText;
+};
+
+enum class Command { kClassify, kStream, kInfo, kHealth, kBench };
+
+struct CliOptions {
+  Command command = Command::kHealth;
+  ConnectionOptions connection;
+  ClassifyCommandOptions classify;
+  StreamCommandOptions stream;
+  InfoCommandOptions info;
+  HealthCommandOptions health;
+  BenchCommandOptions bench;
+};
+
+// What the parser decided: run `options`, or print a text (help, version,
+// a usage error) and exit with `exit_code`.
+struct ParsedCommandLine {
+  std::optional<CliOptions> options;
+  int exit_code = 0;
+  std::string out;  // for stdout (help, version)
+  std::string err;  // for stderr (usage errors)
+};
+
+// Exit statuses.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailure = 1;  // a call or file failed, not serving
+inline constexpr int kExitUsage = 2;    // bad command line
+
+// Parses argv (argv[0] is the program). Reads EMOSERVE_SERVER from the
+// environment as the default for --server.
+ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args);
+
+}  // namespace emoserve::client
+
+#endif  // EMOSERVE_CLIENT_CLI_H_

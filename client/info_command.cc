@@ -1,0 +1,82 @@
+// `emoserve info` and `emoserve health`, and what all commands share.
+#include <cstdio>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "client/commands.h"
+#include "client/format.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace emoserve::client {
+
+void PrintError(absl::string_view line) {
+  const std::string text = absl::StrCat("emoserve: ", line, "\n");
+  std::fwrite(text.data(), 1, text.size(), stderr);
+  std::fflush(stderr);
+}
+
+absl::StatusOr<std::unique_ptr<v1::EmotionService::Stub>> MakeStub(
+    const ConnectionOptions& connection) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      MakeChannel(connection);
+  if (!channel.ok()) return channel.status();
+  return v1::EmotionService::NewStub(*channel);
+}
+
+int RunInfo(const ConnectionOptions& connection,
+            const InfoCommandOptions& options) {
+  absl::StatusOr<std::unique_ptr<v1::EmotionService::Stub>> stub =
+      MakeStub(connection);
+  if (!stub.ok()) {
+    PrintError(stub.status().message());
+    return kExitFailure;
+  }
+  grpc::ClientContext context;
+  SetCallDeadline(connection, kDefaultCallTimeoutSeconds, &context);
+  v1::ModelInfo info;
+  const grpc::Status status =
+      (*stub)->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+  if (!status.ok()) {
+    PrintError(DescribeRpcError(status, connection.server));
+    return kExitFailure;
+  }
+  const std::string out =
+      FormatModelInfo(info, options.output == OutputFormat::kJson);
+  std::fwrite(out.data(), 1, out.size(), stdout);
+  return kExitOk;
+}
+
+int RunHealth(const ConnectionOptions& connection,
+              const HealthCommandOptions& options) {
+  using ::grpc::health::v1::Health;
+  using ::grpc::health::v1::HealthCheckRequest;
+  using ::grpc::health::v1::HealthCheckResponse;
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      MakeChannel(connection);
+  if (!channel.ok()) {
+    if (!options.quiet) PrintError(channel.status().message());
+    return kExitFailure;
+  }
+  grpc::ClientContext context;
+  SetCallDeadline(connection, kDefaultHealthTimeoutSeconds, &context);
+  HealthCheckRequest request;
+  request.set_service(options.service);
+  HealthCheckResponse response;
+  const grpc::Status status =
+      Health::NewStub(*channel)->Check(&context, request, &response);
+  if (!status.ok()) {
+    if (!options.quiet) {
+      PrintError(DescribeRpcError(status, connection.server));
+    }
+    return kExitFailure;
+  }
+  if (!options.quiet) {
+    std::printf("%s\n",
+                HealthCheckResponse::ServingStatus_Name(response.status())
+                    .c_str());
+  }
+  return response.status() == HealthCheckResponse::SERVING ? kExitOk
+                                                           : kExitFailure;
+}
+
+}  // namespace emoserve::client
