@@ -32,7 +32,8 @@ struct EngineOptions {
   // Model runner threads, each running whole batches; 1 suits a CPU whose
   // cores already serve LibTorch's intra-op threads.
   int model_instances = 1;
-  // LibTorch intra-op threads; 0 = one per core.
+  // LibTorch intra-op threads; 0 = one per core. LibTorch's setting is
+  // process-wide: Engine::Create applies it (SetModelThreads).
   int intra_op_threads = 0;
   // Default voice-activity threshold: windows whose RMS level (dBFS) is
   // below it are silence and skip the model.
@@ -46,11 +47,11 @@ class EngineObserver {
   virtual ~EngineObserver() = default;
   // Once per window that reached the model: time queued (submission to the
   // start of its batch, less feature time) and feature time.
-  virtual void OnWindow(absl::Duration queue_wait, absl::Duration features) {}
+  virtual void OnWindow(absl::Duration /*queue_wait*/, absl::Duration /*features*/) {}
   // Once per batch run.
-  virtual void OnBatch(int batch_size, absl::Duration inference) {}
+  virtual void OnBatch(int /*batch_size*/, absl::Duration /*inference*/) {}
   // Windows waiting, after each change.
-  virtual void OnQueueDepth(int depth) {}
+  virtual void OnQueueDepth(int /*depth*/) {}
 };
 
 // Set by the caller (e.g. a cancelled RPC); the engine drops the work before
@@ -67,7 +68,8 @@ class CancelFlag {
 // Every callback below is called exactly once, on an engine thread or inline
 // in the submitting call (for an immediate rejection). Statuses:
 // kResourceExhausted (queue full), kDeadlineExceeded, kCancelled,
-// kUnavailable (shutting down), kInvalidArgument.
+// kUnavailable (shutting down), kInvalidArgument. A request without `done`
+// is ignored.
 struct WindowRequest {
   // Exactly model.config().window_samples() samples at the model's rate.
   std::vector<float> samples;
@@ -81,7 +83,9 @@ struct WindowResult {
   double start_seconds = 0;
   double end_seconds = 0;
   bool speech = false;
-  std::vector<float> probabilities;  // empty when !speech
+  // Empty when the window skipped the model: silent windows do, unless no
+  // window of the clip holds speech (then every window is classified).
+  std::vector<float> probabilities;
 };
 
 struct ClipResult {
@@ -93,9 +97,11 @@ struct ClipResult {
   double duration_seconds = 0;
 };
 
+// Voice activity is judged per window: its RMS level over the whole window
+// (zero padding included) against the threshold.
 struct ClipRequest {
-  std::vector<float> samples;  // mono at the model's rate
-  double hop_seconds = 0;      // 0 = half the model's window
+  std::vector<float> samples;  // mono at the model's rate; not empty
+  double hop_seconds = 0;      // 0 = half the model's window; at most a window
   // Overrides EngineOptions::vad_threshold_dbfs when set; -inf disables VAD.
   std::optional<double> vad_threshold_dbfs;
   absl::Time deadline = absl::InfiniteFuture();
@@ -114,11 +120,14 @@ class Engine {
   // Never blocks on compute.
   void Submit(WindowRequest request);
   // Splits into windows (all windows of all clips share the batcher) and
-  // aggregates. Clips shorter than a window are zero-padded.
+  // aggregates. Clips shorter than a window are zero-padded. A clip is
+  // admitted whole or rejected whole (kResourceExhausted); its first failing
+  // window fails it and stops its other windows.
   void Classify(ClipRequest request);
 
   // Stops accepting work (new submissions get kUnavailable), finishes what
   // was queued within `grace`, then completes the rest with kUnavailable.
+  // Idempotent; not to be called from an engine callback.
   void Shutdown(absl::Duration grace = absl::Seconds(10));
 
   const Model& model() const;

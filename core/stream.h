@@ -26,12 +26,15 @@ struct StreamOptions {
 struct StreamEvent {
   enum class Type {
     kWindow,         // every window (speech or silence), in order
-    kSpeechStarted,  // first speech window of an utterance
-    kSpeechEnded,    // first silence window after speech (or stream end)
-    kUtterance,      // final result of the utterance that just ended
+    kSpeechStarted,  // before the kWindow of an utterance's first window
+    kSpeechEnded,    // after its last speech window, at the first silence
+                     // window (before that window's kWindow) or at Finish
+    kUtterance,      // right after kSpeechEnded: the utterance's result
   };
   Type type = Type::kWindow;
-  // Seconds from the start of the stream.
+  // Seconds from the start of the stream: the window's span (the last,
+  // padded window ends where the audio ends), or for kSpeechEnded and
+  // kUtterance the utterance's span (first window's start, last's end).
   double start_seconds = 0;
   double end_seconds = 0;
   bool speech = false;
@@ -39,17 +42,25 @@ struct StreamEvent {
   int window_count = 0;              // kUtterance
 };
 
-// One per stream; not thread-safe (one caller feeds it). Events are
-// delivered in stream order through `on_event`, on engine threads, never
-// concurrently; `on_done` is called exactly once after the last event, with
-// OK after Finish() or the first error.
+// One per stream; not thread-safe (one caller feeds it), except Cancel.
+// Windows start every hop at the model's rate, as Engine::Classify's do over
+// the same audio, and are judged speech or silence by their RMS level as
+// Classify judges them; silent windows skip the model. Events are delivered
+// in stream order through `on_event`, never concurrently, on engine threads
+// or inside Push/Finish/Cancel (silent windows need no engine); `on_done` is
+// called exactly once after the last event, with OK after Finish() or the
+// first error. An utterance is a run of consecutive speech windows. The
+// engine must outlive the session.
 class StreamSession {
  public:
   static absl::StatusOr<std::unique_ptr<StreamSession>> Create(
       Engine* engine, const StreamOptions& options,
       std::function<void(const StreamEvent&)> on_event,
       std::function<void(absl::Status)> on_done);
-  ~StreamSession();  // Cancels outstanding work; waits for callbacks to end.
+  // Cancels outstanding work (on_done(kCancelled) unless already done) and
+  // waits for a callback running on another thread to return; no callback
+  // follows. May be called from inside on_event / on_done.
+  ~StreamSession();
 
   // Mono samples at options.input_sample_rate. Errors (e.g. kOutOfRange past
   // max_seconds) end the stream: on_done gets the same status.
@@ -57,10 +68,12 @@ class StreamSession {
   // End of audio: the last partial window is padded and classified, an open
   // utterance is closed, then on_done(OK).
   void Finish();
-  // Abandons the stream: on_done(kCancelled) unless already done.
+  // Abandons the stream: on_done(kCancelled) unless already done; no event
+  // follows. Callable from any thread.
   void Cancel();
 
-  // Bounded by one window plus one chunk, whatever the stream's length.
+  // Samples held: the ring buffer (under one window) plus the last chunk
+  // resampled; bounded whatever the stream's length.
   size_t buffered_samples() const;
 
  private:

@@ -12,9 +12,9 @@
 #include <torch/script.h>
 
 #include "core/model.h"
-#include "core/model_architecture.h"
 #include "core/model_config.h"
 #include "absl/strings/str_cat.h"
+#include "tests/test_model.h"
 
 namespace emoserve {
 namespace {
@@ -22,36 +22,15 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-ModelConfig SmallConfig() {
-  ModelConfig config;
-  config.name = "test-model";
-  config.version = "0";
-  config.labels = {"a", "b", "c"};
-  config.sample_rate = 16000;
-  config.window_seconds = 1.0;
-  config.features.kind = FeatureKind::kMfcc;
-  config.features.n_mfcc = 20;
-  config.features.n_mels = 40;
-  config.features.fmax = 8000.0;
-  return config;
-}
+ModelConfig SmallConfig() { return testing::SmallModelConfig(); }
 
-// Writes a freshly initialised architecture matching `config` into a new
-// directory and returns its path.
+// A freshly initialised model for `config` in a new directory; returns its
+// path.
 std::string WriteModelDir(const ModelConfig& config, const std::string& name) {
-  ArchitectureOptions options;
-  options.num_features = config.num_features();
-  options.num_frames = config.num_frames();
-  options.num_classes = static_cast<int>(config.labels.size());
-  torch::manual_seed(7);
-  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
-  EXPECT_TRUE(module.ok()) << module.status();
-  const fs::path dir = fs::path(::testing::TempDir()) / name;
-  fs::create_directories(dir);
-  module->eval();
-  module->save((dir / "model.pt").string());
-  EXPECT_TRUE(SaveModelConfig(config, (dir / "model.json").string()).ok());
-  return dir.string();
+  const std::string dir = (fs::path(::testing::TempDir()) / name).string();
+  const absl::Status written = testing::WriteTestModel(config, dir);
+  EXPECT_TRUE(written.ok()) << written;
+  return dir;
 }
 
 std::vector<float> RandomInputs(size_t n, uint32_t seed) {
@@ -99,7 +78,7 @@ TEST(ModelTest, BatchedEqualsUnbatched) {
 TEST(ModelTest, RejectsJsonThatDoesNotDescribeTheModule) {
   ModelConfig config = SmallConfig();
   const std::string dir = WriteModelDir(config, "mismatch");
-  // The module was built for 20 MFCCs; claim 30.
+  // The module was built for 32 MFCCs; claim 30.
   config.features.n_mfcc = 30;
   ASSERT_TRUE(SaveModelConfig(config, dir + "/model.json").ok());
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir);

@@ -1,0 +1,506 @@
+#include "core/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <limits>
+#include <thread>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "core/features.h"
+#include "core/windowing.h"
+
+namespace emoserve {
+namespace {
+
+using ProbabilitiesCallback =
+    std::function<void(absl::StatusOr<std::vector<float>>)>;
+
+// One window on its way through the engine: raw queue -> a feature worker
+// -> ready queue -> a model runner's batch -> `done`.
+struct Job {
+  // The window is source[start, start + window), zero-padded past the end;
+  // clips share one source among their windows instead of copying each.
+  std::shared_ptr<const std::vector<float>> source;
+  size_t start = 0;
+  absl::Time deadline = absl::InfiniteFuture();
+  std::shared_ptr<const CancelFlag> cancel;
+  // Set when the job belongs to a clip that has already failed.
+  std::shared_ptr<const CancelFlag> group_cancel;
+  ProbabilitiesCallback done;
+
+  absl::Time submitted;
+  absl::Time ready;  // when its features were done
+  absl::Duration feature_time;
+  FeatureMatrix features;
+};
+
+using JobList = std::vector<std::unique_ptr<Job>>;
+
+// OK while the job is still wanted, else the status to complete it with.
+absl::Status DropReason(const Job& job, absl::Time now) {
+  if ((job.cancel != nullptr && job.cancel->cancelled()) ||
+      (job.group_cancel != nullptr && job.group_cancel->cancelled())) {
+    return absl::CancelledError("the request was cancelled");
+  }
+  if (now >= job.deadline) {
+    return absl::DeadlineExceededError(
+        "the request's deadline passed before its window reached the model");
+  }
+  return absl::OkStatus();
+}
+
+void CompleteAll(JobList& jobs, const absl::Status& status) {
+  for (std::unique_ptr<Job>& job : jobs) job->done(status);
+  jobs.clear();
+}
+
+absl::Status CheckFinite(absl::Span<const float> samples) {
+  for (size_t i = 0; i < samples.size(); ++i) {
+    if (!std::isfinite(samples[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sample ", i, " is not a finite number"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// RMS level in dBFS of source[start, start + window), counting the zero
+// padding past the end of the audio: the same value RmsDbfs gives for the
+// padded copy of the window (zeros add nothing to the sum).
+double WindowDbfs(absl::Span<const float> source, size_t start, size_t window) {
+  if (window == 0) return -std::numeric_limits<double>::infinity();
+  const size_t end = std::min(source.size(), start + window);
+  double sum = 0.0;
+  for (size_t i = start; i < end; ++i) sum += static_cast<double>(source[i]) * source[i];
+  if (sum <= 0.0) return -std::numeric_limits<double>::infinity();
+  return 10.0 * std::log10(sum / static_cast<double>(window));
+}
+
+int DefaultThreads(int requested) {
+  if (requested > 0) return requested;
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+// A clip's windows complete independently, on any engine thread; the clip
+// completes once, with its first error or after its last window. Shared by
+// the windows' callbacks so that late completions after an error are safe.
+class ClipState {
+ public:
+  ClipState(ClipResult result, int pending, int num_classes,
+            std::function<void(absl::StatusOr<ClipResult>)> done)
+      : result_(std::move(result)),
+        pending_(pending),
+        num_classes_(num_classes),
+        done_(std::move(done)) {}
+
+  // Stops the clip's windows that have not reached the model yet.
+  std::shared_ptr<const CancelFlag> abandon() const { return abandon_; }
+
+  void OnWindow(size_t index, absl::StatusOr<std::vector<float>> probabilities) {
+    std::function<void(absl::StatusOr<ClipResult>)> done;
+    absl::StatusOr<ClipResult> outcome;
+    {
+      absl::MutexLock lock(&mu_);
+      if (done_ == nullptr) return;  // already completed
+      if (!probabilities.ok()) {
+        abandon_->Cancel();
+        outcome = probabilities.status();
+      } else {
+        result_.windows[index].probabilities = *std::move(probabilities);
+        if (--pending_ > 0) return;
+        outcome = Aggregate();
+      }
+      done = std::move(done_);
+      done_ = nullptr;
+    }
+    done(std::move(outcome));
+  }
+
+ private:
+  ClipResult Aggregate() {
+    std::vector<float> rows;
+    for (const WindowResult& window : result_.windows) {
+      rows.insert(rows.end(), window.probabilities.begin(), window.probabilities.end());
+    }
+    result_.probabilities = MeanProbabilities(rows, num_classes_);
+    return std::move(result_);
+  }
+
+  absl::Mutex mu_;
+  ClipResult result_;
+  int pending_;
+  const int num_classes_;
+  std::function<void(absl::StatusOr<ClipResult>)> done_;
+  const std::shared_ptr<CancelFlag> abandon_ = std::make_shared<CancelFlag>();
+};
+
+}  // namespace
+
+double RmsDbfs(absl::Span<const float> samples) {
+  return WindowDbfs(samples, 0, samples.size());
+}
+
+struct Engine::Impl {
+  std::shared_ptr<const Model> model;
+  EngineOptions options;
+  EngineObserver* observer = nullptr;
+  std::unique_ptr<FeatureExtractor> extractor;
+  size_t window = 0;  // samples at the model's rate
+
+  mutable absl::Mutex mu;
+  absl::CondVar raw_cv;    // feature workers wait here for raw jobs
+  absl::CondVar ready_cv;  // model runners wait here for ready jobs
+  absl::CondVar idle_cv;   // Shutdown waits here for the pipeline to drain
+  std::deque<std::unique_ptr<Job>> raw ABSL_GUARDED_BY(mu);
+  std::deque<std::unique_ptr<Job>> ready ABSL_GUARDED_BY(mu);
+  int in_features ABSL_GUARDED_BY(mu) = 0;  // held by feature workers
+  int in_batches ABSL_GUARDED_BY(mu) = 0;   // in batches being run
+  bool accepting ABSL_GUARDED_BY(mu) = true;
+  bool stopping ABSL_GUARDED_BY(mu) = false;
+  // Windows waiting for features or for the model; readable without mu so
+  // that observers may call queue_depth().
+  std::atomic<int> depth{0};
+  std::vector<std::thread> threads;
+
+  absl::Mutex shutdown_mu;  // serialises Shutdown calls
+  bool shut_down ABSL_GUARDED_BY(shutdown_mu) = false;
+
+  void UpdateDepthLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    const int now = static_cast<int>(raw.size() + ready.size()) + in_features;
+    if (depth.exchange(now, std::memory_order_relaxed) != now && observer != nullptr) {
+      observer->OnQueueDepth(now);
+    }
+    if (now == 0 && in_batches == 0) idle_cv.SignalAll();
+  }
+
+  // Queues all of `jobs` or none: a clip is admitted whole.
+  void Admit(JobList jobs) {
+    absl::Status rejected;
+    {
+      absl::MutexLock lock(&mu);
+      const int queued = static_cast<int>(raw.size() + ready.size()) + in_features;
+      if (!accepting) {
+        rejected = absl::UnavailableError("the engine is shutting down");
+      } else if (queued + static_cast<int>(jobs.size()) > options.max_queue_size) {
+        rejected = absl::ResourceExhaustedError(absl::StrCat(
+            "the engine's queue is full (", queued, " windows waiting, ", jobs.size(),
+            " more requested, max_queue_size ", options.max_queue_size, ")"));
+      } else {
+        const absl::Time now = absl::Now();
+        for (std::unique_ptr<Job>& job : jobs) {
+          job->submitted = now;
+          raw.push_back(std::move(job));
+        }
+        jobs.clear();
+        UpdateDepthLocked();
+        raw_cv.SignalAll();
+      }
+    }
+    CompleteAll(jobs, rejected);
+  }
+
+  void FeatureWorker() {
+    std::vector<float> samples(window);
+    for (;;) {
+      std::unique_ptr<Job> job;
+      {
+        absl::MutexLock lock(&mu);
+        while (raw.empty() && !stopping) raw_cv.Wait(&mu);
+        if (raw.empty()) return;
+        job = std::move(raw.front());
+        raw.pop_front();
+        ++in_features;
+      }
+      const absl::Time start = absl::Now();
+      absl::Status status = DropReason(*job, start);
+      if (status.ok()) {
+        CopyWindow(*job->source, job->start, window, samples.data());
+        job->source.reset();  // a clip's audio is freed with its last window
+        status = extractor->Compute(samples, &job->features);
+      }
+      const absl::Time end = absl::Now();
+      job->feature_time = end - start;
+      job->ready = end;
+      {
+        absl::MutexLock lock(&mu);
+        --in_features;
+        if (status.ok() && stopping) {
+          status = absl::UnavailableError("the engine shut down");
+        }
+        if (status.ok()) {
+          ready.push_back(std::move(job));
+          ready_cv.SignalAll();
+        }
+        UpdateDepthLocked();
+      }
+      if (job != nullptr) job->done(status);
+    }
+  }
+
+  // Waits for ready jobs and takes up to max_batch_size of them; empty when
+  // the engine stops.
+  JobList TakeBatch() {
+    absl::MutexLock lock(&mu);
+    for (;;) {
+      while (ready.empty() && !stopping) ready_cv.Wait(&mu);
+      if (stopping) return {};
+      // Trading latency for larger batches: wait for more while the batch
+      // is short, unless the engine is draining for shutdown.
+      if (options.max_queue_delay > absl::ZeroDuration()) {
+        const absl::Time until = ready.front()->ready + options.max_queue_delay;
+        while (!stopping && accepting && !ready.empty() &&
+               static_cast<int>(ready.size()) < options.max_batch_size &&
+               absl::Now() < until) {
+          ready_cv.WaitWithDeadline(&mu, until);
+        }
+        if (stopping) return {};
+        if (ready.empty()) continue;  // another runner took them
+      }
+      const size_t n =
+          std::min(ready.size(), static_cast<size_t>(options.max_batch_size));
+      JobList batch;
+      batch.reserve(n);
+      for (size_t i = 0; i < n; ++i) {
+        batch.push_back(std::move(ready.front()));
+        ready.pop_front();
+      }
+      in_batches += static_cast<int>(n);
+      UpdateDepthLocked();
+      return batch;
+    }
+  }
+
+  void ModelRunner() {
+    std::vector<float> input;
+    const size_t input_size = static_cast<size_t>(model->input_size());
+    const int classes = model->num_classes();
+    for (;;) {
+      JobList batch = TakeBatch();
+      if (batch.empty()) return;
+      const int taken = static_cast<int>(batch.size());
+      const absl::Time start = absl::Now();
+      // Requests that expired or were cancelled while their features were
+      // computed or while they waited are dropped before compute.
+      JobList run;
+      run.reserve(batch.size());
+      for (std::unique_ptr<Job>& job : batch) {
+        if (absl::Status status = DropReason(*job, start); !status.ok()) {
+          job->done(status);
+        } else {
+          run.push_back(std::move(job));
+        }
+      }
+      if (!run.empty()) {
+        input.resize(run.size() * input_size);
+        for (size_t i = 0; i < run.size(); ++i) {
+          std::copy(run[i]->features.data.begin(), run[i]->features.data.end(),
+                    input.begin() + i * input_size);
+        }
+        absl::StatusOr<std::vector<float>> probabilities =
+            model->Predict(input, static_cast<int>(run.size()));
+        const absl::Duration inference = absl::Now() - start;
+        if (observer != nullptr) {
+          for (const std::unique_ptr<Job>& job : run) {
+            observer->OnWindow(start - job->submitted - job->feature_time,
+                               job->feature_time);
+          }
+          observer->OnBatch(static_cast<int>(run.size()), inference);
+        }
+        if (!probabilities.ok()) {
+          CompleteAll(run, probabilities.status());
+        } else {
+          for (size_t i = 0; i < run.size(); ++i) {
+            const auto row = probabilities->begin() + i * classes;
+            run[i]->done(std::vector<float>(row, row + classes));
+          }
+        }
+      }
+      absl::MutexLock lock(&mu);
+      in_batches -= taken;
+      UpdateDepthLocked();
+    }
+  }
+};
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Engine::~Engine() { Shutdown(); }
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
+    std::shared_ptr<const Model> model, const EngineOptions& options,
+    EngineObserver* observer) {
+  if (model == nullptr) return absl::InvalidArgumentError("Engine: no model");
+  if (options.max_batch_size < 1 || options.max_queue_size < 1 ||
+      options.model_instances < 1 || options.feature_threads < 0 ||
+      options.intra_op_threads < 0 || options.max_queue_delay < absl::ZeroDuration() ||
+      std::isnan(options.vad_threshold_dbfs)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Engine: bad options (max_batch_size ", options.max_batch_size,
+        ", max_queue_size ", options.max_queue_size, ", model_instances ",
+        options.model_instances, ", feature_threads ", options.feature_threads,
+        ", intra_op_threads ", options.intra_op_threads, ", max_queue_delay ",
+        absl::FormatDuration(options.max_queue_delay), ", vad_threshold_dbfs ",
+        options.vad_threshold_dbfs, ")"));
+  }
+  auto impl = std::make_unique<Impl>();
+  const ModelConfig& config = model->config();
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  if (!extractor.ok()) return extractor.status();
+  impl->extractor = *std::move(extractor);
+  impl->window = static_cast<size_t>(config.window_samples());
+  impl->model = std::move(model);
+  impl->options = options;
+  impl->observer = observer;
+  SetModelThreads(options.intra_op_threads);
+
+  Impl* raw_impl = impl.get();
+  const int feature_threads = DefaultThreads(options.feature_threads);
+  for (int i = 0; i < feature_threads; ++i) {
+    impl->threads.emplace_back([raw_impl] { raw_impl->FeatureWorker(); });
+  }
+  for (int i = 0; i < options.model_instances; ++i) {
+    impl->threads.emplace_back([raw_impl] { raw_impl->ModelRunner(); });
+  }
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+void Engine::Submit(WindowRequest request) {
+  if (request.done == nullptr) return;  // nobody to tell
+  if (request.samples.size() != impl_->window) {
+    request.done(absl::InvalidArgumentError(absl::StrCat(
+        "a window holds ", impl_->window, " samples at ", model().config().sample_rate,
+        " Hz, got ", request.samples.size())));
+    return;
+  }
+  if (absl::Status finite = CheckFinite(request.samples); !finite.ok()) {
+    request.done(finite);
+    return;
+  }
+  auto job = std::make_unique<Job>();
+  job->source = std::make_shared<const std::vector<float>>(std::move(request.samples));
+  job->deadline = request.deadline;
+  job->cancel = std::move(request.cancel);
+  job->done = std::move(request.done);
+  JobList jobs;
+  jobs.push_back(std::move(job));
+  impl_->Admit(std::move(jobs));
+}
+
+void Engine::Classify(ClipRequest request) {
+  if (request.done == nullptr) return;  // nobody to tell
+  const ModelConfig& config = model().config();
+  const size_t window = impl_->window;
+  const size_t num_samples = request.samples.size();
+  if (num_samples == 0) {
+    request.done(absl::InvalidArgumentError("the clip holds no audio"));
+    return;
+  }
+  if (absl::Status finite = CheckFinite(request.samples); !finite.ok()) {
+    request.done(finite);
+    return;
+  }
+  if (!std::isfinite(request.hop_seconds) || request.hop_seconds < 0) {
+    request.done(absl::InvalidArgumentError(
+        absl::StrCat("bad hop_seconds ", request.hop_seconds)));
+    return;
+  }
+  const size_t hop =
+      request.hop_seconds == 0
+          ? std::max<size_t>(1, window / 2)
+          : static_cast<size_t>(std::llround(request.hop_seconds * config.sample_rate));
+  if (hop < 1 || hop > window) {
+    request.done(absl::InvalidArgumentError(absl::StrCat(
+        "hop_seconds ", request.hop_seconds, " must be within (0, ",
+        config.window_seconds, "] (the model's window)")));
+    return;
+  }
+  const double threshold =
+      request.vad_threshold_dbfs.value_or(impl_->options.vad_threshold_dbfs);
+  if (std::isnan(threshold)) {
+    request.done(absl::InvalidArgumentError("vad_threshold_dbfs is NaN"));
+    return;
+  }
+
+  const double rate = config.sample_rate;
+  const std::vector<size_t> starts = WindowStarts(num_samples, window, hop);
+  ClipResult result;
+  result.duration_seconds = num_samples / rate;
+  result.windows.resize(starts.size());
+  for (size_t i = 0; i < starts.size(); ++i) {
+    WindowResult& w = result.windows[i];
+    w.start_seconds = starts[i] / rate;
+    w.end_seconds = std::min(starts[i] + window, num_samples) / rate;
+    w.speech = WindowDbfs(request.samples, starts[i], window) >= threshold;
+    result.speech_windows += w.speech ? 1 : 0;
+  }
+  // Silent windows skip the model, unless no window holds speech: then all
+  // go, so that a quiet clip still gets a result.
+  std::vector<size_t> to_model;
+  for (size_t i = 0; i < starts.size(); ++i) {
+    if (result.windows[i].speech || result.speech_windows == 0) to_model.push_back(i);
+  }
+
+  auto state = std::make_shared<ClipState>(std::move(result),
+                                           static_cast<int>(to_model.size()),
+                                           model().num_classes(), std::move(request.done));
+  auto source = std::make_shared<const std::vector<float>>(std::move(request.samples));
+  JobList jobs;
+  jobs.reserve(to_model.size());
+  for (size_t index : to_model) {
+    auto job = std::make_unique<Job>();
+    job->source = source;
+    job->start = starts[index];
+    job->deadline = request.deadline;
+    job->cancel = request.cancel;
+    job->group_cancel = state->abandon();
+    job->done = [state, index](absl::StatusOr<std::vector<float>> probabilities) {
+      state->OnWindow(index, std::move(probabilities));
+    };
+    jobs.push_back(std::move(job));
+  }
+  impl_->Admit(std::move(jobs));
+}
+
+void Engine::Shutdown(absl::Duration grace) {
+  Impl& impl = *impl_;
+  absl::MutexLock shutdown_lock(&impl.shutdown_mu);
+  if (impl.shut_down) return;
+  JobList leftovers;
+  {
+    absl::MutexLock lock(&impl.mu);
+    impl.accepting = false;
+    const absl::Time until = absl::Now() + grace;
+    while ((impl.depth.load(std::memory_order_relaxed) > 0 || impl.in_batches > 0) &&
+           absl::Now() < until) {
+      impl.idle_cv.WaitWithDeadline(&impl.mu, until);
+    }
+    impl.stopping = true;
+    for (auto* queue : {&impl.raw, &impl.ready}) {
+      for (std::unique_ptr<Job>& job : *queue) leftovers.push_back(std::move(job));
+      queue->clear();
+    }
+    impl.UpdateDepthLocked();
+    impl.raw_cv.SignalAll();
+    impl.ready_cv.SignalAll();
+  }
+  CompleteAll(leftovers, absl::UnavailableError(
+                             "the engine shut down before the request was computed"));
+  for (std::thread& thread : impl.threads) thread.join();
+  impl.threads.clear();
+  impl.shut_down = true;
+}
+
+const Model& Engine::model() const { return *impl_->model; }
+
+const EngineOptions& Engine::options() const { return impl_->options; }
+
+int Engine::queue_depth() const {
+  return impl_->depth.load(std::memory_order_relaxed);
+}
+
+}  // namespace emoserve

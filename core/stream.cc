@@ -1,0 +1,406 @@
+#include "core/stream.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <thread>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "core/audio.h"
+#include "core/resampler.h"
+
+namespace emoserve {
+namespace {
+
+// What the delivery loop receives, in stream order: a window's outcome or
+// the end of the stream.
+struct Slot {
+  bool end = false;
+  // A window.
+  double start_seconds = 0;
+  double end_seconds = 0;
+  bool speech = false;
+  absl::StatusOr<std::vector<float>> probabilities = std::vector<float>();
+  // The end: OK after Finish, else the error that ended the stream.
+  absl::Status end_status;
+};
+
+}  // namespace
+
+struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
+  Engine* engine = nullptr;
+  StreamOptions options;
+  std::function<void(const StreamEvent&)> on_event;
+  std::function<void(absl::Status)> on_done;
+  double model_rate = 0;
+  size_t window = 0;  // samples at the model's rate
+  size_t hop = 0;
+  uint64_t max_input_samples = 0;
+  const std::shared_ptr<CancelFlag> cancel = std::make_shared<CancelFlag>();
+
+  // The feeder's side (Push/Finish, one caller).
+  std::unique_ptr<StreamResampler> resampler;  // null when the rates match
+  std::vector<float> resampled;                // one chunk at the model's rate
+  // Ring buffer of one window: the model-rate samples
+  // [next_start, next_start + ring_count), the first at ring[ring_head].
+  std::vector<float> ring;
+  size_t ring_head = 0;
+  size_t ring_count = 0;
+  uint64_t next_start = 0;     // model-rate index of the next window's start
+  uint64_t model_samples = 0;  // model-rate samples received
+  uint64_t input_samples = 0;
+  uint64_t windows_emitted = 0;
+  uint64_t next_seq = 0;
+  bool feeding_closed = false;  // after Finish or a feeding error
+
+  // Delivery, from any thread: slots wait in `pending` until every earlier
+  // one was delivered; one thread at a time delivers.
+  absl::Mutex mu;
+  absl::CondVar delivered_cv;
+  std::map<uint64_t, Slot> pending ABSL_GUARDED_BY(mu);
+  uint64_t next_delivery ABSL_GUARDED_BY(mu) = 0;
+  bool delivering ABSL_GUARDED_BY(mu) = false;
+  std::thread::id deliverer ABSL_GUARDED_BY(mu);
+  bool done ABSL_GUARDED_BY(mu) = false;  // on_done called (or being called)
+  absl::Status final_status ABSL_GUARDED_BY(mu);
+  // Cancel or destruction: ends the stream before any further event.
+  std::optional<absl::Status> abort ABSL_GUARDED_BY(mu);
+
+  // The open utterance; touched only by the delivering thread.
+  bool in_speech = false;
+  double utterance_start = 0;
+  double utterance_end = 0;
+  std::vector<float> utterance_sum;
+  int utterance_windows = 0;
+
+  // Feeder side ----------------------------------------------------------
+
+  // Ends feeding with `status` (an error): delivered after the windows
+  // already under way.
+  absl::Status FailFeeding(absl::Status status) {
+    feeding_closed = true;
+    Slot end;
+    end.end = true;
+    end.end_status = status;
+    Insert(next_seq++, std::move(end));
+    return status;
+  }
+
+  void Feed(absl::Span<const float> samples) {
+    size_t i = 0;
+    while (i < samples.size()) {
+      const size_t take = std::min(window - ring_count, samples.size() - i);
+      const size_t tail = (ring_head + ring_count) % window;
+      const size_t first = std::min(take, window - tail);
+      std::memcpy(ring.data() + tail, samples.data() + i, first * sizeof(float));
+      std::memcpy(ring.data(), samples.data() + i + first, (take - first) * sizeof(float));
+      ring_count += take;
+      model_samples += take;
+      i += take;
+      if (ring_count == window) {
+        EmitWindow();
+        ring_head = (ring_head + hop) % window;
+        ring_count -= hop;
+        next_start += hop;
+      }
+    }
+  }
+
+  // Sends the window at next_start: the ring's samples, zero-padded.
+  void EmitWindow() {
+    std::vector<float> samples(window, 0.0f);
+    const size_t first = std::min(ring_count, window - ring_head);
+    std::memcpy(samples.data(), ring.data() + ring_head, first * sizeof(float));
+    std::memcpy(samples.data() + first, ring.data(), (ring_count - first) * sizeof(float));
+    ++windows_emitted;
+    const uint64_t seq = next_seq++;
+    Slot slot;
+    slot.start_seconds = next_start / model_rate;
+    slot.end_seconds = (next_start + ring_count) / model_rate;
+    slot.speech = !options.vad_enabled || RmsDbfs(samples) >= options.vad_threshold_dbfs;
+    if (!slot.speech) {
+      Insert(seq, std::move(slot));
+      return;
+    }
+    {
+      absl::MutexLock lock(&mu);
+      if (done) return;  // nobody listens any more
+    }
+    WindowRequest request;
+    request.samples = std::move(samples);
+    request.deadline = options.deadline;
+    request.cancel = cancel;
+    request.done = [self = shared_from_this(), seq, slot = std::move(slot)](
+                       absl::StatusOr<std::vector<float>> probabilities) mutable {
+      slot.probabilities = std::move(probabilities);
+      self->Insert(seq, std::move(slot));
+    };
+    engine->Submit(std::move(request));
+  }
+
+  // The window still owed at the end of the stream: the one unary
+  // windowing (WindowStarts) ends with when the audio did not end exactly
+  // at a window's end.
+  bool OwesLastWindow() const {
+    if (model_samples == 0) return false;
+    if (windows_emitted == 0) return true;
+    return next_start - hop + window < model_samples;
+  }
+
+  // Delivery side --------------------------------------------------------
+
+  void Insert(uint64_t seq, Slot slot) {
+    absl::MutexLock lock(&mu);
+    if (done) return;
+    pending.emplace(seq, std::move(slot));
+    DeliverLocked();
+  }
+
+  // Delivers what is ready, in order, unless another thread is at it (it
+  // will see what was added).
+  void DeliverLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (delivering) return;
+    delivering = true;
+    deliverer = std::this_thread::get_id();
+    while (!done) {
+      if (abort.has_value()) {
+        FinishLocked(*abort);
+        break;
+      }
+      auto it = pending.find(next_delivery);
+      if (it == pending.end()) break;
+      Slot slot = std::move(it->second);
+      pending.erase(it);
+      ++next_delivery;
+      std::vector<StreamEvent> events;
+      std::optional<absl::Status> end;
+      mu.Unlock();
+      Process(std::move(slot), &events, &end);
+      mu.Lock();
+      for (const StreamEvent& event : events) {
+        if (done || abort.has_value()) break;
+        mu.Unlock();
+        on_event(event);
+        mu.Lock();
+      }
+      if (end.has_value() && !done && !abort.has_value()) FinishLocked(*end);
+    }
+    delivering = false;
+    delivered_cv.SignalAll();
+  }
+
+  // Calls on_done (once) and drops whatever is still under way.
+  void FinishLocked(absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    done = true;
+    final_status = status;
+    pending.clear();
+    cancel->Cancel();
+    mu.Unlock();
+    on_done(std::move(status));
+    mu.Lock();
+  }
+
+  // Turns one slot into events and the utterance bookkeeping.
+  void Process(Slot slot, std::vector<StreamEvent>* events,
+               std::optional<absl::Status>* end) {
+    if (slot.end) {
+      if (slot.end_status.ok()) CloseUtterance(events);
+      *end = slot.end_status;
+      return;
+    }
+    if (!slot.probabilities.ok()) {
+      *end = slot.probabilities.status();
+      return;
+    }
+    StreamEvent window;
+    window.type = StreamEvent::Type::kWindow;
+    window.start_seconds = slot.start_seconds;
+    window.end_seconds = slot.end_seconds;
+    window.speech = slot.speech;
+    if (slot.speech) {
+      if (!in_speech) {
+        in_speech = true;
+        utterance_start = slot.start_seconds;
+        utterance_sum.assign(slot.probabilities->size(), 0.0f);
+        utterance_windows = 0;
+        StreamEvent started = window;
+        started.type = StreamEvent::Type::kSpeechStarted;
+        events->push_back(std::move(started));
+      }
+      utterance_end = slot.end_seconds;
+      ++utterance_windows;
+      for (size_t c = 0; c < utterance_sum.size(); ++c) {
+        utterance_sum[c] += (*slot.probabilities)[c];
+      }
+      window.probabilities = *std::move(slot.probabilities);
+    } else {
+      CloseUtterance(events);
+    }
+    events->push_back(std::move(window));
+  }
+
+  void CloseUtterance(std::vector<StreamEvent>* events) {
+    if (!in_speech) return;
+    in_speech = false;
+    StreamEvent ended;
+    ended.type = StreamEvent::Type::kSpeechEnded;
+    ended.start_seconds = utterance_start;
+    ended.end_seconds = utterance_end;
+    StreamEvent utterance = ended;
+    utterance.type = StreamEvent::Type::kUtterance;
+    utterance.speech = true;
+    utterance.window_count = utterance_windows;
+    utterance.probabilities = utterance_sum;
+    for (float& p : utterance.probabilities) p /= static_cast<float>(utterance_windows);
+    events->push_back(std::move(ended));
+    events->push_back(std::move(utterance));
+  }
+
+  // Why Push/Finish may not go on, or OK.
+  absl::Status Closed() {
+    absl::MutexLock lock(&mu);
+    if (done) {
+      return final_status.ok()
+                 ? absl::FailedPreconditionError("the stream has already finished")
+                 : final_status;
+    }
+    if (abort.has_value()) return *abort;
+    if (feeding_closed) return absl::FailedPreconditionError("the stream was finished");
+    return absl::OkStatus();
+  }
+
+  // Cancel and destruction: no event after this.
+  void Abort(absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    cancel->Cancel();
+    if (!done && !abort.has_value()) abort = std::move(status);
+  }
+};
+
+StreamSession::StreamSession(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+absl::StatusOr<std::unique_ptr<StreamSession>> StreamSession::Create(
+    Engine* engine, const StreamOptions& options,
+    std::function<void(const StreamEvent&)> on_event,
+    std::function<void(absl::Status)> on_done) {
+  if (engine == nullptr || on_event == nullptr || on_done == nullptr) {
+    return absl::InvalidArgumentError("StreamSession needs an engine and both callbacks");
+  }
+  if (absl::Status rate = ValidateSampleRate(options.input_sample_rate); !rate.ok()) {
+    return rate;
+  }
+  const ModelConfig& config = engine->model().config();
+  auto impl = std::make_shared<Impl>();
+  impl->window = static_cast<size_t>(config.window_samples());
+  impl->model_rate = config.sample_rate;
+  if (!std::isfinite(options.hop_seconds) || options.hop_seconds < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("bad hop_seconds ", options.hop_seconds));
+  }
+  impl->hop = options.hop_seconds == 0
+                  ? std::max<size_t>(1, impl->window / 2)
+                  : static_cast<size_t>(std::llround(options.hop_seconds * config.sample_rate));
+  if (impl->hop < 1 || impl->hop > impl->window) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hop_seconds ", options.hop_seconds, " must be within (0, ",
+        config.window_seconds, "] (the model's window)"));
+  }
+  if (!(options.max_seconds > 0) || std::isnan(options.vad_threshold_dbfs)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad max_seconds ", options.max_seconds, " or vad_threshold_dbfs ",
+                     options.vad_threshold_dbfs));
+  }
+  if (options.input_sample_rate != config.sample_rate) {
+    absl::StatusOr<std::unique_ptr<StreamResampler>> resampler =
+        StreamResampler::Create(options.input_sample_rate, config.sample_rate);
+    if (!resampler.ok()) return resampler.status();
+    impl->resampler = *std::move(resampler);
+  }
+  impl->engine = engine;
+  impl->options = options;
+  impl->on_event = std::move(on_event);
+  impl->on_done = std::move(on_done);
+  impl->max_input_samples =
+      static_cast<uint64_t>(std::floor(options.max_seconds * options.input_sample_rate));
+  impl->ring.resize(impl->window);
+  return std::unique_ptr<StreamSession>(new StreamSession(std::move(impl)));
+}
+
+StreamSession::~StreamSession() {
+  Impl& impl = *impl_;
+  absl::MutexLock lock(&impl.mu);
+  impl.Abort(absl::CancelledError("the stream session was destroyed"));
+  if (impl.delivering && impl.deliverer == std::this_thread::get_id()) {
+    // Destroyed from inside one of its own callbacks: end it here; the
+    // delivery loop below us sees `done` and stops.
+    if (!impl.done) impl.FinishLocked(*impl.abort);
+    return;
+  }
+  impl.DeliverLocked();
+  // Another thread may be inside on_event; it calls on_done next.
+  while (impl.delivering) impl.delivered_cv.Wait(&impl.mu);
+}
+
+absl::Status StreamSession::Push(absl::Span<const float> samples) {
+  // A callback may destroy this session while we deliver.
+  const std::shared_ptr<Impl> impl = impl_;
+  if (absl::Status closed = impl->Closed(); !closed.ok()) return closed;
+  for (size_t i = 0; i < samples.size(); ++i) {
+    if (!std::isfinite(samples[i])) {
+      return impl->FailFeeding(absl::InvalidArgumentError(
+          absl::StrCat("sample ", impl->input_samples + i, " is not a finite number")));
+    }
+  }
+  if (impl->input_samples + samples.size() > impl->max_input_samples) {
+    return impl->FailFeeding(absl::OutOfRangeError(absl::StrCat(
+        "the stream is longer than its limit of ", impl->options.max_seconds, " s")));
+  }
+  if (absl::Now() >= impl->options.deadline) {
+    return impl->FailFeeding(absl::DeadlineExceededError("the stream's deadline passed"));
+  }
+  impl->input_samples += samples.size();
+  if (impl->resampler == nullptr) {
+    impl->Feed(samples);
+    return absl::OkStatus();
+  }
+  impl->resampled.clear();
+  if (absl::Status s = impl->resampler->Process(samples, &impl->resampled); !s.ok()) {
+    return impl->FailFeeding(s);
+  }
+  impl->Feed(impl->resampled);
+  return absl::OkStatus();
+}
+
+void StreamSession::Finish() {
+  const std::shared_ptr<Impl> impl = impl_;
+  if (!impl->Closed().ok()) return;
+  if (impl->resampler != nullptr) {
+    impl->resampled.clear();
+    if (absl::Status s = impl->resampler->Flush(&impl->resampled); !s.ok()) {
+      impl->FailFeeding(s).IgnoreError();  // on_done reports it
+      return;
+    }
+    impl->Feed(impl->resampled);
+  }
+  if (impl->OwesLastWindow()) impl->EmitWindow();
+  impl->feeding_closed = true;
+  Slot end;
+  end.end = true;
+  impl->Insert(impl->next_seq++, std::move(end));
+}
+
+void StreamSession::Cancel() {
+  const std::shared_ptr<Impl> impl = impl_;
+  absl::MutexLock lock(&impl->mu);
+  impl->Abort(absl::CancelledError("the stream was cancelled"));
+  impl->DeliverLocked();
+}
+
+size_t StreamSession::buffered_samples() const {
+  return impl_->ring_count + impl_->resampled.size();
+}
+
+}  // namespace emoserve

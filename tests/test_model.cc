@@ -1,0 +1,100 @@
+#include "tests/test_model.h"
+
+#include <malloc.h>
+
+#include <filesystem>
+
+#include <torch/script.h>
+
+#include "absl/strings/str_cat.h"
+#include "core/audio.h"
+#include "core/model_architecture.h"
+#include "train/ravdess.h"
+
+namespace emoserve::testing {
+
+ModelConfig SmallModelConfig() {
+  ModelConfig config;
+  config.name = "test-model";
+  config.version = "0";
+  config.labels = {"a", "b", "c"};
+  config.sample_rate = 16000;
+  config.window_seconds = 1.0;
+  config.features.kind = FeatureKind::kMfcc;
+  config.features.n_mfcc = 32;  // the CNN branch pools by 32 in all
+  config.features.n_mels = 40;
+  config.features.fmax = 8000.0;
+  return config;
+}
+
+ModelConfig DefaultModelConfig() {
+  ModelConfig config;
+  config.name = "test-default-architecture";
+  config.version = "0";
+  config.labels = RavdessLabels();
+  config.sample_rate = 16000;
+  config.window_seconds = 3.0;
+  config.features = FeatureParams();  // the trainer's defaults
+  config.features.sample_rate = config.sample_rate;
+  return config;
+}
+
+absl::Status WriteTestModel(const ModelConfig& config, const std::string& dir,
+                            uint64_t seed) {
+  ArchitectureOptions options;
+  options.num_features = config.num_features();
+  options.num_frames = config.num_frames();
+  options.num_classes = static_cast<int>(config.labels.size());
+  torch::manual_seed(seed);
+  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  if (!module.ok()) return module.status();
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) {
+    return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", error.message()));
+  }
+  try {
+    module->eval();
+    module->save((std::filesystem::path(dir) / "model.pt").string());
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("cannot save model.pt in ", dir, ": ", e.what()));
+  }
+  return SaveModelConfig(config, (std::filesystem::path(dir) / "model.json").string());
+}
+
+absl::StatusOr<std::shared_ptr<const Model>> MakeTestModel(const ModelConfig& config,
+                                                          const std::string& dir,
+                                                          uint64_t seed) {
+  if (absl::Status written = WriteTestModel(config, dir, seed); !written.ok()) return written;
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir);
+  if (!model.ok()) return model.status();
+  return std::shared_ptr<const Model>(*std::move(model));
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> LoadRavdessClips(
+    const std::string& shared_dir, int count) {
+  absl::StatusOr<std::vector<RavdessClip>> listed =
+      ListRavdess(shared_dir + "/datasets/ravdess");
+  if (!listed.ok()) return listed.status();
+  if (static_cast<int>(listed->size()) < count) {
+    return absl::NotFoundError(absl::StrCat("only ", listed->size(), " RAVDESS clips"));
+  }
+  std::vector<std::vector<float>> clips;
+  for (int i = 0; i < count; ++i) {
+    absl::StatusOr<Audio> audio = DecodeAudioFile((*listed)[i].path);
+    if (!audio.ok()) return audio.status();
+    if (audio->sample_rate != 16000) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          (*listed)[i].path, " is at ", audio->sample_rate, " Hz, expected 16000"));
+    }
+    clips.push_back(std::move(audio->samples));
+  }
+  return clips;
+}
+
+void TuneMallocForTorch() {
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
+
+}  // namespace emoserve::testing

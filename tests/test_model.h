@@ -1,0 +1,49 @@
+// Freshly initialised models for tests and benchmarks: the project's
+// architecture, untrained but seeded (reproducible), written as a model
+// directory that Model::Load reads. Torch-free header.
+#ifndef EMOSERVE_TESTS_TEST_MODEL_H_
+#define EMOSERVE_TESTS_TEST_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/model.h"
+#include "core/model_config.h"
+
+namespace emoserve::testing {
+
+// Small and fast: 1 s windows at 16 kHz, 32 MFCCs, three labels.
+ModelConfig SmallModelConfig();
+
+// The bundled model's shape and compute: 3 s windows at 16 kHz, the
+// trainer's default features (40 MFCCs, 301 frames), the eight RAVDESS
+// labels.
+ModelConfig DefaultModelConfig();
+
+// Writes model.pt (the default architecture sized for `config`, initialised
+// from `seed`) and model.json into `dir`, creating it.
+absl::Status WriteTestModel(const ModelConfig& config, const std::string& dir,
+                            uint64_t seed = 7);
+
+// WriteTestModel into `dir`, then Model::Load.
+absl::StatusOr<std::shared_ptr<const Model>> MakeTestModel(const ModelConfig& config,
+                                                          const std::string& dir,
+                                                          uint64_t seed = 7);
+
+// The first `count` RAVDESS speech clips (sorted by path) under
+// <shared_dir>/datasets/ravdess, decoded: 16 kHz mono.
+absl::StatusOr<std::vector<std::vector<float>>> LoadRavdessClips(
+    const std::string& shared_dir, int count);
+
+// glibc malloc returns LibTorch's large buffers to the kernel after every
+// forward, which makes inference several times slower; binaries that run
+// the model call this first.
+void TuneMallocForTorch();
+
+}  // namespace emoserve::testing
+
+#endif  // EMOSERVE_TESTS_TEST_MODEL_H_
