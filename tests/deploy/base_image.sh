@@ -74,5 +74,6 @@ EOF
   mv "$tarball.tmp" "$tarball"
 fi
 
-podman import --change 'CMD ["bash"]' "$tarball" "$image" >&2
+podman import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  --change 'CMD ["bash"]' "$tarball" "$image" >&2
 echo "$image"
