@@ -160,48 +160,56 @@ void MultiplyWindow(const float* __restrict window,
   for (int i = 0; i < n; ++i) out[i] = window[i] * x[i];
 }
 
-// |X[k]|^2 for k in [begin, end) of the real FFT of an even-length frame x
+// |X[k]|^2 for k in [0, M] of the real FFT of an even-length frame x
 // (N = 2M samples), from z = the M-point complex FFT of x read as complex
 // pairs (x[2n] + i x[2n+1]); FFTW's complex codelets are about twice as
 // fast as its real-input ones here. With a = z[k], b = z[M-k] (indices mod
 // M) and w = exp(-2 pi i k / N):
-//   X[k] = (a + conj(b)) / 2 - i w (a - conj(b)) / 2.
-// cos_tw/sin_tw hold cos/sin(2 pi k / N) for k in [0, M]; `reversed` is
-// scratch for 2 M floats.
+//   X[k] = (a + conj(b)) / 2 - i w (a - conj(b)) / 2,
+// and X[M-k] shares all its products with X[k], so bins come in pairs.
+// cos_tw/sin_tw hold cos/sin(2 pi k / N) for k in [0, M]; `scratch` holds
+// 3 M floats.
 EMOSERVE_VECTOR_CLONES
 void HalfSpectrumPower(const float* __restrict z, int m,
                        const float* __restrict cos_tw,
-                       const float* __restrict sin_tw, int begin, int end,
-                       float* __restrict reversed, float* __restrict power) {
+                       const float* __restrict sin_tw,
+                       float* __restrict scratch, float* __restrict power) {
   // Bins 0 and M pair z[0] with itself.
   const float x0 = z[0] + z[1], xm = z[0] - z[1];
-  if (begin >= end) return;
-  if (begin == 0) power[0] = x0 * x0;
-  if (end == m + 1) power[m - begin] = xm * xm;
-  const int lo = std::max(begin, 1), hi = std::min(end, m);
-  // b = z[M-k] read backwards does not vectorise; a reversed copy (of
-  // 8-byte complex values) and a forward pass do.
-  for (int k = lo; k < hi; ++k) {
-    std::memcpy(reversed + 2 * k, z + 2 * (m - k), 2 * sizeof(float));
+  power[0] = x0 * x0;
+  power[m] = xm * xm;
+  // Pairs (k, M-k) for k in [1, M/2]; for even M the middle bin is its own
+  // pair and is written twice. Reading b = z[M-k] and writing X[M-k]
+  // backwards does not vectorise, so both go through forward scratch
+  // arrays with reversed copies (of 8-byte complex values, and of floats).
+  const int half = m / 2;
+  float* b_fwd = scratch;          // b_fwd[k] = z[M-k]
+  float* upper = scratch + 2 * m;  // upper[k] = |X[M-k]|^2
+  for (int k = 1; k <= half; ++k) {
+    std::memcpy(b_fwd + 2 * k, z + 2 * (m - k), 2 * sizeof(float));
   }
-  for (int k = lo; k < hi; ++k) {
+  for (int k = 1; k <= half; ++k) {
     const float ar = z[2 * k], ai = z[2 * k + 1];
-    const float br = reversed[2 * k], bi = reversed[2 * k + 1];
+    const float br = b_fwd[2 * k], bi = b_fwd[2 * k + 1];
     const float sum_r = ar + br, diff_i = ai - bi;
     const float sum_i = ai + bi, diff_r = br - ar;
-    const float xr = sum_r + cos_tw[k] * sum_i + sin_tw[k] * diff_r;
-    const float xi = diff_i + cos_tw[k] * diff_r - sin_tw[k] * sum_i;
-    power[k - begin] = 0.25f * (xr * xr + xi * xi);
+    const float q = cos_tw[k] * sum_i + sin_tw[k] * diff_r;
+    const float r = cos_tw[k] * diff_r - sin_tw[k] * sum_i;
+    const float xr = sum_r + q, xi = diff_i + r;    // 2 X[k]
+    const float yr = sum_r - q, yi = r - diff_i;    // 2 X[M-k]
+    power[k] = 0.25f * (xr * xr + xi * xi);
+    upper[k] = 0.25f * (yr * yr + yi * yi);
   }
+  for (int k = 1; k <= half; ++k) power[m - k] = upper[k];
 }
 
-// |X[k]|^2 for k in [begin, end) of an interleaved complex spectrum.
+// |X[k]|^2 for all bins of an interleaved complex spectrum.
 EMOSERVE_VECTOR_CLONES
-void ComplexPower(const float* __restrict spectrum, int begin, int end,
+void ComplexPower(const float* __restrict spectrum, int n_bins,
                   float* __restrict power) {
-  for (int k = begin; k < end; ++k) {
+  for (int k = 0; k < n_bins; ++k) {
     const float re = spectrum[2 * k], im = spectrum[2 * k + 1];
-    power[k - begin] = re * re + im * im;
+    power[k] = re * re + im * im;
   }
 }
 
@@ -241,6 +249,7 @@ struct MelFilters {
 // The filterbank on a block: block[k][b] is the power of bin
 // (first_bin + k) in frame b; writes mel[m * stride + b] and raises
 // max[b] to the largest value of frame b.
+EMOSERVE_VECTOR_CLONES
 void ApplyMelBlock(const MelFilters& filters, int first_bin,
                    const float* __restrict block, size_t stride,
                    float* __restrict mel, Float4 max[kBlock / 4]) {
@@ -310,20 +319,39 @@ void CenterColumns(float* __restrict data, int rows, int cols, size_t stride,
   }
 }
 
-// out[k][t] = sum_m dct[k][m] * in[m][t] for k >= 1 (row 0 comes from the
-// means). Innermost over frames so that it vectorises, four mel rows per
-// pass so that loads and stores of `out` do not bound it, and blocked over
-// frames so that the block of `in` it reads stays in cache for every k.
+// The DCT-II basis is symmetric about the middle mel band: row k of the
+// matrix at band N-1-m is (-1)^k times its value at m. So rows m and N-1-m
+// are replaced by their sum (all even k need) and difference (all odd k
+// need), which halves the DCT's work. For odd N the middle row is kept.
 EMOSERVE_VECTOR_CLONES
-void ApplyDct(const float* __restrict dct, int n_out, int n_in,
+void FoldMirrorRows(float* __restrict data, int rows, int cols,
+                    size_t stride) {
+  for (int m = 0; m < rows / 2; ++m) {
+    float* a = data + m * stride;
+    float* b = data + (rows - 1 - m) * stride;
+    for (int t = 0; t < cols; ++t) {
+      const float sum = a[t] + b[t], diff = a[t] - b[t];
+      a[t] = sum;
+      b[t] = diff;
+    }
+  }
+}
+
+// out[i * out_stride + t] = sum_m coeffs[i][m] * in[m * in_stride + t] for
+// i < n_out, m < n_in. Innermost over frames so that it vectorises, four
+// input rows per pass so that loads and stores of `out` do not bound it, and
+// blocked over frames so that the block of `in` it reads stays in cache for
+// every i.
+EMOSERVE_VECTOR_CLONES
+void ApplyDct(const float* __restrict coeffs, int n_out, int n_in,
               const float* __restrict in, size_t in_stride, int cols,
-              float* __restrict out) {
+              float* __restrict out, size_t out_stride) {
   constexpr int kCols = 256;
   for (int t0 = 0; t0 < cols; t0 += kCols) {
     const int tn = std::min(kCols, cols - t0);
-    for (int k = 1; k < n_out; ++k) {
-      float* o = out + static_cast<size_t>(k) * cols + t0;
-      const float* c = dct + static_cast<size_t>(k) * n_in;
+    for (int i = 0; i < n_out; ++i) {
+      float* o = out + i * out_stride + t0;
+      const float* c = coeffs + static_cast<size_t>(i) * n_in;
       std::fill_n(o, tn, 0.0f);
       int m = 0;
       for (; m + 4 <= n_in; m += 4) {
@@ -372,10 +400,13 @@ struct FeatureExtractor::Impl {
   int spectrum_floats = 0;  // Size of the FFT's output.
 
   MelFilters filters;
-  // Bins that some filter uses; no other bin's power is computed.
+  // Bins that some filter uses; no others reach the filterbank.
   int first_bin = 0, end_bin = 0;
 
-  std::vector<float> dct;  // n_mfcc x n_mels, row-major; MFCC only.
+  // MFCC only: the DCT matrix's even rows k = 2, 4, ... over the folded
+  // rows [0, (N+1)/2) and odd rows k = 1, 3, ... over the folded rows
+  // [N - N/2, N) (see FoldMirrorRows); row-major.
+  std::vector<float> dct_even, dct_odd;
 
   ~Impl() {
     if (plan != nullptr) {
@@ -507,14 +538,21 @@ void FeatureExtractor::Impl::BuildMelFilters() {
 }
 
 void FeatureExtractor::Impl::BuildDct() {
-  // scipy.fft.dct(type=2, norm="ortho") along the mel axis, as a matrix.
+  // scipy.fft.dct(type=2, norm="ortho") along the mel axis, as matrices.
   const int n = params.n_mels;
-  dct.resize(static_cast<size_t>(params.n_mfcc) * n);
-  for (int k = 0; k < params.n_mfcc; ++k) {
-    const double scale = std::sqrt((k == 0 ? 1.0 : 2.0) / n);
-    for (int m = 0; m < n; ++m) {
-      dct[static_cast<size_t>(k) * n + m] = static_cast<float>(
-          scale * std::cos(M_PI * k * (2 * m + 1) / (2.0 * n)));
+  const int n_even = (n + 1) / 2, n_odd = n / 2;
+  const auto basis = [n](int k, int m) {
+    return static_cast<float>(std::sqrt(2.0 / n) *
+                              std::cos(M_PI * k * (2 * m + 1) / (2.0 * n)));
+  };
+  dct_even.clear();
+  dct_odd.clear();
+  for (int k = 1; k < params.n_mfcc; ++k) {
+    if (k % 2 == 0) {
+      for (int m = 0; m < n_even; ++m) dct_even.push_back(basis(k, m));
+    } else {
+      // Folded row N - n_odd + j holds band pair m = n_odd - 1 - j.
+      for (int j = 0; j < n_odd; ++j) dct_odd.push_back(basis(k, n_odd - 1 - j));
     }
   }
 }
@@ -586,6 +624,7 @@ absl::Status FeatureExtractor::Impl::Compute(absl::Span<const float> samples,
   }
   const int cols = params.NumFrames(samples.size());
   const int n_mels = params.n_mels;
+  const int n_bins = params.n_fft / 2 + 1;
   const int n_bins_used = end_bin - first_bin;
   // The mel power matrix [mel][frame], with rows padded to whole blocks.
   const size_t stride = (cols + kBlock - 1) / kBlock * kBlock;
@@ -598,10 +637,11 @@ absl::Status FeatureExtractor::Impl::Compute(absl::Span<const float> samples,
   // Scratch that is written before it is read, so left uninitialised.
   const size_t mel_size = n_mels * stride;
   const size_t block_size = kBlock * static_cast<size_t>(n_bins_used);
+  const size_t rows_size = kBlock * static_cast<size_t>(n_bins);
   std::unique_ptr<float[]> mel(new float[mel_size]);
-  std::unique_ptr<float[]> rows(new float[block_size]);
+  std::unique_ptr<float[]> rows(new float[rows_size]);  // [frame][bin]
   std::unique_ptr<float[]> block(new float[block_size]);
-  std::unique_ptr<float[]> reversed(new float[spectrum_floats]);
+  std::unique_ptr<float[]> scratch(new float[3 * params.n_fft / 2]);
 
   const FrameLayout layout = Layout(n);
   Float4 max4[kBlock / 4] = {};
@@ -609,23 +649,22 @@ absl::Status FeatureExtractor::Impl::Compute(absl::Span<const float> samples,
     const int frames = std::min(kBlock, cols - t0);
     for (int b = 0; b < frames; ++b) {
       FillFrame(samples.data(), layout, t0 + b, frame.get());
-      float* power = rows.get() + static_cast<size_t>(b) * n_bins_used;
+      float* power = rows.get() + static_cast<size_t>(b) * n_bins;
       if (half_complex) {
         fftwf_execute_dft(plan, reinterpret_cast<fftwf_complex*>(frame.get()),
                           reinterpret_cast<fftwf_complex*>(spectrum.get()));
         HalfSpectrumPower(spectrum.get(), params.n_fft / 2, cos_tw.data(),
-                          sin_tw.data(), first_bin, end_bin, reversed.get(),
-                          power);
+                          sin_tw.data(), scratch.get(), power);
       } else {
         fftwf_execute_dft_r2c(plan, frame.get(),
                               reinterpret_cast<fftwf_complex*>(spectrum.get()));
-        ComplexPower(spectrum.get(), first_bin, end_bin, power);
+        ComplexPower(spectrum.get(), n_bins, power);
       }
     }
     // Frames past the end (last block only) are silent.
-    std::fill(rows.get() + static_cast<size_t>(frames) * n_bins_used,
-              rows.get() + block_size, 0.0f);
-    TransposeBlock(rows.get(), n_bins_used, n_bins_used, block.get());
+    std::fill(rows.get() + static_cast<size_t>(frames) * n_bins,
+              rows.get() + rows_size, 0.0f);
+    TransposeBlock(rows.get() + first_bin, n_bins, n_bins_used, block.get());
     ApplyMelBlock(filters, first_bin, block.get(), stride, mel.get() + t0,
                   max4);
   }
@@ -659,8 +698,18 @@ absl::Status FeatureExtractor::Impl::Compute(absl::Span<const float> samples,
   for (int t = 0; t < cols; ++t) {
     out->data[t] = static_cast<float>(c0_scale * mean[t]);
   }
-  ApplyDct(dct.data(), params.n_mfcc, n_mels, mel.get(), stride, cols,
-           out->data.data());
+  FoldMirrorRows(mel.get(), n_mels, cols, stride);
+  const int n_even = (n_mels + 1) / 2, n_odd = n_mels / 2;
+  const size_t two_rows = 2 * static_cast<size_t>(cols);
+  if (const int rows = (params.n_mfcc - 1) / 2; rows > 0) {  // k = 2, 4, ...
+    ApplyDct(dct_even.data(), rows, n_even, mel.get(), stride, cols,
+             out->data.data() + two_rows, two_rows);
+  }
+  if (const int rows = params.n_mfcc / 2; rows > 0) {  // k = 1, 3, ...
+    ApplyDct(dct_odd.data(), rows, n_odd,
+             mel.get() + (n_mels - n_odd) * stride, stride, cols,
+             out->data.data() + cols, two_rows);
+  }
   return absl::OkStatus();
 }
 
