@@ -146,7 +146,10 @@ def metric_families(expression):
 
 
 def grafana_to_promql(expression, rate_interval="1m"):
-    """A dashboard query with Grafana's variables filled in, for Prometheus."""
+    """A dashboard query with Grafana's variables filled in, for Prometheus.
+    Grafana's label_values(metric, label) becomes count by (label) (metric):
+    empty unless the metric has that label."""
+    expression = re.sub(r"^label_values\((.+),\s*(\w+)\)$", r"count by (\2) (\1)", expression.strip())
     return (expression.replace("$__rate_interval", rate_interval)
             .replace("$__interval", rate_interval)
             .replace("$instance", ".*"))
