@@ -249,7 +249,7 @@ void LoadGenerator::RecordCall(Clock::time_point sent,
   } else {
     ++report_.errors[StatusCodeName(status.error_code())];
     if (first_error_.empty()) {
-      first_error_ = DescribeRpcError(status, connection_.server);
+      first_error_ = DescribeRpcError(status, connection_);
     }
   }
 }
@@ -580,7 +580,7 @@ std::string FormatBenchReport(const BenchReport& report) {
       setup, report.duration_seconds, report.warmup_seconds, report.server,
       report.model);
   absl::StrAppend(&out,
-                  absl::StrFormat("%-14s%d (%d ok, %d failed", unit,
+                  absl::StrFormat("%-16s%d (%d ok, %d failed", unit,
                                   report.requests, report.ok,
                                   report.error_count()));
   if (report.dropped > 0) {
@@ -588,19 +588,19 @@ std::string FormatBenchReport(const BenchReport& report) {
   }
   absl::StrAppend(&out, ")\n");
   absl::StrAppend(
-      &out, absl::StrFormat("%-14s%.1f %s/s, %.1f s of audio per second\n",
+      &out, absl::StrFormat("%-16s%.1f %s/s, %.1f s of audio per second\n",
                             "throughput", report.throughput(), unit,
                             report.duration_seconds > 0
                                 ? report.audio_seconds / report.duration_seconds
                                 : 0));
-  absl::StrAppend(&out, absl::StrFormat("%-14s%s\n",
+  absl::StrAppend(&out, absl::StrFormat("%-16s%s\n",
                                         streams ? "window latency" : "latency",
                                         LatencyLine(report.latency)));
   if (streams) {
-    absl::StrAppend(&out, absl::StrFormat("%-14s%d\n", "windows",
+    absl::StrAppend(&out, absl::StrFormat("%-16s%d\n", "windows",
                                           report.windows));
     absl::StrAppend(&out,
-                    absl::StrFormat("%-14s%s\n", "final latency",
+                    absl::StrFormat("%-16s%s\n", "final latency",
                                     LatencyLine(report.final_latency)));
   }
   if (!report.errors.empty()) {
@@ -608,7 +608,7 @@ std::string FormatBenchReport(const BenchReport& report) {
     for (const auto& [code, count] : report.errors) {
       parts.push_back(absl::StrCat(code, " ", count));
     }
-    absl::StrAppend(&out, absl::StrFormat("%-14s%s\n", "errors",
+    absl::StrAppend(&out, absl::StrFormat("%-16s%s\n", "errors",
                                           absl::StrJoin(parts, ", ")));
   }
   return out;
@@ -636,7 +636,7 @@ int RunBench(const ConnectionOptions& connection,
     const grpc::Status status =
         (*stub)->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
     if (!status.ok()) {
-      PrintError(DescribeRpcError(status, connection.server));
+      PrintError(DescribeRpcError(status, connection));
       return kExitFailure;
     }
   }

@@ -60,7 +60,7 @@ int RunClassify(const ConnectionOptions& connection,
             // An unreachable server is not the file's fault: one line for
             // all files; the server's own verdicts name the file.
             const std::string description =
-                DescribeRpcError(status, connection.server);
+                DescribeRpcError(status, connection);
             outcome.error_line =
                 IsConnectionFailure(status)
                     ? description

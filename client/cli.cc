@@ -111,9 +111,9 @@ ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
       stream_command
           ->add_option("-f,--format", stream.format, "stdin: sample format")
           ->transform(CLI::CheckedTransformer(
-              std::map<std::string, RawSampleFormat>{
-                  {"s16le", RawSampleFormat::kS16LE},
-                  {"f32le", RawSampleFormat::kF32LE}},
+              std::map<std::string, PcmEncoding>{
+                  {"s16le", PcmEncoding::kS16LE},
+                  {"f32le", PcmEncoding::kF32LE}},
               CLI::ignore_case)
                          .description(""))
           ->type_name("s16le|f32le")

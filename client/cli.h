@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "client/connection.h"
+#include "core/audio.h"
 
 namespace emoserve::client {
 
@@ -21,13 +22,10 @@ struct ClassifyCommandOptions {
   double hop_seconds = 0;  // 0: the server's default
 };
 
-// Raw PCM read from stdin ("-"): what arecord/sox write.
-enum class RawSampleFormat { kS16LE, kF32LE };
-
 struct StreamCommandOptions {
   std::string input;  // a file decoded locally, or "-" for raw PCM on stdin
   int rate = 16000;
-  RawSampleFormat format = RawSampleFormat::kS16LE;
+  PcmEncoding format = PcmEncoding::kS16LE;  // raw PCM on stdin
   int channels = 1;
   double chunk_ms = 100;
   bool fast = false;  // send as fast as the server takes it, not real time

@@ -28,40 +28,44 @@ absl::StatusOr<std::string> ReadPem(const std::string& path,
   return pem;
 }
 
-// Why a connection failed, in a few words, with a hint; empty when the
-// message is not a connection failure (the server answered).
-struct UnreachableReason {
+// Why a connection failed, in a few words, with a hint.
+struct ConnectionFailureReason {
   std::string reason;
   std::string hint;
 };
 
-std::optional<UnreachableReason> ConnectionFailure(absl::string_view message) {
+// Nullopt when `message` is not a connection failure (the server answered).
+std::optional<ConnectionFailureReason> ConnectionFailure(
+    absl::string_view message, bool tls) {
+  constexpr absl::string_view kCheckServer = "check --server or EMOSERVE_SERVER";
+  constexpr absl::string_view kCheckTls =
+      "does the server use TLS, with a certificate that --ca trusts?";
+  // A server that closes the connection at once wants TLS (when we spoke
+  // plaintext) or a client certificate (when we spoke TLS).
+  const absl::string_view closed_hint =
+      tls ? "does the server require a client certificate (--cert, --key)?"
+          : "does the server expect TLS (--tls)?";
   struct Pattern {
     absl::string_view needle;
     absl::string_view reason;
     absl::string_view hint;
   };
-  static constexpr Pattern kPatterns[] = {
+  const Pattern patterns[] = {
       {"Connection refused", "connection refused",
        "is emoserve-server running?"},
-      {"DNS resolution failed", "cannot resolve the host name",
-       "check --server or EMOSERVE_SERVER"},
-      {"Ssl handshake failed", "TLS handshake failed",
-       "does the server use TLS? check --tls, --ca, --cert and --key"},
-      {"handshake", "TLS handshake failed",
-       "does the server use TLS? check --tls, --ca, --cert and --key"},
-      {"Socket closed", "connection closed by the server",
-       "does the server expect TLS (--tls)?"},
-      {"Connection reset", "connection reset by the server",
-       "does the server expect TLS (--tls)?"},
-      {"No route to host", "no route to host", "check --server"},
-      {"Network is unreachable", "network is unreachable", "check --server"},
-      {"Connection timed out", "connection timed out", "check --server"},
+      {"DNS resolution failed", "cannot resolve the host name", kCheckServer},
+      {"Handshake", "TLS handshake failed", kCheckTls},
+      {"handshake", "TLS handshake failed", kCheckTls},
+      {"Socket closed", "connection closed by the server", closed_hint},
+      {"Connection reset", "connection reset by the server", closed_hint},
+      {"No route to host", "no route to host", kCheckServer},
+      {"Network is unreachable", "network is unreachable", kCheckServer},
+      {"Connection timed out", "connection timed out", kCheckServer},
   };
-  for (const Pattern& pattern : kPatterns) {
+  for (const Pattern& pattern : patterns) {
     if (absl::StrContains(message, pattern.needle)) {
-      return UnreachableReason{std::string(pattern.reason),
-                               std::string(pattern.hint)};
+      return ConnectionFailureReason{std::string(pattern.reason),
+                                     std::string(pattern.hint)};
     }
   }
   if (absl::StrContains(message, "failed to connect to all addresses")) {
@@ -69,10 +73,15 @@ std::optional<UnreachableReason> ConnectionFailure(absl::string_view message) {
     if (size_t last = detail.rfind(": "); last != absl::string_view::npos) {
       detail = detail.substr(last + 2);
     }
-    return UnreachableReason{absl::AsciiStrToLower(detail),
-                             "is emoserve-server running?"};
+    return ConnectionFailureReason{absl::AsciiStrToLower(detail),
+                                   "is emoserve-server running?"};
   }
   return std::nullopt;
+}
+
+bool UsesTls(const ConnectionOptions& options) {
+  return options.tls || !options.ca_path.empty() ||
+         !options.cert_path.empty() || !options.key_path.empty();
 }
 
 }  // namespace
@@ -105,9 +114,7 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(
   arguments.SetMaxReceiveMessageSize(-1);
   arguments.SetMaxSendMessageSize(-1);
   std::shared_ptr<grpc::ChannelCredentials> credentials;
-  const bool tls = options.tls || !options.ca_path.empty() ||
-                   !options.cert_path.empty() || !options.key_path.empty();
-  if (tls) {
+  if (UsesTls(options)) {
     if (options.cert_path.empty() != options.key_path.empty()) {
       return absl::InvalidArgumentError(
           "--cert and --key go together (mutual TLS needs both)");
@@ -155,14 +162,15 @@ std::string StatusCodeName(grpc::StatusCode code) {
 
 bool IsConnectionFailure(const grpc::Status& status) {
   return status.error_code() == grpc::StatusCode::UNAVAILABLE &&
-         ConnectionFailure(status.error_message()).has_value();
+         ConnectionFailure(status.error_message(), false).has_value();
 }
 
 std::string DescribeRpcError(const grpc::Status& status,
-                             const std::string& server) {
-  const std::string address = NormalizeServerAddress(server);
+                             const ConnectionOptions& connection) {
+  const std::string address = NormalizeServerAddress(connection.server);
   if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
-    if (auto failure = ConnectionFailure(status.error_message())) {
+    if (auto failure =
+            ConnectionFailure(status.error_message(), UsesTls(connection))) {
       return absl::StrCat("cannot reach server ", address, " (",
                           failure->reason, "); ", failure->hint);
     }

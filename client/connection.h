@@ -56,7 +56,7 @@ bool IsConnectionFailure(const grpc::Status& status);
 // server reads "cannot reach server HOST:PORT (connection refused); is
 // emoserve-server running?", anything else "CODE: message".
 std::string DescribeRpcError(const grpc::Status& status,
-                             const std::string& server);
+                             const ConnectionOptions& connection);
 
 }  // namespace emoserve::client
 

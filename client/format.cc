@@ -378,20 +378,22 @@ std::string FormatStreamResponse(const v1::StreamClassifyResponse& response,
 
 std::string FormatModelInfo(const v1::ModelInfo& info, bool json) {
   // The feature parameters are a protobuf Struct: protobuf's own JSON
-  // printer renders it faithfully.
-  std::string features_text = "{}";
+  // printer renders it faithfully (appending to its output string).
+  Json features = Json::object();
   if (info.has_features()) {
+    std::string features_text;
     google::protobuf::util::JsonPrintOptions print_options;
     print_options.preserve_proto_field_names = true;
-    if (!google::protobuf::util::MessageToJsonString(info.features(),
-                                                     &features_text,
-                                                     print_options)
-             .ok()) {
-      features_text = "{}";
+    if (google::protobuf::util::MessageToJsonString(
+            info.features(), &features_text, print_options)
+            .ok()) {
+      // Parsed into nlohmann::json, whose objects sort their keys: the
+      // Struct's own order is a hash map's.
+      const nlohmann::json sorted = nlohmann::json::parse(
+          features_text, nullptr, /*allow_exceptions=*/false);
+      if (!sorted.is_discarded()) features = Json(sorted);
     }
   }
-  Json features = Json::parse(features_text, nullptr, /*allow_exceptions=*/false);
-  if (features.is_discarded()) features = Json::object();
   if (json) {
     Json out;
     out["name"] = info.name();

@@ -37,7 +37,7 @@ int RunInfo(const ConnectionOptions& connection,
   const grpc::Status status =
       (*stub)->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
   if (!status.ok()) {
-    PrintError(DescribeRpcError(status, connection.server));
+    PrintError(DescribeRpcError(status, connection));
     return kExitFailure;
   }
   const std::string out =
@@ -66,7 +66,7 @@ int RunHealth(const ConnectionOptions& connection,
       Health::NewStub(*channel)->Check(&context, request, &response);
   if (!status.ok()) {
     if (!options.quiet) {
-      PrintError(DescribeRpcError(status, connection.server));
+      PrintError(DescribeRpcError(status, connection));
     }
     return kExitFailure;
   }

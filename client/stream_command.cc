@@ -1,14 +1,19 @@
 // `emoserve stream FILE|-`: live audio to the server in chunks, results
 // printed as they arrive.
+#include <signal.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
-#include <cstring>
-#include <atomic>
-#include <chrono>
 #include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -42,8 +47,8 @@ struct PcmInput {
   ChunkSource next_chunk;
 };
 
-int BytesPerSample(RawSampleFormat format) {
-  return format == RawSampleFormat::kS16LE ? 2 : 4;
+int BytesPerSample(PcmEncoding format) {
+  return format == PcmEncoding::kS16LE ? 2 : 4;
 }
 
 size_t FramesPerChunk(int rate, double chunk_ms) {
@@ -79,7 +84,7 @@ absl::StatusOr<PcmInput> FileInput(const StreamCommandOptions& options) {
 // Raw interleaved PCM on stdin, passed through as it is.
 PcmInput StdinInput(const StreamCommandOptions& options) {
   PcmInput input;
-  input.format.set_encoding(options.format == RawSampleFormat::kS16LE
+  input.format.set_encoding(options.format == PcmEncoding::kS16LE
                                 ? v1::AUDIO_ENCODING_LINEAR16
                                 : v1::AUDIO_ENCODING_FLOAT32);
   input.format.set_sample_rate_hertz(options.rate);
@@ -169,7 +174,7 @@ int RunStream(const ConnectionOptions& connection,
   done.WaitForNotification();
   std::signal(SIGINT, SIG_DFL);
   if (!final_status.ok()) {
-    PrintError(DescribeRpcError(final_status, connection.server));
+    PrintError(DescribeRpcError(final_status, connection));
     return kExitFailure;
   }
   return kExitOk;
