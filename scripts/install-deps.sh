@@ -26,6 +26,8 @@ test_packages=(
   # Deployment tests: manifests (yaml), the image built with podman on a
   # debootstrapped base.
   python3-yaml podman debootstrap
+  # CLI tests: a throwaway certificate for the TLS flags.
+  openssl
 )
 
 case "${1:-}" in
