@@ -54,6 +54,8 @@ def forward(self, x):
 constexpr char kModelSource[] = R"(
 def logits(self, x):
     x = (x - self.feature_mean.view(1, 1, -1, 1)) / self.feature_std.view(1, 1, -1, 1)
+    if self.window_mean_normalization:
+        x = x - x.mean(3, True)
     conv = torch.flatten(self.conv2.forward(self.conv1.forward(self.conv0.forward(x))), 1)
     seq = torch.max_pool2d(x, [1, self.time_pool], [1, self.time_pool])
     seq = seq.squeeze(1).transpose(1, 2)
@@ -201,6 +203,7 @@ absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(
       else if (key == "transformer_heads") o.transformer_heads = value.get<int>();
       else if (key == "transformer_feedforward") o.transformer_feedforward = value.get<int>();
       else if (key == "transformer_dropout") o.transformer_dropout = value.get<double>();
+      else if (key == "window_mean_normalization") o.window_mean_normalization = value.get<bool>();
       else if (key == "name") continue;
       else return absl::InvalidArgumentError(absl::StrCat("architecture: unknown key '", key, "'"));
     }
@@ -223,7 +226,8 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& o) {
           {"transformer_layers", o.transformer_layers},
           {"transformer_heads", o.transformer_heads},
           {"transformer_feedforward", o.transformer_feedforward},
-          {"transformer_dropout", o.transformer_dropout}};
+          {"transformer_dropout", o.transformer_dropout},
+          {"window_mean_normalization", o.window_mean_normalization}};
 }
 
 absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
@@ -256,6 +260,8 @@ absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
                       i, ".forward(seq)");
     }
     model.register_attribute("time_pool", c10::IntType::get(), o.time_pool);
+    model.register_attribute("window_mean_normalization", c10::BoolType::get(),
+                             o.window_mean_normalization);
     const int64_t fc_in =
         static_cast<int64_t>(in_channels) * rows * cols + o.num_features;
     model.register_parameter("fc_weight",

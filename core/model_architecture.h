@@ -30,6 +30,10 @@ struct ArchitectureOptions {
   int transformer_heads = 4;
   int transformer_feedforward = 512;
   double transformer_dropout = 0.4;
+  // Subtract each window's mean over time from every feature row (cepstral
+  // mean normalisation) after the global normalisation: removes much of the
+  // speaker's and the channel's fixed colouring.
+  bool window_mean_normalization = false;
 };
 
 absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(

@@ -42,8 +42,11 @@ void ProgressBar::Update(int done, const std::string& status) {
 }
 
 void ProgressBar::Finish(const std::string& status) {
-  last_decile_ = -1;
-  Update(total_, status);
+  // Off a terminal, Update(total_) has printed the final line already.
+  if (tty_ || !status.empty() || last_decile_ != 10) {
+    last_decile_ = -1;
+    Update(total_, status);
+  }
   if (tty_) std::fputc('\n', stderr);
 }
 

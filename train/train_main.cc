@@ -102,6 +102,8 @@ int main(int argc, char** argv) {
   train->add_option("--transformer-dropout", options.architecture.transformer_dropout)
       ->capture_default_str();
   train->add_option("--heads", options.architecture.transformer_heads)->capture_default_str();
+  train->add_flag("--window-mean-norm", options.architecture.window_mean_normalization,
+                  "subtract each window's mean over time from every feature row");
   train->add_option("--name", options.model_name)->capture_default_str();
   train->add_option("--version", options.model_version)->capture_default_str();
 
