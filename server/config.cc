@@ -1,0 +1,133 @@
+#include "server/config.h"
+
+#include <CLI/CLI.hpp>
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/strip.h"
+
+namespace emoserve {
+namespace {
+
+// "max-batch-size" -> "EMOSERVE_MAX_BATCH_SIZE".
+std::string EnvName(absl::string_view flag) {
+  return absl::StrCat("EMOSERVE_",
+                      absl::AsciiStrToUpper(absl::StrReplaceAll(flag, {{"-", "_"}})));
+}
+
+// "cpu", "cuda" or "cuda:N"; whether the device exists is the model's to say.
+std::string CheckDevice(const std::string& device) {
+  if (device == "cpu" || device == "cuda") return "";
+  absl::string_view index = device;
+  int n = 0;
+  if (absl::ConsumePrefix(&index, "cuda:") && absl::SimpleAtoi(index, &n) && n >= 0) {
+    return "";
+  }
+  return absl::StrCat("device \"", device, "\" is not cpu, cuda or cuda:N");
+}
+
+}  // namespace
+
+absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) {
+  CommandLine result;
+  ServerConfig& c = result.config;
+  std::string log_level(LogLevelName(c.log_level));
+
+  CLI::App app(
+      "emoserve-server: tells which emotion a voice carries, over gRPC.\n"
+      "Every flag can also be set by the environment variable shown (the flag "
+      "wins).",
+      "emoserve-server");
+  app.get_formatter()->column_width(36);
+  // Every option is added the same way: flag, its EMOSERVE_* variable, and
+  // its default shown in --help.
+  auto add = [&app](const std::string& flag, auto& value, const std::string& help) {
+    return app.add_option("--" + flag, value, help)
+        ->envname(EnvName(flag))
+        ->capture_default_str();
+  };
+
+  add("host", c.host, "Address to listen on (gRPC and metrics)");
+  add("port", c.port, "gRPC port (0: any free port)")->check(CLI::Range(0, 65535));
+  add("metrics-port", c.metrics_port, "Prometheus /metrics port (0: disabled)")
+      ->check(CLI::Range(0, 65535));
+  add("model", c.model, "Model directory (model.json + model.pt)")
+      ->check(CLI::ExistingDirectory);
+  add("device", c.device, "Inference device: cpu, cuda or cuda:N")
+      ->check(CLI::Validator(CheckDevice, "DEVICE"));
+  add("max-batch-size", c.max_batch_size, "Largest batch handed to the model")
+      ->check(CLI::Range(1, 4096));
+  add("max-queue-size", c.max_queue_size,
+      "Windows waiting beyond which requests get RESOURCE_EXHAUSTED")
+      ->check(CLI::Range(1, 1000000));
+  add("max-queue-delay-ms", c.max_queue_delay_ms,
+      "How long a partial batch waits for more windows (0: never)")
+      ->check(CLI::Range(0, 10000));
+  add("feature-threads", c.feature_threads, "Feature/decoding threads (0: one per core)")
+      ->check(CLI::Range(0, 1024));
+  add("model-instances", c.model_instances, "Model runner threads")
+      ->check(CLI::Range(1, 64));
+  add("torch-threads", c.torch_threads, "LibTorch intra-op threads (0: one per core)")
+      ->check(CLI::Range(0, 1024));
+  add("max-message-bytes", c.max_message_bytes, "Largest gRPC message accepted")
+      ->check(CLI::Range(int64_t{1024}, int64_t{2147483647}));
+  add("max-unary-seconds", c.max_unary_seconds, "Longest audio one Classify call takes")
+      ->check(CLI::Range(0.1, 86400.0));
+  add("max-stream-seconds", c.max_stream_seconds,
+      "Longest audio one stream takes (then OUT_OF_RANGE)")
+      ->check(CLI::Range(0.1, 604800.0));
+  add("max-streams", c.max_streams, "Concurrent streams (more: RESOURCE_EXHAUSTED)")
+      ->check(CLI::Range(1, 1000000));
+  add("max-chunk-bytes", c.max_chunk_bytes, "Largest audio message in a stream")
+      ->check(CLI::Range(int64_t{2}, int64_t{2147483647}));
+  add("vad-threshold-dbfs", c.vad_threshold_dbfs,
+      "Default voice-activity threshold: quieter windows are silence")
+      ->check(CLI::Range(-200.0, 0.0));
+  add("grace-seconds", c.grace_seconds,
+      "On SIGTERM/SIGINT, how long in-flight calls may take to finish")
+      ->check(CLI::Range(0.0, 3600.0));
+  add("tls-cert", c.tls_cert, "PEM server certificate (enables TLS)")
+      ->check(CLI::ExistingFile);
+  add("tls-key", c.tls_key, "PEM private key of --tls-cert")->check(CLI::ExistingFile);
+  add("tls-client-ca", c.tls_client_ca,
+      "PEM CA that client certificates must chain to (enables mutual TLS)")
+      ->check(CLI::ExistingFile);
+  add("log-level", log_level, "debug, info, warning or error")
+      ->check(CLI::IsMember({"debug", "info", "warning", "error"}));
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    result.help = app.help();
+    return result;
+  } catch (const CLI::ParseError& e) {
+    return absl::InvalidArgumentError(e.what());
+  }
+
+  absl::StatusOr<LogLevel> level = ParseLogLevel(log_level);
+  if (!level.ok()) return level.status();
+  c.log_level = *level;
+  if (c.tls_cert.empty() != c.tls_key.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls-cert and --tls-key go together: set both for TLS, or neither");
+  }
+  if (!c.tls_client_ca.empty() && c.tls_cert.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)");
+  }
+  if (c.max_chunk_bytes > c.max_message_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max-chunk-bytes (", c.max_chunk_bytes,
+        ") is larger than --max-message-bytes (", c.max_message_bytes, ")"));
+  }
+  return result;
+}
+
+}  // namespace emoserve

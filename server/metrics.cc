@@ -1,0 +1,169 @@
+#include "server/metrics.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+
+#include <algorithm>
+#include <exception>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "prometheus/counter.h"
+#include "prometheus/exposer.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+#include "prometheus/text_serializer.h"
+
+// The Exposer's web server (civetweb) starts its threads with 100 KiB
+// stacks (Debian builds it with USE_STACK_SIZE=102400). glibc carves a
+// thread's static TLS out of its stack, and LibTorch's dependencies have
+// more than that (OpenBLAS 60 KiB, glog 30 KiB, ...), so pthread_create
+// fails with EINVAL and /metrics would never be served in a process that
+// runs the model. This definition takes precedence over glibc's for every
+// library (the executable exports it: see server/CMakeLists.txt) and only
+// raises stack sizes that are too small to hold the TLS.
+extern "C" int pthread_attr_setstacksize(pthread_attr_t* attr, size_t stack_size) {
+  constexpr size_t kMinStackSize = size_t{1} << 20;
+  using SetStackSize = int (*)(pthread_attr_t*, size_t);
+  static const auto glibc_set_stack_size =
+      reinterpret_cast<SetStackSize>(dlsym(RTLD_NEXT, "pthread_attr_setstacksize"));
+  return glibc_set_stack_size(attr, std::max(stack_size, kMinStackSize));
+}
+
+namespace emoserve {
+namespace {
+
+// Latencies from a millisecond (a batch of one on a fast machine) to half a
+// minute (a long clip under load).
+const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
+  static const auto* buckets = new prometheus::Histogram::BucketBoundaries{
+      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+      0.25,   0.5,   1.0,    2.5,   5.0,  10.0,  30.0};
+  return *buckets;
+}
+
+prometheus::Histogram* AddLatencyHistogram(prometheus::Registry& registry,
+                                           const std::string& name,
+                                           const std::string& help) {
+  return &prometheus::BuildHistogram().Name(name).Help(help).Register(registry).Add(
+      {}, LatencyBuckets());
+}
+
+}  // namespace
+
+ServerMetrics::ServerMetrics()
+    : registry_(std::make_shared<prometheus::Registry>()) {
+  prometheus::Registry& r = *registry_;
+  calls_ = &prometheus::BuildCounter()
+                .Name("emoserve_requests_total")
+                .Help("Finished gRPC calls by method and status code")
+                .Register(r);
+  call_latency_ = &prometheus::BuildHistogram()
+                       .Name("emoserve_request_duration_seconds")
+                       .Help("Time from a unary call's arrival to its response")
+                       .Register(r);
+  model_info_ = &prometheus::BuildGauge()
+                     .Name("emoserve_model_info")
+                     .Help("The served model (always 1)")
+                     .Register(r);
+  queue_wait_ = AddLatencyHistogram(
+      r, "emoserve_queue_wait_seconds",
+      "Time a window waited for a feature worker and the model");
+  features_ = AddLatencyHistogram(r, "emoserve_feature_extraction_seconds",
+                                  "Feature extraction time per window");
+  inference_ = AddLatencyHistogram(r, "emoserve_inference_seconds",
+                                   "Model time per batch");
+  batch_size_ = &prometheus::BuildHistogram()
+                     .Name("emoserve_batch_size")
+                     .Help("Windows per batch run on the model")
+                     .Register(r)
+                     .Add({}, prometheus::Histogram::BucketBoundaries{
+                                  1, 2, 4, 8, 16, 32, 64, 128, 256});
+  queue_depth_ = &prometheus::BuildGauge()
+                      .Name("emoserve_queue_depth")
+                      .Help("Windows waiting for features or the model")
+                      .Register(r)
+                      .Add({});
+  active_streams_ = &prometheus::BuildGauge()
+                         .Name("emoserve_active_streams")
+                         .Help("Open StreamClassify calls")
+                         .Register(r)
+                         .Add({});
+  audio_seconds_ = &prometheus::BuildCounter()
+                        .Name("emoserve_audio_seconds_total")
+                        .Help("Seconds of audio accepted for classification")
+                        .Register(r)
+                        .Add({});
+}
+
+ServerMetrics::~ServerMetrics() = default;
+
+absl::Status ServerMetrics::Expose(const std::string& host, int port) {
+  // IPv6 literals need brackets in civetweb's listening_ports.
+  const std::string address = host.find(':') != std::string::npos
+                                  ? absl::StrCat("[", host, "]:", port)
+                                  : absl::StrCat(host, ":", port);
+  try {
+    auto exposer = std::make_unique<prometheus::Exposer>(address, 1);
+    exposer->RegisterCollectable(registry_);
+    exposer_ = std::move(exposer);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot serve metrics on ", address, ": ", e.what(),
+        " (is the port in use? --metrics-port 0 disables metrics)"));
+  }
+  return absl::OkStatus();
+}
+
+void ServerMetrics::SetModelInfo(absl::string_view name, absl::string_view version,
+                                 absl::string_view device) {
+  model_info_
+      ->Add({{"name", std::string(name)},
+             {"version", std::string(version)},
+             {"device", std::string(device)}})
+      .Set(1);
+}
+
+void ServerMetrics::RecordCall(absl::string_view method, absl::StatusCode code) {
+  calls_
+      ->Add({{"method", std::string(method)},
+             {"code", absl::StatusCodeToString(code)}})
+      .Increment();
+}
+
+void ServerMetrics::RecordLatency(absl::string_view method, absl::Duration latency) {
+  call_latency_->Add({{"method", std::string(method)}}, LatencyBuckets())
+      .Observe(absl::ToDoubleSeconds(latency));
+}
+
+void ServerMetrics::AddAudioSeconds(double seconds) {
+  if (seconds > 0) audio_seconds_->Increment(seconds);
+}
+
+void ServerMetrics::StreamStarted() { active_streams_->Increment(); }
+
+void ServerMetrics::StreamEnded() { active_streams_->Decrement(); }
+
+void ServerMetrics::OnWindow(absl::Duration queue_wait, absl::Duration features) {
+  queue_wait_->Observe(absl::ToDoubleSeconds(queue_wait));
+  features_->Observe(absl::ToDoubleSeconds(features));
+}
+
+void ServerMetrics::OnBatch(int batch_size, absl::Duration inference) {
+  batch_size_->Observe(batch_size);
+  inference_->Observe(absl::ToDoubleSeconds(inference));
+}
+
+void ServerMetrics::OnQueueDepth(int depth) { queue_depth_->Set(depth); }
+
+std::string ServerMetrics::Render() const {
+  std::ostringstream out;
+  prometheus::TextSerializer().Serialize(out, registry_->Collect());
+  return out.str();
+}
+
+}  // namespace emoserve

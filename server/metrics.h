@@ -1,0 +1,74 @@
+// Prometheus metrics of the server: calls by method and code, latencies by
+// stage, batch sizes, queue depth, streams, audio processed, model info.
+// The engine reports its stages through EngineObserver; the service counts
+// calls. Prometheus stays in server/.
+#ifndef EMOSERVE_SERVER_METRICS_H_
+#define EMOSERVE_SERVER_METRICS_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "core/engine.h"
+
+namespace prometheus {
+class Counter;
+class Exposer;
+class Gauge;
+class Histogram;
+class Registry;
+template <typename T>
+class Family;
+}  // namespace prometheus
+
+namespace emoserve {
+
+class ServerMetrics : public EngineObserver {
+ public:
+  ServerMetrics();
+  ~ServerMetrics() override;
+  ServerMetrics(const ServerMetrics&) = delete;
+  ServerMetrics& operator=(const ServerMetrics&) = delete;
+
+  // Serves GET /metrics on host:port in the text exposition format.
+  absl::Status Expose(const std::string& host, int port);
+
+  void SetModelInfo(absl::string_view name, absl::string_view version,
+                    absl::string_view device);
+  // One finished call of `method` ("Classify", ...) with its gRPC code.
+  void RecordCall(absl::string_view method, absl::StatusCode code);
+  // Time from a unary call's arrival to its response.
+  void RecordLatency(absl::string_view method, absl::Duration latency);
+  // Audio accepted for classification, in seconds of signal.
+  void AddAudioSeconds(double seconds);
+  void StreamStarted();
+  void StreamEnded();
+
+  // EngineObserver.
+  void OnWindow(absl::Duration queue_wait, absl::Duration features) override;
+  void OnBatch(int batch_size, absl::Duration inference) override;
+  void OnQueueDepth(int depth) override;
+
+  // The current metrics in the text format, as /metrics serves them.
+  std::string Render() const;
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  prometheus::Family<prometheus::Counter>* calls_;
+  prometheus::Family<prometheus::Histogram>* call_latency_;
+  prometheus::Family<prometheus::Gauge>* model_info_;
+  prometheus::Histogram* queue_wait_;
+  prometheus::Histogram* features_;
+  prometheus::Histogram* inference_;
+  prometheus::Histogram* batch_size_;
+  prometheus::Gauge* queue_depth_;
+  prometheus::Gauge* active_streams_;
+  prometheus::Counter* audio_seconds_;
+};
+
+}  // namespace emoserve
+
+#endif  // EMOSERVE_SERVER_METRICS_H_

@@ -1,0 +1,164 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "core/audio.h"
+#include "core/model.h"
+#include "server/log.h"
+
+namespace emoserve {
+namespace {
+
+std::string HostPort(const std::string& host, int port) {
+  // IPv6 literals go in brackets.
+  return host.find(':') != std::string::npos ? absl::StrCat("[", host, "]:", port)
+                                             : absl::StrCat(host, ":", port);
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
+    const ServerConfig& config) {
+  if (config.tls_cert.empty()) return grpc::InsecureServerCredentials();
+  absl::StatusOr<std::string> cert = ReadFileBytes(config.tls_cert);
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<std::string> key = ReadFileBytes(config.tls_key);
+  if (!key.ok()) return key.status();
+  grpc::SslServerCredentialsOptions options(
+      config.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                   : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  if (!config.tls_client_ca.empty()) {
+    absl::StatusOr<std::string> ca = ReadFileBytes(config.tls_client_ca);
+    if (!ca.ok()) return ca.status();
+    options.pem_root_certs = *std::move(ca);
+  }
+  options.pem_key_cert_pairs.push_back({*std::move(key), *std::move(cert)});
+  return grpc::SslServerCredentials(options);
+}
+
+// One window of a quiet tone through the whole engine path (features,
+// batcher, model) so that the first client does not pay for lazy set-up.
+absl::Status WarmUp(Engine& engine) {
+  const ModelConfig& model = engine.model().config();
+  ClipRequest clip;
+  clip.samples.resize(model.window_samples());
+  for (size_t i = 0; i < clip.samples.size(); ++i) {
+    clip.samples[i] = static_cast<float>(0.1 * std::sin(2 * M_PI * 220.0 * i / model.sample_rate));
+  }
+  clip.vad_threshold_dbfs = -std::numeric_limits<double>::infinity();
+  absl::Notification done;
+  absl::Status status;
+  clip.done = [&](absl::StatusOr<ClipResult> result) {
+    if (!result.ok()) {
+      status = result.status();
+    } else if (static_cast<int>(result->probabilities.size()) != engine.model().num_classes()) {
+      status = absl::InternalError("the warm-up classification returned no probabilities");
+    }
+    done.Notify();
+  };
+  engine.Classify(std::move(clip));
+  done.WaitForNotification();
+  return status;
+}
+
+}  // namespace
+
+Server::Server(const ServerConfig& config) : config_(config) {}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config) {
+  std::unique_ptr<Server> server(new Server(config));
+  server->metrics_ = std::make_unique<ServerMetrics>();
+  if (config.metrics_port > 0) {
+    if (absl::Status s = server->metrics_->Expose(config.host, config.metrics_port); !s.ok()) {
+      return s;
+    }
+  }
+  server->health_ = std::make_unique<HealthService>(
+      std::vector<std::string>{std::string(v1::EmotionService::service_full_name())});
+  server->service_ = std::make_unique<EmotionService>(config, server->metrics_.get());
+
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = Credentials(config);
+  if (!credentials.ok()) return credentials.status();
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  const std::string address = HostPort(config.host, config.port);
+  builder.AddListeningPort(address, *credentials, &server->port_);
+  builder.RegisterService(server->service_.get());
+  builder.RegisterService(server->health_.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
+  server->grpc_server_ = builder.BuildAndStart();
+  if (server->grpc_server_ == nullptr || server->port_ == 0) {
+    server->grpc_server_.reset();
+    return absl::UnavailableError(absl::StrCat(
+        "cannot serve gRPC on ", address,
+        config.tls_cert.empty() ? " (is the port in use?)"
+                                : " (is the port in use? are --tls-cert/--tls-key a "
+                                  "matching PEM certificate and key?)"));
+  }
+  return server;
+}
+
+absl::Status Server::LoadModel() {
+  SetModelThreads(config_.torch_threads);
+  ModelOptions model_options;
+  model_options.device = config_.device;
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(config_.model, model_options);
+  if (!model.ok()) return model.status();
+  EngineOptions options;
+  options.max_batch_size = config_.max_batch_size;
+  options.max_queue_size = config_.max_queue_size;
+  options.max_queue_delay = absl::Milliseconds(config_.max_queue_delay_ms);
+  options.feature_threads = config_.feature_threads;
+  options.model_instances = config_.model_instances;
+  options.intra_op_threads = config_.torch_threads;
+  options.vad_threshold_dbfs = config_.vad_threshold_dbfs;
+  absl::StatusOr<std::unique_ptr<Engine>> engine =
+      Engine::Create(std::shared_ptr<const Model>(*std::move(model)), options, metrics_.get());
+  if (!engine.ok()) return engine.status();
+  if (absl::Status s = WarmUp(**engine); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("warm-up failed: ", s.message()));
+  }
+  engine_ = *std::move(engine);
+  const ModelConfig& model_config = engine_->model().config();
+  metrics_->SetModelInfo(model_config.name, model_config.version, engine_->model().device());
+  if (absl::Status s = service_->SetEngine(engine_.get()); !s.ok()) return s;
+  health_->SetServing(true);
+  return absl::OkStatus();
+}
+
+void Server::Shutdown(absl::Duration grace) {
+  if (shut_down_) return;
+  shut_down_ = true;
+  const absl::Time deadline = absl::Now() + grace;
+  health_->SetServing(false);
+  service_->StartDraining();
+  const bool drained = service_->WaitForIdle(deadline);
+  if (!drained) {
+    Log(LogLevel::kWarning, "shutdown_grace_expired",
+        {{"grace_seconds", absl::ToDoubleSeconds(grace)}});
+  }
+  service_->EndStreams(absl::UnavailableError(
+      "the server is shutting down; reconnect (to another instance) and resend"));
+  if (engine_ != nullptr) engine_->Shutdown(std::max(absl::ZeroDuration(), deadline - absl::Now()));
+  health_->Shutdown();
+  // Whatever still runs (it should be nothing) is cancelled after a second.
+  grpc_server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
+  grpc_server_->Wait();
+}
+
+Server::~Server() {
+  if (grpc_server_ != nullptr) Shutdown(absl::Seconds(config_.grace_seconds));
+  grpc_server_.reset();
+  engine_.reset();
+}
+
+}  // namespace emoserve

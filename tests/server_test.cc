@@ -1,0 +1,1214 @@
+// The gRPC server, in-process on 127.0.0.1 with a random free port: unary
+// and streaming classification of RAVDESS speech in several formats and
+// rates, health, reflection, every error code, limits, deadlines, draining,
+// concurrent clients and a thousand idle streams.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/descriptor.pb.h>
+#include <google/protobuf/dynamic_message.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "core/audio.h"
+#include "core/resampler.h"
+#include "tests/server_test_support.h"
+#include "tests/test_model.h"
+#include "tests/test_support.h"
+
+namespace emoserve {
+namespace {
+
+using ::emoserve::testing::Connect;
+using ::emoserve::testing::Format;
+using ::emoserve::testing::kPatience;
+using ::emoserve::testing::RunStream;
+using ::emoserve::testing::StartServer;
+using ::emoserve::testing::StreamOutcome;
+using ::emoserve::testing::TestServerConfig;
+using ::emoserve::testing::ToFloat32;
+using ::emoserve::testing::ToLinear16;
+using ::testing::HasSubstr;
+using HealthStatus = grpc::health::v1::HealthCheckResponse;
+
+constexpr int kRate = 16000;
+constexpr double kWindowSeconds = 3.0;
+constexpr double kDefaultHopSeconds = 1.5;
+
+// Tolerances for MaxDifference (relative). The test model is untrained but
+// deterministic: the same samples give the same probabilities up to float
+// rounding in batching (measured up to 2.6e-6), a signal resampled on
+// another path nearly so (measured 1.8e-5). Other clips differ by 1.9e-3 to
+// 1e-2, neighbouring windows of speech by 2.4e-3 and more. Tests check that
+// what they compare differs by far more than the tolerance, so that a
+// mix-up cannot pass.
+constexpr float kSameSignal = 1e-5f;
+constexpr float kResampledSignal = 1e-4f;
+
+#define SKIP_WITHOUT_SHARED_DATA()                                                 \
+  if (!::emoserve::testing::SharedDir().has_value()) {                             \
+    GTEST_SKIP() << "no shared data folder (set EMOSERVE_SHARED_DIR): the RAVDESS " \
+                    "clips are needed";                                             \
+  }
+
+// --------------------------------------------------------------------------
+// Helpers.
+
+std::vector<float> Concat(const std::vector<std::vector<float>>& parts) {
+  std::vector<float> out;
+  for (const auto& part : parts) out.insert(out.end(), part.begin(), part.end());
+  return out;
+}
+
+// Probabilities in the model's label order.
+std::vector<float> InLabelOrder(const google::protobuf::RepeatedPtrField<v1::EmotionScore>& scores) {
+  const std::vector<std::string>& labels = testing::DefaultModelConfig().labels;
+  std::vector<float> out(labels.size(), std::numeric_limits<float>::quiet_NaN());
+  for (const v1::EmotionScore& score : scores) {
+    const auto it = std::find(labels.begin(), labels.end(), score.label());
+    if (it != labels.end()) out[it - labels.begin()] = score.probability();
+  }
+  return out;
+}
+
+// The largest difference between two probability vectors, relative to the
+// probabilities (float rounding is relative), those under 0.01 counted as
+// 0.01.
+float MaxDifference(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return std::numeric_limits<float>::infinity();
+  float worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const float d = std::fabs(a[i] - b[i]) / std::max({std::fabs(a[i]), std::fabs(b[i]), 0.01f});
+    worst = std::isnan(d) ? std::numeric_limits<float>::infinity() : std::max(worst, d);
+  }
+  return worst;
+}
+
+// Every label once, sorted, summing to one.
+void ExpectWellFormedScores(const google::protobuf::RepeatedPtrField<v1::EmotionScore>& scores) {
+  const std::vector<std::string>& labels = testing::DefaultModelConfig().labels;
+  ASSERT_EQ(scores.size(), static_cast<int>(labels.size()));
+  std::vector<std::string> seen;
+  float sum = 0;
+  for (int i = 0; i < scores.size(); ++i) {
+    seen.push_back(scores[i].label());
+    sum += scores[i].probability();
+    EXPECT_GE(scores[i].probability(), 0.0f);
+    if (i > 0) {
+      EXPECT_GE(scores[i - 1].probability(), scores[i].probability()) << "not sorted";
+    }
+  }
+  EXPECT_NEAR(sum, 1.0f, 1e-4);
+  EXPECT_THAT(seen, ::testing::UnorderedElementsAreArray(labels));
+}
+
+size_t ExpectedWindows(size_t samples, double hop_seconds) {
+  const size_t window = static_cast<size_t>(kWindowSeconds * kRate);
+  const size_t hop = static_cast<size_t>(std::llround(hop_seconds * kRate));
+  if (samples <= window) return 1;
+  return (samples - window + hop - 1) / hop + 1;
+}
+
+v1::StreamingConfig StreamConfig(const v1::AudioFormat& format, bool interim_results = true) {
+  v1::StreamingConfig config;
+  *config.mutable_format() = format;
+  config.set_interim_results(interim_results);
+  return config;
+}
+
+// The value of the series of `name` whose labels include all of `labels`
+// (e.g. {"method=\"Classify\"", "code=\"OK\""}) in a text exposition, or
+// nullopt.
+std::optional<double> MetricValue(const std::string& text, const std::string& name,
+                                  const std::vector<std::string>& labels = {}) {
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!absl::StartsWith(line, name)) continue;
+    const absl::string_view rest = line.substr(name.size());
+    if (!rest.empty() && rest[0] != '{' && rest[0] != ' ') continue;  // a longer name
+    bool all = true;
+    for (const std::string& label : labels) all = all && absl::StrContains(line, label);
+    double value = 0;
+    const size_t space = line.rfind(' ');
+    if (all && space != absl::string_view::npos &&
+        absl::SimpleAtod(line.substr(space + 1), &value)) {
+      return value;
+    }
+  }
+  return std::nullopt;
+}
+
+// Polls `predicate` until it holds or kPatience passes.
+template <typename Predicate>
+bool Eventually(Predicate predicate) {
+  const absl::Time until = absl::Now() + kPatience;
+  while (absl::Now() < until) {
+    if (predicate()) return true;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return predicate();
+}
+
+// A stream held open from the client: config sent, then nothing until
+// Close(). Callback API, so a thousand of them need no thousand threads.
+class HeldStream final
+    : public grpc::ClientBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse> {
+ public:
+  HeldStream(v1::EmotionService::Stub& stub, const v1::StreamingConfig& config) {
+    context_.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    stub.async()->StreamClassify(&context_, this);
+    *config_.mutable_config() = config;
+    StartWrite(&config_);
+    StartRead(&response_);
+    AddHold();  // Close() writes from outside the reactions
+    StartCall();
+  }
+
+  // A failed test may leave it open: cancel it, so that nothing is pending
+  // when the context goes.
+  ~HeldStream() override {
+    ReleaseHold();
+    context_.TryCancel();
+    Wait();
+  }
+
+  // Lets the call end without half-closing (e.g. when the server ends it).
+  void ReleaseHold() {
+    if (holding_) RemoveHold();
+    holding_ = false;
+  }
+
+  // Sends `pcm` (if any) and half-closes, once the config was written.
+  void Close(std::string pcm = "") {
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(&config_written_));
+    }
+    if (pcm.empty()) {
+      StartWritesDone();
+    } else {
+      audio_.set_audio(std::move(pcm));
+      StartWriteLast(&audio_, grpc::WriteOptions());
+    }
+    ReleaseHold();
+  }
+
+  void OnWriteDone(bool /*ok*/) override {
+    absl::MutexLock lock(&mu_);
+    config_written_ = true;
+  }
+  void OnReadDone(bool ok) override {
+    if (!ok) return;
+    {
+      absl::MutexLock lock(&mu_);
+      responses_.push_back(response_);
+    }
+    StartRead(&response_);
+  }
+  void OnDone(const grpc::Status& status) override {
+    absl::MutexLock lock(&mu_);
+    status_ = status;
+    done_ = true;
+  }
+
+  // The final status once done (after at most kPatience).
+  grpc::Status Wait() {
+    absl::MutexLock lock(&mu_);
+    if (!mu_.AwaitWithTimeout(absl::Condition(&done_), kPatience)) {
+      return grpc::Status(grpc::StatusCode::UNKNOWN, "the test gave up waiting");
+    }
+    return status_;
+  }
+  std::vector<v1::StreamClassifyResponse> responses() {
+    absl::MutexLock lock(&mu_);
+    return responses_;
+  }
+
+ private:
+  grpc::ClientContext context_;
+  bool holding_ = true;  // the test thread's only
+  v1::StreamClassifyRequest config_;
+  v1::StreamClassifyRequest audio_;
+  v1::StreamClassifyResponse response_;
+  absl::Mutex mu_;
+  bool config_written_ = false;
+  bool done_ = false;
+  grpc::Status status_;
+  std::vector<v1::StreamClassifyResponse> responses_;
+};
+
+// --------------------------------------------------------------------------
+// The shared server.
+
+class ServerTest : public ::testing::Test {
+ protected:
+  static constexpr double kMaxUnarySeconds = 120;
+  static constexpr double kMaxStreamSeconds = 30;
+  static constexpr int kMaxStreams = 1100;
+  static constexpr int64_t kMaxChunkBytes = 64000;
+  static constexpr int64_t kMaxMessageBytes = 8 << 20;
+
+  static void SetUpTestSuite() {
+    ServerConfig config = TestServerConfig();
+    config.max_unary_seconds = kMaxUnarySeconds;
+    config.max_stream_seconds = kMaxStreamSeconds;
+    config.max_streams = kMaxStreams;
+    config.max_chunk_bytes = kMaxChunkBytes;
+    config.max_message_bytes = kMaxMessageBytes;
+    absl::StatusOr<std::unique_ptr<Server>> server = StartServer(config);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+
+  void SetUp() override {
+    ASSERT_NE(server_, nullptr) << "the server did not start";
+    channel_ = Connect(server_->port());
+    stub_ = v1::EmotionService::NewStub(channel_);
+  }
+
+  grpc::Status Classify(const v1::ClassifyRequest& request, v1::ClassifyResponse* response,
+                        absl::Duration timeout = kPatience) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    return stub_->Classify(&context, request, response);
+  }
+
+  // Classify of raw 16 kHz LINEAR16 `samples`.
+  v1::ClassifyResponse ClassifyPcm(const std::vector<float>& samples, bool timeline = true,
+                                   double hop_seconds = 0) {
+    v1::ClassifyRequest request;
+    request.set_audio(ToLinear16(samples));
+    *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+    request.set_include_timeline(timeline);
+    request.set_hop_seconds(hop_seconds);
+    v1::ClassifyResponse response;
+    const grpc::Status status = Classify(request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response;
+  }
+
+  std::string Metrics() { return server_->metrics().Render(); }
+
+  static Server* server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::EmotionService::Stub> stub_;
+};
+
+Server* ServerTest::server_ = nullptr;
+
+// Three RAVDESS clips back to back (about 11 s of speech), cached.
+const std::vector<float>& LongSpeech() {
+  static const std::vector<float>* speech = [] {
+    absl::StatusOr<std::vector<std::vector<float>>> clips = testing::RavdessClips(3);
+    return new std::vector<float>(clips.ok() ? Concat(*clips) : std::vector<float>());
+  }();
+  return *speech;
+}
+
+// --------------------------------------------------------------------------
+// Unary.
+
+TEST_F(ServerTest, ClassifiesAFlacFileFromTheSharedData) {
+  SKIP_WITHOUT_SHARED_DATA();
+  absl::StatusOr<std::string> path = testing::FirstRavdessFlac();
+  ASSERT_TRUE(path.ok()) << path.status();
+  absl::StatusOr<std::string> bytes = ReadFileBytes(*path);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  absl::StatusOr<Audio> audio = DecodeAudio(*bytes);
+  ASSERT_TRUE(audio.ok()) << audio.status();
+
+  v1::ClassifyRequest request;
+  request.set_audio(*bytes);
+  v1::ClassifyResponse response;
+  const grpc::Status status = Classify(request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ExpectWellFormedScores(response.scores());
+  EXPECT_EQ(response.top_label(), response.scores(0).label());
+  EXPECT_NEAR(response.audio_duration_seconds(), audio->duration_seconds(), 1e-6);
+  EXPECT_EQ(response.model_name(), testing::DefaultModelConfig().name);
+  EXPECT_EQ(response.model_version(), testing::DefaultModelConfig().version);
+  EXPECT_EQ(response.window_count(),
+            static_cast<int>(ExpectedWindows(audio->samples.size(), kDefaultHopSeconds)));
+  EXPECT_GE(response.speech_window_count(), 1);
+  EXPECT_TRUE(response.timeline().empty()) << "no timeline was asked for";
+}
+
+TEST_F(ServerTest, SameClipGivesTheSameResultInEveryFormatAndRate) {
+  SKIP_WITHOUT_SHARED_DATA();
+  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::RavdessClips(2);
+  ASSERT_TRUE(clips.ok()) << clips.status();
+  const std::vector<float>& clip = (*clips)[0];
+  const std::vector<float> reference = InLabelOrder(ClassifyPcm(clip, false).scores());
+  // Another utterance is far from this one, so "close" means something.
+  const float other_clip = MaxDifference(reference, InLabelOrder(ClassifyPcm((*clips)[1], false).scores()));
+  ASSERT_GT(other_clip, 5 * kResampledSignal) << "the model does not tell the clips apart";
+
+  struct Case {
+    std::string name;
+    v1::ClassifyRequest request;
+    float tolerance;
+  };
+  std::vector<Case> cases;
+  auto add = [&](std::string name, std::string audio, v1::AudioFormat format, float tolerance) {
+    Case c{std::move(name), {}, tolerance};
+    c.request.set_audio(std::move(audio));
+    *c.request.mutable_format() = std::move(format);
+    cases.push_back(std::move(c));
+  };
+  // 16-bit PCM at the model's rate: exactly the FLAC file's samples.
+  absl::StatusOr<std::string> flac = testing::EncodeAudio(clip, 1, kRate, testing::AudioFormat::kFlac);
+  ASSERT_TRUE(flac.ok()) << flac.status();
+  add("FLAC 16 kHz", *flac, v1::AudioFormat(), kSameSignal);
+  add("LINEAR16 16 kHz stereo", ToLinear16(clip, 2), Format(v1::AUDIO_ENCODING_LINEAR16, kRate, 2),
+      kSameSignal);
+  add("FLOAT32 16 kHz", ToFloat32(clip), Format(v1::AUDIO_ENCODING_FLOAT32, kRate), kSameSignal);
+  // Other rates go through the resampler twice (here and in the server).
+  absl::StatusOr<std::vector<float>> at48k = Resample(clip, kRate, 48000);
+  ASSERT_TRUE(at48k.ok()) << at48k.status();
+  absl::StatusOr<std::string> wav48k =
+      testing::EncodeAudio(*at48k, 1, 48000, testing::AudioFormat::kWavPcm16);
+  ASSERT_TRUE(wav48k.ok()) << wav48k.status();
+  const float resampled = kResampledSignal;
+  add("WAV 48 kHz", *wav48k, v1::AudioFormat(), resampled);
+  add("LINEAR16 48 kHz", ToLinear16(*at48k), Format(v1::AUDIO_ENCODING_LINEAR16, 48000), resampled);
+  absl::StatusOr<std::vector<float>> at22k = Resample(clip, kRate, 22050);
+  ASSERT_TRUE(at22k.ok()) << at22k.status();
+  add("FLOAT32 22.05 kHz stereo", ToFloat32(*at22k, 2),
+      Format(v1::AUDIO_ENCODING_FLOAT32, 22050, 2), resampled);
+
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    v1::ClassifyResponse response;
+    const grpc::Status status = Classify(c.request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    ExpectWellFormedScores(response.scores());
+    EXPECT_NEAR(response.audio_duration_seconds(), static_cast<double>(clip.size()) / kRate, 1e-3);
+    EXPECT_EQ(response.window_count(), static_cast<int>(ExpectedWindows(clip.size(), 1.5)));
+    EXPECT_LE(MaxDifference(InLabelOrder(response.scores()), reference), c.tolerance);
+  }
+}
+
+TEST_F(ServerTest, TimelineCoversTheAudioAndTheResultAveragesItsSpeechWindows) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const std::vector<float>& speech = LongSpeech();
+  ASSERT_FALSE(speech.empty());
+  for (double hop : {0.0, 1.0, 3.0}) {
+    SCOPED_TRACE(absl::StrCat("hop ", hop));
+    const double step = hop == 0 ? kDefaultHopSeconds : hop;
+    const v1::ClassifyResponse response = ClassifyPcm(speech, true, hop);
+    ExpectWellFormedScores(response.scores());
+    ASSERT_EQ(response.window_count(), static_cast<int>(ExpectedWindows(speech.size(), step)));
+    ASSERT_EQ(response.timeline_size(), response.window_count());
+    std::vector<float> sum(8, 0.0f);
+    int speech_windows = 0;
+    for (int i = 0; i < response.timeline_size(); ++i) {
+      const v1::WindowResult& window = response.timeline(i);
+      EXPECT_NEAR(window.start_seconds(), i * step, 1e-9);
+      EXPECT_NEAR(window.end_seconds(),
+                  std::min(i * step + kWindowSeconds, static_cast<double>(speech.size()) / kRate), 1e-9);
+      if (!window.speech()) continue;
+      ++speech_windows;
+      ExpectWellFormedScores(window.scores());
+      const std::vector<float> p = InLabelOrder(window.scores());
+      for (size_t c = 0; c < sum.size(); ++c) sum[c] += p[c];
+    }
+    ASSERT_GT(speech_windows, 0);
+    EXPECT_EQ(response.speech_window_count(), speech_windows);
+    for (float& s : sum) s /= speech_windows;
+    EXPECT_LE(MaxDifference(InLabelOrder(response.scores()), sum), 1e-5);
+    EXPECT_NEAR(response.timeline(response.timeline_size() - 1).end_seconds(),
+                response.audio_duration_seconds(), 1e-9);
+  }
+}
+
+TEST_F(ServerTest, GetModelInfoDescribesTheServedModel) {
+  grpc::ClientContext context;
+  v1::ModelInfo info;
+  const grpc::Status status = stub_->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  const ModelConfig config = testing::DefaultModelConfig();
+  EXPECT_EQ(info.name(), config.name);
+  EXPECT_EQ(info.version(), config.version);
+  EXPECT_THAT(info.labels(), ::testing::ElementsAreArray(config.labels));
+  EXPECT_EQ(info.sample_rate_hertz(), 16000);
+  EXPECT_DOUBLE_EQ(info.window_seconds(), 3.0);
+  EXPECT_DOUBLE_EQ(info.default_hop_seconds(), 1.5);
+  EXPECT_EQ(info.device(), "cpu");
+  EXPECT_EQ(info.max_batch_size(), TestServerConfig().max_batch_size);
+  const auto& fields = info.features().fields();
+  ASSERT_TRUE(fields.contains("n_mfcc")) << info.features().DebugString();
+  EXPECT_EQ(fields.at("n_mfcc").number_value(), 40);
+  EXPECT_EQ(fields.at("kind").string_value(), "mfcc");
+  EXPECT_EQ(fields.at("n_fft").number_value(), config.features.n_fft);
+  EXPECT_EQ(fields.at("hop_length").number_value(), config.features.hop_length);
+}
+
+// --------------------------------------------------------------------------
+// Streaming.
+
+// The unary timeline over `samples` against a stream's windows, utterances
+// and speech events over the same samples.
+void ExpectStreamMatchesUnary(const v1::ClassifyResponse& unary, const StreamOutcome& stream,
+                              float tolerance) {
+  ASSERT_TRUE(stream.status.ok()) << stream.status.error_message();
+  // Windows differ from each other by far more than `tolerance`: a window
+  // compared with the wrong one fails.
+  std::vector<std::vector<float>> speech;
+  for (const v1::WindowResult& w : unary.timeline()) {
+    if (w.speech()) speech.push_back(InLabelOrder(w.scores()));
+  }
+  for (size_t i = 1; i < speech.size(); ++i) {
+    ASSERT_GT(MaxDifference(speech[i - 1], speech[i]), 5 * tolerance)
+        << "neighbouring windows " << i - 1 << " and " << i << " are indistinguishable";
+  }
+  const std::vector<v1::WindowResult> windows = stream.windows();
+  ASSERT_EQ(static_cast<int>(windows.size()), unary.timeline_size());
+  for (size_t i = 0; i < windows.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("window ", i));
+    const v1::WindowResult& expected = unary.timeline(static_cast<int>(i));
+    EXPECT_NEAR(windows[i].start_seconds(), expected.start_seconds(), 1e-6);
+    EXPECT_NEAR(windows[i].end_seconds(), expected.end_seconds(), 1e-3);
+    ASSERT_EQ(windows[i].speech(), expected.speech());
+    if (!expected.speech()) {
+      EXPECT_TRUE(windows[i].scores().empty());
+      continue;
+    }
+    ExpectWellFormedScores(windows[i].scores());
+    EXPECT_LE(MaxDifference(InLabelOrder(windows[i].scores()), InLabelOrder(expected.scores())),
+              tolerance);
+  }
+  // Utterances: runs of speech windows, each the mean of its windows.
+  std::vector<std::pair<int, int>> runs;
+  for (int i = 0; i < unary.timeline_size(); ++i) {
+    if (!unary.timeline(i).speech()) continue;
+    if (runs.empty() || runs.back().second != i) runs.push_back({i, i});
+    runs.back().second = i + 1;
+  }
+  const std::vector<v1::UtteranceResult> utterances = stream.utterances();
+  ASSERT_EQ(utterances.size(), runs.size());
+  const std::vector<v1::SpeechEvent> events = stream.speech_events();
+  ASSERT_EQ(events.size(), 2 * runs.size());
+  for (size_t u = 0; u < runs.size(); ++u) {
+    SCOPED_TRACE(absl::StrCat("utterance ", u));
+    const auto [first, end] = runs[u];
+    std::vector<float> mean(8, 0.0f);
+    for (int i = first; i < end; ++i) {
+      const std::vector<float> p = InLabelOrder(unary.timeline(i).scores());
+      for (size_t c = 0; c < mean.size(); ++c) mean[c] += p[c] / (end - first);
+    }
+    EXPECT_EQ(utterances[u].window_count(), end - first);
+    EXPECT_NEAR(utterances[u].start_seconds(), unary.timeline(first).start_seconds(), 1e-6);
+    EXPECT_NEAR(utterances[u].end_seconds(), unary.timeline(end - 1).end_seconds(), 1e-3);
+    ExpectWellFormedScores(utterances[u].scores());
+    EXPECT_EQ(utterances[u].top_label(), utterances[u].scores(0).label());
+    EXPECT_LE(MaxDifference(InLabelOrder(utterances[u].scores()), mean), tolerance);
+    EXPECT_EQ(events[2 * u].type(), v1::SpeechEvent::SPEECH_STARTED);
+    EXPECT_NEAR(events[2 * u].time_seconds(), utterances[u].start_seconds(), 1e-6);
+    EXPECT_EQ(events[2 * u + 1].type(), v1::SpeechEvent::SPEECH_ENDED);
+    EXPECT_NEAR(events[2 * u + 1].time_seconds(), utterances[u].end_seconds(), 1e-6);
+  }
+}
+
+TEST_F(ServerTest, StreamingGivesUnaryResultsForChunksFrom10msTo1s) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const std::vector<float>& speech = LongSpeech();
+  const v1::ClassifyResponse unary = ClassifyPcm(speech);
+  const std::string pcm = ToLinear16(speech);
+  const v1::StreamingConfig config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  // 10 ms, 100 ms, 250 ms, 1 s, and an odd size that splits samples across
+  // messages.
+  for (size_t chunk_bytes : {320, 3200, 8000, 32000, 333}) {
+    SCOPED_TRACE(absl::StrCat(chunk_bytes, "-byte chunks"));
+    ExpectStreamMatchesUnary(unary, RunStream(*stub_, config, pcm, chunk_bytes), kSameSignal);
+  }
+}
+
+TEST_F(ServerTest, StreamingResamplesFloat32Stereo48k) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const std::vector<float>& speech = LongSpeech();
+  absl::StatusOr<std::vector<float>> at48k = Resample(speech, kRate, 48000);
+  ASSERT_TRUE(at48k.ok()) << at48k.status();
+  // The reference: the same 48 kHz audio, resampled whole by Classify.
+  v1::ClassifyRequest request;
+  request.set_audio(ToFloat32(*at48k, 2));
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_FLOAT32, 48000, 2);
+  request.set_include_timeline(true);
+  v1::ClassifyResponse unary;
+  const grpc::Status status = Classify(request, &unary);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  const StreamOutcome stream =
+      RunStream(*stub_, StreamConfig(Format(v1::AUDIO_ENCODING_FLOAT32, 48000, 2)),
+                request.audio(), 48000 * 4 * 2 / 10);
+  ExpectStreamMatchesUnary(unary, stream, kResampledSignal);
+}
+
+TEST_F(ServerTest, StreamWithoutInterimResultsSendsEventsAndUtterancesOnly) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const StreamOutcome stream =
+      RunStream(*stub_, StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate), false),
+                ToLinear16(LongSpeech()), 3200);
+  ASSERT_TRUE(stream.status.ok()) << stream.status.error_message();
+  EXPECT_TRUE(stream.windows().empty());
+  EXPECT_FALSE(stream.utterances().empty());
+  EXPECT_EQ(stream.speech_events().size(), 2 * stream.utterances().size());
+}
+
+TEST_F(ServerTest, VoiceActivitySplitsUtterancesAtSilenceUnlessDisabled) {
+  SKIP_WITHOUT_SHARED_DATA();
+  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::RavdessClips(2);
+  ASSERT_TRUE(clips.ok()) << clips.status();
+  const std::vector<float> audio =
+      Concat({(*clips)[0], std::vector<float>(6 * kRate, 0.0f), (*clips)[1]});
+  const std::string pcm = ToLinear16(audio);
+  v1::StreamingConfig config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  const StreamOutcome with_vad = RunStream(*stub_, config, pcm, 3200);
+  ASSERT_TRUE(with_vad.status.ok()) << with_vad.status.error_message();
+  EXPECT_GE(with_vad.utterances().size(), 2u);
+  int silent = 0;
+  for (const v1::WindowResult& w : with_vad.windows()) silent += w.speech() ? 0 : 1;
+  EXPECT_GE(silent, 1) << "6 s of digital silence hold a whole window";
+  // The same as unary over the same audio.
+  ExpectStreamMatchesUnary(ClassifyPcm(audio), with_vad, kSameSignal);
+
+  config.mutable_voice_activity()->set_disabled(true);
+  const StreamOutcome without_vad = RunStream(*stub_, config, pcm, 3200);
+  ASSERT_TRUE(without_vad.status.ok()) << without_vad.status.error_message();
+  ASSERT_EQ(without_vad.utterances().size(), 1u);
+  EXPECT_EQ(without_vad.utterances()[0].window_count(), static_cast<int>(without_vad.windows().size()));
+  for (const v1::WindowResult& w : without_vad.windows()) EXPECT_TRUE(w.speech());
+
+  // A threshold above the speech's level makes it all silence.
+  config.mutable_voice_activity()->set_disabled(false);
+  config.mutable_voice_activity()->set_threshold_dbfs(-1);
+  const StreamOutcome deaf = RunStream(*stub_, config, pcm, 3200);
+  ASSERT_TRUE(deaf.status.ok()) << deaf.status.error_message();
+  EXPECT_TRUE(deaf.utterances().empty());
+  EXPECT_FALSE(deaf.windows().empty());
+}
+
+TEST_F(ServerTest, StreamThatSendsNoAudioEndsCleanly) {
+  const StreamOutcome stream =
+      RunStream(*stub_, StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate)), "", 3200);
+  EXPECT_TRUE(stream.status.ok()) << stream.status.error_message();
+  EXPECT_TRUE(stream.responses.empty());
+}
+
+// --------------------------------------------------------------------------
+// Health and reflection.
+
+TEST_F(ServerTest, HealthIsServingForTheServerAndTheService) {
+  absl::StatusOr<HealthStatus::ServingStatus> server = testing::CheckHealth(*channel_);
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_EQ(*server, HealthStatus::SERVING);
+  absl::StatusOr<HealthStatus::ServingStatus> service =
+      testing::CheckHealth(*channel_, "emoserve.v1.EmotionService");
+  ASSERT_TRUE(service.ok()) << service.status();
+  EXPECT_EQ(*service, HealthStatus::SERVING);
+  absl::StatusOr<HealthStatus::ServingStatus> unknown =
+      testing::CheckHealth(*channel_, "no.such.Service");
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound) << unknown.status();
+
+  // Watch sends the current status at once.
+  auto health = grpc::health::v1::Health::NewStub(channel_);
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  grpc::health::v1::HealthCheckRequest request;
+  auto watch = health->Watch(&context, request);
+  HealthStatus first;
+  ASSERT_TRUE(watch->Read(&first));
+  EXPECT_EQ(first.status(), HealthStatus::SERVING);
+  context.TryCancel();
+  EXPECT_EQ(watch->Finish().error_code(), grpc::StatusCode::CANCELLED);
+}
+
+// A grpc.reflection.v1alpha exchange through the generic stub, with the
+// messages built from the descriptors libgrpc++_reflection registers.
+class ReflectionClient {
+ public:
+  explicit ReflectionClient(std::shared_ptr<grpc::Channel> channel) : stub_(std::move(channel)) {
+    const auto* pool = google::protobuf::DescriptorPool::generated_pool();
+    request_type_ = pool->FindMessageTypeByName("grpc.reflection.v1alpha.ServerReflectionRequest");
+    response_type_ =
+        pool->FindMessageTypeByName("grpc.reflection.v1alpha.ServerReflectionResponse");
+  }
+  bool ready() const { return request_type_ != nullptr && response_type_ != nullptr; }
+
+  // Sends one request with `field` set to `value`; returns the response.
+  std::unique_ptr<google::protobuf::Message> Ask(const std::string& field, const std::string& value) {
+    std::unique_ptr<google::protobuf::Message> request(factory_.GetPrototype(request_type_)->New());
+    request->GetReflection()->SetString(request.get(), request_type_->FindFieldByName(field), value);
+    std::string bytes = request->SerializeAsString();
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer buffer(&slice, 1);
+
+    grpc::CompletionQueue cq;
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    auto call = stub_.PrepareCall(&context,
+                                  "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+    grpc::ByteBuffer reply;
+    grpc::Status status;
+    int tag = 0;
+    auto step = [&](auto&& start) {
+      start(&tag);
+      void* got = nullptr;
+      bool ok = false;
+      return cq.Next(&got, &ok) && ok;
+    };
+    bool ok = step([&](void* t) { call->StartCall(t); }) &&
+              step([&](void* t) { call->Write(buffer, t); }) &&
+              step([&](void* t) { call->Read(&reply, t); });
+    step([&](void* t) { call->WritesDone(t); });
+    step([&](void* t) { call->Finish(&status, t); });
+    cq.Shutdown();
+    void* ignored_tag;
+    bool ignored_ok;
+    while (cq.Next(&ignored_tag, &ignored_ok)) {
+    }
+    if (!ok) return nullptr;
+    std::vector<grpc::Slice> slices;
+    if (!reply.Dump(&slices).ok()) return nullptr;
+    std::string reply_bytes;
+    for (const grpc::Slice& s : slices) reply_bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    std::unique_ptr<google::protobuf::Message> response(factory_.GetPrototype(response_type_)->New());
+    if (!response->ParseFromString(reply_bytes)) return nullptr;
+    return response;
+  }
+
+ private:
+  grpc::GenericStub stub_;
+  google::protobuf::DynamicMessageFactory factory_;
+  const google::protobuf::Descriptor* request_type_ = nullptr;
+  const google::protobuf::Descriptor* response_type_ = nullptr;
+};
+
+TEST_F(ServerTest, ReflectionListsAndDescribesTheServices) {
+  ReflectionClient reflection(channel_);
+  ASSERT_TRUE(reflection.ready()) << "libgrpc++_reflection's descriptors are not linked in";
+
+  std::unique_ptr<google::protobuf::Message> listed = reflection.Ask("list_services", "*");
+  ASSERT_NE(listed, nullptr);
+  const auto* list_field = listed->GetDescriptor()->FindFieldByName("list_services_response");
+  ASSERT_TRUE(listed->GetReflection()->HasField(*listed, list_field)) << listed->DebugString();
+  const google::protobuf::Message& list = listed->GetReflection()->GetMessage(*listed, list_field);
+  const auto* service_field = list.GetDescriptor()->FindFieldByName("service");
+  std::vector<std::string> names;
+  for (int i = 0; i < list.GetReflection()->FieldSize(list, service_field); ++i) {
+    const google::protobuf::Message& service =
+        list.GetReflection()->GetRepeatedMessage(list, service_field, i);
+    names.push_back(service.GetReflection()->GetString(service, service.GetDescriptor()->FindFieldByName("name")));
+  }
+  EXPECT_THAT(names, ::testing::IsSupersetOf({"emoserve.v1.EmotionService", "grpc.health.v1.Health",
+                                              "grpc.reflection.v1alpha.ServerReflection"}));
+
+  std::unique_ptr<google::protobuf::Message> described =
+      reflection.Ask("file_containing_symbol", "emoserve.v1.EmotionService");
+  ASSERT_NE(described, nullptr);
+  const auto* files_field = described->GetDescriptor()->FindFieldByName("file_descriptor_response");
+  ASSERT_TRUE(described->GetReflection()->HasField(*described, files_field)) << described->DebugString();
+  const google::protobuf::Message& files = described->GetReflection()->GetMessage(*described, files_field);
+  const auto* proto_field = files.GetDescriptor()->FindFieldByName("file_descriptor_proto");
+  bool found = false;
+  for (int i = 0; i < files.GetReflection()->FieldSize(files, proto_field); ++i) {
+    google::protobuf::FileDescriptorProto file;
+    ASSERT_TRUE(file.ParseFromString(files.GetReflection()->GetRepeatedString(files, proto_field, i)));
+    for (const auto& service : file.service()) {
+      if (service.name() != "EmotionService") continue;
+      found = true;
+      std::vector<std::string> methods;
+      for (const auto& method : service.method()) methods.push_back(method.name());
+      EXPECT_THAT(methods, ::testing::UnorderedElementsAre("Classify", "StreamClassify", "GetModelInfo"));
+    }
+  }
+  EXPECT_TRUE(found) << "no EmotionService in the returned files";
+}
+
+// --------------------------------------------------------------------------
+// Errors: codes and messages that say what to fix.
+
+TEST_F(ServerTest, BadAudioIsInvalidArgumentWithAHint) {
+  const std::vector<float> tone = testing::Sine(220, 0.3, kRate, 1.0);
+  absl::StatusOr<std::string> wav = testing::EncodeAudio(tone, 1, kRate, testing::AudioFormat::kWavPcm16);
+  ASSERT_TRUE(wav.ok());
+  struct Case {
+    std::string name;
+    std::string audio;
+    v1::AudioFormat format;
+    std::string hint;
+  };
+  const std::vector<Case> cases = {
+      {"empty", "", {}, "audio is empty"},
+      {"not audio", std::string(4000, 'x'), {}, "audio:"},
+      {"truncated WAV", wav->substr(0, 30), {}, "audio:"},
+      {"raw without a rate", ToLinear16(tone), Format(v1::AUDIO_ENCODING_LINEAR16, 0), "sample_rate_hertz"},
+      {"rate too high", ToLinear16(tone), Format(v1::AUDIO_ENCODING_LINEAR16, 400000), "sample_rate_hertz"},
+      {"unknown encoding", ToLinear16(tone), Format(static_cast<v1::AudioEncoding>(7), kRate), "encoding"},
+      {"rate on a file", *wav, Format(v1::AUDIO_ENCODING_UNSPECIFIED, kRate), "AUDIO_ENCODING_UNSPECIFIED"},
+      {"negative channels", ToLinear16(tone), Format(v1::AUDIO_ENCODING_LINEAR16, kRate, -2), "channel_count"},
+      {"half a sample", "abc", Format(v1::AUDIO_ENCODING_LINEAR16, kRate), "multiple of 2 bytes"},
+      {"NaN samples", ToFloat32({0.1f, std::nanf(""), 0.2f}), Format(v1::AUDIO_ENCODING_FLOAT32, kRate),
+       "finite"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    v1::ClassifyRequest request;
+    request.set_audio(c.audio);
+    *request.mutable_format() = c.format;
+    v1::ClassifyResponse response;
+    const grpc::Status status = Classify(request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr(c.hint));
+  }
+}
+
+TEST_F(ServerTest, BadHopIsInvalidArgument) {
+  const std::string pcm = ToLinear16(testing::Sine(220, 0.3, kRate, 4.0));
+  for (double hop : {-1.0, 3.5, std::nan(""), 1e-9}) {
+    SCOPED_TRACE(absl::StrCat("hop ", hop));
+    v1::ClassifyRequest request;
+    request.set_audio(pcm);
+    *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+    request.set_hop_seconds(hop);
+    v1::ClassifyResponse response;
+    const grpc::Status status = Classify(request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(), HasSubstr("hop_seconds"));
+
+    v1::StreamingConfig config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+    config.set_hop_seconds(hop);
+    const StreamOutcome stream = RunStream(*stub_, config, pcm, 3200);
+    EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(stream.status.error_message(), HasSubstr("config.hop_seconds"));
+  }
+}
+
+TEST_F(ServerTest, StreamProtocolErrorsAreInvalidArgument) {
+  const std::string pcm = ToLinear16(testing::Sine(220, 0.3, kRate, 1.0));
+  const v1::StreamingConfig good = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  auto run_raw = [&](const std::vector<v1::StreamClassifyRequest>& requests) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    auto stream = stub_->StreamClassify(&context);
+    for (const auto& request : requests) {
+      if (!stream->Write(request)) break;
+    }
+    stream->WritesDone();
+    v1::StreamClassifyResponse response;
+    while (stream->Read(&response)) {
+    }
+    return stream->Finish();
+  };
+  v1::StreamClassifyRequest config_message;
+  *config_message.mutable_config() = good;
+  v1::StreamClassifyRequest audio_message;
+  audio_message.set_audio(pcm);
+
+  grpc::Status status = run_raw({audio_message});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("first message"));
+
+  status = run_raw({config_message, audio_message, config_message});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("only come in the first message"));
+
+  status = run_raw({});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("before its config"));
+
+  struct Case {
+    std::string name;
+    v1::StreamingConfig config;
+    std::string hint;
+  };
+  std::vector<Case> cases;
+  cases.push_back({"a file encoding", StreamConfig(v1::AudioFormat()), "raw PCM"});
+  cases.push_back({"no rate", StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, 0)), "sample_rate_hertz"});
+  v1::StreamingConfig loud_threshold = good;
+  loud_threshold.mutable_voice_activity()->set_threshold_dbfs(6);
+  cases.push_back({"positive threshold", loud_threshold, "threshold_dbfs"});
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const StreamOutcome stream = RunStream(*stub_, c.config, pcm, 3200);
+    EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(stream.status.error_message(), HasSubstr(c.hint));
+  }
+
+  const StreamOutcome nan_audio =
+      RunStream(*stub_, StreamConfig(Format(v1::AUDIO_ENCODING_FLOAT32, kRate)),
+                ToFloat32({0.1f, std::nanf(""), 0.1f}), 4000);
+  EXPECT_EQ(nan_audio.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(nan_audio.status.error_message(), HasSubstr("finite"));
+}
+
+TEST_F(ServerTest, OversizedInputIsResourceExhausted) {
+  // A message over --max-message-bytes: gRPC itself refuses it.
+  v1::ClassifyRequest huge;
+  huge.set_audio(std::string(kMaxMessageBytes + 1024, '\0'));
+  *huge.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  v1::ClassifyResponse response;
+  grpc::Status status = Classify(huge, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+
+  // Audio over --max-unary-seconds.
+  v1::ClassifyRequest long_audio;
+  long_audio.set_audio(ToLinear16(std::vector<float>(static_cast<size_t>((kMaxUnarySeconds + 1) * kRate), 0.1f)));
+  *long_audio.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  status = Classify(long_audio, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(status.error_message(), HasSubstr("--max-unary-seconds"));
+  EXPECT_THAT(status.error_message(), HasSubstr("StreamClassify"));
+
+  // A stream message over --max-chunk-bytes.
+  const StreamOutcome stream =
+      RunStream(*stub_, StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate)),
+                std::string(kMaxChunkBytes + 2, '\0'), kMaxChunkBytes + 2);
+  EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(stream.status.error_message(), HasSubstr("--max-chunk-bytes"));
+}
+
+TEST_F(ServerTest, StreamLongerThanTheLimitIsOutOfRange) {
+  // Digital silence: cheap (no window reaches the model), and still audio.
+  const std::string pcm(static_cast<size_t>((kMaxStreamSeconds + 1) * kRate) * 2, '\0');
+  const StreamOutcome stream =
+      RunStream(*stub_, StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate)), pcm, 32000);
+  EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::OUT_OF_RANGE) << stream.status.error_message();
+  EXPECT_THAT(stream.status.error_message(), HasSubstr("limit"));
+  // The windows before the limit were still reported.
+  EXPECT_GE(stream.windows().size(), 10u);
+}
+
+TEST_F(ServerTest, HonoursClientDeadlines) {
+  const auto deadline_calls = [&](const std::string& method) {
+    return MetricValue(Metrics(), "emoserve_requests_total",
+                       {absl::StrCat("method=\"", method, "\""), "code=\"DEADLINE_EXCEEDED\""})
+        .value_or(0);
+  };
+  // Two minutes of tone: 79 windows, far more than 100 ms of work. FLAC
+  // keeps the message small, so that it reaches the server in time.
+  absl::StatusOr<std::string> flac = testing::EncodeAudio(
+      testing::Sine(220, 0.3, kRate, kMaxUnarySeconds), 1, kRate, testing::AudioFormat::kFlac);
+  ASSERT_TRUE(flac.ok()) << flac.status();
+  v1::ClassifyRequest request;
+  request.set_audio(*flac);
+  v1::ClassifyResponse response;
+  const grpc::Status status = Classify(request, &response, absl::Milliseconds(100));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  // The server saw the deadline too and dropped the call's work.
+  EXPECT_TRUE(Eventually([&] { return deadline_calls("Classify") >= 1; })) << Metrics();
+  EXPECT_TRUE(Eventually([&] { return MetricValue(Metrics(), "emoserve_queue_depth") == 0.0; }));
+
+  // A stream idle past its deadline ends, and the server lets go of it.
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Milliseconds(300)));
+  auto stream = stub_->StreamClassify(&context);
+  v1::StreamClassifyRequest config;
+  *config.mutable_config() = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  stream->Write(config);
+  v1::StreamClassifyResponse ignored;
+  while (stream->Read(&ignored)) {
+  }
+  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  // The client's deadline passes a moment before the server's (which counts
+  // from the call's arrival): the server may see the client cancel first.
+  EXPECT_TRUE(Eventually([&] {
+    return deadline_calls("StreamClassify") +
+               MetricValue(Metrics(), "emoserve_requests_total",
+                           {"method=\"StreamClassify\"", "code=\"CANCELLED\""})
+                   .value_or(0) >=
+           1;
+  })) << Metrics();
+  EXPECT_TRUE(Eventually([&] { return MetricValue(Metrics(), "emoserve_active_streams") == 0.0; }));
+
+  // And it still serves.
+  const v1::ClassifyResponse after = ClassifyPcm(testing::Sine(220, 0.3, kRate, 1.0), false);
+  EXPECT_EQ(after.scores_size(), 8);
+}
+
+// --------------------------------------------------------------------------
+// Concurrency.
+
+TEST_F(ServerTest, ConcurrentClientsEachGetTheirOwnResults) {
+  SKIP_WITHOUT_SHARED_DATA();
+  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::RavdessClips(4);
+  ASSERT_TRUE(clips.ok()) << clips.status();
+  // Each clip's result and timeline, one call at a time.
+  std::vector<v1::ClassifyResponse> expected;
+  for (const auto& clip : *clips) expected.push_back(ClassifyPcm(clip));
+  for (size_t i = 1; i < expected.size(); ++i) {
+    ASSERT_GT(MaxDifference(InLabelOrder(expected[i - 1].scores()), InLabelOrder(expected[i].scores())),
+              5 * kSameSignal)
+        << "clips " << i - 1 << " and " << i << " are indistinguishable";
+  }
+
+  constexpr int kClients = 8;
+  constexpr int kCallsEach = 4;
+  std::atomic<int> good{0};
+  std::vector<std::thread> clients;
+  for (int t = 0; t < kClients; ++t) {
+    clients.emplace_back([&, t] {
+      // Each client its own connection; unary calls and streams alternate.
+      auto stub = v1::EmotionService::NewStub(Connect(server_->port()));
+      for (int i = 0; i < kCallsEach; ++i) {
+        const size_t which = (t + i) % clips->size();
+        SCOPED_TRACE(absl::StrCat("client ", t, " call ", i, " clip ", which));
+        const std::string pcm = ToLinear16((*clips)[which]);
+        if ((t + i) % 2 == 0) {
+          v1::ClassifyRequest request;
+          request.set_audio(pcm);
+          *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+          v1::ClassifyResponse response;
+          grpc::ClientContext context;
+          context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+          const grpc::Status status = stub->Classify(&context, request, &response);
+          EXPECT_TRUE(status.ok()) << status.error_message();
+          const float diff =
+              MaxDifference(InLabelOrder(response.scores()), InLabelOrder(expected[which].scores()));
+          EXPECT_LE(diff, kSameSignal);
+          if (status.ok() && diff <= kSameSignal) ++good;
+        } else {
+          const StreamOutcome stream = RunStream(
+              *stub, StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate)), pcm, 1600);
+          ExpectStreamMatchesUnary(expected[which], stream, kSameSignal);
+          if (stream.status.ok() &&
+              static_cast<int>(stream.windows().size()) == expected[which].timeline_size()) {
+            ++good;
+          }
+        }
+      }
+    });
+  }
+  for (std::thread& client : clients) client.join();
+  EXPECT_EQ(good.load(), kClients * kCallsEach);
+}
+
+TEST_F(ServerTest, HoldsAThousandIdleStreams) {
+  constexpr int kStreams = 1000;
+  constexpr int kChannels = 4;
+  std::vector<std::unique_ptr<v1::EmotionService::Stub>> stubs;
+  for (int c = 0; c < kChannels; ++c) stubs.push_back(v1::EmotionService::NewStub(Connect(server_->port())));
+  const v1::StreamingConfig config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  std::vector<std::unique_ptr<HeldStream>> streams;
+  for (int i = 0; i < kStreams; ++i) {
+    streams.push_back(std::make_unique<HeldStream>(*stubs[i % kChannels], config));
+  }
+  // All open on the server at once.
+  EXPECT_TRUE(Eventually([&] {
+    return MetricValue(Metrics(), "emoserve_active_streams") == static_cast<double>(kStreams);
+  })) << MetricValue(Metrics(), "emoserve_active_streams").value_or(-1) << " streams open";
+
+  // Meanwhile the server answers everything else.
+  absl::StatusOr<HealthStatus::ServingStatus> health = testing::CheckHealth(*channel_);
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(*health, HealthStatus::SERVING);
+  EXPECT_EQ(ClassifyPcm(testing::Sine(220, 0.3, kRate, 1.0), false).scores_size(), 8);
+
+  // Every stream still works: a few get audio and an utterance, the rest
+  // just close.
+  const std::string second_of_tone = ToLinear16(testing::Sine(220, 0.3, kRate, 1.0));
+  for (int i = 0; i < kStreams; ++i) streams[i]->Close(i % 100 == 0 ? second_of_tone : "");
+  int ok = 0;
+  for (int i = 0; i < kStreams; ++i) {
+    const grpc::Status status = streams[i]->Wait();
+    EXPECT_TRUE(status.ok()) << "stream " << i << ": " << status.error_message();
+    ok += status.ok() ? 1 : 0;
+    if (i % 100 == 0) {
+      int utterances = 0;
+      for (const auto& r : streams[i]->responses()) utterances += r.has_utterance() ? 1 : 0;
+      EXPECT_EQ(utterances, 1) << "stream " << i;
+    }
+  }
+  EXPECT_EQ(ok, kStreams);
+  EXPECT_TRUE(Eventually([&] { return MetricValue(Metrics(), "emoserve_active_streams") == 0.0; }));
+}
+
+// --------------------------------------------------------------------------
+// Servers of their own: other limits, loading, draining.
+
+TEST(ServerLimitsTest, StreamsBeyondMaxStreamsAreResourceExhausted) {
+  ServerConfig config = TestServerConfig();
+  config.max_streams = 2;
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::EmotionService::NewStub(Connect((*server)->port()));
+  const v1::StreamingConfig stream_config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  HeldStream first(*stub, stream_config);
+  HeldStream second(*stub, stream_config);
+  ASSERT_TRUE(Eventually([&] {
+    return MetricValue((*server)->metrics().Render(), "emoserve_active_streams") == 2.0;
+  }));
+  const StreamOutcome third = RunStream(*stub, stream_config, "", 3200);
+  EXPECT_EQ(third.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(third.status.error_message(), HasSubstr("--max-streams"));
+  // A slot frees when a stream ends.
+  first.Close();
+  EXPECT_TRUE(first.Wait().ok());
+  ASSERT_TRUE(Eventually([&] {
+    return MetricValue((*server)->metrics().Render(), "emoserve_active_streams") == 1.0;
+  }));
+  EXPECT_TRUE(RunStream(*stub, stream_config, "", 3200).status.ok());
+  second.Close();
+  EXPECT_TRUE(second.Wait().ok());
+}
+
+TEST(ServerLimitsTest, FullQueueIsResourceExhausted) {
+  ServerConfig config = TestServerConfig();
+  config.max_queue_size = 8;
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::EmotionService::NewStub(Connect((*server)->port()));
+
+  // One call that alone needs more windows than the queue holds.
+  v1::ClassifyRequest too_many;
+  too_many.set_audio(ToLinear16(testing::Sine(220, 0.3, kRate, 20.0)));
+  *too_many.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  v1::ClassifyResponse response;
+  grpc::ClientContext context;
+  grpc::Status status = stub->Classify(&context, too_many, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(status.error_message(), HasSubstr("windows"));
+
+  // Many calls at once, each of 4 windows: two fill the queue; the others
+  // are either served after them or turned away, never lost.
+  constexpr int kCalls = 48;
+  v1::ClassifyRequest request;
+  request.set_audio(ToLinear16(testing::Sine(220, 0.3, kRate, 7.5)));
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  std::vector<grpc::ClientContext> contexts(kCalls);
+  std::vector<v1::ClassifyResponse> responses(kCalls);
+  absl::Mutex mu;
+  std::map<grpc::StatusCode, int> codes;
+  int done = 0;
+  for (int i = 0; i < kCalls; ++i) {
+    contexts[i].set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    stub->async()->Classify(&contexts[i], &request, &responses[i], [&](grpc::Status s) {
+      absl::MutexLock lock(&mu);
+      ++codes[s.error_code()];
+      ++done;
+    });
+  }
+  {
+    absl::MutexLock lock(&mu);
+    ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(+[](int* d) { return *d == kCalls; }, &done), kPatience));
+  }
+  EXPECT_GE(codes[grpc::StatusCode::OK], 1);
+  EXPECT_GE(codes[grpc::StatusCode::RESOURCE_EXHAUSTED], 1);
+  EXPECT_EQ(codes[grpc::StatusCode::OK] + codes[grpc::StatusCode::RESOURCE_EXHAUSTED], kCalls);
+}
+
+TEST(ServerLifecycleTest, NotServingAndUnavailableUntilTheModelIsLoaded) {
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(TestServerConfig(), false);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto channel = Connect((*server)->port());
+  auto stub = v1::EmotionService::NewStub(channel);
+
+  absl::StatusOr<HealthStatus::ServingStatus> health = testing::CheckHealth(*channel);
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(*health, HealthStatus::NOT_SERVING);
+  auto health_stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext watch_context;
+  watch_context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  auto watch = health_stub->Watch(&watch_context, grpc::health::v1::HealthCheckRequest());
+  HealthStatus update;
+  ASSERT_TRUE(watch->Read(&update));
+  EXPECT_EQ(update.status(), HealthStatus::NOT_SERVING);
+
+  v1::ClassifyRequest request;
+  request.set_audio(ToLinear16(testing::Sine(220, 0.3, kRate, 1.0)));
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  v1::ClassifyResponse response;
+  {
+    grpc::ClientContext context;
+    const grpc::Status status = stub->Classify(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_THAT(status.error_message(), HasSubstr("loading"));
+  }
+  {
+    grpc::ClientContext context;
+    v1::ModelInfo info;
+    EXPECT_EQ(stub->GetModelInfo(&context, {}, &info).error_code(), grpc::StatusCode::UNAVAILABLE);
+  }
+  EXPECT_EQ(RunStream(*stub, StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate)), "", 3200)
+                .status.error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+
+  ASSERT_TRUE((*server)->LoadModel().ok());
+  ASSERT_TRUE(watch->Read(&update));
+  EXPECT_EQ(update.status(), HealthStatus::SERVING);
+  {
+    grpc::ClientContext context;
+    const grpc::Status status = stub->Classify(&context, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+  }
+  // Shutting down: the watcher hears NOT_SERVING, then the call ends.
+  std::thread stopper([&] { (*server)->Shutdown(absl::Seconds(1)); });
+  ASSERT_TRUE(watch->Read(&update));
+  EXPECT_EQ(update.status(), HealthStatus::NOT_SERVING);
+  EXPECT_FALSE(watch->Read(&update));
+  EXPECT_EQ(watch->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+  stopper.join();
+}
+
+TEST(ServerLifecycleTest, DrainingFinishesCallsInFlightAndRefusesNewOnes) {
+  SKIP_WITHOUT_SHARED_DATA();
+  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::RavdessClips(1);
+  ASSERT_TRUE(clips.ok()) << clips.status();
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(TestServerConfig());
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto channel = Connect((*server)->port());
+  auto stub = v1::EmotionService::NewStub(channel);
+  const v1::StreamingConfig config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  HeldStream idle(*stub, config);      // never finishes by itself
+  HeldStream finishing(*stub, config);  // finishes during the grace period
+  ASSERT_TRUE(Eventually([&] {
+    return MetricValue((*server)->metrics().Render(), "emoserve_active_streams") == 2.0;
+  }));
+
+  std::thread stopper([&] { (*server)->Shutdown(absl::Seconds(3)); });
+  // Health goes NOT_SERVING and new calls are refused at once...
+  EXPECT_TRUE(Eventually([&] {
+    absl::StatusOr<HealthStatus::ServingStatus> health = testing::CheckHealth(*channel);
+    return health.ok() && *health == HealthStatus::NOT_SERVING;
+  }));
+  v1::ClassifyRequest request;
+  request.set_audio(ToLinear16((*clips)[0]));
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  v1::ClassifyResponse response;
+  grpc::ClientContext context;
+  const grpc::Status refused = stub->Classify(&context, request, &response);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(refused.error_message(), HasSubstr("shutting down"));
+  // ...while a stream in flight still gets its results...
+  finishing.Close(ToLinear16((*clips)[0]));
+  EXPECT_TRUE(finishing.Wait().ok());
+  int utterances = 0;
+  for (const auto& r : finishing.responses()) utterances += r.has_utterance() ? 1 : 0;
+  EXPECT_EQ(utterances, 1);
+  // ...and one still open when the grace period ends is told to go away.
+  idle.ReleaseHold();
+  const grpc::Status ended = idle.Wait();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(ended.error_message(), HasSubstr("shutting down"));
+  stopper.join();
+}
+
+}  // namespace
+}  // namespace emoserve

@@ -1,0 +1,393 @@
+// emoserve-server as a process: flags and their errors, structured logs,
+// Prometheus metrics checked by promtool, and SIGTERM while calls are in
+// flight.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "tests/server_test_support.h"
+#include "tests/test_support.h"
+
+namespace emoserve {
+namespace {
+
+using ::emoserve::testing::Connect;
+using ::emoserve::testing::Format;
+using ::emoserve::testing::kPatience;
+using ::emoserve::testing::ServerProcess;
+using ::emoserve::testing::TestModelDir;
+using ::emoserve::testing::ToLinear16;
+using ::testing::HasSubstr;
+using HealthStatus = grpc::health::v1::HealthCheckResponse;
+
+constexpr int kRate = 16000;
+
+std::vector<std::string> NonEmptyLines(const std::string& text) {
+  std::vector<std::string> lines;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!line.empty()) lines.emplace_back(line);
+  }
+  return lines;
+}
+
+// The arguments of a server on 127.0.0.1 with the test model.
+std::vector<std::string> ServerArgs(int metrics_port, double grace_seconds = 10) {
+  return {"--host", "127.0.0.1", "--port", "0", "--metrics-port", absl::StrCat(metrics_port),
+          "--model", TestModelDir(), "--torch-threads", "1", "--feature-threads", "1",
+          "--grace-seconds", absl::StrCat(grace_seconds)};
+}
+
+// Starts the binary and waits until its health says SERVING; returns its port.
+absl::StatusOr<int> WaitUntilServing(ServerProcess& process) {
+  absl::StatusOr<int> port = process.WaitForPort();
+  if (!port.ok()) return port.status();
+  auto channel = Connect(*port);
+  const absl::Time until = absl::Now() + kPatience;
+  while (absl::Now() < until) {
+    absl::StatusOr<HealthStatus::ServingStatus> health = testing::CheckHealth(*channel);
+    if (health.ok() && *health == HealthStatus::SERVING) return *port;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return absl::DeadlineExceededError("never SERVING:\n" + process.Log());
+}
+
+// GET http://127.0.0.1:port/path, the body.
+absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    close(fd);
+    return absl::UnavailableError(absl::StrCat("cannot connect to port ", port));
+  }
+  const std::string request = absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
+    close(fd);
+    return absl::UnavailableError("cannot send the request");
+  }
+  std::string reply;
+  char buffer[65536];
+  ssize_t n;
+  while ((n = read(fd, buffer, sizeof(buffer))) > 0) reply.append(buffer, n);
+  close(fd);
+  const size_t body = reply.find("\r\n\r\n");
+  if (!absl::StartsWith(reply, "HTTP/1.") || !absl::StrContains(reply.substr(0, 16), " 200 ") ||
+      body == std::string::npos) {
+    return absl::UnavailableError("bad reply: " + reply.substr(0, 200));
+  }
+  return reply.substr(body + 4);
+}
+
+// Runs `command`, returning its exit status and output.
+std::pair<int, std::string> RunCommand(const std::string& command) {
+  std::string output;
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return {-1, "popen failed"};
+  char buffer[4096];
+  size_t n;
+  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, n);
+  const int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+}
+
+// The series of `name` whose labels include all of `labels`.
+std::optional<double> MetricValue(const std::string& text, const std::string& name,
+                                  const std::vector<std::string>& labels = {}) {
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!absl::StartsWith(line, name)) continue;
+    const absl::string_view rest = line.substr(name.size());
+    if (!rest.empty() && rest[0] != '{' && rest[0] != ' ') continue;
+    bool all = true;
+    for (const std::string& label : labels) all = all && absl::StrContains(line, label);
+    double value = 0;
+    const size_t space = line.rfind(' ');
+    if (all && space != absl::string_view::npos && absl::SimpleAtod(line.substr(space + 1), &value)) {
+      return value;
+    }
+  }
+  return std::nullopt;
+}
+
+const char* const kFlags[] = {
+    "host", "port", "metrics-port", "model", "device", "max-batch-size", "max-queue-size",
+    "max-queue-delay-ms", "feature-threads", "model-instances", "torch-threads",
+    "max-message-bytes", "max-unary-seconds", "max-stream-seconds", "max-streams",
+    "max-chunk-bytes", "vad-threshold-dbfs", "grace-seconds", "tls-cert", "tls-key",
+    "tls-client-ca", "log-level"};
+
+TEST(ServerProcessTest, HelpListsEveryFlagWithItsVariableAndDefault) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> process = ServerProcess::Start({"--help"});
+  ASSERT_TRUE(process.ok()) << process.status();
+  absl::StatusOr<int> code = (*process)->WaitForExit();
+  ASSERT_TRUE(code.ok()) << code.status();
+  EXPECT_EQ(*code, 0);
+  const std::string help = (*process)->Log();
+  for (const char* flag : kFlags) {
+    std::string variable = absl::StrCat("EMOSERVE_", flag);
+    for (char& c : variable) c = c == '-' ? '_' : static_cast<char>(std::toupper(c));
+    EXPECT_THAT(help, HasSubstr(absl::StrCat("--", flag))) << help;
+    EXPECT_THAT(help, HasSubstr(variable)) << help;
+  }
+  for (const char* default_value : {"50051", "9464", "models/default", "cpu", "0.0.0.0"}) {
+    EXPECT_THAT(help, HasSubstr(default_value));
+  }
+}
+
+TEST(ServerProcessTest, BadValueIsOneErrorLineAndExitCode2) {
+  const std::vector<std::vector<std::string>> cases = {
+      {"--port", "70000"},
+      {"--port", "fifty"},
+      {"--metrics-port", "-1"},
+      {"--max-batch-size", "0"},
+      {"--device", "tpu"},
+      {"--log-level", "loud"},
+      {"--model", "/no/such/model"},
+      {"--tls-cert", "/no/such/cert.pem"},
+      {"--tls-cert", TestModelDir() + "/model.json"},  // no --tls-key
+      {"--max-chunk-bytes", "5000000", "--max-message-bytes", "1000000"},
+      {"--no-such-flag"},
+      {"stray-argument"},
+  };
+  for (const auto& args : cases) {
+    SCOPED_TRACE(absl::StrJoin(args, " "));
+    absl::StatusOr<std::unique_ptr<ServerProcess>> process = ServerProcess::Start(args);
+    ASSERT_TRUE(process.ok()) << process.status();
+    absl::StatusOr<int> code = (*process)->WaitForExit();
+    ASSERT_TRUE(code.ok()) << code.status();
+    EXPECT_EQ(*code, 2);
+    const std::vector<std::string> lines = NonEmptyLines((*process)->Log());
+    ASSERT_EQ(lines.size(), 1u) << (*process)->Log();
+    EXPECT_THAT(lines[0], HasSubstr("error"));
+  }
+}
+
+TEST(ServerProcessTest, EnvironmentConfiguresTheServerAndFlagsWin) {
+  const int env_port = testing::FreePort();
+  const int flag_port = testing::FreePort();
+  ASSERT_NE(env_port, flag_port);
+  // Environment alone.
+  {
+    absl::StatusOr<std::unique_ptr<ServerProcess>> process = ServerProcess::Start(
+        {}, {absl::StrCat("EMOSERVE_PORT=", env_port), "EMOSERVE_HOST=127.0.0.1",
+             "EMOSERVE_METRICS_PORT=0", "EMOSERVE_MODEL=" + TestModelDir(),
+             "EMOSERVE_TORCH_THREADS=1", "EMOSERVE_MAX_BATCH_SIZE=7"});
+    ASSERT_TRUE(process.ok()) << process.status();
+    absl::StatusOr<int> port = (*process)->WaitForPort();
+    ASSERT_TRUE(port.ok()) << port.status();
+    EXPECT_EQ(*port, env_port);
+    EXPECT_THAT((*process)->Log(), HasSubstr("max_batch_size=7"));
+  }
+  // A flag beats its variable.
+  {
+    absl::StatusOr<std::unique_ptr<ServerProcess>> process = ServerProcess::Start(
+        {"--port", absl::StrCat(flag_port)},
+        {absl::StrCat("EMOSERVE_PORT=", env_port), "EMOSERVE_HOST=127.0.0.1",
+         "EMOSERVE_METRICS_PORT=0", "EMOSERVE_MODEL=" + TestModelDir(), "EMOSERVE_TORCH_THREADS=1"});
+    ASSERT_TRUE(process.ok()) << process.status();
+    absl::StatusOr<int> port = (*process)->WaitForPort();
+    ASSERT_TRUE(port.ok()) << port.status();
+    EXPECT_EQ(*port, flag_port);
+  }
+  // A bad variable is reported like a bad flag.
+  {
+    absl::StatusOr<std::unique_ptr<ServerProcess>> process =
+        ServerProcess::Start({}, {"EMOSERVE_MAX_STREAMS=many"});
+    ASSERT_TRUE(process.ok()) << process.status();
+    absl::StatusOr<int> code = (*process)->WaitForExit();
+    ASSERT_TRUE(code.ok()) << code.status();
+    EXPECT_EQ(*code, 2);
+    EXPECT_THAT((*process)->Log(), HasSubstr("max-streams"));
+  }
+}
+
+TEST(ServerProcessTest, MissingModelFailsStartupWithAClearLogLine) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> process = ServerProcess::Start(
+      {"--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--model", testing::ScratchDir()});
+  ASSERT_TRUE(process.ok()) << process.status();
+  absl::StatusOr<int> code = (*process)->WaitForExit();
+  ASSERT_TRUE(code.ok()) << code.status();
+  EXPECT_EQ(*code, 1);
+  EXPECT_THAT((*process)->Log(), HasSubstr("event=model_load_failed"));
+  EXPECT_THAT((*process)->Log(), HasSubstr("model.json"));
+}
+
+TEST(ServerProcessTest, MetricsPassPromtoolAndCountWhatHappened) {
+  const std::pair<int, std::string> promtool = RunCommand("promtool --version");
+  ASSERT_EQ(promtool.first, 0) << "promtool (Debian package prometheus) is needed: " << promtool.second;
+  const int metrics_port = testing::FreePort();
+  std::vector<std::string> args = ServerArgs(metrics_port);
+  args.insert(args.end(), {"--log-level", "debug"});
+  absl::StatusOr<std::unique_ptr<ServerProcess>> process = ServerProcess::Start(args);
+  ASSERT_TRUE(process.ok()) << process.status();
+  absl::StatusOr<int> port = WaitUntilServing(**process);
+  ASSERT_TRUE(port.ok()) << port.status();
+  auto stub = v1::EmotionService::NewStub(Connect(*port));
+
+  // One good and one bad Classify, one stream.
+  const std::vector<float> tone = testing::Sine(220, 0.3, kRate, 4.0);
+  v1::ClassifyRequest request;
+  request.set_audio(ToLinear16(tone));
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  v1::ClassifyResponse response;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub->Classify(&context, request, &response).ok());
+  }
+  {
+    grpc::ClientContext context;
+    v1::ClassifyRequest bad;
+    bad.set_audio("not audio");
+    EXPECT_EQ(stub->Classify(&context, bad, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  v1::StreamingConfig config;
+  *config.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  const testing::StreamOutcome stream = testing::RunStream(*stub, config, ToLinear16(tone), 3200);
+  ASSERT_TRUE(stream.status.ok()) << stream.status.error_message();
+
+  absl::StatusOr<std::string> text = HttpGet(metrics_port, "/metrics");
+  ASSERT_TRUE(text.ok()) << text.status();
+  const std::string path = testing::ScratchDir() + "/metrics.txt";
+  std::ofstream(path) << *text;
+  const std::pair<int, std::string> check = RunCommand("promtool check metrics < " + path);
+  EXPECT_EQ(check.first, 0) << check.second << "\n" << *text;
+  EXPECT_EQ(check.second, "") << "promtool lint findings";
+
+  EXPECT_EQ(MetricValue(*text, "emoserve_requests_total", {"method=\"Classify\"", "code=\"OK\""}), 1.0);
+  EXPECT_EQ(MetricValue(*text, "emoserve_requests_total",
+                        {"method=\"Classify\"", "code=\"INVALID_ARGUMENT\""}),
+            1.0);
+  EXPECT_EQ(MetricValue(*text, "emoserve_requests_total", {"method=\"StreamClassify\"", "code=\"OK\""}),
+            1.0);
+  EXPECT_EQ(MetricValue(*text, "emoserve_request_duration_seconds_count", {"method=\"Classify\""}), 2.0);
+  // 4 s unary + 4 s streamed.
+  EXPECT_NEAR(MetricValue(*text, "emoserve_audio_seconds_total").value_or(0), 8.0, 1e-6);
+  // 4 s make two windows each way, plus the warm-up's.
+  EXPECT_EQ(MetricValue(*text, "emoserve_queue_wait_seconds_count").value_or(0), 5.0);
+  EXPECT_EQ(MetricValue(*text, "emoserve_feature_extraction_seconds_count").value_or(0), 5.0);
+  EXPECT_EQ(MetricValue(*text, "emoserve_batch_size_sum").value_or(0), 4.0 + 1.0 /* warm-up */);
+  EXPECT_GE(MetricValue(*text, "emoserve_inference_seconds_count").value_or(0), 2.0);
+  EXPECT_EQ(MetricValue(*text, "emoserve_active_streams"), 0.0);
+  EXPECT_EQ(MetricValue(*text, "emoserve_queue_depth"), 0.0);
+  EXPECT_EQ(MetricValue(*text, "emoserve_model_info",
+                        {"name=\"test-default-architecture\"", "device=\"cpu\"", "version=\"0\""}),
+            1.0);
+
+  (*process)->Signal(SIGTERM);
+  absl::StatusOr<int> code = (*process)->WaitForExit();
+  ASSERT_TRUE(code.ok()) << code.status();
+  EXPECT_EQ(*code, 0);
+
+  // Structured logs: logfmt lines, a startup line with the essentials, one
+  // line per call at debug level.
+  const std::vector<std::string> lines = NonEmptyLines((*process)->Log());
+  for (const std::string& line : lines) {
+    EXPECT_TRUE(absl::StartsWith(line, "ts=") && absl::StrContains(line, " level=") &&
+                absl::StrContains(line, " event="))
+        << line;
+  }
+  const std::string log = (*process)->Log();
+  for (const std::string& field :
+       {absl::StrCat("model=", TestModelDir()), std::string("device=cpu"), absl::StrCat("port=", *port),
+        absl::StrCat("metrics_port=", metrics_port), std::string("max_batch_size=32"),
+        std::string("max_streams="), std::string("max_unary_seconds=")}) {
+    EXPECT_THAT(log, HasSubstr(field));
+  }
+  EXPECT_THAT(log, HasSubstr("event=serving"));
+  EXPECT_THAT(log, HasSubstr("event=call method=Classify code=INVALID_ARGUMENT"));
+  EXPECT_THAT(log, HasSubstr("event=shutdown signal=SIGTERM"));
+  EXPECT_THAT(log, HasSubstr("event=stopped"));
+}
+
+TEST(ServerProcessTest, SigtermLetsCallsInFlightFinishAndExitsZero) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> process = ServerProcess::Start(ServerArgs(0, 3));
+  ASSERT_TRUE(process.ok()) << process.status();
+  absl::StatusOr<int> port = WaitUntilServing(**process);
+  ASSERT_TRUE(port.ok()) << port.status();
+  auto channel = Connect(*port);
+  auto stub = v1::EmotionService::NewStub(channel);
+
+  // Calls of 4 windows each, all sent at once: far more work than one
+  // finishes before the signal.
+  constexpr int kCalls = 24;
+  v1::ClassifyRequest request;
+  request.set_audio(ToLinear16(testing::Sine(220, 0.3, kRate, 7.5)));
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  std::vector<grpc::ClientContext> contexts(kCalls);
+  std::vector<v1::ClassifyResponse> responses(kCalls);
+  absl::Mutex mu;
+  std::map<grpc::StatusCode, int> codes;
+  std::vector<std::string> others;
+  int done = 0;
+  for (int i = 0; i < kCalls; ++i) {
+    contexts[i].set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    stub->async()->Classify(&contexts[i], &request, &responses[i], [&, i](grpc::Status s) {
+      absl::MutexLock lock(&mu);
+      ++codes[s.error_code()];
+      if (!s.ok() && s.error_code() != grpc::StatusCode::UNAVAILABLE) {
+        others.push_back(absl::StrCat(i, ": ", s.error_code(), " ", s.error_message()));
+      }
+      ++done;
+    });
+  }
+  // A stream still open when the grace period ends.
+  grpc::ClientContext stream_context;
+  stream_context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  auto stream = stub->StreamClassify(&stream_context);
+  v1::StreamClassifyRequest config;
+  *config.mutable_config()->mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  ASSERT_TRUE(stream->Write(config));
+
+  // Signal once the first call is back: the rest are in flight.
+  {
+    absl::MutexLock lock(&mu);
+    ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(+[](int* d) { return *d >= 1; }, &done), kPatience));
+  }
+  (*process)->Signal(SIGTERM);
+  {
+    absl::MutexLock lock(&mu);
+    ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(+[](int* d) { return *d == kCalls; }, &done), kPatience));
+  }
+  // Every call finished, or was told the server is going: none is lost.
+  EXPECT_TRUE(others.empty()) << absl::StrJoin(others, "\n");
+  EXPECT_GE(codes[grpc::StatusCode::OK], 1);
+  EXPECT_EQ(codes[grpc::StatusCode::OK] + codes[grpc::StatusCode::UNAVAILABLE], kCalls);
+  v1::StreamClassifyResponse ignored;
+  while (stream->Read(&ignored)) {
+  }
+  const grpc::Status stream_status = stream->Finish();
+  EXPECT_EQ(stream_status.error_code(), grpc::StatusCode::UNAVAILABLE) << stream_status.error_message();
+
+  absl::StatusOr<int> code = (*process)->WaitForExit();
+  ASSERT_TRUE(code.ok()) << code.status();
+  EXPECT_EQ(*code, 0) << (*process)->Log();
+  // Gone: new calls cannot reach it.
+  grpc::ClientContext late;
+  late.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  v1::ClassifyResponse late_response;
+  EXPECT_EQ(stub->Classify(&late, request, &late_response).error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
+}  // namespace
+}  // namespace emoserve
