@@ -29,6 +29,11 @@ struct EngineOptions {
   absl::Duration max_queue_delay = absl::ZeroDuration();
   // Feature worker threads; 0 = one per core.
   int feature_threads = 0;
+  // Niceness (0..19) of the feature workers, so that they yield the cores to
+  // the model: features have slack, while the model's OpenMP team stalls at
+  // every barrier whenever one of its threads is preempted. 0 = same
+  // priority as the rest of the process.
+  int feature_thread_nice = 19;
   // Model runner threads, each running whole batches; 1 suits a CPU whose
   // cores already serve LibTorch's intra-op threads.
   int model_instances = 1;
