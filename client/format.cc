@@ -89,12 +89,13 @@ std::string SecondsRange(double start, double end) {
   return absl::StrFormat("%7.2f-%7.2f s", start, end);
 }
 
-// "angry 62.0%  (sad 20.1%, calm 5.0%)" or "silence".
+// "angry 62.0%  (sad 20.1%, calm 5.0%)", or "silence". A quiet window
+// has scores only when its whole clip held no speech: "(quiet) angry ...".
 std::string WindowSummary(const v1::WindowResult& window) {
-  if (!window.speech() || window.scores().empty()) return "silence";
+  if (window.scores().empty()) return "silence";
   std::string summary =
-      absl::StrCat(window.scores(0).label(), " ",
-                   Percent(window.scores(0).probability()));
+      absl::StrCat(window.speech() ? "" : "(quiet) ", window.scores(0).label(),
+                   " ", Percent(window.scores(0).probability()));
   if (window.scores_size() > 1) {
     absl::StrAppend(&summary, "  (", FormatScores(window.scores(), 1, 2), ")");
   }
