@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -170,7 +171,9 @@ Throughput Ceiling(const Setup& setup, const FeatureExtractor& extractor, int ba
   std::vector<float> input(batch * input_size);
   std::vector<double> rates;
   double cpu_start = 0;
-  for (int r = -1; r < repeats; ++r) {  // r = -1: warm-up for this batch shape
+  // r < 0: warm-up; TorchScript profiles, then optimises, a new batch shape
+  // in its first two runs.
+  for (int r = -2; r < repeats; ++r) {
     if (r == 0) cpu_start = ProcessCpuMs();
     const absl::Time start = absl::Now();
     std::vector<std::thread> workers;
@@ -178,7 +181,7 @@ Throughput Ceiling(const Setup& setup, const FeatureExtractor& extractor, int ba
       workers.emplace_back([&, t] {
         FeatureMatrix features;
         for (int b = t; b < batch; b += setup.cores) {
-          const auto& window = setup.windows[((r + 1) * batch + b) % setup.windows.size()];
+          const auto& window = setup.windows[((r + 2) * batch + b) % setup.windows.size()];
           if (extractor.Compute(window, &features).ok()) {
             std::copy(features.data.begin(), features.data.end(),
                       input.begin() + b * input_size);
@@ -320,10 +323,12 @@ int Main(int argc, char** argv) {
     return 1;
   }
   const ModelConfig& config = setup.model->config();
+  const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
   const std::string engine_setup = absl::StrFormat(
-      "engine: %d feature threads (nice %d), %d LibTorch threads, max batch %d",
+      "engine: %d feature threads (nice %d), %d LibTorch threads, max batch %d; "
+      "OMP_WAIT_POLICY=%s",
       options.feature_threads, options.feature_thread_nice, options.intra_op_threads,
-      options.max_batch_size);
+      options.max_batch_size, wait_policy != nullptr ? wait_policy : "(unset)");
   std::printf("model: %s (%d x %d input, %d classes)\naudio: %s\ncores: %d\n%s\n",
               setup.model_source.c_str(), config.num_features(), config.num_frames(),
               setup.model->num_classes(), setup.audio_source.c_str(), cores,
@@ -341,7 +346,7 @@ int Main(int argc, char** argv) {
     direct.push_back(OnNewThread([&] { return DirectMs(setup, features, 30); }));
     for (size_t b = 0; b < batch_sizes.size(); ++b) {
       ceiling[b].push_back(OnNewThread([&] {
-        return Ceiling(setup, features, batch_sizes[b], std::max(2, 128 / batch_sizes[b]));
+        return Ceiling(setup, features, batch_sizes[b], std::max(4, 128 / batch_sizes[b]));
       }));
     }
     for (size_t n = 0; n < submitters.size(); ++n) {

@@ -163,6 +163,7 @@ struct Engine::Impl {
   std::deque<std::unique_ptr<Job>> ready ABSL_GUARDED_BY(mu);
   int in_features ABSL_GUARDED_BY(mu) = 0;  // held by feature workers
   int in_batches ABSL_GUARDED_BY(mu) = 0;   // in batches being run
+  int idle_runners ABSL_GUARDED_BY(mu) = 0;  // runners waiting for work
   bool accepting ABSL_GUARDED_BY(mu) = true;
   bool stopping ABSL_GUARDED_BY(mu) = false;
   // Windows waiting for features or for the model; readable without mu so
@@ -199,9 +200,14 @@ struct Engine::Impl {
           job->submitted = now;
           raw.push_back(std::move(job));
         }
+        // Idle runners compute features themselves (see TakeBatch); workers
+        // take what they cannot.
+        const int for_workers = static_cast<int>(jobs.size()) - idle_runners;
         jobs.clear();
         UpdateDepthLocked();
-        raw_cv.SignalAll();
+        if (idle_runners > 0) ready_cv.SignalAll();
+        if (for_workers == 1) raw_cv.Signal();
+        if (for_workers > 1) raw_cv.SignalAll();
       }
     }
     CompleteAll(jobs, rejected);
@@ -217,47 +223,82 @@ struct Engine::Impl {
     std::vector<float> samples(window);
     for (;;) {
       std::unique_ptr<Job> job;
+      absl::Status status;
       {
         absl::MutexLock lock(&mu);
         while (raw.empty() && !stopping) raw_cv.Wait(&mu);
         if (raw.empty()) return;
-        job = std::move(raw.front());
-        raw.pop_front();
-        ++in_features;
-      }
-      const absl::Time start = absl::Now();
-      absl::Status status = DropReason(*job, start);
-      if (status.ok()) {
-        CopyWindow(*job->source, job->start, window, samples.data());
-        job->source.reset();  // a clip's audio is freed with its last window
-        status = extractor->Compute(samples, &job->features);
-      }
-      const absl::Time end = absl::Now();
-      job->feature_time = end - start;
-      job->ready = end;
-      {
-        absl::MutexLock lock(&mu);
-        --in_features;
-        if (status.ok() && stopping) {
-          status = absl::UnavailableError("the engine shut down");
-        }
-        if (status.ok()) {
-          ready.push_back(std::move(job));
-          ready_cv.SignalAll();
-        }
-        UpdateDepthLocked();
+        status = FeaturesLocked(job, samples, /*front=*/false);
       }
       if (job != nullptr) job->done(status);
     }
   }
 
+  // Takes the oldest raw job and computes its features (mu released
+  // meanwhile), then queues it as ready, at the front or the back. When it
+  // was dropped instead, leaves it in `job` with the status to complete it
+  // with (outside mu).
+  absl::Status FeaturesLocked(std::unique_ptr<Job>& job, std::vector<float>& samples,
+                              bool front) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    job = std::move(raw.front());
+    raw.pop_front();
+    ++in_features;
+    mu.Unlock();
+    const absl::Time start = absl::Now();
+    absl::Status status = DropReason(*job, start);
+    if (status.ok()) {
+      CopyWindow(*job->source, job->start, window, samples.data());
+      job->source.reset();  // a clip's audio is freed with its last window
+      status = extractor->Compute(samples, &job->features);
+    }
+    const absl::Time end = absl::Now();
+    job->feature_time = end - start;
+    job->ready = end;
+    mu.Lock();
+    --in_features;
+    if (status.ok() && stopping) status = absl::UnavailableError("the engine shut down");
+    if (status.ok()) {
+      if (front) {
+        ready.push_front(std::move(job));
+      } else {
+        ready.push_back(std::move(job));
+      }
+      ready_cv.SignalAll();
+    }
+    UpdateDepthLocked();
+    return status;
+  }
+
   // Waits for ready jobs and takes up to max_batch_size of them; empty when
   // the engine stops.
-  JobList TakeBatch() {
+  JobList TakeBatch(std::vector<float>& samples) {
     absl::MutexLock lock(&mu);
     for (;;) {
-      while (ready.empty() && !stopping) ready_cv.Wait(&mu);
+      // Features the runner may compute itself: none is ready and no worker
+      // is computing any.
+      const auto idle_with_raw = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+        return ready.empty() && in_features == 0 && !raw.empty();
+      };
+      while (ready.empty() && !idle_with_raw() && !stopping) {
+        ++idle_runners;
+        ready_cv.Wait(&mu);
+        --idle_runners;
+      }
       if (stopping) return {};
+      if (ready.empty()) {
+        // The model is idle and nothing is on its way: computing a window's
+        // features here beats waking a (niced) worker for them, and keeps an
+        // idle engine's latency that of a direct call. Under load the
+        // workers are computing and the runner waits for them.
+        std::unique_ptr<Job> job;
+        const absl::Status status = FeaturesLocked(job, samples, /*front=*/true);
+        if (job != nullptr) {
+          mu.Unlock();
+          job->done(status);
+          mu.Lock();
+        }
+        continue;
+      }
       // Trading latency for larger batches: wait for more while the batch
       // is short, unless the engine is draining for shutdown.
       if (options.max_queue_delay > absl::ZeroDuration()) {
@@ -286,10 +327,11 @@ struct Engine::Impl {
 
   void ModelRunner() {
     std::vector<float> input;
+    std::vector<float> samples(window);
     const size_t input_size = static_cast<size_t>(model->input_size());
     const int classes = model->num_classes();
     for (;;) {
-      JobList batch = TakeBatch();
+      JobList batch = TakeBatch(samples);
       if (batch.empty()) return;
       const int taken = static_cast<int>(batch.size());
       const absl::Time start = absl::Now();
