@@ -64,11 +64,12 @@ class Augmenter {
       perturbed = *std::move(resampled);
       source = &perturbed;
     }
+    // Crops start anywhere up to half a window before the end, so that
+    // training also sees the zero-padded last windows that serving makes of
+    // long audio (WindowStarts), not only windows full of audio.
     const size_t length = source->size();
-    const size_t start =
-        length > window_
-            ? std::uniform_int_distribution<size_t>(0, length - window_)(rng)
-            : 0;
+    const size_t last_start = length > window_ / 2 ? length - window_ / 2 : 0;
+    const size_t start = std::uniform_int_distribution<size_t>(0, last_start)(rng);
     CopyWindow(*source, start, window_, samples_.data());
     if (unit(rng) < options_.noise_probability) {
       double power = 0.0;
