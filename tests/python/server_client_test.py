@@ -223,9 +223,9 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(len(windows), len(unary.timeline))
         self.assertEqual(len(windows), 5)  # 8 s: windows at 0, 1.5, 3, 4.5 and 6 s
         # The same samples give the same probabilities to float rounding in
-        # batching (relative 1e-5), while neighbouring windows differ by far
-        # more.
-        tolerance = 1e-5
+        # batching (seen up to 1.1e-5 with the bundled model), while
+        # neighbouring windows differ by far more.
+        tolerance = 5e-5
         for a, b in zip(unary.timeline, unary.timeline[1:]):
             self.assertGreater(max_difference(in_label_order(a.scores), in_label_order(b.scores)),
                                5 * tolerance)
