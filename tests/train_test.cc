@@ -67,6 +67,21 @@ TEST(RavdessTest, ParsesActorSets) {
   EXPECT_FALSE(ParseActorSet("").ok());
 }
 
+// Neutral has half as many clips as every other emotion (no strong
+// intensity): twice the weight, and the weighted counts are equal.
+TEST(RavdessTest, BalancedClassWeightsEqualiseTheClasses) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: RAVDESS tests need it";
+  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(Ravdess(*shared), {1, 2, 3});
+  ASSERT_TRUE(clips.ok()) << clips.status();
+  ASSERT_EQ(clips->size(), 180u);
+  const std::vector<float> weights = BalancedClassWeights(*clips, RavdessLabels().size());
+  ASSERT_EQ(weights.size(), 8u);
+  EXPECT_FLOAT_EQ(weights[0], 180.0f / (8 * 12));
+  for (int c = 1; c < 8; ++c) EXPECT_FLOAT_EQ(weights[c], 180.0f / (8 * 24)) << c;
+  EXPECT_THAT(BalancedClassWeights({}, 8), ::testing::Each(0.0f));
+}
+
 TEST(MetricsTest, AccuracyAndUnweightedAverageRecall) {
   ConfusionMatrix m({"x", "y"});
   // x: 3 of 4 right; y: 1 of 2 right.
@@ -102,6 +117,7 @@ TEST(TrainSmokeTest, OneEpochOnTwoActorsWritesAModelDirectory) {
   const nlohmann::json& provenance = (*model)->config().provenance;
   EXPECT_THAT(provenance["command"].get<std::string>(), HasSubstr("--epochs 1"));
   EXPECT_EQ(provenance["train_clips"], 120);
+  EXPECT_EQ(provenance["balance_classes"], true);
   EXPECT_EQ(provenance["test"]["clips"], 60);
   std::ifstream curve(out / "training_curve.csv");
   std::string header, row, extra;

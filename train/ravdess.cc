@@ -93,4 +93,19 @@ absl::StatusOr<std::set<int>> ParseActorSet(absl::string_view text) {
   return actors;
 }
 
+std::vector<float> BalancedClassWeights(const std::vector<RavdessClip>& clips,
+                                        size_t num_classes) {
+  std::vector<double> counts(num_classes, 0.0);
+  for (const RavdessClip& clip : clips) {
+    if (clip.emotion >= 0 && static_cast<size_t>(clip.emotion) < num_classes) {
+      counts[clip.emotion] += 1;
+    }
+  }
+  std::vector<float> weights(num_classes, 0.0f);
+  for (size_t c = 0; c < num_classes; ++c) {
+    if (counts[c] > 0) weights[c] = static_cast<float>(clips.size() / (num_classes * counts[c]));
+  }
+  return weights;
+}
+
 }  // namespace emoserve

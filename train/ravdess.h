@@ -27,6 +27,11 @@ struct RavdessClip {
 absl::StatusOr<std::vector<RavdessClip>> ListRavdess(const std::string& dir,
                                                      const std::set<int>& actors = {});
 
+// Loss weights that make every class count alike: clips / (classes * clips
+// of the class), 0 for a class without clips.
+std::vector<float> BalancedClassWeights(const std::vector<RavdessClip>& clips,
+                                        size_t num_classes);
+
 // Parses actor lists like "21-24" or "1,3,5-7".
 absl::StatusOr<std::set<int>> ParseActorSet(absl::string_view text);
 

@@ -98,6 +98,8 @@ int main(int argc, char** argv) {
   train->add_option("--noise-prob", options.noise_probability)->capture_default_str();
   train->add_option("--speed-prob", options.speed_probability)->capture_default_str();
   train->add_option("--label-smoothing", options.label_smoothing)->capture_default_str();
+  train->add_flag("--balance-classes,!--no-balance-classes", options.balance_classes,
+                  "weigh the loss by inverse class frequency (default on)");
   train->add_option("--conv-dropout", options.architecture.conv_dropout)->capture_default_str();
   train->add_option("--transformer-dropout", options.architecture.transformer_dropout)
       ->capture_default_str();

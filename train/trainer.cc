@@ -278,8 +278,13 @@ absl::Status Train(const TrainOptions& options) {
                static_cast<long long>(parameter_count), rows, cols);
   torch::optim::AdamW optimizer(parameters, torch::optim::AdamWOptions(options.learning_rate)
                                                 .weight_decay(options.weight_decay));
-  const auto cross_entropy = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(
+  auto cross_entropy = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(
       options.label_smoothing);
+  if (options.balance_classes) {
+    std::vector<float> weights = BalancedClassWeights(*train_list, config.labels.size());
+    cross_entropy.weight(torch::tensor(weights));
+    std::fprintf(stderr, "class weights: %s\n", absl::StrJoin(weights, " ").c_str());
+  }
 
   Augmenter augmenter(options, **extractor, window, mean);
   const int64_t examples = static_cast<int64_t>(train_audio->size());
@@ -401,6 +406,7 @@ absl::Status Train(const TrainOptions& options) {
         {"test_actors",
          std::vector<int>(options.test_actors.begin(), options.test_actors.end())}}},
       {"seed", options.seed},
+      {"balance_classes", options.balance_classes},
       {"epochs", options.epochs},
       {"best_epoch", best_epoch},
       {"train_clips", examples},

@@ -36,6 +36,10 @@ struct TrainOptions {
   double learning_rate = 1e-3;  // peak of the one-cycle schedule
   double weight_decay = 1e-2;
   double label_smoothing = 0.1;
+  // Weighs each class's loss by (clips / (classes * clips of the class)):
+  // RAVDESS has half as many neutral clips as any other emotion, and
+  // without weights the model learns never to predict it.
+  bool balance_classes = true;
   uint64_t seed = 1;
   int threads = 0;  // LibTorch intra-op threads; 0 = all cores
 
