@@ -277,4 +277,28 @@ absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
   }
 }
 
+absl::StatusOr<torch::jit::Module> BuildEnsemble(
+    std::vector<torch::jit::Module> members) {
+  if (members.size() < 2) {
+    return absl::InvalidArgumentError("an ensemble needs at least two members");
+  }
+  try {
+    auto unit = std::make_shared<torch::jit::CompilationUnit>();
+    Module ensemble = NewModule("Ensemble", unit);
+    std::string source = "def forward(self, x):\n    p = self.member0.forward(x)\n";
+    for (size_t i = 0; i < members.size(); ++i) {
+      ensemble.register_module(absl::StrCat("member", i), members[i]);
+      if (i > 0) absl::StrAppend(&source, "    p = p + self.member", i, ".forward(x)\n");
+    }
+    absl::StrAppend(&source, "    return p / ", members.size(),
+                    "\n\ndef logits(self, x):\n    return torch.log(self.forward(x))\n");
+    ensemble.define(source);
+    ensemble.eval();
+    return ensemble;
+  } catch (const std::exception& e) {
+    return absl::InternalError(
+        absl::StrCat("building the ensemble failed: ", e.what()));
+  }
+}
+
 }  // namespace emoserve

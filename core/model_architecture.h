@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <torch/script.h>
 
@@ -49,6 +50,12 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& options);
 // module; the trainer fills them from the training data.
 absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
     const ArchitectureOptions& options);
+
+// An ensemble of modules that follow the model contract (same input, same
+// classes): forward(x) -> the mean of the members' probabilities;
+// logits(x) -> its log. At least two members.
+absl::StatusOr<torch::jit::Module> BuildEnsemble(
+    std::vector<torch::jit::Module> members);
 
 }  // namespace emoserve
 

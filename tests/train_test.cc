@@ -1,5 +1,7 @@
 // The trainer's pieces on real RAVDESS data, a one-epoch smoke run of the
 // real binary, and the bundled model's accuracy on the test actors.
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -11,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/features.h"
 #include "core/model.h"
+#include "tests/test_model.h"
 #include "tests/test_support.h"
 #include "train/evaluate.h"
 #include "train/metrics.h"
@@ -126,6 +129,79 @@ TEST(TrainSmokeTest, OneEpochOnTwoActorsWritesAModelDirectory) {
   EXPECT_THAT(header, HasSubstr("val_uar"));
   EXPECT_EQ(row.substr(0, 2), "1,");
   EXPECT_FALSE(std::getline(curve, extra));
+}
+
+// Two members with the same features and split make one model directory
+// whose probabilities are the mean of theirs and whose model.json records
+// them; members that disagree on the split are refused.
+TEST(EnsembleTest, AveragesItsMembersAndRecordsThem) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: the ensemble is evaluated on RAVDESS";
+  const fs::path root = fs::path(::testing::TempDir()) / "ensemble";
+  fs::remove_all(root);
+  ModelConfig config = testing::DefaultModelConfig();
+  config.provenance = {{"command", "emoserve-train train (test member)"},
+                       {"split", {{"train_actors", {1, 2}}, {"val_actors", {3}}, {"test_actors", {4}}}}};
+  std::vector<std::unique_ptr<Model>> members;
+  for (int seed : {1, 2}) {
+    config.provenance["seed"] = seed;
+    const std::string dir = (root / absl::StrCat("member", seed)).string();
+    ASSERT_TRUE(testing::WriteTestModel(config, dir, seed).ok());
+    absl::StatusOr<std::unique_ptr<Model>> member = Model::Load(dir);
+    ASSERT_TRUE(member.ok()) << member.status();
+    members.push_back(*std::move(member));
+  }
+  const std::string binary = absl::StrCat(EMOSERVE_BINARY_DIR, "/train/emoserve-train");
+  const std::string command =
+      absl::StrCat(binary, " ensemble --members ", (root / "member1").string(), " ",
+                   (root / "member2").string(), " --data ", Ravdess(*shared), " --out ",
+                   (root / "ensemble").string(), " --threads 2");
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  absl::StatusOr<std::unique_ptr<Model>> ensemble = Model::Load((root / "ensemble").string());
+  ASSERT_TRUE(ensemble.ok()) << ensemble.status();
+
+  // Real speech through the three models.
+  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::LoadRavdessClips(*shared, 2);
+  ASSERT_TRUE(clips.ok()) << clips.status();
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  ASSERT_TRUE(extractor.ok());
+  std::vector<float> batch;
+  for (const std::vector<float>& clip : *clips) {
+    std::vector<float> window(config.window_samples(), 0.0f);
+    std::copy_n(clip.begin(), std::min(clip.size(), window.size()), window.begin());
+    FeatureMatrix features;
+    ASSERT_TRUE((*extractor)->Compute(window, &features).ok());
+    batch.insert(batch.end(), features.data.begin(), features.data.end());
+  }
+  absl::StatusOr<std::vector<float>> mean = (*ensemble)->Predict(batch, 2);
+  absl::StatusOr<std::vector<float>> first = members[0]->Predict(batch, 2);
+  absl::StatusOr<std::vector<float>> second = members[1]->Predict(batch, 2);
+  ASSERT_TRUE(mean.ok() && first.ok() && second.ok());
+  ASSERT_EQ(mean->size(), 16u);
+  double largest_difference = 0;
+  for (size_t i = 0; i < mean->size(); ++i) {
+    EXPECT_NEAR((*mean)[i], 0.5 * ((*first)[i] + (*second)[i]), 1e-6) << i;
+    largest_difference = std::max(largest_difference, std::abs(double{(*first)[i]} - (*second)[i]));
+  }
+  EXPECT_GT(largest_difference, 1e-3) << "the members should differ for the test to mean much";
+
+  const ModelConfig& written = (*ensemble)->config();
+  EXPECT_EQ(written.architecture["name"], "ensemble");
+  ASSERT_EQ(written.provenance["members"].size(), 2u);
+  EXPECT_EQ(written.provenance["members"][1]["seed"], 2);
+  EXPECT_THAT(written.provenance["command"].get<std::string>(), HasSubstr("ensemble --members"));
+  EXPECT_EQ(written.provenance["split"]["test_actors"], nlohmann::json({4}));
+  EXPECT_EQ(written.provenance["validation"]["clips"], 60);
+  EXPECT_EQ(written.provenance["test"]["clips"], 60);
+  for (const char* file : {"confusion_val.csv", "confusion_test.svg"}) {
+    EXPECT_TRUE(fs::exists(root / "ensemble" / file)) << file;
+  }
+
+  // A member trained on another split could have seen the test actors.
+  config.provenance["split"]["val_actors"] = {5};
+  ASSERT_TRUE(testing::WriteTestModel(config, (root / "member2").string(), 2).ok());
+  EXPECT_NE(std::system((command + " 2>/dev/null").c_str()), 0);
 }
 
 // The bundled model keeps the accuracy its model.json records on the

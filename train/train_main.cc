@@ -109,6 +109,21 @@ int main(int argc, char** argv) {
   train->add_option("--name", options.model_name)->capture_default_str();
   train->add_option("--version", options.model_version)->capture_default_str();
 
+  emoserve::EnsembleOptions ensemble_options;
+  CLI::App* ensemble = app.add_subcommand(
+      "ensemble", "average models trained with the same features and split into one model");
+  ensemble->add_option("--members", ensemble_options.member_dirs, "model directories (2 or more)")
+      ->required()
+      ->expected(2, 64);
+  ensemble->add_option("--data", ensemble_options.data_dir, "RAVDESS folder, for evaluation")
+      ->required();
+  ensemble->add_option("--out", ensemble_options.out_dir, "output model directory")->required();
+  ensemble->add_option("--name", ensemble_options.model_name, "default: the first member's");
+  ensemble->add_option("--version", ensemble_options.model_version,
+                       "default: the first member's");
+  int ensemble_threads = 0;
+  ensemble->add_option("--threads", ensemble_threads, "LibTorch threads (0 = all cores)");
+
   std::string model_dir, data_dir, actors = "21-24", device = "cpu";
   int threads = 0;
   bool json = false;
@@ -125,8 +140,17 @@ int main(int argc, char** argv) {
   if (eval->parsed()) {
     return emoserve::RunEval(model_dir, data_dir, actors, device, threads, json);
   }
-  options.command_line = "emoserve-train";
-  for (int i = 1; i < argc; ++i) options.command_line += std::string(" ") + argv[i];
+  std::string command_line = "emoserve-train";
+  for (int i = 1; i < argc; ++i) command_line += std::string(" ") + argv[i];
+  if (ensemble->parsed()) {
+    emoserve::SetModelThreads(ensemble_threads);
+    ensemble_options.command_line = command_line;
+    if (absl::Status s = emoserve::Ensemble(ensemble_options); !s.ok()) {
+      return emoserve::Fail(s);
+    }
+    return 0;
+  }
+  options.command_line = command_line;
   if (feature_kind == "mfcc") {
     options.features.kind = emoserve::FeatureKind::kMfcc;
   } else if (feature_kind == "log_mel") {

@@ -174,6 +174,64 @@ BatchPredictor TorchPredictor(torch::jit::Module& module, int rows, int cols) {
 
 std::string ActorList(const std::set<int>& actors) { return absl::StrJoin(actors, ","); }
 
+nlohmann::json SplitJson(const std::set<int>& train, const std::set<int>& val,
+                         const std::set<int>& test) {
+  return {{"train_actors", std::vector<int>(train.begin(), train.end())},
+          {"val_actors", std::vector<int>(val.begin(), val.end())},
+          {"test_actors", std::vector<int>(test.begin(), test.end())}};
+}
+
+// Writes config (with its provenance) to <dir>/model.json, loads the
+// directory as the server does, evaluates it on the validation clips and on
+// the test actors (when the data has them), writes their confusion
+// matrices (CSV, SVG) and records the metrics in model.json.
+absl::Status EvaluateModelDirectory(const std::string& dir, const std::string& data_dir,
+                                    const std::vector<LabeledAudio>& val_audio,
+                                    const std::set<int>& val_actors,
+                                    const std::set<int>& test_actors, ModelConfig* config) {
+  const std::string json_path = (fs::path(dir) / "model.json").string();
+  if (absl::Status s = SaveModelConfig(*config, json_path); !s.ok()) return s;
+  absl::StatusOr<std::unique_ptr<Model>> saved = Model::Load(dir);
+  if (!saved.ok()) return saved.status();
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config->features, config->sample_rate);
+  if (!extractor.ok()) return extractor.status();
+  const BatchPredictor serving_predictor = [&](absl::Span<const float> f, int batch) {
+    return (*saved)->Predict(f, batch);
+  };
+  const auto evaluate = [&](const std::vector<LabeledAudio>& audio, const std::string& name,
+                            const std::set<int>& actors) -> absl::Status {
+    absl::StatusOr<ConfusionMatrix> result =
+        EvaluateClips(audio, *config, **extractor, serving_predictor);
+    if (!result.ok()) return result.status();
+    config->provenance[name == "val" ? "validation" : "test"] = result->ToJson();
+    const fs::path stem = fs::path(dir) / ("confusion_" + name);
+    if (absl::Status s = result->WriteCsv(stem.string() + ".csv"); !s.ok()) return s;
+    if (absl::Status s = result->WriteSvg(
+            stem.string() + ".svg",
+            absl::StrCat(name == "val" ? "validation" : "test", " (actors ", ActorList(actors),
+                         ")"));
+        !s.ok()) {
+      return s;
+    }
+    std::fprintf(stderr, "\n%s (actors %s):\n%s", name == "val" ? "validation" : "test",
+                 ActorList(actors).c_str(), result->ToText().c_str());
+    return absl::OkStatus();
+  };
+  if (absl::Status s = evaluate(val_audio, "val", val_actors); !s.ok()) return s;
+  absl::StatusOr<std::vector<RavdessClip>> test_list = ListRavdess(data_dir, test_actors);
+  if (test_list.ok()) {
+    absl::StatusOr<std::vector<LabeledAudio>> test_audio =
+        LoadRavdessAudio(*test_list, config->sample_rate);
+    if (!test_audio.ok()) return test_audio.status();
+    if (absl::Status s = evaluate(*test_audio, "test", test_actors); !s.ok()) return s;
+  } else {
+    std::fprintf(stderr, "no test clips (%s): test metrics not recorded\n",
+                 std::string(test_list.status().message()).c_str());
+  }
+  return SaveModelConfig(*config, json_path);
+}
+
 }  // namespace
 
 FeatureParams DefaultTrainFeatures() {
@@ -400,11 +458,7 @@ absl::Status Train(const TrainOptions& options) {
   config.provenance = {
       {"command", options.command_line},
       {"data", options.data_dir},
-      {"split",
-       {{"train_actors", std::vector<int>(train_actors.begin(), train_actors.end())},
-        {"val_actors", std::vector<int>(options.val_actors.begin(), options.val_actors.end())},
-        {"test_actors",
-         std::vector<int>(options.test_actors.begin(), options.test_actors.end())}}},
+      {"split", SplitJson(train_actors, options.val_actors, options.test_actors)},
       {"seed", options.seed},
       {"balance_classes", options.balance_classes},
       {"epochs", options.epochs},
@@ -413,58 +467,128 @@ absl::Status Train(const TrainOptions& options) {
       {"train_seconds", std::round(train_seconds)},
       {"train_clips_per_second", std::round(examples * options.epochs / train_seconds)},
       {"parameters", parameter_count}};
-  const std::string json_path = (fs::path(options.out_dir) / "model.json").string();
-  if (absl::Status s = SaveModelConfig(config, json_path); !s.ok()) return s;
-  absl::StatusOr<std::unique_ptr<Model>> saved = Model::Load(options.out_dir);
-  if (!saved.ok()) return saved.status();
-  const BatchPredictor serving_predictor = [&](absl::Span<const float> f, int batch) {
-    return (*saved)->Predict(f, batch);
-  };
-  absl::StatusOr<ConfusionMatrix> val =
-      EvaluateClips(*val_audio, config, **extractor, serving_predictor);
-  if (!val.ok()) return val.status();
-  config.provenance["validation"] = val->ToJson();
-  if (absl::Status s = val->WriteCsv((fs::path(options.out_dir) / "confusion_val.csv").string());
+  if (absl::Status s = EvaluateModelDirectory(options.out_dir, options.data_dir, *val_audio,
+                                              options.val_actors, options.test_actors, &config);
       !s.ok()) {
     return s;
   }
-  if (absl::Status s = val->WriteSvg((fs::path(options.out_dir) / "confusion_val.svg").string(),
-                                     "validation (actors " + ActorList(options.val_actors) + ")");
-      !s.ok()) {
-    return s;
-  }
-  std::fprintf(stderr, "\nvalidation, best epoch %d:\n%s", best_epoch, val->ToText().c_str());
-
-  absl::StatusOr<std::vector<RavdessClip>> test_list =
-      ListRavdess(options.data_dir, options.test_actors);
-  if (test_list.ok()) {
-    absl::StatusOr<std::vector<LabeledAudio>> test_audio =
-        LoadRavdessAudio(*test_list, options.sample_rate);
-    if (!test_audio.ok()) return test_audio.status();
-    absl::StatusOr<ConfusionMatrix> test =
-        EvaluateClips(*test_audio, config, **extractor, serving_predictor);
-    if (!test.ok()) return test.status();
-    config.provenance["test"] = test->ToJson();
-    if (absl::Status s =
-            test->WriteCsv((fs::path(options.out_dir) / "confusion_test.csv").string());
-        !s.ok()) {
-      return s;
-    }
-    if (absl::Status s = test->WriteSvg(
-            (fs::path(options.out_dir) / "confusion_test.svg").string(),
-            "test (actors " + ActorList(options.test_actors) + ")");
-        !s.ok()) {
-      return s;
-    }
-    std::fprintf(stderr, "\ntest:\n%s", test->ToText().c_str());
-  } else {
-    std::fprintf(stderr, "no test clips (%s): test metrics not recorded\n",
-                 std::string(test_list.status().message()).c_str());
-  }
-  if (absl::Status s = SaveModelConfig(config, json_path); !s.ok()) return s;
   std::fprintf(stderr, "wrote %s in %s (training %s, %.0f clips/s)\n", options.out_dir.c_str(),
                FormatDuration(Seconds(start)).c_str(), FormatDuration(train_seconds).c_str(),
                examples * options.epochs / train_seconds);
+  return absl::OkStatus();
+}
+
+absl::Status Ensemble(const EnsembleOptions& options) {
+  if (options.member_dirs.size() < 2) {
+    return absl::InvalidArgumentError("an ensemble needs at least two member directories");
+  }
+  std::vector<ModelConfig> configs;
+  std::vector<torch::jit::Module> modules;
+  for (const std::string& dir : options.member_dirs) {
+    absl::StatusOr<ModelConfig> config =
+        LoadModelConfig((fs::path(dir) / "model.json").string());
+    if (!config.ok()) return config.status();
+    const ModelConfig& first = configs.empty() ? *config : configs.front();
+    const auto differs = [&](absl::string_view what) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          dir, " differs from ", options.member_dirs.front(), " in its ", what,
+          ": ensemble members must share input, labels and split"));
+    };
+    if (config->labels != first.labels) return differs("labels");
+    if (config->sample_rate != first.sample_rate ||
+        config->window_seconds != first.window_seconds ||
+        config->input_layout != first.input_layout ||
+        FeatureParamsToJson(config->features) != FeatureParamsToJson(first.features)) {
+      return differs("input (rate, window or features)");
+    }
+    if (!config->provenance.contains("split")) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          dir, "/model.json records no split: its training actors are unknown"));
+    }
+    if (config->provenance["split"] != first.provenance["split"]) return differs("split");
+    try {
+      modules.push_back(torch::jit::load((fs::path(dir) / "model.pt").string()));
+    } catch (const std::exception& e) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot load ", dir, "/model.pt: ", e.what()));
+    }
+    configs.push_back(*std::move(config));
+  }
+  absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(modules);
+  if (!ensemble.ok()) return ensemble.status();
+
+  std::error_code error;
+  fs::create_directories(options.out_dir, error);
+  if (error) {
+    return absl::InternalError(absl::StrCat("cannot create ", options.out_dir, ": ",
+                                            error.message()));
+  }
+  ModelConfig config = configs.front();
+  if (!options.model_name.empty()) config.name = options.model_name;
+  if (!options.model_version.empty()) config.version = options.model_version;
+  nlohmann::json architectures = nlohmann::json::array();
+  nlohmann::json members = nlohmann::json::array();
+  int64_t parameters = 0;
+  for (size_t i = 0; i < configs.size(); ++i) {
+    const nlohmann::json& p = configs[i].provenance;
+    architectures.push_back(configs[i].architecture);
+    nlohmann::json member = {{"dir", options.member_dirs[i]}};
+    for (const char* key : {"command", "seed", "best_epoch", "train_seconds"}) {
+      if (p.contains(key)) member[key] = p[key];
+    }
+    for (const char* key : {"validation", "test"}) {
+      if (p.contains(key)) {
+        member[key] = {{"accuracy", p[key].value("accuracy", 0.0)},
+                       {"uar", p[key].value("uar", 0.0)}};
+      }
+    }
+    members.push_back(member);
+    parameters += p.value("parameters", int64_t{0});
+    // The members' training curves travel with the ensemble.
+    for (const char* ext : {".csv", ".svg"}) {
+      const fs::path curve = fs::path(options.member_dirs[i]) / (std::string("training_curve") + ext);
+      if (!fs::exists(curve)) continue;
+      fs::copy_file(curve,
+                    fs::path(options.out_dir) / absl::StrCat("training_curve_member", i + 1, ext),
+                    fs::copy_options::overwrite_existing, error);
+      if (error) {
+        return absl::InternalError(absl::StrCat("cannot copy ", curve.string(), ": ",
+                                                error.message()));
+      }
+    }
+  }
+  config.architecture = {{"name", "ensemble"}, {"members", architectures}};
+  const nlohmann::json split = configs.front().provenance["split"];
+  config.provenance = {{"command", options.command_line},
+                       {"data", options.data_dir},
+                       {"split", split},
+                       {"members", members},
+                       {"parameters", parameters}};
+  try {
+    ensemble->save((fs::path(options.out_dir) / "model.pt").string());
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("cannot save the ensemble: ", e.what()));
+  }
+
+  std::set<int> val_actors, test_actors;
+  try {
+    val_actors = split.at("val_actors").get<std::set<int>>();
+    test_actors = split.at("test_actors").get<std::set<int>>();
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("the members' split is malformed: ", e.what()));
+  }
+  absl::StatusOr<std::vector<RavdessClip>> val_list = ListRavdess(options.data_dir, val_actors);
+  if (!val_list.ok()) return val_list.status();
+  absl::StatusOr<std::vector<LabeledAudio>> val_audio =
+      LoadRavdessAudio(*val_list, config.sample_rate);
+  if (!val_audio.ok()) return val_audio.status();
+  if (absl::Status s = EvaluateModelDirectory(options.out_dir, options.data_dir, *val_audio,
+                                              val_actors, test_actors, &config);
+      !s.ok()) {
+    return s;
+  }
+  std::fprintf(stderr, "wrote %s: an ensemble of %zu models\n", options.out_dir.c_str(),
+               configs.size());
   return absl::OkStatus();
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "core/feature_params.h"
@@ -62,6 +63,22 @@ struct TrainOptions {
 FeatureParams DefaultTrainFeatures();
 
 absl::Status Train(const TrainOptions& options);
+
+struct EnsembleOptions {
+  std::vector<std::string> member_dirs;  // model directories written by Train
+  std::string data_dir;                  // RAVDESS, for the final evaluation
+  std::string out_dir;
+  std::string model_name;  // empty: the first member's
+  std::string model_version;
+  std::string command_line;  // recorded in model.json's provenance
+};
+
+// `emoserve-train ensemble`: one model directory whose module averages the
+// probabilities of models that Train wrote with the same features, labels
+// and split (so that no member has seen the test actors). Its model.json
+// records every member's command and metrics; its reports are the
+// ensemble's confusion matrices and the members' training curves.
+absl::Status Ensemble(const EnsembleOptions& options);
 
 }  // namespace emoserve
 
