@@ -38,6 +38,8 @@ if [[ ! -s "$tarball" ]]; then
     exit 1
   fi
   mkdir -p "$cache_dir"
+  # A killed earlier run leaves its half-made root behind.
+  rm -rf "$cache_dir"/rootfs.*
   rootfs="$(mktemp -d "$cache_dir/rootfs.XXXXXX")"
   trap 'rm -rf "$rootfs"' EXIT
   echo "base_image: debootstrap bookworm from $mirror" >&2
