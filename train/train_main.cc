@@ -97,6 +97,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   train->add_option("--noise-prob", options.noise_probability)->capture_default_str();
   train->add_option("--speed-prob", options.speed_probability)->capture_default_str();
+  train->add_option("--speed-min", options.speed_min, "slowest speed perturbation")
+      ->capture_default_str();
+  train->add_option("--speed-max", options.speed_max, "fastest speed perturbation")
+      ->capture_default_str();
   train->add_option("--label-smoothing", options.label_smoothing)->capture_default_str();
   train->add_flag("--balance-classes,!--no-balance-classes", options.balance_classes,
                   "weigh the loss by inverse class frequency (default on)");

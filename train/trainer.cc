@@ -261,6 +261,11 @@ absl::Status Train(const TrainOptions& options) {
     return absl::InternalError(absl::StrCat("cannot create ", options.out_dir, ": ",
                                             error.message()));
   }
+  if (!(options.speed_min > 0 && options.speed_min <= options.speed_max)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "speed perturbation range [", options.speed_min, ", ", options.speed_max,
+        "] must be positive and ordered"));
+  }
   SetModelThreads(options.threads);
   torch::manual_seed(options.seed);
   std::mt19937_64 rng(options.seed);

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Reproduces the bundled model: trains one member per seed with the
+# trainer's default recipe (in parallel, one LibTorch thread each, so that a
+# seed's result does not depend on how many run at once), then averages them
+# with `emoserve-train ensemble`. Each member's command and metrics end up in
+# the ensemble's model.json.
+#   scripts/train-default-model.sh [OUT] [SEEDS] [EPOCHS]
+#   defaults:                       models/default "1 2 3" 100
+# Environment: DATA (default ../shared/datasets/ravdess), BUILD (build/release),
+# JOBS (members trained at once; default: the number of cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-models/default}"
+read -r -a seeds <<<"${2:-1 2 3}"
+epochs="${3:-100}"
+data="${DATA:-../shared/datasets/ravdess}"
+build="${BUILD:-build/release}"
+jobs="${JOBS:-$(nproc)}"
+trainer="$build/train/emoserve-train"
+[[ -x "$trainer" ]] || { echo "build first: $trainer is missing" >&2; exit 1; }
+members_dir="${MEMBERS_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/emoserve-members.XXXXXX")}"
+echo "members in $members_dir (logs: member-SEED.log)"
+
+# glibc malloc and OpenMP's busy-waiting make parallel LibTorch processes
+# crawl on a small machine.
+export OMP_WAIT_POLICY=PASSIVE
+members=()
+running=0
+for seed in "${seeds[@]}"; do
+  dir="$members_dir/member-$seed"
+  members+=("$dir")
+  "$trainer" train --data "$data" --out "$dir" --epochs "$epochs" --seed "$seed" --threads 1 \
+    >"$members_dir/member-$seed.log" 2>&1 &
+  running=$((running + 1))
+  if ((running >= jobs)); then
+    wait -n || true
+    running=$((running - 1))
+  fi
+done
+wait || true
+for dir in "${members[@]}"; do
+  [[ -s "$dir/model.json" ]] || { echo "training failed: see $dir.log" >&2; exit 1; }
+done
+if ((${#members[@]} == 1)); then
+  rm -rf "$out" && cp -r "${members[0]}" "$out"
+else
+  "$trainer" ensemble --members "${members[@]}" --data "$data" --out "$out"
+fi
+echo "wrote $out"
