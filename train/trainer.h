@@ -32,7 +32,7 @@ struct TrainOptions {
   FeatureParams features;  // defaults set in DefaultTrainFeatures()
   ArchitectureOptions architecture;  // num_features/frames/classes derived
 
-  int epochs = 60;
+  int epochs = 100;
   int batch_size = 32;
   double learning_rate = 1e-3;  // peak of the one-cycle schedule
   double weight_decay = 1e-2;
