@@ -52,7 +52,7 @@ def forward(self, x):
 
 // The whole model; ENCODER_CALLS is replaced by the chain of encoder layers.
 constexpr char kModelSource[] = R"(
-def logits(self, x):
+def embedding(self, x):
     x = (x - self.feature_mean.view(1, 1, -1, 1)) / self.feature_std.view(1, 1, -1, 1)
     if self.window_mean_normalization:
         x = x - x.mean(3, True)
@@ -61,7 +61,10 @@ def logits(self, x):
     seq = seq.squeeze(1).transpose(1, 2)
     ENCODER_CALLS
     summary = seq.mean(1)
-    return torch.linear(torch.cat([conv, summary], 1), self.fc_weight, self.fc_bias)
+    return torch.cat([conv, summary], 1)
+
+def logits(self, x):
+    return torch.linear(self.embedding(x), self.fc_weight, self.fc_bias)
 
 def forward(self, x):
     return torch.softmax(self.logits(x), 1)

@@ -46,6 +46,8 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& options);
 // Methods:
 //   forward(x: [B,1,F,T]) -> probabilities [B, num_classes]
 //   logits(x: [B,1,F,T])  -> logits [B, num_classes]
+//   embedding(x)          -> the concatenated branches that feed the
+//                            final linear layer (fc_weight, fc_bias)
 // Buffers feature_mean / feature_std ([F]) normalise the input inside the
 // module; the trainer fills them from the training data.
 absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(

@@ -131,6 +131,25 @@ TEST(TrainSmokeTest, OneEpochOnTwoActorsWritesAModelDirectory) {
   EXPECT_FALSE(std::getline(curve, extra));
 }
 
+// The adversarial speaker head trains beside the model but stays out of
+// model.pt: the directory serves like any other and records the weight.
+TEST(TrainSmokeTest, SpeakerAdversarialRunWritesAServableModel) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
+  const fs::path out = fs::path(::testing::TempDir()) / "adversarial_model";
+  fs::remove_all(out);
+  const std::string command = absl::StrCat(
+      EMOSERVE_BINARY_DIR, "/train/emoserve-train train --data ", Ravdess(*shared), " --out ",
+      out.string(),
+      " --epochs 1 --train-actors 1-2 --val-actors 3 --test-actors 4 --seed 5"
+      " --speaker-adversarial 0.3");
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_DOUBLE_EQ((*model)->config().provenance["speaker_adversarial_weight"].get<double>(), 0.3);
+  EXPECT_EQ((*model)->config().provenance["test"]["clips"], 60);
+}
+
 // Two members with the same features and split make one model directory
 // whose probabilities are the mean of theirs and whose model.json records
 // them; members that disagree on the split are refused.

@@ -102,6 +102,9 @@ int main(int argc, char** argv) {
   train->add_option("--speed-max", options.speed_max, "fastest speed perturbation")
       ->capture_default_str();
   train->add_option("--label-smoothing", options.label_smoothing)->capture_default_str();
+  train->add_option("--speaker-adversarial", options.speaker_adversarial_weight,
+                    "gradient-reversal weight of an adversarial speaker classifier (0 = off)")
+      ->capture_default_str();
   train->add_flag("--balance-classes,!--no-balance-classes", options.balance_classes,
                   "weigh the loss by inverse class frequency (default on)");
   train->add_option("--conv-dropout", options.architecture.conv_dropout)->capture_default_str();

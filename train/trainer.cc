@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <random>
 #include <vector>
 
@@ -339,8 +340,25 @@ absl::Status Train(const TrainOptions& options) {
   }
   std::fprintf(stderr, "model: %lld parameters, input [B, 1, %d, %d]\n",
                static_cast<long long>(parameter_count), rows, cols);
-  torch::optim::AdamW optimizer(parameters, torch::optim::AdamWOptions(options.learning_rate)
-                                                .weight_decay(options.weight_decay));
+  // The adversarial speaker classifier lives outside the module: serving
+  // never sees it.
+  const bool adversarial = options.speaker_adversarial_weight > 0;
+  std::map<int, int64_t> speaker_index;
+  for (int actor : train_actors) speaker_index.emplace(actor, speaker_index.size());
+  torch::Tensor speaker_weight, speaker_bias;
+  std::vector<torch::Tensor> trainable = parameters;
+  if (adversarial) {
+    const int64_t width = module.attr("fc_weight").toTensor().size(1);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(width));
+    speaker_weight = torch::empty({static_cast<int64_t>(speaker_index.size()), width})
+                         .uniform_(-bound, bound)
+                         .requires_grad_(true);
+    speaker_bias = torch::zeros({static_cast<int64_t>(speaker_index.size())}).requires_grad_(true);
+    trainable.push_back(speaker_weight);
+    trainable.push_back(speaker_bias);
+  }
+  torch::optim::AdamW optimizer(trainable, torch::optim::AdamWOptions(options.learning_rate)
+                                               .weight_decay(options.weight_decay));
   auto cross_entropy = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(
       options.label_smoothing);
   if (options.balance_classes) {
@@ -375,10 +393,11 @@ absl::Status Train(const TrainOptions& options) {
       const int64_t first = b * options.batch_size;
       const int64_t count = std::min<int64_t>(options.batch_size, examples - first);
       inputs.resize(static_cast<size_t>(count) * rows * cols);
-      std::vector<int64_t> targets(count);
+      std::vector<int64_t> targets(count), speakers(count);
       for (int64_t i = 0; i < count; ++i) {
         const LabeledAudio& clip = (*train_audio)[order[first + i]];
         targets[i] = clip.clip.emotion;
+        speakers[i] = speaker_index.at(clip.clip.actor);
         if (absl::Status s = augmenter.Make(clip.samples, rng,
                                             inputs.data() + static_cast<size_t>(i) * rows * cols);
             !s.ok()) {
@@ -403,14 +422,31 @@ absl::Status Train(const TrainOptions& options) {
       for (auto& group : optimizer.param_groups()) {
         static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
       }
-      torch::Tensor logits = module.run_method("logits", x).toTensor();
-      torch::Tensor loss =
+      torch::Tensor logits, loss;
+      if (!adversarial) {
+        logits = module.run_method("logits", x).toTensor();
+      } else {
+        torch::Tensor embedding = module.run_method("embedding", x).toTensor();
+        logits = torch::linear(embedding, module.attr("fc_weight").toTensor(),
+                               module.attr("fc_bias").toTensor());
+        // Gradient reversal: the value of the embedding, the negated (and
+        // scaled) gradient of the speaker loss.
+        torch::Tensor reversed = embedding.detach() - options.speaker_adversarial_weight *
+                                                          (embedding - embedding.detach());
+        torch::Tensor speaker_logits = torch::linear(reversed, speaker_weight, speaker_bias);
+        torch::Tensor s = torch::tensor(speakers, torch::kLong);
+        loss = lambda * torch::nn::functional::cross_entropy(speaker_logits, s) +
+               (1 - lambda) * torch::nn::functional::cross_entropy(
+                                  speaker_logits, s.index_select(0, permutation));
+      }
+      torch::Tensor emotion_loss =
           lambda * torch::nn::functional::cross_entropy(logits, y, cross_entropy) +
           (1 - lambda) * torch::nn::functional::cross_entropy(
                              logits, y.index_select(0, permutation), cross_entropy);
+      loss = loss.defined() ? loss + emotion_loss : emotion_loss;
       optimizer.zero_grad();
       loss.backward();
-      torch::nn::utils::clip_grad_norm_(parameters, 5.0);
+      torch::nn::utils::clip_grad_norm_(trainable, 5.0);
       optimizer.step();
       loss_sum += loss.item<double>() * count;
       correct += logits.argmax(1).eq(y).sum().item<int64_t>();
@@ -466,6 +502,7 @@ absl::Status Train(const TrainOptions& options) {
       {"split", SplitJson(train_actors, options.val_actors, options.test_actors)},
       {"seed", options.seed},
       {"balance_classes", options.balance_classes},
+      {"speaker_adversarial_weight", options.speaker_adversarial_weight},
       {"epochs", options.epochs},
       {"best_epoch", best_epoch},
       {"train_clips", examples},

@@ -56,6 +56,10 @@ struct TrainOptions {
   int feature_masks = 2;
   int feature_mask_max_rows = 5;
   double mixup_alpha = 0.2;  // 0 disables mixup
+  // Speaker-adversarial training: a speaker classifier on the model's
+  // embedding behind a gradient reversal of this strength, so that the
+  // embedding learns to carry less of who speaks. 0 disables it.
+  double speaker_adversarial_weight = 0.0;
 };
 
 // 40 MFCCs of a 64-band Slaney mel spectrogram: 25 ms Hamming windows every
