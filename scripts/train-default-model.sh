@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Trains one model per seed with the trainer's default recipe (in parallel,
-# one LibTorch thread each, so that a seed's result does not depend on how
-# many run at once); with several seeds it averages them with
+# Trains one model per seed with the bundled model's recipe; with several
+# seeds it trains them in parallel and averages them with
 # `emoserve-train ensemble`, whose model.json records each member's command
-# and metrics. The defaults reproduce the bundled model (seed 2, 100 epochs).
+# and metrics. The defaults reproduce the bundled model (one seed, 2, on all
+# cores; results are deterministic for a seed and a thread count).
 #   scripts/train-default-model.sh [OUT] [SEEDS] [EPOCHS]
 #   defaults:                       models/default "2" 100
-#   an ensemble:                    scripts/train-default-model.sh models/ens "1 2 3" 
+#   an ensemble:                    scripts/train-default-model.sh models/ens "1 2 3"
 # Environment: DATA (default ../shared/datasets/ravdess), BUILD (build/release),
-# JOBS (members trained at once; default: the number of cores).
+# TRAIN_ARGS (the recipe; default "--speaker-adversarial 0.3"), JOBS (members
+# trained at once; default: the number of cores), THREADS (LibTorch threads
+# per member; default: all cores for one seed, 1 for several).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-models/default}"
@@ -17,6 +19,8 @@ epochs="${3:-100}"
 data="${DATA:-../shared/datasets/ravdess}"
 build="${BUILD:-build/release}"
 jobs="${JOBS:-$(nproc)}"
+read -r -a recipe <<<"${TRAIN_ARGS---speaker-adversarial 0.3}"
+if ((${#seeds[@]} == 1)); then threads="${THREADS:-$(nproc)}"; else threads="${THREADS:-1}"; fi
 trainer="$build/train/emoserve-train"
 [[ -x "$trainer" ]] || { echo "build first: $trainer is missing" >&2; exit 1; }
 members_dir="${MEMBERS_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/emoserve-members.XXXXXX")}"
@@ -30,8 +34,8 @@ running=0
 for seed in "${seeds[@]}"; do
   dir="$members_dir/member-$seed"
   members+=("$dir")
-  "$trainer" train --data "$data" --out "$dir" --epochs "$epochs" --seed "$seed" --threads 1 \
-    >"$members_dir/member-$seed.log" 2>&1 &
+  "$trainer" train --data "$data" --out "$dir" --epochs "$epochs" --seed "$seed" \
+    --threads "$threads" "${recipe[@]}" >"$members_dir/member-$seed.log" 2>&1 &
   running=$((running + 1))
   if ((running >= jobs)); then
     wait -n || true
