@@ -100,15 +100,22 @@ TEST(MetricsTest, AccuracyAndUnweightedAverageRecall) {
   EXPECT_EQ(text.str(), "true\\predicted,x,y\nx,3,1\ny,1,1\n");
 }
 
-// Runs the real trainer for one short epoch on two actors.
+// The real trainer for one short epoch on two actors, writing into a fresh
+// `out`.
+std::string SmokeTrainCommand(const std::string& shared, const fs::path& out,
+                              const std::string& extra_flags = "") {
+  fs::remove_all(out);
+  return absl::StrCat(EMOSERVE_BINARY_DIR, "/train/emoserve-train train --data ",
+                      Ravdess(shared), " --out ", out.string(),
+                      " --epochs 1 --train-actors 1-2 --val-actors 3 --test-actors 4 --seed 5",
+                      extra_flags);
+}
+
 TEST(TrainSmokeTest, OneEpochOnTwoActorsWritesAModelDirectory) {
   std::optional<std::string> shared = testing::SharedDir();
   if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
   const fs::path out = fs::path(::testing::TempDir()) / "smoke_model";
-  fs::remove_all(out);
-  const std::string command = absl::StrCat(
-      EMOSERVE_BINARY_DIR, "/train/emoserve-train train --data ", Ravdess(*shared), " --out ",
-      out.string(), " --epochs 1 --train-actors 1-2 --val-actors 3 --test-actors 4 --seed 5");
+  const std::string command = SmokeTrainCommand(*shared, out);
   ASSERT_EQ(std::system(command.c_str()), 0) << command;
   for (const char* file : {"model.pt", "model.json", "training_curve.csv", "training_curve.svg",
                            "confusion_val.csv", "confusion_val.svg", "confusion_test.csv",
@@ -137,12 +144,7 @@ TEST(TrainSmokeTest, SpeakerAdversarialRunWritesAServableModel) {
   std::optional<std::string> shared = testing::SharedDir();
   if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
   const fs::path out = fs::path(::testing::TempDir()) / "adversarial_model";
-  fs::remove_all(out);
-  const std::string command = absl::StrCat(
-      EMOSERVE_BINARY_DIR, "/train/emoserve-train train --data ", Ravdess(*shared), " --out ",
-      out.string(),
-      " --epochs 1 --train-actors 1-2 --val-actors 3 --test-actors 4 --seed 5"
-      " --speaker-adversarial 0.3");
+  const std::string command = SmokeTrainCommand(*shared, out, " --speaker-adversarial 0.3");
   ASSERT_EQ(std::system(command.c_str()), 0) << command;
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
   ASSERT_TRUE(model.ok()) << model.status();
