@@ -173,6 +173,15 @@ BatchPredictor TorchPredictor(torch::jit::Module& module, int rows, int cols) {
   };
 }
 
+absl::Status CreateDirectory(const std::string& dir) {
+  std::error_code error;
+  fs::create_directories(dir, error);
+  if (error) {
+    return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", error.message()));
+  }
+  return absl::OkStatus();
+}
+
 std::string ActorList(const std::set<int>& actors) { return absl::StrJoin(actors, ","); }
 
 nlohmann::json SplitJson(const std::set<int>& train, const std::set<int>& val,
@@ -200,32 +209,28 @@ absl::Status EvaluateModelDirectory(const std::string& dir, const std::string& d
   const BatchPredictor serving_predictor = [&](absl::Span<const float> f, int batch) {
     return (*saved)->Predict(f, batch);
   };
-  const auto evaluate = [&](const std::vector<LabeledAudio>& audio, const std::string& name,
+  // `what` names the provenance entry; `stem` the confusion_<stem> files.
+  const auto evaluate = [&](const std::vector<LabeledAudio>& audio, const std::string& what,
+                            const std::string& stem,
                             const std::set<int>& actors) -> absl::Status {
     absl::StatusOr<ConfusionMatrix> result =
         EvaluateClips(audio, *config, **extractor, serving_predictor);
     if (!result.ok()) return result.status();
-    config->provenance[name == "val" ? "validation" : "test"] = result->ToJson();
-    const fs::path stem = fs::path(dir) / ("confusion_" + name);
-    if (absl::Status s = result->WriteCsv(stem.string() + ".csv"); !s.ok()) return s;
-    if (absl::Status s = result->WriteSvg(
-            stem.string() + ".svg",
-            absl::StrCat(name == "val" ? "validation" : "test", " (actors ", ActorList(actors),
-                         ")"));
-        !s.ok()) {
-      return s;
-    }
-    std::fprintf(stderr, "\n%s (actors %s):\n%s", name == "val" ? "validation" : "test",
-                 ActorList(actors).c_str(), result->ToText().c_str());
+    config->provenance[what] = result->ToJson();
+    const std::string title = absl::StrCat(what, " (actors ", ActorList(actors), ")");
+    const std::string path = (fs::path(dir) / ("confusion_" + stem)).string();
+    if (absl::Status s = result->WriteCsv(path + ".csv"); !s.ok()) return s;
+    if (absl::Status s = result->WriteSvg(path + ".svg", title); !s.ok()) return s;
+    std::fprintf(stderr, "\n%s:\n%s", title.c_str(), result->ToText().c_str());
     return absl::OkStatus();
   };
-  if (absl::Status s = evaluate(val_audio, "val", val_actors); !s.ok()) return s;
+  if (absl::Status s = evaluate(val_audio, "validation", "val", val_actors); !s.ok()) return s;
   absl::StatusOr<std::vector<RavdessClip>> test_list = ListRavdess(data_dir, test_actors);
   if (test_list.ok()) {
     absl::StatusOr<std::vector<LabeledAudio>> test_audio =
         LoadRavdessAudio(*test_list, config->sample_rate);
     if (!test_audio.ok()) return test_audio.status();
-    if (absl::Status s = evaluate(*test_audio, "test", test_actors); !s.ok()) return s;
+    if (absl::Status s = evaluate(*test_audio, "test", "test", test_actors); !s.ok()) return s;
   } else {
     std::fprintf(stderr, "no test clips (%s): test metrics not recorded\n",
                  std::string(test_list.status().message()).c_str());
@@ -256,12 +261,7 @@ FeatureParams DefaultTrainFeatures() {
 
 absl::Status Train(const TrainOptions& options) {
   const auto start = Clock::now();
-  std::error_code error;
-  fs::create_directories(options.out_dir, error);
-  if (error) {
-    return absl::InternalError(absl::StrCat("cannot create ", options.out_dir, ": ",
-                                            error.message()));
-  }
+  if (absl::Status s = CreateDirectory(options.out_dir); !s.ok()) return s;
   if (!(options.speed_min > 0 && options.speed_min <= options.speed_max)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "speed perturbation range [", options.speed_min, ", ", options.speed_max,
@@ -406,8 +406,7 @@ absl::Status Train(const TrainOptions& options) {
       }
       torch::Tensor x = torch::from_blob(inputs.data(), {count, 1, rows, cols});
       torch::Tensor y = torch::tensor(targets, torch::kLong);
-      // Mixup: blend each example with another of the batch, and the losses
-      // of both labels with the same weight.
+      // Mixup: blend each example with another of the batch.
       double lambda = 1.0;
       torch::Tensor permutation = torch::arange(count, torch::kLong);
       if (options.mixup_alpha > 0 && count > 1) {
@@ -422,28 +421,32 @@ absl::Status Train(const TrainOptions& options) {
       for (auto& group : optimizer.param_groups()) {
         static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
       }
-      torch::Tensor logits, loss;
+      // Mixup's loss: both labels of each blended example, weighted alike.
+      const auto mixup_cross_entropy =
+          [&](const torch::Tensor& predicted, const torch::Tensor& labels,
+              const torch::nn::functional::CrossEntropyFuncOptions& ce) {
+            return lambda * torch::nn::functional::cross_entropy(predicted, labels, ce) +
+                   (1 - lambda) * torch::nn::functional::cross_entropy(
+                                      predicted, labels.index_select(0, permutation), ce);
+          };
+      torch::Tensor embedding, logits;
       if (!adversarial) {
         logits = module.run_method("logits", x).toTensor();
       } else {
-        torch::Tensor embedding = module.run_method("embedding", x).toTensor();
+        embedding = module.run_method("embedding", x).toTensor();
         logits = torch::linear(embedding, module.attr("fc_weight").toTensor(),
                                module.attr("fc_bias").toTensor());
+      }
+      torch::Tensor loss = mixup_cross_entropy(logits, y, cross_entropy);
+      if (adversarial) {
         // Gradient reversal: the value of the embedding, the negated (and
         // scaled) gradient of the speaker loss.
         torch::Tensor reversed = embedding.detach() - options.speaker_adversarial_weight *
                                                           (embedding - embedding.detach());
         torch::Tensor speaker_logits = torch::linear(reversed, speaker_weight, speaker_bias);
-        torch::Tensor s = torch::tensor(speakers, torch::kLong);
-        loss = lambda * torch::nn::functional::cross_entropy(speaker_logits, s) +
-               (1 - lambda) * torch::nn::functional::cross_entropy(
-                                  speaker_logits, s.index_select(0, permutation));
+        loss = mixup_cross_entropy(speaker_logits, torch::tensor(speakers, torch::kLong), {}) +
+               loss;
       }
-      torch::Tensor emotion_loss =
-          lambda * torch::nn::functional::cross_entropy(logits, y, cross_entropy) +
-          (1 - lambda) * torch::nn::functional::cross_entropy(
-                             logits, y.index_select(0, permutation), cross_entropy);
-      loss = loss.defined() ? loss + emotion_loss : emotion_loss;
       optimizer.zero_grad();
       loss.backward();
       torch::nn::utils::clip_grad_norm_(trainable, 5.0);
@@ -559,12 +562,7 @@ absl::Status Ensemble(const EnsembleOptions& options) {
   absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(modules);
   if (!ensemble.ok()) return ensemble.status();
 
-  std::error_code error;
-  fs::create_directories(options.out_dir, error);
-  if (error) {
-    return absl::InternalError(absl::StrCat("cannot create ", options.out_dir, ": ",
-                                            error.message()));
-  }
+  if (absl::Status s = CreateDirectory(options.out_dir); !s.ok()) return s;
   ModelConfig config = configs.front();
   if (!options.model_name.empty()) config.name = options.model_name;
   if (!options.model_version.empty()) config.version = options.model_version;
@@ -590,6 +588,7 @@ absl::Status Ensemble(const EnsembleOptions& options) {
     for (const char* ext : {".csv", ".svg"}) {
       const fs::path curve = fs::path(options.member_dirs[i]) / (std::string("training_curve") + ext);
       if (!fs::exists(curve)) continue;
+      std::error_code error;
       fs::copy_file(curve,
                     fs::path(options.out_dir) / absl::StrCat("training_curve_member", i + 1, ext),
                     fs::copy_options::overwrite_existing, error);
