@@ -56,7 +56,12 @@ def embedding(self, x):
     x = (x - self.feature_mean.view(1, 1, -1, 1)) / self.feature_std.view(1, 1, -1, 1)
     if self.window_mean_normalization:
         x = x - x.mean(3, True)
-    conv = torch.flatten(self.conv2.forward(self.conv1.forward(self.conv0.forward(x))), 1)
+    conv = self.conv2.forward(self.conv1.forward(self.conv0.forward(x)))
+    if self.conv_global_pooling:
+        cells = torch.flatten(conv, 2)
+        conv = torch.cat([cells.mean(2), cells.amax(2)], 1)
+    else:
+        conv = torch.flatten(conv, 1)
     seq = torch.max_pool2d(x, [1, self.time_pool], [1, self.time_pool])
     seq = seq.squeeze(1).transpose(1, 2)
     ENCODER_CALLS
@@ -225,6 +230,7 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& o) {
           {"conv_channels", std::vector<int>(o.conv_channels, o.conv_channels + 3)},
           {"conv_pool", std::vector<int>(o.conv_pool, o.conv_pool + 3)},
           {"conv_dropout", o.conv_dropout},
+          {"conv_global_pooling", o.conv_global_pooling},
           {"time_pool", o.time_pool},
           {"transformer_layers", o.transformer_layers},
           {"transformer_heads", o.transformer_heads},
@@ -265,8 +271,12 @@ absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
     model.register_attribute("time_pool", c10::IntType::get(), o.time_pool);
     model.register_attribute("window_mean_normalization", c10::BoolType::get(),
                              o.window_mean_normalization);
-    const int64_t fc_in =
-        static_cast<int64_t>(in_channels) * rows * cols + o.num_features;
+    model.register_attribute("conv_global_pooling", c10::BoolType::get(),
+                             o.conv_global_pooling);
+    const int64_t conv_width = o.conv_global_pooling
+                                   ? 2 * static_cast<int64_t>(in_channels)
+                                   : static_cast<int64_t>(in_channels) * rows * cols;
+    const int64_t fc_in = conv_width + o.num_features;
     model.register_parameter("fc_weight",
                              UniformFanIn({o.num_classes, fc_in}, fc_in), false);
     model.register_parameter("fc_bias", UniformFanIn({o.num_classes}, fc_in),

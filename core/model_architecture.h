@@ -24,6 +24,11 @@ struct ArchitectureOptions {
   int conv_channels[3] = {16, 32, 64};
   int conv_pool[3] = {2, 4, 4};
   double conv_dropout = 0.3;
+  // How the last block's [C, F', T'] output reaches the final layer: false
+  // flattens it (the original; each cell has its own weights, so the
+  // embedding depends on where in the window things happen), true takes the
+  // mean and the max of each channel over its cells ([2C], shift-invariant).
+  bool conv_global_pooling = false;
   // Transformer branch: max-pool over time, then an encoder whose d_model
   // is num_features, then the mean over time.
   int time_pool = 4;

@@ -12,6 +12,7 @@
 #include <torch/script.h>
 
 #include "core/model.h"
+#include "core/model_architecture.h"
 #include "core/model_config.h"
 #include "absl/strings/str_cat.h"
 #include "tests/test_model.h"
@@ -113,6 +114,36 @@ TEST(ModelTest, ClearErrorsForMissingFilesAndDevices) {
   model = Model::Load(dir);
   ASSERT_FALSE(model.ok());
   EXPECT_THAT(model.status().message(), HasSubstr("not a loadable TorchScript"));
+}
+
+// With conv_global_pooling the CNN branch, like the Transformer branch (no
+// positional encoding, mean over time), ignores where in the window a sound
+// is: moving it by a multiple of the CNN's total pooling (2*4*4 = 32 frames)
+// leaves the logits unchanged. Flattening the cells (the original) does not.
+TEST(ModelArchitectureTest, GlobalPoolingIgnoresWhereInTheWindowASoundIs) {
+  for (bool global : {false, true}) {
+    ArchitectureOptions options;  // 40 x 301, 8 classes
+    options.conv_global_pooling = global;
+    torch::manual_seed(3);
+    absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+    ASSERT_TRUE(module.ok()) << module.status();
+    module->eval();
+    EXPECT_EQ(module->attr("fc_weight").toTensor().size(1), global ? 2 * 64 + 40 : 64 * 9 + 40);
+    torch::NoGradGuard no_grad;
+    const torch::Tensor sound = 3 * torch::randn({1, 1, 40, 40});
+    torch::Tensor early = torch::zeros({1, 1, 40, 301});
+    torch::Tensor late = torch::zeros({1, 1, 40, 301});
+    early.slice(3, 96, 136).copy_(sound);
+    late.slice(3, 160, 200).copy_(sound);
+    const torch::Tensor difference =
+        module->run_method("logits", early).toTensor() - module->run_method("logits", late).toTensor();
+    const double largest = difference.abs().max().item<double>();
+    if (global) {
+      EXPECT_LT(largest, 1e-4);
+    } else {
+      EXPECT_GT(largest, 1e-2);
+    }
+  }
 }
 
 TEST(ModelConfigTest, ValidatesFields) {
