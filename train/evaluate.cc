@@ -1,6 +1,7 @@
 #include "train/evaluate.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -36,7 +37,7 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
                                               const ModelConfig& config,
                                               const FeatureExtractor& extractor,
                                               const BatchPredictor& predict,
-                                              int batch_size) {
+                                              double hop_seconds, int batch_size) {
   // RAVDESS emotion index -> the model's output index.
   const std::vector<std::string>& names = RavdessLabels();
   std::vector<int> to_model(names.size(), -1);
@@ -46,7 +47,15 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
   }
   ConfusionMatrix matrix(config.labels);
   const size_t window = config.window_samples();
-  const size_t hop = std::max<size_t>(1, window / 2);
+  if (!std::isfinite(hop_seconds) || hop_seconds < 0 ||
+      hop_seconds > config.window_seconds) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hop_seconds ", hop_seconds, " must be within (0, ", config.window_seconds, "]"));
+  }
+  const size_t hop =
+      hop_seconds == 0
+          ? std::max<size_t>(1, window / 2)
+          : std::max<size_t>(1, std::llround(hop_seconds * config.sample_rate));
   const size_t input_size =
       static_cast<size_t>(config.num_features()) * config.num_frames();
   const int classes = static_cast<int>(config.labels.size());

@@ -30,14 +30,15 @@ absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessAudio(
 using BatchPredictor = std::function<absl::StatusOr<std::vector<float>>(
     absl::Span<const float> features, int batch_size)>;
 
-// Classifies each clip (windows of config.window_seconds every half window,
+// Classifies each clip as the service does (windows of config.window_seconds
+// every hop_seconds, 0 = half a window, as a request's hop_seconds;
 // probabilities averaged) and counts the results against the clip's label.
 // The model's labels must include every RAVDESS label present.
 absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& clips,
                                               const ModelConfig& config,
                                               const FeatureExtractor& extractor,
                                               const BatchPredictor& predict,
-                                              int batch_size = 32);
+                                              double hop_seconds = 0, int batch_size = 32);
 
 }  // namespace emoserve
 

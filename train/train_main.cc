@@ -25,7 +25,7 @@ int Fail(const absl::Status& status) {
 
 int RunEval(const std::string& model_dir, const std::string& data_dir,
             const std::string& actors_text, const std::string& device, int threads,
-            bool json) {
+            double hop_seconds, bool json) {
   SetModelThreads(threads);
   absl::StatusOr<std::set<int>> actors = ParseActorSet(actors_text);
   if (!actors.ok()) return Fail(actors.status());
@@ -43,13 +43,15 @@ int RunEval(const std::string& model_dir, const std::string& data_dir,
       *audio, config, **extractor,
       [&](absl::Span<const float> features, int batch) {
         return (*model)->Predict(features, batch);
-      });
+      },
+      hop_seconds);
   if (!matrix.ok()) return Fail(matrix.status());
   if (json) {
     nlohmann::json out = matrix->ToJson();
     out["model"] = config.name;
     out["version"] = config.version;
     out["actors"] = std::vector<int>(actors->begin(), actors->end());
+    out["hop_seconds"] = hop_seconds;
     std::cout << out.dump(1) << "\n";
   } else {
     std::cout << "model " << config.name << " " << config.version << ", actors "
@@ -105,12 +107,17 @@ int main(int argc, char** argv) {
   train->add_option("--speaker-adversarial", options.speaker_adversarial_weight,
                     "gradient-reversal weight of an adversarial speaker classifier (0 = off)")
       ->capture_default_str();
+  train->add_option("--ema-decay", options.ema_decay,
+                    "evaluate and save a moving average of the weights (0 = off)")
+      ->capture_default_str();
   train->add_flag("--balance-classes,!--no-balance-classes", options.balance_classes,
                   "weigh the loss by inverse class frequency (default on)");
   train->add_option("--conv-dropout", options.architecture.conv_dropout)->capture_default_str();
   train->add_option("--transformer-dropout", options.architecture.transformer_dropout)
       ->capture_default_str();
   train->add_option("--heads", options.architecture.transformer_heads)->capture_default_str();
+  train->add_flag("--conv-global-pooling", options.architecture.conv_global_pooling,
+                  "mean and max of each CNN channel instead of flattening its cells");
   train->add_flag("--window-mean-norm", options.architecture.window_mean_normalization,
                   "subtract each window's mean over time from every feature row");
   train->add_option("--name", options.model_name)->capture_default_str();
@@ -133,6 +140,7 @@ int main(int argc, char** argv) {
 
   std::string model_dir, data_dir, actors = "21-24", device = "cpu";
   int threads = 0;
+  double hop_seconds = 0;
   bool json = false;
   CLI::App* eval = app.add_subcommand("eval", "evaluate a model directory on RAVDESS actors");
   eval->add_option("--model", model_dir, "model directory")->required();
@@ -140,12 +148,15 @@ int main(int argc, char** argv) {
   eval->add_option("--actors", actors, "actors to evaluate on")->capture_default_str();
   eval->add_option("--device", device, "cpu, cuda or cuda:N")->capture_default_str();
   eval->add_option("--threads", threads, "LibTorch threads (0 = all cores)");
+  eval->add_option("--hop-seconds", hop_seconds,
+                   "seconds between a clip's windows (0 = half a window, the service's default)")
+      ->capture_default_str();
   eval->add_flag("--json", json, "print JSON");
 
   CLI11_PARSE(app, argc, argv);
 
   if (eval->parsed()) {
-    return emoserve::RunEval(model_dir, data_dir, actors, device, threads, json);
+    return emoserve::RunEval(model_dir, data_dir, actors, device, threads, hop_seconds, json);
   }
   std::string command_line = "emoserve-train";
   for (int i = 1; i < argc; ++i) command_line += std::string(" ") + argv[i];

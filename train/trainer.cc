@@ -338,6 +338,21 @@ absl::Status Train(const TrainOptions& options) {
     parameters.push_back(p);
     parameter_count += p.numel();
   }
+  // The moving average of the weights (when on) is a copy of the module
+  // whose parameters follow the trained ones and whose buffers (batch norm
+  // statistics, feature normalisation) are copied from them.
+  const bool averaged = options.ema_decay > 0;
+  torch::jit::Module average = averaged ? module.deepcopy() : module;
+  std::vector<torch::Tensor> average_parameters, buffers, average_buffers;
+  if (averaged) {
+    average.eval();
+    for (torch::Tensor p : average.parameters()) {
+      p.set_requires_grad(false);
+      average_parameters.push_back(p);
+    }
+    for (torch::Tensor b : module.buffers()) buffers.push_back(b);
+    for (torch::Tensor b : average.buffers()) average_buffers.push_back(b);
+  }
   std::fprintf(stderr, "model: %lld parameters, input [B, 1, %d, %d]\n",
                static_cast<long long>(parameter_count), rows, cols);
   // The adversarial speaker classifier lives outside the module: serving
@@ -451,6 +466,15 @@ absl::Status Train(const TrainOptions& options) {
       loss.backward();
       torch::nn::utils::clip_grad_norm_(trainable, 5.0);
       optimizer.step();
+      if (averaged) {
+        torch::NoGradGuard no_grad;
+        // Early on the average follows the weights closely (warm-up).
+        const double decay =
+            std::min(options.ema_decay, (1.0 + step) / (10.0 + step));
+        for (size_t i = 0; i < parameters.size(); ++i) {
+          average_parameters[i].mul_(decay).add_(parameters[i].detach(), 1.0 - decay);
+        }
+      }
       loss_sum += loss.item<double>() * count;
       correct += logits.argmax(1).eq(y).sum().item<int64_t>();
       progress.Update(static_cast<int>(b + 1),
@@ -458,8 +482,12 @@ absl::Status Train(const TrainOptions& options) {
     }
 
     module.eval();
+    if (averaged) {
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < buffers.size(); ++i) average_buffers[i].copy_(buffers[i]);
+    }
     absl::StatusOr<ConfusionMatrix> val =
-        EvaluateClips(*val_audio, config, **extractor, TorchPredictor(module, rows, cols));
+        EvaluateClips(*val_audio, config, **extractor, TorchPredictor(average, rows, cols));
     if (!val.ok()) return val.status();
     EpochRecord record;
     record.epoch = epoch;
@@ -475,7 +503,7 @@ absl::Status Train(const TrainOptions& options) {
     if (best) {
       best_uar = record.val_uar;
       best_epoch = epoch;
-      module.save(model_path);
+      average.save(model_path);
     }
     const double per_epoch = Seconds(train_start) / epoch;
     progress.Finish(absl::StrFormat(
@@ -506,6 +534,7 @@ absl::Status Train(const TrainOptions& options) {
       {"seed", options.seed},
       {"balance_classes", options.balance_classes},
       {"speaker_adversarial_weight", options.speaker_adversarial_weight},
+      {"ema_decay", options.ema_decay},
       {"epochs", options.epochs},
       {"best_epoch", best_epoch},
       {"train_clips", examples},

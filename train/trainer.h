@@ -60,6 +60,10 @@ struct TrainOptions {
   // embedding behind a gradient reversal of this strength, so that the
   // embedding learns to carry less of who speaks. 0 disables it.
   double speaker_adversarial_weight = 0.0;
+  // Validation, selection and model.pt use an exponential moving average of
+  // the weights with this decay per step (0 = the raw weights): it smooths
+  // the step-to-step noise that a small validation set otherwise selects on.
+  double ema_decay = 0.0;
 };
 
 // 40 MFCCs of a 64-band Slaney mel spectrogram: 25 ms Hamming windows every
