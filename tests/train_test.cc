@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/features.h"
 #include "core/model.h"
+#include "core/windowing.h"
 #include "tests/test_model.h"
 #include "tests/test_support.h"
 #include "train/evaluate.h"
@@ -256,6 +257,51 @@ TEST(EnsembleTest, AveragesItsMembersAndRecordsThem) {
   config.provenance["split"]["val_actors"] = {5};
   ASSERT_TRUE(testing::WriteTestModel(config, (root / "member2").string(), 2).ok());
   EXPECT_NE(std::system((command + " 2>/dev/null").c_str()), 0);
+}
+
+// eval --hop-seconds places a clip's windows as a request's hop_seconds
+// does (0 = half a window) and refuses hops outside (0, window].
+TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: evaluation needs RAVDESS";
+  const ModelConfig config = testing::DefaultModelConfig();
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  ASSERT_TRUE(extractor.ok());
+  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(Ravdess(*shared), {1});
+  ASSERT_TRUE(clips.ok());
+  clips->resize(6);
+  absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
+  ASSERT_TRUE(audio.ok()) << audio.status();
+  const size_t window = config.window_samples();
+  for (double hop_seconds : {0.0, 0.5, 3.0}) {
+    const size_t hop = hop_seconds == 0 ? window / 2 : static_cast<size_t>(hop_seconds * 16000);
+    size_t expected = 0;
+    for (const LabeledAudio& clip : *audio) {
+      expected += WindowStarts(clip.samples.size(), window, hop).size();
+    }
+    size_t windows = 0;
+    absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
+        *audio, config, **extractor,
+        [&](absl::Span<const float>, int batch) -> absl::StatusOr<std::vector<float>> {
+          windows += batch;
+          return std::vector<float>(static_cast<size_t>(batch) * 8, 1.0f / 8);
+        },
+        hop_seconds);
+    ASSERT_TRUE(matrix.ok()) << matrix.status();
+    EXPECT_EQ(matrix->total(), 6);
+    EXPECT_EQ(windows, expected) << "hop " << hop_seconds;
+    EXPECT_GT(windows, 6u);
+  }
+  for (double bad : {-1.0, 3.5}) {
+    absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
+        *audio, config, **extractor,
+        [](absl::Span<const float>, int) -> absl::StatusOr<std::vector<float>> {
+          return absl::InternalError("must not be called");
+        },
+        bad);
+    EXPECT_EQ(matrix.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
 }
 
 // The bundled model keeps the accuracy its model.json records on the
