@@ -267,6 +267,10 @@ absl::Status Train(const TrainOptions& options) {
         "speed perturbation range [", options.speed_min, ", ", options.speed_max,
         "] must be positive and ordered"));
   }
+  if (!(options.ema_decay >= 0 && options.ema_decay < 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--ema-decay ", options.ema_decay, " must be in [0, 1)"));
+  }
   SetModelThreads(options.threads);
   torch::manual_seed(options.seed);
   std::mt19937_64 rng(options.seed);
