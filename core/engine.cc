@@ -458,21 +458,12 @@ void Engine::Classify(ClipRequest request) {
     request.done(finite);
     return;
   }
-  if (!std::isfinite(request.hop_seconds) || request.hop_seconds < 0) {
-    request.done(absl::InvalidArgumentError(
-        absl::StrCat("bad hop_seconds ", request.hop_seconds)));
+  absl::StatusOr<size_t> hop_or = HopSamples(request.hop_seconds, window, config.sample_rate);
+  if (!hop_or.ok()) {
+    request.done(hop_or.status());
     return;
   }
-  const size_t hop =
-      request.hop_seconds == 0
-          ? std::max<size_t>(1, window / 2)
-          : static_cast<size_t>(std::llround(request.hop_seconds * config.sample_rate));
-  if (hop < 1 || hop > window) {
-    request.done(absl::InvalidArgumentError(absl::StrCat(
-        "hop_seconds ", request.hop_seconds, " must be within (0, ",
-        config.window_seconds, "] (the model's window)")));
-    return;
-  }
+  const size_t hop = *hop_or;
   const double threshold =
       request.vad_threshold_dbfs.value_or(impl_->options.vad_threshold_dbfs);
   if (std::isnan(threshold)) {

@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "core/audio.h"
 #include "core/resampler.h"
+#include "core/windowing.h"
 
 namespace emoserve {
 namespace {
@@ -297,17 +298,9 @@ absl::StatusOr<std::unique_ptr<StreamSession>> StreamSession::Create(
   auto impl = std::make_shared<Impl>();
   impl->window = static_cast<size_t>(config.window_samples());
   impl->model_rate = config.sample_rate;
-  if (!std::isfinite(options.hop_seconds) || options.hop_seconds < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("bad hop_seconds ", options.hop_seconds));
-  }
-  impl->hop = options.hop_seconds == 0
-                  ? std::max<size_t>(1, impl->window / 2)
-                  : static_cast<size_t>(std::llround(options.hop_seconds * config.sample_rate));
-  if (impl->hop < 1 || impl->hop > impl->window) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "hop_seconds ", options.hop_seconds, " must be within (0, ",
-        config.window_seconds, "] (the model's window)"));
-  }
+  absl::StatusOr<size_t> hop = HopSamples(options.hop_seconds, impl->window, config.sample_rate);
+  if (!hop.ok()) return hop.status();
+  impl->hop = *hop;
   if (!(options.max_seconds > 0) || std::isnan(options.vad_threshold_dbfs)) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad max_seconds ", options.max_seconds, " or vad_threshold_dbfs ",

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 
 namespace emoserve {
@@ -14,6 +15,10 @@ namespace emoserve {
 // for audio up to `window` long, else windows every `hop` samples until one
 // reaches the end (that last one is zero-padded). hop must be > 0.
 std::vector<size_t> WindowStarts(size_t num_samples, size_t window, size_t hop);
+
+// The hop in samples for a request's hop_seconds: 0 means half a window;
+// anything else must be finite and give a hop within (0, window].
+absl::StatusOr<size_t> HopSamples(double hop_seconds, size_t window, int sample_rate);
 
 // Copies samples[start, start + window) into `out` (window floats), padding
 // with zeros past the end of the audio.

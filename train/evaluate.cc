@@ -1,7 +1,6 @@
 #include "train/evaluate.h"
 
 #include <algorithm>
-#include <cmath>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -47,15 +46,9 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
   }
   ConfusionMatrix matrix(config.labels);
   const size_t window = config.window_samples();
-  if (!std::isfinite(hop_seconds) || hop_seconds < 0 ||
-      hop_seconds > config.window_seconds) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "hop_seconds ", hop_seconds, " must be within (0, ", config.window_seconds, "]"));
-  }
-  const size_t hop =
-      hop_seconds == 0
-          ? std::max<size_t>(1, window / 2)
-          : std::max<size_t>(1, std::llround(hop_seconds * config.sample_rate));
+  absl::StatusOr<size_t> hop_or = HopSamples(hop_seconds, window, config.sample_rate);
+  if (!hop_or.ok()) return hop_or.status();
+  const size_t hop = *hop_or;
   const size_t input_size =
       static_cast<size_t>(config.num_features()) * config.num_frames();
   const int classes = static_cast<int>(config.labels.size());
