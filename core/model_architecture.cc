@@ -50,9 +50,44 @@ def forward(self, x):
                             [d], self.norm2_weight, self.norm2_bias, 1e-5, False)
 )";
 
-// The whole model; ENCODER_CALLS is replaced by the chain of encoder layers.
+// Utterance-level statistics of the raw input rows over the frames within
+// range_db of the loudest one (the rest is silence or zero padding):
+// mean, standard deviation, RMS and mean magnitude of the delta (librosa's
+// 5-frame regression, edges repeated), the share of such frames; batch
+// norm, a hidden layer, ReLU, dropout.
+constexpr char kStatisticsSource[] = R"(
+def forward(self, x):
+    x = x.squeeze(1)
+    energy = x.amax(1)
+    kept = (energy > energy.amax(1, True) - self.range_db).to(x.dtype).unsqueeze(1)
+    count = kept.sum(2).clamp_min(1.0)
+    mean = (x * kept).sum(2) / count
+    centered = (x - mean.unsqueeze(2)) * kept
+    std = torch.sqrt((centered * centered).sum(2) / count + 1e-5)
+    first = x[:, :, :1]
+    last = x[:, :, -1:]
+    padded = torch.cat([first, first, x, last, last], 2)
+    delta = (2.0 * (padded[:, :, 4:] - padded[:, :, :-4]) +
+             (padded[:, :, 3:-1] - padded[:, :, 1:-3])) / 10.0
+    delta_rms = torch.sqrt((delta * delta * kept).sum(2) / count + 1e-5)
+    delta_magnitude = (delta.abs() * kept).sum(2) / count
+    share = kept.mean(2)
+    s = torch.cat([mean, std, delta_rms, delta_magnitude, share], 1)
+    s = torch.batch_norm(s, self.bn_weight, self.bn_bias, self.bn_running_mean,
+                         self.bn_running_var, self.training, 0.1, 1e-5, False)
+    hidden = torch.relu(torch.linear(s, self.hidden_weight, self.hidden_bias))
+    return torch.dropout(hidden, self.dropout, self.training)
+)";
+
+// The whole model. BRANCH_INPUT, ENCODER_CALLS and STATISTICS_CALL are
+// replaced by the code of the options' optional parts.
 constexpr char kModelSource[] = R"(
+def branch_input(self, x):
+    BRANCH_INPUT
+
 def embedding(self, x):
+    raw = x
+    x = self.branch_input(x)
     x = (x - self.feature_mean.view(1, 1, -1, 1)) / self.feature_std.view(1, 1, -1, 1)
     if self.window_mean_normalization:
         x = x - x.mean(3, True)
@@ -66,7 +101,9 @@ def embedding(self, x):
     seq = seq.squeeze(1).transpose(1, 2)
     ENCODER_CALLS
     summary = seq.mean(1)
-    return torch.cat([conv, summary], 1)
+    parts = [conv, summary]
+    STATISTICS_CALL
+    return torch.cat(parts, 1)
 
 def logits(self, x):
     return torch.linear(self.embedding(x), self.fc_weight, self.fc_bias)
@@ -74,6 +111,16 @@ def logits(self, x):
 def forward(self, x):
     return torch.softmax(self.logits(x), 1)
 )";
+
+// The orthonormal DCT-II rows 0..count-1 over `size` points (scipy's
+// dct(type=2, norm="ortho"), as librosa's MFCC applies it to log-mel).
+torch::Tensor OrthonormalDct(int count, int size) {
+  torch::Tensor k = torch::arange(count, torch::kDouble).unsqueeze(1);
+  torch::Tensor n = torch::arange(size, torch::kDouble).unsqueeze(0);
+  torch::Tensor dct = torch::cos(M_PI * k * (2 * n + 1) / (2.0 * size)) * std::sqrt(2.0 / size);
+  dct[0] /= std::sqrt(2.0);
+  return dct.to(torch::kFloat);
+}
 
 // PyTorch's default for Linear and Conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
 // for weight (kaiming_uniform with a=sqrt(5)) and bias.
@@ -146,13 +193,46 @@ Module EncoderLayer(int index, int d_model, int heads, int feedforward,
   return layer;
 }
 
+Module StatisticsBlock(int rows, int hidden, double range_db, double dropout,
+                       const std::shared_ptr<torch::jit::CompilationUnit>& unit) {
+  Module block = NewModule("Statistics", unit);
+  const int64_t width = 4 * static_cast<int64_t>(rows) + 1;
+  block.register_parameter("bn_weight", torch::ones({width}), false);
+  block.register_parameter("bn_bias", torch::zeros({width}), false);
+  block.register_buffer("bn_running_mean", torch::zeros({width}));
+  block.register_buffer("bn_running_var", torch::ones({width}));
+  block.register_parameter("hidden_weight", UniformFanIn({hidden, width}, width), false);
+  block.register_parameter("hidden_bias", UniformFanIn({hidden}, width), false);
+  block.register_attribute("range_db", c10::FloatType::get(), range_db);
+  block.register_attribute("dropout", c10::FloatType::get(), dropout);
+  block.define(kStatisticsSource);
+  return block;
+}
+
+// Rows that the CNN and Transformer branches see.
+int BranchRows(const ArchitectureOptions& o) {
+  return o.cepstral_coefficients > 0 ? o.cepstral_coefficients : o.num_features;
+}
+
 absl::Status Validate(const ArchitectureOptions& o) {
   if (o.num_features <= 0 || o.num_frames <= 0 || o.num_classes < 2) {
     return absl::InvalidArgumentError(
         "architecture: num_features and num_frames must be positive and "
         "num_classes at least 2");
   }
-  int rows = o.num_features;
+  if (o.cepstral_coefficients < 0 || o.cepstral_coefficients > o.num_features) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "architecture: cepstral_coefficients (", o.cepstral_coefficients,
+        ") must be within [0, num_features = ", o.num_features, "]"));
+  }
+  if (o.statistics_hidden < 0 || !(o.statistics_range_db > 0) ||
+      o.statistics_dropout < 0 || o.statistics_dropout >= 1) {
+    return absl::InvalidArgumentError(
+        "architecture: statistics_hidden must be >= 0, statistics_range_db > 0 and "
+        "statistics_dropout in [0, 1)");
+  }
+  const int branch_rows = BranchRows(o);
+  int rows = branch_rows;
   int cols = o.num_frames;
   for (int i = 0; i < 3; ++i) {
     if (o.conv_channels[i] <= 0 || o.conv_pool[i] <= 0) {
@@ -164,16 +244,16 @@ absl::Status Validate(const ArchitectureOptions& o) {
   }
   if (rows == 0 || cols == 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "architecture: a ", o.num_features, "x", o.num_frames,
+        "architecture: a ", branch_rows, "x", o.num_frames,
         " input is too small for the CNN branch's pooling"));
   }
   if (o.time_pool <= 0 || o.num_frames / o.time_pool == 0) {
     return absl::InvalidArgumentError("architecture: bad time_pool");
   }
   if (o.transformer_layers <= 0 || o.transformer_heads <= 0 ||
-      o.num_features % o.transformer_heads != 0) {
+      branch_rows % o.transformer_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "architecture: d_model (", o.num_features,
+        "architecture: d_model (", branch_rows,
         ") must be a multiple of transformer_heads (", o.transformer_heads,
         ") and layers must be positive"));
   }
@@ -212,6 +292,11 @@ absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(
       else if (key == "transformer_feedforward") o.transformer_feedforward = value.get<int>();
       else if (key == "transformer_dropout") o.transformer_dropout = value.get<double>();
       else if (key == "window_mean_normalization") o.window_mean_normalization = value.get<bool>();
+      else if (key == "conv_global_pooling") o.conv_global_pooling = value.get<bool>();
+      else if (key == "cepstral_coefficients") o.cepstral_coefficients = value.get<int>();
+      else if (key == "statistics_hidden") o.statistics_hidden = value.get<int>();
+      else if (key == "statistics_range_db") o.statistics_range_db = value.get<double>();
+      else if (key == "statistics_dropout") o.statistics_dropout = value.get<double>();
       else if (key == "name") continue;
       else return absl::InvalidArgumentError(absl::StrCat("architecture: unknown key '", key, "'"));
     }
@@ -236,7 +321,11 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& o) {
           {"transformer_heads", o.transformer_heads},
           {"transformer_feedforward", o.transformer_feedforward},
           {"transformer_dropout", o.transformer_dropout},
-          {"window_mean_normalization", o.window_mean_normalization}};
+          {"window_mean_normalization", o.window_mean_normalization},
+          {"cepstral_coefficients", o.cepstral_coefficients},
+          {"statistics_hidden", o.statistics_hidden},
+          {"statistics_range_db", o.statistics_range_db},
+          {"statistics_dropout", o.statistics_dropout}};
 }
 
 absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
@@ -245,10 +334,24 @@ absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
   try {
     auto unit = std::make_shared<torch::jit::CompilationUnit>();
     Module model = NewModule("ParallelCnnTransformer", unit);
-    model.register_buffer("feature_mean", torch::zeros({o.num_features}));
-    model.register_buffer("feature_std", torch::ones({o.num_features}));
+    const int branch_rows = BranchRows(o);
+    model.register_buffer("feature_mean", torch::zeros({branch_rows}));
+    model.register_buffer("feature_std", torch::ones({branch_rows}));
+    std::string branch_input = "return x";
+    if (o.cepstral_coefficients > 0) {
+      model.register_buffer("cepstral_dct",
+                            OrthonormalDct(o.cepstral_coefficients, o.num_features));
+      branch_input = "return torch.matmul(self.cepstral_dct, x)";
+    }
+    std::string statistics_call;
+    if (o.statistics_hidden > 0) {
+      model.register_module("statistics",
+                            StatisticsBlock(o.num_features, o.statistics_hidden,
+                                            o.statistics_range_db, o.statistics_dropout, unit));
+      statistics_call = "parts.append(self.statistics.forward(raw))";
+    }
     int in_channels = 1;
-    int rows = o.num_features;
+    int rows = branch_rows;
     int cols = o.num_frames;
     for (int i = 0; i < 3; ++i) {
       model.register_module(
@@ -263,7 +366,7 @@ absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
     for (int i = 0; i < o.transformer_layers; ++i) {
       model.register_module(
           absl::StrCat("encoder", i),
-          EncoderLayer(i, o.num_features, o.transformer_heads,
+          EncoderLayer(i, branch_rows, o.transformer_heads,
                        o.transformer_feedforward, o.transformer_dropout, unit));
       absl::StrAppend(&encoder_calls, i == 0 ? "" : "\n    ", "seq = self.encoder",
                       i, ".forward(seq)");
@@ -276,13 +379,14 @@ absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
     const int64_t conv_width = o.conv_global_pooling
                                    ? 2 * static_cast<int64_t>(in_channels)
                                    : static_cast<int64_t>(in_channels) * rows * cols;
-    const int64_t fc_in = conv_width + o.num_features;
+    const int64_t fc_in = conv_width + branch_rows + o.statistics_hidden;
     model.register_parameter("fc_weight",
                              UniformFanIn({o.num_classes, fc_in}, fc_in), false);
     model.register_parameter("fc_bias", UniformFanIn({o.num_classes}, fc_in),
                              false);
-    model.define(
-        absl::StrReplaceAll(kModelSource, {{"ENCODER_CALLS", encoder_calls}}));
+    model.define(absl::StrReplaceAll(kModelSource, {{"BRANCH_INPUT", branch_input},
+                                                    {"ENCODER_CALLS", encoder_calls},
+                                                    {"STATISTICS_CALL", statistics_call}}));
     return model;
   } catch (const std::exception& e) {
     return absl::InternalError(

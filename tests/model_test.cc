@@ -11,11 +11,14 @@
 #include <torch/cuda.h>
 #include <torch/script.h>
 
+#include "core/features.h"
 #include "core/model.h"
 #include "core/model_architecture.h"
 #include "core/model_config.h"
+#include "core/windowing.h"
 #include "absl/strings/str_cat.h"
 #include "tests/test_model.h"
+#include "tests/test_support.h"
 
 namespace emoserve {
 namespace {
@@ -144,6 +147,151 @@ TEST(ModelArchitectureTest, GlobalPoolingIgnoresWhereInTheWindowASoundIs) {
       EXPECT_GT(largest, 1e-2);
     }
   }
+}
+
+// With cepstral_coefficients the CNN and Transformer branches of a log-mel
+// model see exactly the MFCCs that the feature extractor computes from the
+// same audio (librosa's MFCC is the orthonormal DCT of its log-mel), so a
+// log-mel model's cepstral branches are the MFCC model's.
+TEST(ModelArchitectureTest, CepstralBranchesSeeTheExtractorsMfccs) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: this test uses a RAVDESS clip";
+  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::LoadRavdessClips(*shared, 1);
+  ASSERT_TRUE(clips.ok()) << clips.status();
+  const ModelConfig mfcc_config = testing::DefaultModelConfig();  // 40 MFCCs of 64 mels
+  ModelConfig mel_config = mfcc_config;
+  mel_config.features.kind = FeatureKind::kLogMel;
+  std::vector<float> window(mfcc_config.window_samples());
+  CopyWindow((*clips)[0], 0, window.size(), window.data());
+  absl::StatusOr<FeatureMatrix> features[2];
+  for (int i = 0; i < 2; ++i) {
+    const ModelConfig& config = i == 0 ? mfcc_config : mel_config;
+    absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+        FeatureExtractor::Create(config.features, config.sample_rate);
+    ASSERT_TRUE(extractor.ok()) << extractor.status();
+    features[i] = (*extractor)->Compute(window);
+    ASSERT_TRUE(features[i].ok()) << features[i].status();
+  }
+  const FeatureMatrix& mfcc = *features[0];
+  const FeatureMatrix& mel = *features[1];
+  ASSERT_EQ(mfcc.rows, 40);
+  ASSERT_EQ(mel.rows, 64);
+  ArchitectureOptions options;
+  options.num_features = 64;
+  options.cepstral_coefficients = 40;
+  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  ASSERT_TRUE(module.ok()) << module.status();
+  EXPECT_EQ(module->attr("feature_mean").toTensor().numel(), 40);
+  torch::NoGradGuard no_grad;
+  const torch::Tensor input = torch::from_blob(const_cast<float*>(mel.data.data()),
+                                               {1, 1, mel.rows, mel.cols});
+  const torch::Tensor cepstra =
+      module->run_method("branch_input", input).toTensor().contiguous();
+  ASSERT_EQ(cepstra.size(2), 40);
+  ASSERT_EQ(cepstra.size(3), mfcc.cols);
+  const float* ours = cepstra.data_ptr<float>();
+  double largest = 0, scale = 0;
+  for (size_t i = 0; i < mfcc.data.size(); ++i) {
+    largest = std::max(largest, static_cast<double>(std::abs(ours[i] - mfcc.data[i])));
+    scale = std::max(scale, static_cast<double>(std::abs(mfcc.data[i])));
+  }
+  EXPECT_GT(scale, 100.0);  // MFCC 0 of real speech
+  EXPECT_LT(largest, 1e-3);
+  // The whole model runs on log-mel windows and gives probabilities.
+  const torch::Tensor p = module->forward({input}).toTensor();
+  EXPECT_NEAR(p.sum().item<double>(), 1.0, 1e-5);
+  // More coefficients than input rows is refused.
+  options.cepstral_coefficients = 65;
+  EXPECT_THAT(BuildParallelCnnTransformer(options).status().message(),
+              HasSubstr("cepstral_coefficients"));
+}
+
+// The statistics branch summarises each row over the frames within
+// statistics_range_db of the loudest (not the silence or zero padding
+// below): with identity batch norm and an identity hidden layer its output
+// is [mean, std, delta RMS, delta magnitude] per row, then the share of
+// frames kept.
+TEST(ModelArchitectureTest, StatisticsBranchSummarisesTheFramesNearTheLoudest) {
+  const int rows = 3, frames = 20;
+  ArchitectureOptions options;
+  options.num_features = 32;  // the statistics block is tested on its own
+  options.num_frames = 64;
+  options.statistics_hidden = 4 * rows + 1;
+  options.statistics_range_db = 30.0;
+  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  ASSERT_TRUE(module.ok()) << module.status();
+  torch::jit::Module statistics = module->attr("statistics").toModule();
+  statistics.eval();
+  torch::NoGradGuard no_grad;
+  const int width = 4 * rows + 1;
+  // A block for 3 rows: rebuild its tensors at that width.
+  statistics.setattr("bn_weight", torch::ones({width}));
+  statistics.setattr("bn_bias", torch::zeros({width}));
+  statistics.setattr("bn_running_mean", torch::zeros({width}));
+  statistics.setattr("bn_running_var", torch::ones({width}) - 1e-5);
+  statistics.setattr("hidden_weight", torch::eye(width));
+  statistics.setattr("hidden_bias", torch::zeros({width}));
+  // Frames 0-4 and 15-19 are 50 dB below the loudest: left out. Frames 5-14
+  // are speech-like, row r at 40 + r + (frame % 3) dB.
+  std::vector<float> x(rows * frames);
+  for (int r = 0; r < rows; ++r) {
+    for (int t = 0; t < frames; ++t) {
+      x[r * frames + t] = (t >= 5 && t < 15) ? 40.0f + r + (t % 3) : -10.0f;
+    }
+  }
+  const torch::Tensor input = torch::from_blob(x.data(), {1, 1, rows, frames}).clone();
+  const torch::Tensor out = statistics.forward({input}).toTensor().contiguous();
+  ASSERT_EQ(out.size(1), width);
+  const float* s = out.data_ptr<float>();
+  for (int r = 0; r < rows; ++r) {
+    const float* row = x.data() + r * frames;
+    double mean = 0, var = 0, delta_sq = 0, delta_abs = 0;
+    for (int t = 5; t < 15; ++t) mean += row[t] / 10.0;
+    for (int t = 5; t < 15; ++t) var += (row[t] - mean) * (row[t] - mean) / 10.0;
+    for (int t = 5; t < 15; ++t) {
+      // librosa's delta (width 5): edges repeat the first and last frame.
+      const auto at = [&](int i) { return row[std::clamp(i, 0, frames - 1)]; };
+      const double d = (2.0 * (at(t + 2) - at(t - 2)) + (at(t + 1) - at(t - 1))) / 10.0;
+      delta_sq += d * d / 10.0;
+      delta_abs += std::abs(d) / 10.0;
+    }
+    EXPECT_NEAR(s[r], mean, 1e-4) << r;
+    EXPECT_NEAR(s[rows + r], std::sqrt(var), 1e-3) << r;
+    EXPECT_NEAR(s[2 * rows + r], std::sqrt(delta_sq), 1e-3) << r;
+    EXPECT_NEAR(s[3 * rows + r], delta_abs, 1e-4) << r;
+  }
+  EXPECT_NEAR(s[4 * rows], 0.5, 1e-6);
+  // What lies below the range does not count: quieter still (away from the
+  // two frames each side that the kept frames' deltas read), same output.
+  for (int t : {0, 1, 17, 19}) x[t] = -60.0f;
+  const torch::Tensor quieter = torch::from_blob(x.data(), {1, 1, rows, frames}).clone();
+  EXPECT_TRUE(torch::allclose(statistics.forward({quieter}).toTensor(), out));
+  // Louder frames that come within range do count.
+  for (int t = 0; t < 5; ++t) x[t] = 35.0f;
+  const torch::Tensor louder = torch::from_blob(x.data(), {1, 1, rows, frames}).clone();
+  EXPECT_NEAR(statistics.forward({louder}).toTensor()[0][4 * rows].item<double>(), 0.75, 1e-6);
+}
+
+// Every option survives model.json's architecture object.
+TEST(ModelArchitectureTest, OptionsRoundTripThroughJson) {
+  ArchitectureOptions options;
+  options.num_features = 64;
+  options.cepstral_coefficients = 40;
+  options.conv_global_pooling = true;
+  options.window_mean_normalization = true;
+  options.statistics_hidden = 96;
+  options.statistics_range_db = 60.0;
+  options.statistics_dropout = 0.25;
+  const nlohmann::json json = ArchitectureOptionsToJson(options);
+  absl::StatusOr<ArchitectureOptions> parsed = ArchitectureOptionsFromJson(json);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(ArchitectureOptionsToJson(*parsed), json);
+  nlohmann::json bad = json;
+  bad["statistics_range_db"] = 0.0;
+  EXPECT_FALSE(ArchitectureOptionsFromJson(bad).ok());
+  bad = json;
+  bad["statistics_hiden"] = 3;
+  EXPECT_THAT(ArchitectureOptionsFromJson(bad).status().message(), HasSubstr("unknown key"));
 }
 
 TEST(ModelConfigTest, ValidatesFields) {

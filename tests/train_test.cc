@@ -12,6 +12,7 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <torch/script.h>
 
 #include "absl/strings/str_cat.h"
 #include "core/features.h"
@@ -154,6 +155,31 @@ TEST(TrainSmokeTest, SpeakerAdversarialRunWritesAServableModel) {
   ASSERT_TRUE(model.ok()) << model.status();
   EXPECT_DOUBLE_EQ((*model)->config().provenance["speaker_adversarial_weight"].get<double>(), 0.3);
   EXPECT_EQ((*model)->config().provenance["test"]["clips"], 60);
+}
+
+// A log-mel model whose CNN and Transformer branches see MFCCs computed
+// inside it, with the statistics branch: the directory records both, its
+// module normalises the 40 cepstra (not the 64 mel rows) and it serves.
+TEST(TrainSmokeTest, LogMelRunWithCepstralBranchesAndStatistics) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
+  const fs::path out = fs::path(::testing::TempDir()) / "statistics_model";
+  const std::string command = SmokeTrainCommand(
+      *shared, out, " --features log_mel --cepstral 40 --statistics-hidden 32");
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
+  ASSERT_TRUE(model.ok()) << model.status();
+  const ModelConfig& config = (*model)->config();
+  EXPECT_EQ(config.features.kind, FeatureKind::kLogMel);
+  EXPECT_EQ(config.num_features(), 64);
+  EXPECT_EQ(config.architecture["cepstral_coefficients"], 40);
+  EXPECT_EQ(config.architecture["statistics_hidden"], 32);
+  EXPECT_EQ(config.provenance["test"]["clips"], 60);
+  torch::jit::Module module = torch::jit::load((out / "model.pt").string());
+  const torch::Tensor mean = module.attr("feature_mean").toTensor();
+  ASSERT_EQ(mean.numel(), 40);
+  // MFCC 0 of speech is hundreds below zero; a log-mel row mean is not.
+  EXPECT_LT(mean[0].item<float>(), -100.0f);
 }
 
 // --ema-decay: the same seed trains the same weights, but validation and

@@ -120,6 +120,16 @@ int main(int argc, char** argv) {
                   "mean and max of each CNN channel instead of flattening its cells");
   train->add_flag("--window-mean-norm", options.architecture.window_mean_normalization,
                   "subtract each window's mean over time from every feature row");
+  train->add_option("--cepstral", options.architecture.cepstral_coefficients,
+                    "CNN and Transformer branches see this many DCT coefficients of each "
+                    "frame (with --features log_mel: MFCCs computed inside the model; 0 = off)")
+      ->capture_default_str();
+  train->add_option("--statistics-hidden", options.architecture.statistics_hidden,
+                    "width of the utterance-statistics branch (0 = off)")
+      ->capture_default_str();
+  train->add_option("--statistics-range-db", options.architecture.statistics_range_db,
+                    "statistics branch: frames within this many dB of the loudest count")
+      ->capture_default_str();
   train->add_option("--name", options.model_name)->capture_default_str();
   train->add_option("--version", options.model_version)->capture_default_str();
 

@@ -115,36 +115,33 @@ class Augmenter {
   FeatureMatrix features_;
 };
 
-// Per-feature mean and standard deviation over the first window of every
-// training clip (no augmentation).
-absl::Status FeatureStatistics(const std::vector<LabeledAudio>& clips,
-                               const FeatureExtractor& extractor, size_t window,
-                               std::vector<float>* mean, std::vector<float>* stddev) {
-  const int rows = extractor.num_features();
-  std::vector<double> sum(rows, 0.0), sum_sq(rows, 0.0);
-  double count = 0;
+// The features of the first window of every training clip (no
+// augmentation), [N, 1, F, T]: what normalisation statistics are taken from.
+absl::StatusOr<torch::Tensor> FirstWindows(const std::vector<LabeledAudio>& clips,
+                                           const FeatureExtractor& extractor, size_t window,
+                                           int rows, int cols) {
+  torch::Tensor out = torch::empty({static_cast<int64_t>(clips.size()), 1, rows, cols});
   std::vector<float> samples(window);
   FeatureMatrix features;
-  for (const LabeledAudio& clip : clips) {
-    CopyWindow(clip.samples, 0, window, samples.data());
+  for (size_t i = 0; i < clips.size(); ++i) {
+    CopyWindow(clips[i].samples, 0, window, samples.data());
     if (absl::Status s = extractor.Compute(samples, &features); !s.ok()) return s;
-    for (int r = 0; r < rows; ++r) {
-      for (int c = 0; c < features.cols; ++c) {
-        const double v = features.at(r, c);
-        sum[r] += v;
-        sum_sq[r] += v * v;
-      }
-    }
-    count += features.cols;
+    std::copy(features.data.begin(), features.data.end(),
+              out.data_ptr<float>() + i * static_cast<size_t>(rows) * cols);
   }
-  mean->assign(rows, 0.0f);
-  stddev->assign(rows, 1.0f);
-  for (int r = 0; r < rows; ++r) {
-    const double m = sum[r] / count;
-    (*mean)[r] = static_cast<float>(m);
-    (*stddev)[r] = static_cast<float>(std::sqrt(std::max(1e-6, sum_sq[r] / count - m * m)));
-  }
-  return absl::OkStatus();
+  return out;
+}
+
+// Per-row mean and standard deviation of [N, 1, R, T] over clips and frames
+// (in double precision; the deviation is at least 1e-3).
+void RowStatistics(const torch::Tensor& x, std::vector<float>* mean, std::vector<float>* stddev) {
+  const torch::Tensor values = x.to(torch::kDouble).transpose(0, 2).reshape({x.size(2), -1});
+  const torch::Tensor m = values.mean(1);
+  const torch::Tensor sd = torch::sqrt(torch::clamp_min((values * values).mean(1) - m * m, 1e-6));
+  const torch::Tensor m_float = m.to(torch::kFloat).contiguous();
+  const torch::Tensor sd_float = sd.to(torch::kFloat).contiguous();
+  mean->assign(m_float.data_ptr<float>(), m_float.data_ptr<float>() + m_float.numel());
+  stddev->assign(sd_float.data_ptr<float>(), sd_float.data_ptr<float>() + sd_float.numel());
 }
 
 // One-cycle: linear warm-up over the first 30% of steps, cosine decay after.
@@ -325,16 +322,26 @@ absl::Status Train(const TrainOptions& options) {
   architecture.num_classes = static_cast<int>(config.labels.size());
   config.architecture = ArchitectureOptionsToJson(architecture);
 
-  std::vector<float> mean, stddev;
-  if (absl::Status s = FeatureStatistics(*train_audio, **extractor, window, &mean, &stddev);
-      !s.ok()) {
-    return s;
-  }
   absl::StatusOr<torch::jit::Module> built = BuildParallelCnnTransformer(architecture);
   if (!built.ok()) return built.status();
   torch::jit::Module module = *std::move(built);
-  module.attr("feature_mean").toTensor().copy_(torch::tensor(mean));
-  module.attr("feature_std").toTensor().copy_(torch::tensor(stddev));
+  // The input's row means fill SpecAugment's masks; the module normalises
+  // what its CNN and Transformer branches see (the input, or its cepstra).
+  std::vector<float> mean, stddev;
+  {
+    absl::StatusOr<torch::Tensor> first =
+        FirstWindows(*train_audio, **extractor, window, rows, cols);
+    if (!first.ok()) return first.status();
+    RowStatistics(*first, &mean, &stddev);
+    std::vector<float> branch_mean = mean, branch_stddev = stddev;
+    if (architecture.cepstral_coefficients > 0) {
+      torch::NoGradGuard no_grad;
+      RowStatistics(module.run_method("branch_input", *first).toTensor(), &branch_mean,
+                    &branch_stddev);
+    }
+    module.attr("feature_mean").toTensor().copy_(torch::tensor(branch_mean));
+    module.attr("feature_std").toTensor().copy_(torch::tensor(branch_stddev));
+  }
   std::vector<torch::Tensor> parameters;
   int64_t parameter_count = 0;
   for (torch::Tensor p : module.parameters()) {
