@@ -50,6 +50,24 @@ def forward(self, x):
                             [d], self.norm2_weight, self.norm2_bias, 1e-5, False)
 )";
 
+// The CNN and Transformer branches; ENCODER_CALLS is replaced by the chain
+// of encoder layers.
+constexpr char kParallelBranchesSource[] = R"(x = self.branch_input(x)
+    x = (x - self.feature_mean.view(1, 1, -1, 1)) / self.feature_std.view(1, 1, -1, 1)
+    if self.window_mean_normalization:
+        x = x - x.mean(3, True)
+    conv = self.conv2.forward(self.conv1.forward(self.conv0.forward(x)))
+    if self.conv_global_pooling:
+        cells = torch.flatten(conv, 2)
+        conv = torch.cat([cells.mean(2), cells.amax(2)], 1)
+    else:
+        conv = torch.flatten(conv, 1)
+    seq = torch.max_pool2d(x, [1, self.time_pool], [1, self.time_pool])
+    seq = seq.squeeze(1).transpose(1, 2)
+    ENCODER_CALLS
+    parts.append(conv)
+    parts.append(seq.mean(1)))";
+
 // Utterance-level statistics of the raw input rows over the frames within
 // range_db of the loudest one (the rest is silence or zero padding):
 // mean, standard deviation, RMS and mean magnitude of the delta (librosa's
@@ -79,7 +97,7 @@ def forward(self, x):
     return torch.dropout(hidden, self.dropout, self.training)
 )";
 
-// The whole model. BRANCH_INPUT, ENCODER_CALLS and STATISTICS_CALL are
+// The whole model. BRANCH_INPUT, PARALLEL_BRANCHES and STATISTICS_CALL are
 // replaced by the code of the options' optional parts.
 constexpr char kModelSource[] = R"(
 def branch_input(self, x):
@@ -87,21 +105,8 @@ def branch_input(self, x):
 
 def embedding(self, x):
     raw = x
-    x = self.branch_input(x)
-    x = (x - self.feature_mean.view(1, 1, -1, 1)) / self.feature_std.view(1, 1, -1, 1)
-    if self.window_mean_normalization:
-        x = x - x.mean(3, True)
-    conv = self.conv2.forward(self.conv1.forward(self.conv0.forward(x)))
-    if self.conv_global_pooling:
-        cells = torch.flatten(conv, 2)
-        conv = torch.cat([cells.mean(2), cells.amax(2)], 1)
-    else:
-        conv = torch.flatten(conv, 1)
-    seq = torch.max_pool2d(x, [1, self.time_pool], [1, self.time_pool])
-    seq = seq.squeeze(1).transpose(1, 2)
-    ENCODER_CALLS
-    summary = seq.mean(1)
-    parts = [conv, summary]
+    parts: List[torch.Tensor] = []
+    PARALLEL_BRANCHES
     STATISTICS_CALL
     return torch.cat(parts, 1)
 
@@ -231,6 +236,11 @@ absl::Status Validate(const ArchitectureOptions& o) {
         "architecture: statistics_hidden must be >= 0, statistics_range_db > 0 and "
         "statistics_dropout in [0, 1)");
   }
+  if (!o.parallel_branches && o.statistics_hidden == 0) {
+    return absl::InvalidArgumentError(
+        "architecture: without the parallel branches the statistics branch is needed "
+        "(statistics_hidden > 0)");
+  }
   const int branch_rows = BranchRows(o);
   int rows = branch_rows;
   int cols = o.num_frames;
@@ -297,6 +307,7 @@ absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(
       else if (key == "statistics_hidden") o.statistics_hidden = value.get<int>();
       else if (key == "statistics_range_db") o.statistics_range_db = value.get<double>();
       else if (key == "statistics_dropout") o.statistics_dropout = value.get<double>();
+      else if (key == "parallel_branches") o.parallel_branches = value.get<bool>();
       else if (key == "name") continue;
       else return absl::InvalidArgumentError(absl::StrCat("architecture: unknown key '", key, "'"));
     }
@@ -325,7 +336,8 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& o) {
           {"cepstral_coefficients", o.cepstral_coefficients},
           {"statistics_hidden", o.statistics_hidden},
           {"statistics_range_db", o.statistics_range_db},
-          {"statistics_dropout", o.statistics_dropout}};
+          {"statistics_dropout", o.statistics_dropout},
+          {"parallel_branches", o.parallel_branches}};
 }
 
 absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
@@ -350,42 +362,47 @@ absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
                                             o.statistics_range_db, o.statistics_dropout, unit));
       statistics_call = "parts.append(self.statistics.forward(raw))";
     }
-    int in_channels = 1;
-    int rows = branch_rows;
-    int cols = o.num_frames;
-    for (int i = 0; i < 3; ++i) {
-      model.register_module(
-          absl::StrCat("conv", i),
-          ConvBlock(i, in_channels, o.conv_channels[i], o.conv_pool[i],
-                    o.conv_dropout, unit));
-      in_channels = o.conv_channels[i];
-      rows /= o.conv_pool[i];
-      cols /= o.conv_pool[i];
-    }
-    std::string encoder_calls;
-    for (int i = 0; i < o.transformer_layers; ++i) {
-      model.register_module(
-          absl::StrCat("encoder", i),
-          EncoderLayer(i, branch_rows, o.transformer_heads,
-                       o.transformer_feedforward, o.transformer_dropout, unit));
-      absl::StrAppend(&encoder_calls, i == 0 ? "" : "\n    ", "seq = self.encoder",
-                      i, ".forward(seq)");
+    int64_t fc_in = o.statistics_hidden;
+    std::string parallel_branches;
+    if (o.parallel_branches) {
+      int in_channels = 1;
+      int rows = branch_rows;
+      int cols = o.num_frames;
+      for (int i = 0; i < 3; ++i) {
+        model.register_module(absl::StrCat("conv", i),
+                              ConvBlock(i, in_channels, o.conv_channels[i], o.conv_pool[i],
+                                        o.conv_dropout, unit));
+        in_channels = o.conv_channels[i];
+        rows /= o.conv_pool[i];
+        cols /= o.conv_pool[i];
+      }
+      std::string encoder_calls;
+      for (int i = 0; i < o.transformer_layers; ++i) {
+        model.register_module(absl::StrCat("encoder", i),
+                              EncoderLayer(i, branch_rows, o.transformer_heads,
+                                           o.transformer_feedforward, o.transformer_dropout,
+                                           unit));
+        absl::StrAppend(&encoder_calls, i == 0 ? "" : "\n    ", "seq = self.encoder", i,
+                        ".forward(seq)");
+      }
+      parallel_branches =
+          absl::StrReplaceAll(kParallelBranchesSource, {{"ENCODER_CALLS", encoder_calls}});
+      const int64_t conv_width = o.conv_global_pooling
+                                     ? 2 * static_cast<int64_t>(in_channels)
+                                     : static_cast<int64_t>(in_channels) * rows * cols;
+      fc_in += conv_width + branch_rows;
     }
     model.register_attribute("time_pool", c10::IntType::get(), o.time_pool);
     model.register_attribute("window_mean_normalization", c10::BoolType::get(),
                              o.window_mean_normalization);
     model.register_attribute("conv_global_pooling", c10::BoolType::get(),
                              o.conv_global_pooling);
-    const int64_t conv_width = o.conv_global_pooling
-                                   ? 2 * static_cast<int64_t>(in_channels)
-                                   : static_cast<int64_t>(in_channels) * rows * cols;
-    const int64_t fc_in = conv_width + branch_rows + o.statistics_hidden;
     model.register_parameter("fc_weight",
                              UniformFanIn({o.num_classes, fc_in}, fc_in), false);
     model.register_parameter("fc_bias", UniformFanIn({o.num_classes}, fc_in),
                              false);
     model.define(absl::StrReplaceAll(kModelSource, {{"BRANCH_INPUT", branch_input},
-                                                    {"ENCODER_CALLS", encoder_calls},
+                                                    {"PARALLEL_BRANCHES", parallel_branches},
                                                     {"STATISTICS_CALL", statistics_call}}));
     return model;
   } catch (const std::exception& e) {

@@ -59,6 +59,10 @@ struct ArchitectureOptions {
   int statistics_hidden = 0;
   double statistics_range_db = 80.0;
   double statistics_dropout = 0.5;
+  // false leaves out the CNN and Transformer branches: the statistics branch
+  // alone (statistics_hidden must be positive), a model that costs almost
+  // nothing beside the others, for ensembles with them.
+  bool parallel_branches = true;
 };
 
 absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(

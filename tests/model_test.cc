@@ -272,6 +272,27 @@ TEST(ModelArchitectureTest, StatisticsBranchSummarisesTheFramesNearTheLoudest) {
   EXPECT_NEAR(statistics.forward({louder}).toTensor()[0][4 * rows].item<double>(), 0.75, 1e-6);
 }
 
+// Without the parallel branches the model is the statistics branch and the
+// final layer: no convolutions or encoder layers, and it needs the branch.
+TEST(ModelArchitectureTest, StatisticsOnlyModelHasNeitherCnnNorTransformer) {
+  ArchitectureOptions options;
+  options.num_features = 64;
+  options.parallel_branches = false;
+  options.statistics_hidden = 24;
+  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  ASSERT_TRUE(module.ok()) << module.status();
+  EXPECT_EQ(module->attr("fc_weight").toTensor().size(1), 24);
+  EXPECT_FALSE(module->hasattr("conv0"));
+  EXPECT_FALSE(module->hasattr("encoder0"));
+  module->eval();
+  torch::NoGradGuard no_grad;
+  const torch::Tensor p = module->forward({torch::randn({2, 1, 64, 301}) * 20 - 30}).toTensor();
+  EXPECT_TRUE(torch::allclose(p.sum(1), torch::ones({2})));
+  options.statistics_hidden = 0;
+  EXPECT_THAT(BuildParallelCnnTransformer(options).status().message(),
+              HasSubstr("statistics branch is needed"));
+}
+
 // Every option survives model.json's architecture object.
 TEST(ModelArchitectureTest, OptionsRoundTripThroughJson) {
   ArchitectureOptions options;
@@ -282,6 +303,7 @@ TEST(ModelArchitectureTest, OptionsRoundTripThroughJson) {
   options.statistics_hidden = 96;
   options.statistics_range_db = 60.0;
   options.statistics_dropout = 0.25;
+  options.parallel_branches = false;
   const nlohmann::json json = ArchitectureOptionsToJson(options);
   absl::StatusOr<ArchitectureOptions> parsed = ArchitectureOptionsFromJson(json);
   ASSERT_TRUE(parsed.ok()) << parsed.status();
