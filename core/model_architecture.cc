@@ -411,6 +411,31 @@ absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
   }
 }
 
+absl::StatusOr<torch::jit::Module> BuildCepstralAdapter(torch::jit::Module member,
+                                                        int coefficients, int rows) {
+  if (coefficients <= 0 || coefficients > rows) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a cepstral adapter needs 1 to ", rows, " coefficients, not ", coefficients));
+  }
+  try {
+    auto unit = std::make_shared<torch::jit::CompilationUnit>();
+    Module adapter = NewModule("CepstralAdapter", unit);
+    adapter.register_module("member", member);
+    adapter.register_buffer("cepstral_dct", OrthonormalDct(coefficients, rows));
+    adapter.define(R"(
+def forward(self, x):
+    return self.member.forward(torch.matmul(self.cepstral_dct, x))
+
+def logits(self, x):
+    return self.member.logits(torch.matmul(self.cepstral_dct, x))
+)");
+    adapter.eval();
+    return adapter;
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("building the cepstral adapter failed: ", e.what()));
+  }
+}
+
 absl::StatusOr<torch::jit::Module> BuildEnsemble(
     std::vector<torch::jit::Module> members) {
   if (members.size() < 2) {

@@ -84,6 +84,14 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& options);
 absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
     const ArchitectureOptions& options);
 
+// A model trained on MFCCs, served on the log-mel spectrogram they were
+// computed from: forward(x) = member.forward(DCT(x)) (and logits alike),
+// DCT being the first `coefficients` orthonormal DCT-II rows over `rows`
+// bands, which is librosa's MFCC of that log-mel. Lets an MFCC model join
+// an ensemble whose input is log-mel.
+absl::StatusOr<torch::jit::Module> BuildCepstralAdapter(torch::jit::Module member,
+                                                        int coefficients, int rows);
+
 // An ensemble of modules that follow the model contract (same input, same
 // classes): forward(x) -> the mean of the members' probabilities;
 // logits(x) -> its log. At least two members.

@@ -212,6 +212,23 @@ TEST(TrainSmokeTest, MovingAverageRunSavesTheAveragedWeights) {
   EXPECT_GT(largest, 1e-4f);
 }
 
+// The features of the first window of each clip.
+std::vector<float> FirstWindowFeatures(const std::vector<std::vector<float>>& clips,
+                                       const ModelConfig& config) {
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  EXPECT_TRUE(extractor.ok()) << extractor.status();
+  std::vector<float> batch;
+  for (const std::vector<float>& clip : clips) {
+    std::vector<float> window(config.window_samples());
+    CopyWindow(clip, 0, window.size(), window.data());
+    FeatureMatrix features;
+    EXPECT_TRUE((*extractor)->Compute(window, &features).ok());
+    batch.insert(batch.end(), features.data.begin(), features.data.end());
+  }
+  return batch;
+}
+
 // Two members with the same features and split make one model directory
 // whose probabilities are the mean of theirs and whose model.json records
 // them; members that disagree on the split are refused.
@@ -244,17 +261,7 @@ TEST(EnsembleTest, AveragesItsMembersAndRecordsThem) {
   // Real speech through the three models.
   absl::StatusOr<std::vector<std::vector<float>>> clips = testing::LoadRavdessClips(*shared, 2);
   ASSERT_TRUE(clips.ok()) << clips.status();
-  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
-      FeatureExtractor::Create(config.features, config.sample_rate);
-  ASSERT_TRUE(extractor.ok());
-  std::vector<float> batch;
-  for (const std::vector<float>& clip : *clips) {
-    std::vector<float> window(config.window_samples(), 0.0f);
-    std::copy_n(clip.begin(), std::min(clip.size(), window.size()), window.begin());
-    FeatureMatrix features;
-    ASSERT_TRUE((*extractor)->Compute(window, &features).ok());
-    batch.insert(batch.end(), features.data.begin(), features.data.end());
-  }
+  const std::vector<float> batch = FirstWindowFeatures(*clips, config);
   absl::StatusOr<std::vector<float>> mean = (*ensemble)->Predict(batch, 2);
   absl::StatusOr<std::vector<float>> first = members[0]->Predict(batch, 2);
   absl::StatusOr<std::vector<float>> second = members[1]->Predict(batch, 2);
@@ -287,6 +294,54 @@ TEST(EnsembleTest, AveragesItsMembersAndRecordsThem) {
 
 // eval --hop-seconds places a clip's windows as a request's hop_seconds
 // does (0 = half a window) and refuses hops outside (0, window].
+// An MFCC model joins a log-mel model's ensemble through a cepstral
+// adapter: the ensemble takes log-mel, and its output is the mean of the
+// MFCC model on the extractor's MFCCs and the log-mel model on log-mel. An
+// MFCC model of another mel spectrogram is refused.
+TEST(EnsembleTest, MfccMemberJoinsALogMelEnsemble) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: the ensemble is evaluated on RAVDESS";
+  const fs::path root = fs::path(::testing::TempDir()) / "cepstral_ensemble";
+  fs::remove_all(root);
+  ModelConfig mfcc_config = testing::DefaultModelConfig();
+  mfcc_config.provenance = {
+      {"split", {{"train_actors", {1, 2}}, {"val_actors", {3}}, {"test_actors", {4}}}}};
+  ModelConfig mel_config = mfcc_config;
+  mel_config.features.kind = FeatureKind::kLogMel;
+  ASSERT_TRUE(testing::WriteTestModel(mfcc_config, (root / "mfcc").string(), 1).ok());
+  ASSERT_TRUE(testing::WriteTestModel(mel_config, (root / "mel").string(), 2).ok());
+  const std::string command = absl::StrCat(
+      EMOSERVE_BINARY_DIR, "/train/emoserve-train ensemble --members ", (root / "mfcc").string(),
+      " ", (root / "mel").string(), " --data ", Ravdess(*shared), " --out ",
+      (root / "ensemble").string(), " --threads 2");
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  absl::StatusOr<std::unique_ptr<Model>> ensemble = Model::Load((root / "ensemble").string());
+  ASSERT_TRUE(ensemble.ok()) << ensemble.status();
+  EXPECT_EQ((*ensemble)->config().features.kind, FeatureKind::kLogMel);
+  EXPECT_EQ((*ensemble)->config().provenance["members"][0]["features"], "mfcc");
+
+  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::LoadRavdessClips(*shared, 2);
+  ASSERT_TRUE(clips.ok()) << clips.status();
+  absl::StatusOr<std::unique_ptr<Model>> mfcc_model = Model::Load((root / "mfcc").string());
+  absl::StatusOr<std::unique_ptr<Model>> mel_model = Model::Load((root / "mel").string());
+  ASSERT_TRUE(mfcc_model.ok() && mel_model.ok());
+  const std::vector<float> mel = FirstWindowFeatures(*clips, mel_config);
+  absl::StatusOr<std::vector<float>> mean = (*ensemble)->Predict(mel, 2);
+  absl::StatusOr<std::vector<float>> first =
+      (*mfcc_model)->Predict(FirstWindowFeatures(*clips, mfcc_config), 2);
+  absl::StatusOr<std::vector<float>> second = (*mel_model)->Predict(mel, 2);
+  ASSERT_TRUE(mean.ok() && first.ok() && second.ok());
+  ASSERT_EQ(mean->size(), 16u);
+  for (size_t i = 0; i < mean->size(); ++i) {
+    EXPECT_NEAR((*mean)[i], 0.5 * ((*first)[i] + (*second)[i]), 1e-4) << i;
+  }
+
+  ModelConfig other = mfcc_config;
+  other.features.n_mels = 40;
+  ASSERT_TRUE(testing::WriteTestModel(other, (root / "mfcc").string(), 1).ok());
+  EXPECT_NE(std::system((command + " 2>/dev/null").c_str()), 0);
+}
+
 TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
   std::optional<std::string> shared = testing::SharedDir();
   if (!shared) GTEST_SKIP() << "../shared is absent: evaluation needs RAVDESS";

@@ -104,6 +104,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   train->add_option("--speed-max", options.speed_max, "fastest speed perturbation")
       ->capture_default_str();
+  train->add_option("--time-masks", options.time_masks, "SpecAugment time masks per example")
+      ->capture_default_str();
+  train->add_option("--feature-masks", options.feature_masks,
+                    "SpecAugment feature (row) masks per example")
+      ->capture_default_str();
   train->add_option("--label-smoothing", options.label_smoothing)->capture_default_str();
   train->add_option("--speaker-adversarial", options.speaker_adversarial_weight,
                     "gradient-reversal weight of an adversarial speaker classifier (0 = off)")

@@ -568,42 +568,70 @@ absl::Status Ensemble(const EnsembleOptions& options) {
     return absl::InvalidArgumentError("an ensemble needs at least two member directories");
   }
   std::vector<ModelConfig> configs;
-  std::vector<torch::jit::Module> modules;
   for (const std::string& dir : options.member_dirs) {
     absl::StatusOr<ModelConfig> config =
         LoadModelConfig((fs::path(dir) / "model.json").string());
     if (!config.ok()) return config.status();
-    const ModelConfig& first = configs.empty() ? *config : configs.front();
+    configs.push_back(*std::move(config));
+  }
+  // The ensemble's input: the members' features, or the log-mel spectrogram
+  // when some members take it and the others its MFCCs (they join through a
+  // cepstral adapter).
+  FeatureParams input = configs.front().features;
+  for (const ModelConfig& config : configs) {
+    if (config.features.kind == FeatureKind::kLogMel) input = config.features;
+  }
+  // The features' JSON without what only MFCCs have.
+  const auto spectrogram = [](FeatureParams p) {
+    p.kind = FeatureKind::kLogMel;
+    nlohmann::json json = FeatureParamsToJson(p);
+    json.erase("n_mfcc");
+    return json;
+  };
+  std::vector<torch::jit::Module> modules;
+  for (size_t i = 0; i < configs.size(); ++i) {
+    const std::string& dir = options.member_dirs[i];
+    const ModelConfig& config = configs[i];
+    const ModelConfig& first = configs.front();
     const auto differs = [&](absl::string_view what) {
       return absl::InvalidArgumentError(absl::StrCat(
           dir, " differs from ", options.member_dirs.front(), " in its ", what,
           ": ensemble members must share input, labels and split"));
     };
-    if (config->labels != first.labels) return differs("labels");
-    if (config->sample_rate != first.sample_rate ||
-        config->window_seconds != first.window_seconds ||
-        config->input_layout != first.input_layout ||
-        FeatureParamsToJson(config->features) != FeatureParamsToJson(first.features)) {
+    if (config.labels != first.labels) return differs("labels");
+    const bool same_features = FeatureParamsToJson(config.features) == FeatureParamsToJson(input);
+    const bool cepstra_of_input = config.features.kind == FeatureKind::kMfcc &&
+                                  input.kind == FeatureKind::kLogMel &&
+                                  spectrogram(config.features) == spectrogram(input);
+    if (config.sample_rate != first.sample_rate ||
+        config.window_seconds != first.window_seconds ||
+        config.input_layout != first.input_layout || !(same_features || cepstra_of_input)) {
       return differs("input (rate, window or features)");
     }
-    if (!config->provenance.contains("split")) {
+    if (!config.provenance.contains("split")) {
       return absl::InvalidArgumentError(absl::StrCat(
           dir, "/model.json records no split: its training actors are unknown"));
     }
-    if (config->provenance["split"] != first.provenance["split"]) return differs("split");
+    if (config.provenance["split"] != first.provenance["split"]) return differs("split");
     try {
       modules.push_back(torch::jit::load((fs::path(dir) / "model.pt").string()));
     } catch (const std::exception& e) {
       return absl::InvalidArgumentError(
           absl::StrCat("cannot load ", dir, "/model.pt: ", e.what()));
     }
-    configs.push_back(*std::move(config));
+    if (!same_features) {
+      absl::StatusOr<torch::jit::Module> adapted =
+          BuildCepstralAdapter(modules.back(), config.features.n_mfcc, input.n_mels);
+      if (!adapted.ok()) return adapted.status();
+      modules.back() = *std::move(adapted);
+    }
   }
   absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(modules);
   if (!ensemble.ok()) return ensemble.status();
 
   if (absl::Status s = CreateDirectory(options.out_dir); !s.ok()) return s;
   ModelConfig config = configs.front();
+  config.features = input;
   if (!options.model_name.empty()) config.name = options.model_name;
   if (!options.model_version.empty()) config.version = options.model_version;
   nlohmann::json architectures = nlohmann::json::array();
@@ -612,7 +640,8 @@ absl::Status Ensemble(const EnsembleOptions& options) {
   for (size_t i = 0; i < configs.size(); ++i) {
     const nlohmann::json& p = configs[i].provenance;
     architectures.push_back(configs[i].architecture);
-    nlohmann::json member = {{"dir", options.member_dirs[i]}};
+    nlohmann::json member = {{"dir", options.member_dirs[i]},
+                             {"features", FeatureParamsToJson(configs[i].features)["kind"]}};
     for (const char* key : {"command", "seed", "best_epoch", "train_seconds"}) {
       if (p.contains(key)) member[key] = p[key];
     }
