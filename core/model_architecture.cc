@@ -236,10 +236,13 @@ absl::Status Validate(const ArchitectureOptions& o) {
         "architecture: statistics_hidden must be >= 0, statistics_range_db > 0 and "
         "statistics_dropout in [0, 1)");
   }
-  if (!o.parallel_branches && o.statistics_hidden == 0) {
-    return absl::InvalidArgumentError(
-        "architecture: without the parallel branches the statistics branch is needed "
-        "(statistics_hidden > 0)");
+  if (!o.parallel_branches) {
+    if (o.statistics_hidden == 0) {
+      return absl::InvalidArgumentError(
+          "architecture: without the parallel branches the statistics branch is needed "
+          "(statistics_hidden > 0)");
+    }
+    return absl::OkStatus();  // the CNN's and Transformer's sizes do not apply
   }
   const int branch_rows = BranchRows(o);
   int rows = branch_rows;

@@ -288,6 +288,9 @@ TEST(ModelArchitectureTest, StatisticsOnlyModelHasNeitherCnnNorTransformer) {
   torch::NoGradGuard no_grad;
   const torch::Tensor p = module->forward({torch::randn({2, 1, 64, 301}) * 20 - 30}).toTensor();
   EXPECT_TRUE(torch::allclose(p.sum(1), torch::ones({2})));
+  // The CNN's pooling does not constrain it: 13 rows are enough.
+  options.num_features = 13;
+  ASSERT_TRUE(BuildParallelCnnTransformer(options).ok());
   options.statistics_hidden = 0;
   EXPECT_THAT(BuildParallelCnnTransformer(options).status().message(),
               HasSubstr("statistics branch is needed"));
