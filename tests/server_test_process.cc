@@ -266,8 +266,15 @@ TEST(ServerProcessTest, MetricsPassPromtoolAndCountWhatHappened) {
   const testing::StreamOutcome stream = testing::RunStream(*stub, config, ToLinear16(tone), 3200);
   ASSERT_TRUE(stream.status.ok()) << stream.status.error_message();
 
-  absl::StatusOr<std::string> text = HttpGet(metrics_port, "/metrics");
-  ASSERT_TRUE(text.ok()) << text.status();
+  // The client has the stream's status before the server's OnDone releases
+  // the stream (and its gauge): scrape until that has happened.
+  absl::StatusOr<std::string> text;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    text = HttpGet(metrics_port, "/metrics");
+    ASSERT_TRUE(text.ok()) << text.status();
+    if (MetricValue(*text, "emoserve_active_streams") == 0.0) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
   const std::string path = testing::ScratchDir() + "/metrics.txt";
   std::ofstream(path) << *text;
   const std::pair<int, std::string> check = RunCommand("promtool check metrics < " + path);
