@@ -76,7 +76,6 @@ int main(int argc, char** argv) {
   TrainOptions options;
   options.features = emoserve::DefaultTrainFeatures();
   std::string train_actors, val_actors = "19-20", test_actors = "21-24", feature_kind = "mfcc";
-  bool statistics_only = false;
   CLI::App* train = app.add_subcommand("train", "train a model and write a model directory");
   train->add_option("--data", options.data_dir, "RAVDESS folder (Actor_NN/...flac|wav)")
       ->required();
@@ -136,8 +135,10 @@ int main(int argc, char** argv) {
   train->add_option("--statistics-range-db", options.architecture.statistics_range_db,
                     "statistics branch: frames within this many dB of the loudest count")
       ->capture_default_str();
-  train->add_flag("--statistics-only,!--parallel-branches", statistics_only,
-                  "the statistics branch alone, without the CNN and Transformer branches");
+  train->add_flag("--parallel-branches,!--statistics-only",
+                  options.architecture.parallel_branches,
+                  "--statistics-only: the statistics branch alone, without the CNN and "
+                  "Transformer branches");
   train->add_option("--name", options.model_name)->capture_default_str();
   train->add_option("--version", options.model_version)->capture_default_str();
 
@@ -172,7 +173,6 @@ int main(int argc, char** argv) {
   eval->add_flag("--json", json, "print JSON");
 
   CLI11_PARSE(app, argc, argv);
-  options.architecture.parallel_branches = !statistics_only;
 
   if (eval->parsed()) {
     return emoserve::RunEval(model_dir, data_dir, actors, device, threads, hop_seconds, json);
