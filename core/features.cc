@@ -485,17 +485,21 @@ void FeatureExtractor::Impl::BuildWindow() {
   win_offset = (params.n_fft - n) / 2;
 }
 
+std::vector<double> MelFrequencies(const FeatureParams& params, int sample_rate) {
+  const double fmax = params.fmax.value_or(sample_rate / 2.0);
+  std::vector<double> mel_f =
+      Linspace(HzToMel(params.fmin), HzToMel(fmax), params.n_mels + 2);
+  std::transform(mel_f.begin(), mel_f.end(), mel_f.begin(), MelToHz);
+  return mel_f;
+}
+
 void FeatureExtractor::Impl::BuildMelFilters() {
   // librosa.filters.mel(htk=False, norm="slaney"), in double as librosa
   // computes it; the triangle is rounded to float32 before the slaney
   // normalisation, as librosa's float32 weights array does.
   const int n_mels = params.n_mels;
   const int n_bins = params.n_fft / 2 + 1;
-  const double fmax = params.fmax.value_or(sample_rate / 2.0);
-  const std::vector<double> mels =
-      Linspace(HzToMel(params.fmin), HzToMel(fmax), n_mels + 2);
-  std::vector<double> mel_f(mels.size());
-  std::transform(mels.begin(), mels.end(), mel_f.begin(), MelToHz);
+  const std::vector<double> mel_f = MelFrequencies(params, sample_rate);
   // numpy.fft.rfftfreq(n_fft, 1 / sr).
   const double bin_hz = 1.0 / (params.n_fft * (1.0 / sample_rate));
 

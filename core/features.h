@@ -47,6 +47,11 @@ class FeatureExtractor {
   std::unique_ptr<Impl> impl_;
 };
 
+// librosa.mel_frequencies(n_mels + 2, fmin, fmax, htk=False): the edges of
+// the Slaney mel filters, in Hz; row m of the mel spectrogram is centred at
+// element m + 1. Equally spaced below 1 kHz, where the scale is linear.
+std::vector<double> MelFrequencies(const FeatureParams& params, int sample_rate);
+
 }  // namespace emoserve
 
 #endif  // EMOSERVE_CORE_FEATURES_H_

@@ -82,20 +82,71 @@ def forward(self, x):
     mean = (x * kept).sum(2) / count
     centered = (x - mean.unsqueeze(2)) * kept
     std = torch.sqrt((centered * centered).sum(2) / count + 1e-5)
-    first = x[:, :, :1]
-    last = x[:, :, -1:]
-    padded = torch.cat([first, first, x, last, last], 2)
-    delta = (2.0 * (padded[:, :, 4:] - padded[:, :, :-4]) +
-             (padded[:, :, 3:-1] - padded[:, :, 1:-3])) / 10.0
+    delta = self.delta(x)
     delta_rms = torch.sqrt((delta * delta * kept).sum(2) / count + 1e-5)
     delta_magnitude = (delta.abs() * kept).sum(2) / count
     share = kept.mean(2)
     s = torch.cat([mean, std, delta_rms, delta_magnitude, share], 1)
+    PITCH_CALL
     s = torch.batch_norm(s, self.bn_weight, self.bn_bias, self.bn_running_mean,
                          self.bn_running_var, self.training, 0.1, 1e-5, False)
     hidden = torch.relu(torch.linear(s, self.hidden_weight, self.hidden_bias))
     return torch.dropout(hidden, self.dropout, self.training)
+
+def delta(self, x):
+    first = x[:, :, :1]
+    last = x[:, :, -1:]
+    padded = torch.cat([first, first, x, last, last], 2)
+    return (2.0 * (padded[:, :, 4:] - padded[:, :, :-4]) +
+            (padded[:, :, 3:-1] - padded[:, :, 1:-3])) / 10.0
 )";
+
+// The pitch statistics (ArchitectureOptions::pitch_rows) of x [B, F, T]
+// given each frame's loudest band: the periodicity spectrum of the low rows
+// (mean removed, Hann-windowed DFT as matrices), normalised per frame; its
+// mean and deviation over voiced frames; the log F0 at its peak, with its
+// mean, deviation and delta RMS.
+constexpr char kPitchSource[] = R"(
+def pitch(self, x, energy):
+    voiced = (energy > energy.amax(1, True) - self.pitch_range_db).to(x.dtype)
+    low = x[:, 1:self.pitch_rows]
+    low = low - low.mean(1, True)
+    real = torch.matmul(self.pitch_cos, low)
+    imaginary = torch.matmul(self.pitch_sin, low)
+    spectrum = torch.sqrt(real * real + imaginary * imaginary + 1e-12)
+    spectrum = spectrum / (spectrum.sum(1, True) + 1e-6)
+    count = voiced.sum(1, True).clamp_min(1.0)
+    weights = voiced.unsqueeze(1)
+    mean = (spectrum * weights).sum(2) / count
+    centered = (spectrum - mean.unsqueeze(2)) * weights
+    std = torch.sqrt((centered * centered).sum(2) / count + 1e-8)
+    f0 = self.pitch_log_hz[spectrum.argmax(1)]
+    f0_mean = (f0 * voiced).sum(1, True) / count
+    f0_centered = (f0 - f0_mean) * voiced
+    f0_std = torch.sqrt((f0_centered * f0_centered).sum(1, True) / count + 1e-5)
+    f0_delta = self.delta(f0.unsqueeze(1)).squeeze(1) * voiced
+    f0_delta_rms = torch.sqrt((f0_delta * f0_delta).sum(1, True) / count + 1e-5)
+    return torch.cat([mean, std, f0_mean, f0_std, f0_delta_rms], 1)
+)";
+
+// The pitch search: F0 from kPitchMinHz to kPitchMaxHz, read off a DFT of
+// kPitchDftSize points over the low rows (zero-padded: finer F0 steps), on
+// frames within kPitchRangeDb of the loudest (voiced speech, not breath).
+constexpr double kPitchMinHz = 75.0;
+constexpr double kPitchMaxHz = 450.0;
+constexpr int kPitchDftSize = 256;
+constexpr double kPitchRangeDb = 30.0;
+
+// DFT bins k whose period (kPitchDftSize / k rows) is an F0 in the search
+// range, for rows row_hz apart.
+std::vector<int> PitchBins(double row_hz) {
+  std::vector<int> bins;
+  for (int k = 1; k <= kPitchDftSize / 2; ++k) {
+    const double f0 = kPitchDftSize * row_hz / k;
+    if (f0 >= kPitchMinHz && f0 <= kPitchMaxHz) bins.push_back(k);
+  }
+  return bins;
+}
 
 // The whole model. BRANCH_INPUT, PARALLEL_BRANCHES and STATISTICS_CALL are
 // replaced by the code of the options' optional parts.
@@ -198,19 +249,40 @@ Module EncoderLayer(int index, int d_model, int heads, int feedforward,
   return layer;
 }
 
-Module StatisticsBlock(int rows, int hidden, double range_db, double dropout,
+Module StatisticsBlock(const ArchitectureOptions& o,
                        const std::shared_ptr<torch::jit::CompilationUnit>& unit) {
   Module block = NewModule("Statistics", unit);
-  const int64_t width = 4 * static_cast<int64_t>(rows) + 1;
+  const int hidden = o.statistics_hidden;
+  int64_t width = 4 * static_cast<int64_t>(o.num_features) + 1;
+  std::string source = kStatisticsSource;
+  std::string pitch_call;
+  if (o.pitch_rows > 0) {
+    const std::vector<int> bins = PitchBins(o.pitch_row_hz);
+    const int64_t length = o.pitch_rows - 1;  // row 0 (from 0 Hz) is left out
+    torch::Tensor k = torch::tensor(std::vector<int64_t>(bins.begin(), bins.end()), torch::kDouble)
+                          .unsqueeze(1);
+    torch::Tensor n = torch::arange(length, torch::kDouble).unsqueeze(0);
+    torch::Tensor hann = 0.5 - 0.5 * torch::cos(2 * M_PI * n / (length - 1));
+    torch::Tensor phase = 2 * M_PI * k * n / kPitchDftSize;
+    block.register_buffer("pitch_cos", (hann * torch::cos(phase)).to(torch::kFloat));
+    block.register_buffer("pitch_sin", (hann * torch::sin(phase)).to(torch::kFloat));
+    block.register_buffer("pitch_log_hz",
+                          torch::log(kPitchDftSize * o.pitch_row_hz / k.squeeze(1)).to(torch::kFloat));
+    block.register_attribute("pitch_rows", c10::IntType::get(), o.pitch_rows);
+    block.register_attribute("pitch_range_db", c10::FloatType::get(), kPitchRangeDb);
+    width += 2 * static_cast<int64_t>(bins.size()) + 3;
+    pitch_call = "s = torch.cat([s, self.pitch(x, energy)], 1)";
+    source += kPitchSource;
+  }
   block.register_parameter("bn_weight", torch::ones({width}), false);
   block.register_parameter("bn_bias", torch::zeros({width}), false);
   block.register_buffer("bn_running_mean", torch::zeros({width}));
   block.register_buffer("bn_running_var", torch::ones({width}));
   block.register_parameter("hidden_weight", UniformFanIn({hidden, width}, width), false);
   block.register_parameter("hidden_bias", UniformFanIn({hidden}, width), false);
-  block.register_attribute("range_db", c10::FloatType::get(), range_db);
-  block.register_attribute("dropout", c10::FloatType::get(), dropout);
-  block.define(kStatisticsSource);
+  block.register_attribute("range_db", c10::FloatType::get(), o.statistics_range_db);
+  block.register_attribute("dropout", c10::FloatType::get(), o.statistics_dropout);
+  block.define(absl::StrReplaceAll(source, {{"PITCH_CALL", pitch_call}}));
   return block;
 }
 
@@ -235,6 +307,23 @@ absl::Status Validate(const ArchitectureOptions& o) {
     return absl::InvalidArgumentError(
         "architecture: statistics_hidden must be >= 0, statistics_range_db > 0 and "
         "statistics_dropout in [0, 1)");
+  }
+  if (o.pitch_rows != 0) {
+    if (o.statistics_hidden == 0) {
+      return absl::InvalidArgumentError(
+          "architecture: pitch statistics are part of the statistics branch "
+          "(statistics_hidden > 0)");
+    }
+    if (o.pitch_rows < 8 || o.pitch_rows > o.num_features) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "architecture: pitch_rows (", o.pitch_rows, ") must be within [8, num_features = ",
+          o.num_features, "]"));
+    }
+    if (!(o.pitch_row_hz > 0) || o.pitch_row_hz > kPitchMinHz / 2) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "architecture: pitch_row_hz (", o.pitch_row_hz, ") must be in (0, ", kPitchMinHz / 2,
+          "]: two rows per harmonic at ", kPitchMinHz, " Hz (use more mel bands)"));
+    }
   }
   if (!o.parallel_branches) {
     if (o.statistics_hidden == 0) {
@@ -279,6 +368,22 @@ absl::Status Validate(const ArchitectureOptions& o) {
 
 }  // namespace
 
+absl::StatusOr<PitchRows> PitchRowsOf(const std::vector<double>& mel_frequencies) {
+  PitchRows pitch;
+  // Row m is centred at mel_frequencies[m + 1].
+  for (size_t m = 1; m + 1 < mel_frequencies.size() && mel_frequencies[m] < 1000.0; ++m) {
+    ++pitch.rows;
+  }
+  if (pitch.rows >= 2) pitch.row_hz = mel_frequencies[2] - mel_frequencies[1];
+  if (pitch.rows < 8 || pitch.row_hz > kPitchMinHz / 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pitch statistics need at least 8 mel bands below 1 kHz at most ", kPitchMinHz / 2,
+        " Hz apart; these features have ", pitch.rows, " bands ", pitch.row_hz,
+        " Hz apart (use more mel bands, e.g. 128)"));
+  }
+  return pitch;
+}
+
 absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(
     const nlohmann::json& json) {
   ArchitectureOptions o;
@@ -311,6 +416,8 @@ absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(
       else if (key == "statistics_range_db") o.statistics_range_db = value.get<double>();
       else if (key == "statistics_dropout") o.statistics_dropout = value.get<double>();
       else if (key == "parallel_branches") o.parallel_branches = value.get<bool>();
+      else if (key == "pitch_rows") o.pitch_rows = value.get<int>();
+      else if (key == "pitch_row_hz") o.pitch_row_hz = value.get<double>();
       else if (key == "name") continue;
       else return absl::InvalidArgumentError(absl::StrCat("architecture: unknown key '", key, "'"));
     }
@@ -340,7 +447,9 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& o) {
           {"statistics_hidden", o.statistics_hidden},
           {"statistics_range_db", o.statistics_range_db},
           {"statistics_dropout", o.statistics_dropout},
-          {"parallel_branches", o.parallel_branches}};
+          {"parallel_branches", o.parallel_branches},
+          {"pitch_rows", o.pitch_rows},
+          {"pitch_row_hz", o.pitch_row_hz}};
 }
 
 absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
@@ -361,8 +470,7 @@ absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
     std::string statistics_call;
     if (o.statistics_hidden > 0) {
       model.register_module("statistics",
-                            StatisticsBlock(o.num_features, o.statistics_hidden,
-                                            o.statistics_range_db, o.statistics_dropout, unit));
+                            StatisticsBlock(o, unit));
       statistics_call = "parts.append(self.statistics.forward(raw))";
     }
     int64_t fc_in = o.statistics_hidden;

@@ -272,6 +272,80 @@ TEST(ModelArchitectureTest, StatisticsBranchSummarisesTheFramesNearTheLoudest) {
   EXPECT_NEAR(statistics.forward({louder}).toTensor()[0][4 * rows].item<double>(), 0.75, 1e-6);
 }
 
+// Pitch statistics read F0 off the harmonics of real log-mel features: a
+// harmonic tone at 120 or 220 Hz through the extractor (128 mel bands of a
+// 64 ms window) gives the log F0 of its tone, steady; a glide from 120 to
+// 240 Hz lies between them and varies. Mel bands too far apart are refused.
+TEST(ModelArchitectureTest, PitchStatisticsFindTheFundamentalOfHarmonicTones) {
+  FeatureParams params = testing::DefaultModelConfig().features;
+  params.kind = FeatureKind::kLogMel;
+  params.n_mels = 128;
+  params.n_fft = 1024;
+  params.win_length = 1024;
+  absl::StatusOr<PitchRows> pitch_rows = PitchRowsOf(MelFrequencies(params, 16000));
+  ASSERT_TRUE(pitch_rows.ok()) << pitch_rows.status();
+  EXPECT_EQ(pitch_rows->rows, 42);
+  EXPECT_NEAR(pitch_rows->row_hz, 23.4, 0.1);
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(params, 16000);
+  ASSERT_TRUE(extractor.ok()) << extractor.status();
+  ArchitectureOptions options;
+  options.num_features = 128;
+  options.parallel_branches = false;
+  options.statistics_hidden = 16;
+  options.pitch_rows = pitch_rows->rows;
+  options.pitch_row_hz = pitch_rows->row_hz;
+  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  ASSERT_TRUE(module.ok()) << module.status();
+  torch::jit::Module statistics = module->attr("statistics").toModule();
+  torch::NoGradGuard no_grad;
+  // [log F0 mean, log F0 deviation] of a tone whose F0 moves from f_start
+  // to f_end Hz over 3 s (harmonics up to 4 kHz, falling 6 dB an octave).
+  const auto pitch_of = [&](double f_start, double f_end) {
+    std::vector<float> samples(48000);
+    double phase = 0;
+    for (size_t i = 0; i < samples.size(); ++i) {
+      const double f0 = f_start + (f_end - f_start) * i / samples.size();
+      phase += 2 * M_PI * f0 / 16000;
+      double v = 0;
+      for (int h = 1; h * f0 < 4000; ++h) v += std::sin(h * phase) / h;
+      samples[i] = static_cast<float>(0.1 * v);
+    }
+    absl::StatusOr<FeatureMatrix> features = (*extractor)->Compute(samples);
+    EXPECT_TRUE(features.ok()) << features.status();
+    const torch::Tensor x =
+        torch::from_blob(features->data.data(), {1, features->rows, features->cols}).clone();
+    const torch::Tensor out =
+        statistics.run_method("pitch", x, x.amax(1)).toTensor().contiguous();
+    const int64_t bins = (out.size(1) - 3) / 2;  // mean and deviation per bin, then F0's
+    return std::pair{out[0][2 * bins].item<double>(), out[0][2 * bins + 1].item<double>()};
+  };
+  for (double f0 : {120.0, 220.0}) {
+    const auto [mean, deviation] = pitch_of(f0, f0);
+    EXPECT_NEAR(std::exp(mean), f0, 0.05 * f0) << f0;
+    EXPECT_LT(deviation, 0.05) << f0;
+  }
+  const auto [glide_mean, glide_deviation] = pitch_of(120.0, 240.0);
+  EXPECT_GT(std::exp(glide_mean), 140.0);
+  EXPECT_LT(std::exp(glide_mean), 220.0);
+  EXPECT_GT(glide_deviation, 0.1);
+  // The whole model takes the features and gives probabilities.
+  module->eval();
+  EXPECT_TRUE(torch::allclose(
+      module->forward({torch::randn({2, 1, 128, 301}) * 20 - 30}).toTensor().sum(1),
+      torch::ones({2})));
+  // 64 bands of the default features are 46 Hz apart: too coarse for pitch.
+  params.n_mels = 64;
+  EXPECT_THAT(PitchRowsOf(MelFrequencies(params, 16000)).status().message(),
+              HasSubstr("use more mel bands"));
+  options.pitch_row_hz = 46.4;
+  EXPECT_THAT(BuildParallelCnnTransformer(options).status().message(),
+              HasSubstr("pitch_row_hz"));
+  options.pitch_row_hz = pitch_rows->row_hz;
+  options.statistics_hidden = 0;
+  EXPECT_FALSE(BuildParallelCnnTransformer(options).ok());
+}
+
 // Without the parallel branches the model is the statistics branch and the
 // final layer: no convolutions or encoder layers, and it needs the branch.
 TEST(ModelArchitectureTest, StatisticsOnlyModelHasNeitherCnnNorTransformer) {
@@ -307,6 +381,8 @@ TEST(ModelArchitectureTest, OptionsRoundTripThroughJson) {
   options.statistics_range_db = 60.0;
   options.statistics_dropout = 0.25;
   options.parallel_branches = false;
+  options.pitch_rows = 21;
+  options.pitch_row_hz = 23.4;
   const nlohmann::json json = ArchitectureOptionsToJson(options);
   absl::StatusOr<ArchitectureOptions> parsed = ArchitectureOptionsFromJson(json);
   ASSERT_TRUE(parsed.ok()) << parsed.status();

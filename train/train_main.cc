@@ -95,6 +95,10 @@ int main(int argc, char** argv) {
   train->add_option("--features", feature_kind, "mfcc or log_mel")->capture_default_str();
   train->add_option("--n-mfcc", options.features.n_mfcc)->capture_default_str();
   train->add_option("--n-mels", options.features.n_mels)->capture_default_str();
+  train->add_option("--n-fft", options.features.n_fft, "FFT size (samples)")->capture_default_str();
+  train->add_option("--win-length", options.features.win_length,
+                    "analysis window (samples, at most --n-fft)")
+      ->capture_default_str();
   train->add_option("--mixup", options.mixup_alpha, "mixup alpha (0 = off)")
       ->capture_default_str();
   train->add_option("--noise-prob", options.noise_probability)->capture_default_str();
@@ -135,6 +139,9 @@ int main(int argc, char** argv) {
   train->add_option("--statistics-range-db", options.architecture.statistics_range_db,
                     "statistics branch: frames within this many dB of the loudest count")
       ->capture_default_str();
+  train->add_flag("--pitch", options.pitch,
+                  "statistics branch: add pitch statistics (log-mel input with mel bands at "
+                  "most 37.5 Hz apart below 1 kHz, e.g. --n-mels 128 --n-fft 1024)");
   train->add_flag("--parallel-branches,!--statistics-only",
                   options.architecture.parallel_branches,
                   "--statistics-only: the statistics branch alone, without the CNN and "

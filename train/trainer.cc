@@ -320,6 +320,16 @@ absl::Status Train(const TrainOptions& options) {
   architecture.num_features = rows;
   architecture.num_frames = cols;
   architecture.num_classes = static_cast<int>(config.labels.size());
+  if (options.pitch) {
+    if (config.features.kind != FeatureKind::kLogMel) {
+      return absl::InvalidArgumentError("--pitch needs --features log_mel (rows = mel bands)");
+    }
+    absl::StatusOr<PitchRows> pitch =
+        PitchRowsOf(MelFrequencies(config.features, config.sample_rate));
+    if (!pitch.ok()) return pitch.status();
+    architecture.pitch_rows = pitch->rows;
+    architecture.pitch_row_hz = pitch->row_hz;
+  }
   config.architecture = ArchitectureOptionsToJson(architecture);
 
   absl::StatusOr<torch::jit::Module> built = BuildParallelCnnTransformer(architecture);

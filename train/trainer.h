@@ -31,6 +31,9 @@ struct TrainOptions {
   double window_seconds = 3.0;
   FeatureParams features;  // defaults set in DefaultTrainFeatures()
   ArchitectureOptions architecture;  // num_features/frames/classes derived
+  // Adds pitch statistics to the statistics branch (log-mel input; the
+  // pitch rows are derived from the mel bands: ArchitectureOptions).
+  bool pitch = false;
 
   int epochs = 100;
   int batch_size = 32;
