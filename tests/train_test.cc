@@ -286,9 +286,72 @@ TEST(EnsembleTest, AveragesItsMembersAndRecordsThem) {
     EXPECT_TRUE(fs::exists(root / "ensemble" / file)) << file;
   }
 
-  // A member trained on another split could have seen the test actors.
-  config.provenance["split"]["val_actors"] = {5};
+  // A member tested on other actors could have trained on these.
+  config.provenance["split"]["test_actors"] = {5};
   ASSERT_TRUE(testing::WriteTestModel(config, (root / "member2").string(), 2).ok());
+  EXPECT_NE(std::system((command + " 2>/dev/null").c_str()), 0);
+}
+
+// Cross-validation folds: members that differ in their validation actors
+// make one ensemble, validated out of fold (each validation actor's clips
+// scored by the members that did not train on that actor), with the union
+// of the members' actors as its split. A member that trained on a test
+// actor is refused.
+TEST(EnsembleTest, FoldsAreValidatedOutOfFold) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: the ensemble is evaluated on RAVDESS";
+  const fs::path root = fs::path(::testing::TempDir()) / "fold_ensemble";
+  fs::remove_all(root);
+  ModelConfig config = testing::DefaultModelConfig();
+  // Fold A validates on actor 3, fold B on actor 2.
+  const nlohmann::json splits[2] = {
+      {{"train_actors", {1, 2}}, {"val_actors", {3}}, {"test_actors", {4}}},
+      {{"train_actors", {1, 3}}, {"val_actors", {2}}, {"test_actors", {4}}}};
+  std::vector<std::unique_ptr<Model>> folds;
+  for (int i = 0; i < 2; ++i) {
+    config.provenance = {{"split", splits[i]}};
+    const std::string dir = (root / absl::StrCat("fold", i)).string();
+    ASSERT_TRUE(testing::WriteTestModel(config, dir, i + 1).ok());
+    absl::StatusOr<std::unique_ptr<Model>> fold = Model::Load(dir);
+    ASSERT_TRUE(fold.ok()) << fold.status();
+    folds.push_back(*std::move(fold));
+  }
+  const std::string command = absl::StrCat(
+      EMOSERVE_BINARY_DIR, "/train/emoserve-train ensemble --members ", (root / "fold0").string(),
+      " ", (root / "fold1").string(), " --data ", Ravdess(*shared), " --out ",
+      (root / "ensemble").string(), " --threads 2");
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  absl::StatusOr<std::unique_ptr<Model>> ensemble = Model::Load((root / "ensemble").string());
+  ASSERT_TRUE(ensemble.ok()) << ensemble.status();
+  const nlohmann::json& provenance = (*ensemble)->config().provenance;
+  EXPECT_EQ(provenance["split"]["train_actors"], nlohmann::json({1, 2, 3}));
+  EXPECT_EQ(provenance["split"]["val_actors"], nlohmann::json({2, 3}));
+  EXPECT_THAT(provenance["split"]["validation"].get<std::string>(), HasSubstr("out of fold"));
+
+  // Expected: fold A on actor 3's clips and fold B on actor 2's, pooled.
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  ASSERT_TRUE(extractor.ok());
+  ConfusionMatrix expected(config.labels);
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(Ravdess(*shared), {3 - i});
+    ASSERT_TRUE(clips.ok());
+    absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
+    ASSERT_TRUE(audio.ok());
+    absl::StatusOr<ConfusionMatrix> matrix =
+        EvaluateClips(*audio, config, **extractor, [&](absl::Span<const float> f, int batch) {
+          return folds[i]->Predict(f, batch);
+        });
+    ASSERT_TRUE(matrix.ok()) << matrix.status();
+    expected.Merge(*matrix);
+  }
+  EXPECT_EQ(provenance["validation"]["clips"], 120);
+  EXPECT_EQ(provenance["validation"]["confusion"], expected.ToJson()["confusion"]);
+  EXPECT_EQ(provenance["test"]["clips"], 60);
+
+  // A fold that trained on the test actor.
+  config.provenance = {{"split", {{"train_actors", {1, 4}}, {"val_actors", {2}}, {"test_actors", {4}}}}};
+  ASSERT_TRUE(testing::WriteTestModel(config, (root / "fold1").string(), 2).ok());
   EXPECT_NE(std::system((command + " 2>/dev/null").c_str()), 0);
 }
 

@@ -34,6 +34,12 @@ ConfusionMatrix::ConfusionMatrix(std::vector<std::string> labels)
 
 void ConfusionMatrix::Add(int truth, int predicted) { ++counts_[truth][predicted]; }
 
+void ConfusionMatrix::Merge(const ConfusionMatrix& other) {
+  for (size_t t = 0; t < counts_.size(); ++t) {
+    for (size_t p = 0; p < counts_[t].size(); ++p) counts_[t][p] += other.counts_[t][p];
+  }
+}
+
 int ConfusionMatrix::total() const {
   int n = 0;
   for (const auto& row : counts_) for (int c : row) n += c;

@@ -16,6 +16,8 @@ class ConfusionMatrix {
   explicit ConfusionMatrix(std::vector<std::string> labels);
 
   void Add(int truth, int predicted);
+  // Adds another matrix's counts (same labels): pooled results.
+  void Merge(const ConfusionMatrix& other);
   int total() const;
   double accuracy() const;
   // Recall of each class (NaN-free: 0 for a class with no examples).

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -191,11 +192,14 @@ nlohmann::json SplitJson(const std::set<int>& train, const std::set<int>& val,
 // Writes config (with its provenance) to <dir>/model.json, loads the
 // directory as the server does, evaluates it on the validation clips and on
 // the test actors (when the data has them), writes their confusion
-// matrices (CSV, SVG) and records the metrics in model.json.
+// matrices (CSV, SVG) and records the metrics in model.json. A given
+// `validation` result is recorded instead of evaluating the validation
+// clips (an ensemble's out-of-fold validation).
 absl::Status EvaluateModelDirectory(const std::string& dir, const std::string& data_dir,
                                     const std::vector<LabeledAudio>& val_audio,
                                     const std::set<int>& val_actors,
-                                    const std::set<int>& test_actors, ModelConfig* config) {
+                                    const std::set<int>& test_actors, ModelConfig* config,
+                                    std::optional<ConfusionMatrix> validation = std::nullopt) {
   const std::string json_path = (fs::path(dir) / "model.json").string();
   if (absl::Status s = SaveModelConfig(*config, json_path); !s.ok()) return s;
   absl::StatusOr<std::unique_ptr<Model>> saved = Model::Load(dir);
@@ -211,7 +215,9 @@ absl::Status EvaluateModelDirectory(const std::string& dir, const std::string& d
                             const std::string& stem,
                             const std::set<int>& actors) -> absl::Status {
     absl::StatusOr<ConfusionMatrix> result =
-        EvaluateClips(audio, *config, **extractor, serving_predictor);
+        what == "validation" && validation.has_value()
+            ? *validation
+            : EvaluateClips(audio, *config, **extractor, serving_predictor);
     if (!result.ok()) return result.status();
     config->provenance[what] = result->ToJson();
     const std::string title = absl::StrCat(what, " (actors ", ActorList(actors), ")");
@@ -233,6 +239,37 @@ absl::Status EvaluateModelDirectory(const std::string& dir, const std::string& d
                  std::string(test_list.status().message()).c_str());
   }
   return SaveModelConfig(*config, json_path);
+}
+
+// The actors a member trained on, validated on (selected its epoch with)
+// and was tested on, from its model.json.
+struct MemberSplit {
+  std::set<int> train, val, test;
+};
+
+absl::StatusOr<MemberSplit> ReadSplit(const ModelConfig& config, const std::string& dir) {
+  if (!config.provenance.contains("split")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(dir, "/model.json records no split: its training actors are unknown"));
+  }
+  MemberSplit split;
+  try {
+    const nlohmann::json& json = config.provenance.at("split");
+    split.train = json.at("train_actors").get<std::set<int>>();
+    split.val = json.at("val_actors").get<std::set<int>>();
+    split.test = json.at("test_actors").get<std::set<int>>();
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(dir, "/model.json's split is malformed: ", e.what()));
+  }
+  for (int actor : split.test) {
+    if (split.train.count(actor) || split.val.count(actor)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          dir, " trained or validated on test actor ", actor, ": it cannot join an ensemble "
+          "tested on that actor"));
+    }
+  }
+  return split;
 }
 
 }  // namespace
@@ -599,6 +636,7 @@ absl::Status Ensemble(const EnsembleOptions& options) {
     return json;
   };
   std::vector<torch::jit::Module> modules;
+  std::vector<MemberSplit> splits;
   for (size_t i = 0; i < configs.size(); ++i) {
     const std::string& dir = options.member_dirs[i];
     const ModelConfig& config = configs[i];
@@ -618,11 +656,10 @@ absl::Status Ensemble(const EnsembleOptions& options) {
         config.input_layout != first.input_layout || !(same_features || cepstra_of_input)) {
       return differs("input (rate, window or features)");
     }
-    if (!config.provenance.contains("split")) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          dir, "/model.json records no split: its training actors are unknown"));
-    }
-    if (config.provenance["split"] != first.provenance["split"]) return differs("split");
+    absl::StatusOr<MemberSplit> split = ReadSplit(config, dir);
+    if (!split.ok()) return split.status();
+    if (!splits.empty() && split->test != splits.front().test) return differs("test actors");
+    splits.push_back(*std::move(split));
     try {
       modules.push_back(torch::jit::load((fs::path(dir) / "model.pt").string()));
     } catch (const std::exception& e) {
@@ -678,10 +715,23 @@ absl::Status Ensemble(const EnsembleOptions& options) {
     }
   }
   config.architecture = {{"name", "ensemble"}, {"members", architectures}};
-  const nlohmann::json split = configs.front().provenance["split"];
+  // The ensemble's split: the union of the members' training and validation
+  // actors. Members may differ in their validation actors (cross-validation
+  // folds, each selected on its own): then the ensemble is validated out of
+  // fold, each validation actor's clips scored by the members that never
+  // trained on that actor, and actors that every member trained on are left
+  // out of validation.
+  std::set<int> train_actors, val_actors;
+  bool same_split = true;
+  for (const MemberSplit& split : splits) {
+    train_actors.insert(split.train.begin(), split.train.end());
+    val_actors.insert(split.val.begin(), split.val.end());
+    same_split = same_split && split.train == splits.front().train && split.val == splits.front().val;
+  }
+  const std::set<int>& test_actors = splits.front().test;
+  nlohmann::json split_json = SplitJson(train_actors, val_actors, test_actors);
   config.provenance = {{"command", options.command_line},
                        {"data", options.data_dir},
-                       {"split", split},
                        {"members", members},
                        {"parameters", parameters}};
   try {
@@ -690,20 +740,60 @@ absl::Status Ensemble(const EnsembleOptions& options) {
     return absl::InternalError(absl::StrCat("cannot save the ensemble: ", e.what()));
   }
 
-  std::set<int> val_actors, test_actors;
-  try {
-    val_actors = split.at("val_actors").get<std::set<int>>();
-    test_actors = split.at("test_actors").get<std::set<int>>();
-  } catch (const nlohmann::json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat("the members' split is malformed: ", e.what()));
+  std::optional<ConfusionMatrix> out_of_fold;
+  std::set<int> validated = val_actors;
+  if (!same_split) {
+    absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+        FeatureExtractor::Create(config.features, config.sample_rate);
+    if (!extractor.ok()) return extractor.status();
+    // Validation actors grouped by the members blind to them.
+    std::map<std::vector<size_t>, std::set<int>> groups;
+    for (int actor : val_actors) {
+      std::vector<size_t> blind;
+      for (size_t i = 0; i < splits.size(); ++i) {
+        if (!splits[i].train.count(actor)) blind.push_back(i);
+      }
+      if (!blind.empty()) groups[blind].insert(actor);
+    }
+    out_of_fold.emplace(config.labels);
+    validated.clear();
+    for (const auto& [blind, actors] : groups) {
+      std::vector<torch::jit::Module> blind_modules;
+      for (size_t i : blind) blind_modules.push_back(modules[i]);
+      torch::jit::Module scorer = blind_modules.front();
+      if (blind_modules.size() > 1) {
+        absl::StatusOr<torch::jit::Module> built = BuildEnsemble(blind_modules);
+        if (!built.ok()) return built.status();
+        scorer = *std::move(built);
+      }
+      scorer.eval();
+      absl::StatusOr<std::vector<RavdessClip>> list = ListRavdess(options.data_dir, actors);
+      if (!list.ok()) return list.status();
+      absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*list, config.sample_rate);
+      if (!audio.ok()) return audio.status();
+      absl::StatusOr<ConfusionMatrix> matrix =
+          EvaluateClips(*audio, config, **extractor,
+                        TorchPredictor(scorer, config.num_features(), config.num_frames()));
+      if (!matrix.ok()) return matrix.status();
+      out_of_fold->Merge(*matrix);
+      validated.insert(actors.begin(), actors.end());
+    }
+    if (validated.empty()) {
+      return absl::InvalidArgumentError(
+          "no validation actor is unseen by any member: nothing to validate the ensemble on");
+    }
+    split_json["validation"] =
+        absl::StrCat("out of fold: each of actors ", ActorList(validated),
+                     " scored by the members that did not train on it");
   }
-  absl::StatusOr<std::vector<RavdessClip>> val_list = ListRavdess(options.data_dir, val_actors);
+  config.provenance["split"] = split_json;
+  absl::StatusOr<std::vector<RavdessClip>> val_list = ListRavdess(options.data_dir, validated);
   if (!val_list.ok()) return val_list.status();
   absl::StatusOr<std::vector<LabeledAudio>> val_audio =
       LoadRavdessAudio(*val_list, config.sample_rate);
   if (!val_audio.ok()) return val_audio.status();
   if (absl::Status s = EvaluateModelDirectory(options.out_dir, options.data_dir, *val_audio,
-                                              val_actors, test_actors, &config);
+                                              validated, test_actors, &config, out_of_fold);
       !s.ok()) {
     return s;
   }
