@@ -182,6 +182,40 @@ TEST(TrainSmokeTest, LogMelRunWithCepstralBranchesAndStatistics) {
   EXPECT_LT(mean[0].item<float>(), -100.0f);
 }
 
+// --pitch on 128 mel bands of a 64 ms window: a statistics-only model whose
+// json records the pitch rows the trainer derived from the mel bands (42
+// below 1 kHz, 23.4 Hz apart), and which serves. Features that cannot
+// resolve a low voice, or MFCC input, are refused with a message.
+TEST(TrainSmokeTest, PitchRunDerivesItsRowsFromTheMelBands) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
+  const fs::path out = fs::path(::testing::TempDir()) / "pitch_model";
+  const std::string flags =
+      " --features log_mel --statistics-only --statistics-hidden 16 --pitch --n-mels 128 "
+      "--n-fft 1024 --win-length 1024";
+  const std::string command = SmokeTrainCommand(*shared, out, flags);
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
+  ASSERT_TRUE(model.ok()) << model.status();
+  const ModelConfig& config = (*model)->config();
+  EXPECT_EQ(config.num_features(), 128);
+  EXPECT_EQ(config.features.n_fft, 1024);
+  EXPECT_EQ(config.architecture["pitch_rows"], 42);
+  EXPECT_NEAR(config.architecture["pitch_row_hz"].get<double>(), 23.4, 0.1);
+  EXPECT_EQ(config.provenance["test"]["clips"], 60);
+  const fs::path refused = fs::path(::testing::TempDir()) / "pitch_refused";
+  for (const std::string bad : {" --features log_mel --statistics-hidden 16 --pitch",
+                                " --statistics-hidden 16 --pitch --n-mels 128 --n-fft 1024"}) {
+    const std::string log = (fs::path(::testing::TempDir()) / "pitch_refused.log").string();
+    EXPECT_NE(std::system((SmokeTrainCommand(*shared, refused, bad) + " 2>" + log).c_str()), 0)
+        << bad;
+    std::ifstream text(log);
+    std::stringstream message;
+    message << text.rdbuf();
+    EXPECT_THAT(message.str(), HasSubstr("pitch")) << bad;
+  }
+}
+
 // --ema-decay: the same seed trains the same weights, but validation and
 // model.pt use their moving average, so the saved module computes something
 // else; its directory serves like any other and records the decay.
