@@ -263,6 +263,16 @@ std::vector<float> FirstWindowFeatures(const std::vector<std::vector<float>>& cl
   return batch;
 }
 
+// `emoserve-train ensemble` of root/<member>... into root/ensemble.
+std::string EnsembleCommand(const std::string& shared, const fs::path& root,
+                            const std::vector<std::string>& members) {
+  std::string command =
+      absl::StrCat(EMOSERVE_BINARY_DIR, "/train/emoserve-train ensemble --members");
+  for (const std::string& member : members) absl::StrAppend(&command, " ", (root / member).string());
+  return absl::StrCat(command, " --data ", Ravdess(shared), " --out ",
+                      (root / "ensemble").string(), " --threads 2");
+}
+
 // Two members with the same features and split make one model directory
 // whose probabilities are the mean of theirs and whose model.json records
 // them; members that disagree on the split are refused.
@@ -283,11 +293,7 @@ TEST(EnsembleTest, AveragesItsMembersAndRecordsThem) {
     ASSERT_TRUE(member.ok()) << member.status();
     members.push_back(*std::move(member));
   }
-  const std::string binary = absl::StrCat(EMOSERVE_BINARY_DIR, "/train/emoserve-train");
-  const std::string command =
-      absl::StrCat(binary, " ensemble --members ", (root / "member1").string(), " ",
-                   (root / "member2").string(), " --data ", Ravdess(*shared), " --out ",
-                   (root / "ensemble").string(), " --threads 2");
+  const std::string command = EnsembleCommand(*shared, root, {"member1", "member2"});
   ASSERT_EQ(std::system(command.c_str()), 0) << command;
   absl::StatusOr<std::unique_ptr<Model>> ensemble = Model::Load((root / "ensemble").string());
   ASSERT_TRUE(ensemble.ok()) << ensemble.status();
@@ -350,10 +356,7 @@ TEST(EnsembleTest, FoldsAreValidatedOutOfFold) {
     ASSERT_TRUE(fold.ok()) << fold.status();
     folds.push_back(*std::move(fold));
   }
-  const std::string command = absl::StrCat(
-      EMOSERVE_BINARY_DIR, "/train/emoserve-train ensemble --members ", (root / "fold0").string(),
-      " ", (root / "fold1").string(), " --data ", Ravdess(*shared), " --out ",
-      (root / "ensemble").string(), " --threads 2");
+  const std::string command = EnsembleCommand(*shared, root, {"fold0", "fold1"});
   ASSERT_EQ(std::system(command.c_str()), 0) << command;
   absl::StatusOr<std::unique_ptr<Model>> ensemble = Model::Load((root / "ensemble").string());
   ASSERT_TRUE(ensemble.ok()) << ensemble.status();
@@ -407,10 +410,7 @@ TEST(EnsembleTest, MfccMemberJoinsALogMelEnsemble) {
   mel_config.features.kind = FeatureKind::kLogMel;
   ASSERT_TRUE(testing::WriteTestModel(mfcc_config, (root / "mfcc").string(), 1).ok());
   ASSERT_TRUE(testing::WriteTestModel(mel_config, (root / "mel").string(), 2).ok());
-  const std::string command = absl::StrCat(
-      EMOSERVE_BINARY_DIR, "/train/emoserve-train ensemble --members ", (root / "mfcc").string(),
-      " ", (root / "mel").string(), " --data ", Ravdess(*shared), " --out ",
-      (root / "ensemble").string(), " --threads 2");
+  const std::string command = EnsembleCommand(*shared, root, {"mfcc", "mel"});
   ASSERT_EQ(std::system(command.c_str()), 0) << command;
   absl::StatusOr<std::unique_ptr<Model>> ensemble = Model::Load((root / "ensemble").string());
   ASSERT_TRUE(ensemble.ok()) << ensemble.status();

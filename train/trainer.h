@@ -86,9 +86,11 @@ struct EnsembleOptions {
 
 // `emoserve-train ensemble`: one model directory whose module averages the
 // probabilities of models that Train wrote with the same features, labels
-// and split (so that no member has seen the test actors). Its model.json
-// records every member's command and metrics; its reports are the
-// ensemble's confusion matrices and the members' training curves.
+// and test actors (none of which any member trained or validated on).
+// Members that differ in their validation actors (cross-validation folds)
+// are validated out of fold. Its model.json records every member's command
+// and metrics; its reports are the ensemble's confusion matrices and the
+// members' training curves.
 absl::Status Ensemble(const EnsembleOptions& options);
 
 }  // namespace emoserve
