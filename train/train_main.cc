@@ -151,7 +151,9 @@ int main(int argc, char** argv) {
 
   emoserve::EnsembleOptions ensemble_options;
   CLI::App* ensemble = app.add_subcommand(
-      "ensemble", "average models trained with the same features and test actors into one model (folds that differ in validation actors are validated out of fold)");
+      "ensemble",
+      "average models trained with the same features and test actors into one model (folds "
+      "that differ in validation actors are validated out of fold)");
   ensemble->add_option("--members", ensemble_options.member_dirs, "model directories (2 or more)")
       ->required()
       ->expected(2, 64);
