@@ -211,13 +211,12 @@ absl::Status EvaluateModelDirectory(const std::string& dir, const std::string& d
     return (*saved)->Predict(f, batch);
   };
   // `what` names the provenance entry; `stem` the confusion_<stem> files.
+  // `given`: a result computed elsewhere, recorded instead of evaluating.
   const auto evaluate = [&](const std::vector<LabeledAudio>& audio, const std::string& what,
-                            const std::string& stem,
-                            const std::set<int>& actors) -> absl::Status {
+                            const std::string& stem, const std::set<int>& actors,
+                            const std::optional<ConfusionMatrix>& given) -> absl::Status {
     absl::StatusOr<ConfusionMatrix> result =
-        what == "validation" && validation.has_value()
-            ? *validation
-            : EvaluateClips(audio, *config, **extractor, serving_predictor);
+        given.has_value() ? *given : EvaluateClips(audio, *config, **extractor, serving_predictor);
     if (!result.ok()) return result.status();
     config->provenance[what] = result->ToJson();
     const std::string title = absl::StrCat(what, " (actors ", ActorList(actors), ")");
@@ -227,13 +226,19 @@ absl::Status EvaluateModelDirectory(const std::string& dir, const std::string& d
     std::fprintf(stderr, "\n%s:\n%s", title.c_str(), result->ToText().c_str());
     return absl::OkStatus();
   };
-  if (absl::Status s = evaluate(val_audio, "validation", "val", val_actors); !s.ok()) return s;
+  if (absl::Status s = evaluate(val_audio, "validation", "val", val_actors, validation);
+      !s.ok()) {
+    return s;
+  }
   absl::StatusOr<std::vector<RavdessClip>> test_list = ListRavdess(data_dir, test_actors);
   if (test_list.ok()) {
     absl::StatusOr<std::vector<LabeledAudio>> test_audio =
         LoadRavdessAudio(*test_list, config->sample_rate);
     if (!test_audio.ok()) return test_audio.status();
-    if (absl::Status s = evaluate(*test_audio, "test", "test", test_actors); !s.ok()) return s;
+    if (absl::Status s = evaluate(*test_audio, "test", "test", test_actors, std::nullopt);
+        !s.ok()) {
+      return s;
+    }
   } else {
     std::fprintf(stderr, "no test clips (%s): test metrics not recorded\n",
                  std::string(test_list.status().message()).c_str());
@@ -740,6 +745,11 @@ absl::Status Ensemble(const EnsembleOptions& options) {
     return absl::InternalError(absl::StrCat("cannot save the ensemble: ", e.what()));
   }
 
+  absl::StatusOr<std::vector<RavdessClip>> val_list = ListRavdess(options.data_dir, val_actors);
+  if (!val_list.ok()) return val_list.status();
+  absl::StatusOr<std::vector<LabeledAudio>> val_audio =
+      LoadRavdessAudio(*val_list, config.sample_rate);
+  if (!val_audio.ok()) return val_audio.status();
   std::optional<ConfusionMatrix> out_of_fold;
   std::set<int> validated = val_actors;
   if (!same_split) {
@@ -767,12 +777,12 @@ absl::Status Ensemble(const EnsembleOptions& options) {
         scorer = *std::move(built);
       }
       scorer.eval();
-      absl::StatusOr<std::vector<RavdessClip>> list = ListRavdess(options.data_dir, actors);
-      if (!list.ok()) return list.status();
-      absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*list, config.sample_rate);
-      if (!audio.ok()) return audio.status();
+      std::vector<LabeledAudio> audio;
+      for (const LabeledAudio& clip : *val_audio) {
+        if (actors.count(clip.clip.actor)) audio.push_back(clip);
+      }
       absl::StatusOr<ConfusionMatrix> matrix =
-          EvaluateClips(*audio, config, **extractor,
+          EvaluateClips(audio, config, **extractor,
                         TorchPredictor(scorer, config.num_features(), config.num_frames()));
       if (!matrix.ok()) return matrix.status();
       out_of_fold->Merge(*matrix);
@@ -787,11 +797,6 @@ absl::Status Ensemble(const EnsembleOptions& options) {
                      " scored by the members that did not train on it");
   }
   config.provenance["split"] = split_json;
-  absl::StatusOr<std::vector<RavdessClip>> val_list = ListRavdess(options.data_dir, validated);
-  if (!val_list.ok()) return val_list.status();
-  absl::StatusOr<std::vector<LabeledAudio>> val_audio =
-      LoadRavdessAudio(*val_list, config.sample_rate);
-  if (!val_audio.ok()) return val_audio.status();
   if (absl::Status s = EvaluateModelDirectory(options.out_dir, options.data_dir, *val_audio,
                                               validated, test_actors, &config, out_of_fold);
       !s.ok()) {
