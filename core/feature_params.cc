@@ -82,7 +82,7 @@ constexpr const char* kDbRefNames[] = {"one", "max"};
 constexpr const char* kKeys[] = {
     "kind",   "n_mfcc", "n_fft", "win_length", "hop_length",
     "window", "center", "pad_mode", "n_mels",  "fmin",
-    "fmax",   "db_ref", "top_db", "sample_rate"};
+    "fmax",   "db_ref", "top_db", "amin", "sample_rate"};
 
 bool IsKnownKey(const std::string& key) {
   for (const char* k : kKeys) {
@@ -122,6 +122,10 @@ absl::Status Validate(const FeatureParams& p) {
   }
   if (p.top_db.has_value() && *p.top_db < 0) {
     return KeyError("top_db", absl::StrCat("must be >= 0, got ", *p.top_db));
+  }
+  // Normal floats only: the fast dB conversion reads the float's exponent.
+  if (!(p.amin >= 1e-30 && p.amin <= 1)) {
+    return KeyError("amin", absl::StrCat("must be in [1e-30, 1], got ", p.amin));
   }
   if (p.sample_rate.has_value()) {
     if (*p.sample_rate <= 0) {
@@ -211,6 +215,7 @@ absl::StatusOr<FeatureParams> FeatureParamsFromJson(const Json& json) {
       p.top_db = v;
     }
   }
+  if (has("amin")) s.Update(GetDouble(json, "amin", &p.amin));
   if (has("sample_rate") && !is_null("sample_rate")) {
     int v = 0;
     s.Update(GetInt(json, "sample_rate", &v));
@@ -257,6 +262,7 @@ Json FeatureParamsToJson(const FeatureParams& p) {
       {"fmax", p.fmax.has_value() ? Json(*p.fmax) : Json(nullptr)},
       {"db_ref", kDbRefNames[static_cast<int>(p.db_ref)]},
       {"top_db", p.top_db.has_value() ? Json(*p.top_db) : Json(nullptr)},
+      {"amin", p.amin},
   };
   if (p.sample_rate.has_value()) json["sample_rate"] = *p.sample_rate;
   return json;

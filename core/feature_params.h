@@ -32,6 +32,11 @@ struct FeatureParams {
   std::optional<double> fmax;  // Unset: sample_rate / 2 (librosa's None).
   DbRef db_ref = DbRef::kOne;
   std::optional<double> top_db = 80.0;  // Unset: no floor (librosa's None).
+  // power_to_db's amin: smaller powers count as amin (librosa's default,
+  // -100 dB). With db_ref max, a value far below any real signal (e.g.
+  // 1e-20) keeps a quiet recording's floor where a loud one's is, so the
+  // features do not depend on the level at all.
+  double amin = 1e-10;
   // The rate the features are defined at. Optional in the JSON: when unset,
   // features are computed at the audio's own rate.
   std::optional<int> sample_rate;

@@ -33,9 +33,6 @@ namespace {
 // execution on new arrays is.
 ABSL_CONST_INIT absl::Mutex g_fftw_planner_mu(absl::kConstInit);
 
-// librosa.power_to_db's default amin.
-constexpr float kAmin = 1e-10f;
-
 // Frames per block. The mel filterbank runs on a block at once with the
 // frames along the vector lanes: filters are short and of varying length,
 // so summing along the bins of one frame would not vectorise.
@@ -281,10 +278,10 @@ void ApplyMelBlock(const MelFilters& filters, int first_bin,
 // out[i] = max(10 log10(max(amin, in[i])) - ref_db, floor_db) for powers
 // in[i] >= +0. May run in place.
 EMOSERVE_VECTOR_CLONES
-void PowerToDb(const float* in, size_t n, float ref_db, float floor_db,
+void PowerToDb(const float* in, size_t n, float amin, float ref_db, float floor_db,
                float* out) {
   int32_t amin_bits;
-  std::memcpy(&amin_bits, &kAmin, sizeof(amin_bits));
+  std::memcpy(&amin_bits, &amin, sizeof(amin_bits));
   for (size_t i = 0; i < n; ++i) {
     // max(in[i], amin) on the bit patterns (ordered like the values for
     // non-negative floats), as arithmetic: with a comparison GCC splits the
@@ -678,7 +675,8 @@ absl::Status FeatureExtractor::Impl::Compute(absl::Span<const float> samples,
   }
 
   // librosa.power_to_db, with ref and top_db over the whole matrix.
-  const float max_db = FastDb(std::max(kAmin, max_power));
+  const float amin = static_cast<float>(params.amin);
+  const float max_db = FastDb(std::max(amin, max_power));
   const float ref_db = params.db_ref == DbRef::kMax ? max_db : 0.0f;
   const float floor_db =
       params.top_db.has_value()
@@ -690,12 +688,12 @@ absl::Status FeatureExtractor::Impl::Compute(absl::Span<const float> samples,
   out->data.resize(static_cast<size_t>(out->rows) * cols);
   if (params.kind == FeatureKind::kLogMel) {
     for (int m = 0; m < n_mels; ++m) {
-      PowerToDb(mel.get() + m * stride, cols, ref_db, floor_db,
+      PowerToDb(mel.get() + m * stride, cols, amin, ref_db, floor_db,
                 out->data.data() + static_cast<size_t>(m) * cols);
     }
     return absl::OkStatus();
   }
-  PowerToDb(mel.get(), mel_size, ref_db, floor_db, mel.get());
+  PowerToDb(mel.get(), mel_size, amin, ref_db, floor_db, mel.get());
   std::vector<double> mean(cols);
   CenterColumns(mel.get(), n_mels, cols, stride, mean.data());
   const double c0_scale = std::sqrt(static_cast<double>(n_mels));

@@ -264,11 +264,11 @@ std::vector<std::vector<double>> ReferenceFeatures(const std::vector<float>& y32
     for (double v : row) max_s = std::max(max_s, v);
   }
   const double ref =
-      p.db_ref == DbRef::kMax ? 10 * std::log10(std::max(1e-10, max_s)) : 0.0;
+      p.db_ref == DbRef::kMax ? 10 * std::log10(std::max(p.amin, max_s)) : 0.0;
   double max_db = -INFINITY;
   for (auto& row : mel) {
     for (double& v : row) {
-      v = 10 * std::log10(std::max(1e-10, v)) - ref;
+      v = 10 * std::log10(std::max(p.amin, v)) - ref;
       max_db = std::max(max_db, v);
     }
   }
@@ -518,6 +518,14 @@ INSTANTIATE_TEST_SUITE_P(
                     "window": "hamming", "center": true,
                     "pad_mode": "constant", "n_mels": 64, "fmin": 0.0,
                     "fmax": 8000.0, "db_ref": "one", "top_db": 80.0})",
+                16000, 100},
+        // The padding's zero power floors at amin = -200 dB, unclipped.
+        RefCase{"SmallAminShorterThanFft",
+                R"({"kind": "log_mel", "n_fft": 512, "win_length": 400,
+                    "hop_length": 160, "window": "hamming", "center": true,
+                    "pad_mode": "constant", "n_mels": 64, "fmin": 0.0,
+                    "fmax": 8000.0, "db_ref": "max", "top_db": null,
+                    "amin": 1e-20})",
                 16000, 100}),
     [](const ::testing::TestParamInfo<RefCase>& info) {
       return info.param.name;
@@ -695,6 +703,36 @@ TEST(FeatureParamsTest, ParsesEveryKey) {
   EXPECT_EQ(p->num_features(), 128);
 }
 
+// With decibels relative to the window's loudest cell and an amin far below
+// any signal, a much quieter copy of a signal (-80 dB) has the same features;
+// librosa's default amin (-100 dB) floors the quiet copy's weak cells
+// instead, so it differs.
+TEST(FeaturesTest, MaxReferenceWithSmallAminIgnoresTheLevel) {
+  const std::vector<float> loud = TestSignal(16000, 16000);
+  std::vector<float> quiet = loud;
+  for (float& s : quiet) s *= 1e-4f;
+  for (const double amin : {1e-20, 1e-10}) {
+    FeatureParams p = BaseParams();
+    p.kind = FeatureKind::kLogMel;
+    p.db_ref = DbRef::kMax;
+    p.amin = amin;
+    auto extractor = FeatureExtractor::Create(p, 16000);
+    ASSERT_TRUE(extractor.ok()) << extractor.status();
+    const absl::StatusOr<FeatureMatrix> a = (*extractor)->Compute(loud);
+    const absl::StatusOr<FeatureMatrix> b = (*extractor)->Compute(quiet);
+    ASSERT_TRUE(a.ok() && b.ok());
+    double largest_change = 0;
+    for (size_t i = 0; i < a->data.size(); ++i) {
+      largest_change = std::max(largest_change, std::abs(double{a->data[i]} - b->data[i]));
+    }
+    if (amin == 1e-20) {
+      EXPECT_LT(largest_change, 1e-3);
+    } else {
+      EXPECT_GT(largest_change, 1.0);
+    }
+  }
+}
+
 TEST(FeatureParamsTest, AbsentKeysKeepDefaults) {
   const absl::StatusOr<FeatureParams> p = ParseFeatureParams("{}");
   ASSERT_TRUE(p.ok()) << p.status();
@@ -728,6 +766,9 @@ TEST(FeatureParamsTest, RejectsInvalid) {
       {R"({"fmin": 100, "fmax": 100})", "\"fmax\""},
       {R"({"fmax": "8000"})", "\"fmax\" must be a number"},
       {R"({"top_db": -10})", "\"top_db\""},
+      {R"({"amin": 0})", "\"amin\""},
+      {R"({"amin": 1e-40})", "\"amin\""},
+      {R"({"amin": "1e-10"})", "\"amin\" must be a number"},
       {R"({"sample_rate": 0})", "\"sample_rate\""},
       {R"({"sample_rate": 16000.0})", "\"sample_rate\""},
       {R"({"sample_rate": 16000, "fmax": 9000})", "sample_rate/2"},
@@ -757,6 +798,7 @@ TEST(FeatureParamsTest, RoundTrips) {
   b.fmax.reset();
   b.db_ref = DbRef::kMax;
   b.top_db.reset();
+  b.amin = 1e-20;
   b.sample_rate = 22050;
   for (const FeatureParams& p : {a, b}) {
     const Json json = FeatureParamsToJson(p);
