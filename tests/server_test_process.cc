@@ -100,18 +100,6 @@ absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
   return reply.substr(body + 4);
 }
 
-// Runs `command`, returning its exit status and output.
-std::pair<int, std::string> RunCommand(const std::string& command) {
-  std::string output;
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return {-1, "popen failed"};
-  char buffer[4096];
-  size_t n;
-  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, n);
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
-}
-
 // The series of `name` whose labels include all of `labels`.
 std::optional<double> MetricValue(const std::string& text, const std::string& name,
                                   const std::vector<std::string>& labels = {}) {
@@ -234,7 +222,7 @@ TEST(ServerProcessTest, MissingModelFailsStartupWithAClearLogLine) {
 }
 
 TEST(ServerProcessTest, MetricsPassPromtoolAndCountWhatHappened) {
-  const std::pair<int, std::string> promtool = RunCommand("promtool --version");
+  const std::pair<int, std::string> promtool = testing::RunCommand("promtool --version");
   ASSERT_EQ(promtool.first, 0) << "promtool (Debian package prometheus) is needed: " << promtool.second;
   const int metrics_port = testing::FreePort();
   std::vector<std::string> args = ServerArgs(metrics_port);
@@ -277,7 +265,7 @@ TEST(ServerProcessTest, MetricsPassPromtoolAndCountWhatHappened) {
   }
   const std::string path = testing::ScratchDir() + "/metrics.txt";
   std::ofstream(path) << *text;
-  const std::pair<int, std::string> check = RunCommand("promtool check metrics < " + path);
+  const std::pair<int, std::string> check = testing::RunCommand("promtool check metrics < " + path);
   EXPECT_EQ(check.first, 0) << check.second << "\n" << *text;
   EXPECT_EQ(check.second, "") << "promtool lint findings";
 

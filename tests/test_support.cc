@@ -1,9 +1,11 @@
 #include "tests/test_support.h"
 
 #include <sndfile.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -19,6 +21,17 @@ std::optional<std::string> SharedDir() {
   std::string dir = env != nullptr && *env != '\0' ? env : EMOSERVE_DEFAULT_SHARED_DIR;
   if (!std::filesystem::is_directory(dir)) return std::nullopt;
   return dir;
+}
+
+std::pair<int, std::string> RunCommand(const std::string& command) {
+  std::string output;
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return {-1, "popen failed"};
+  char buffer[4096];
+  size_t n;
+  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, n);
+  const int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
 }
 
 std::vector<float> Sine(double frequency, double amplitude, int rate,

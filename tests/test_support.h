@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -16,6 +17,10 @@ namespace emoserve::testing {
 // GTEST_SKIP() with a message in that case; when it exists, missing or wrong
 // files inside are failures.
 std::optional<std::string> SharedDir();
+
+// Runs a shell command, returning its exit status (-1 if it did not exit)
+// and its stdout and stderr together.
+std::pair<int, std::string> RunCommand(const std::string& command);
 
 // A sine of `seconds` at `rate`, amplitude `amplitude`.
 std::vector<float> Sine(double frequency, double amplitude, int rate,

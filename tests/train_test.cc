@@ -206,14 +206,77 @@ TEST(TrainSmokeTest, PitchRunDerivesItsRowsFromTheMelBands) {
   const fs::path refused = fs::path(::testing::TempDir()) / "pitch_refused";
   for (const std::string bad : {" --features log_mel --statistics-hidden 16 --pitch",
                                 " --statistics-hidden 16 --pitch --n-mels 128 --n-fft 1024"}) {
-    const std::string log = (fs::path(::testing::TempDir()) / "pitch_refused.log").string();
-    EXPECT_NE(std::system((SmokeTrainCommand(*shared, refused, bad) + " 2>" + log).c_str()), 0)
-        << bad;
-    std::ifstream text(log);
-    std::stringstream message;
-    message << text.rdbuf();
-    EXPECT_THAT(message.str(), HasSubstr("pitch")) << bad;
+    const auto [status, output] = testing::RunCommand(SmokeTrainCommand(*shared, refused, bad));
+    EXPECT_NE(status, 0) << bad;
+    EXPECT_THAT(output, HasSubstr("pitch")) << bad;
   }
+}
+
+// --db-ref max: decibels relative to each window's loudest cell, so the
+// trained model's features (and answers) do not depend on the recording's
+// level, where full-scale decibels (the default) move by the gain. `eval
+// --gain-db` scales the clips as a quieter recording would; the max-
+// referenced model scores the same at -20 dB.
+TEST(TrainSmokeTest, MaxReferencedModelIgnoresTheRecordingsLevel) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
+  const fs::path out = fs::path(::testing::TempDir()) / "db_max_model";
+  const std::string command = SmokeTrainCommand(*shared, out, " --db-ref max");
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
+  ASSERT_TRUE(model.ok()) << model.status();
+  const ModelConfig& config = (*model)->config();
+  EXPECT_EQ(config.features.db_ref, DbRef::kMax);
+  EXPECT_EQ(config.features.amin, 1e-20);
+
+  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(Ravdess(*shared), {4});
+  ASSERT_TRUE(clips.ok());
+  clips->resize(1);
+  absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
+  ASSERT_TRUE(audio.ok()) << audio.status();
+  std::vector<float> window((*audio)[0].samples.begin(),
+                            (*audio)[0].samples.begin() + config.window_samples());
+  std::vector<float> quieter = window;
+  for (float& s : quieter) s *= 0.1f;  // -20 dB
+  FeatureParams full_scale = config.features;
+  full_scale.db_ref = DbRef::kOne;
+  full_scale.amin = 1e-10;
+  for (const FeatureParams& params : {config.features, full_scale}) {
+    absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+        FeatureExtractor::Create(params, config.sample_rate);
+    ASSERT_TRUE(extractor.ok());
+    FeatureMatrix loud, quiet;
+    ASSERT_TRUE((*extractor)->Compute(window, &loud).ok());
+    ASSERT_TRUE((*extractor)->Compute(quieter, &quiet).ok());
+    float largest_change = 0;
+    for (size_t i = 0; i < loud.data.size(); ++i) {
+      largest_change = std::max(largest_change, std::abs(loud.data[i] - quiet.data[i]));
+    }
+    if (params.db_ref == DbRef::kMax) {
+      EXPECT_LT(largest_change, 1e-3f);
+    } else {
+      EXPECT_GT(largest_change, 10.0f);  // MFCC 0 moves by about 20 dB x sqrt(n_mels)
+    }
+  }
+
+  std::string matrices[2];
+  for (int i = 0; i < 2; ++i) {
+    const std::string eval =
+        absl::StrCat(EMOSERVE_BINARY_DIR, "/train/emoserve-train eval --model ", out.string(),
+                     " --data ", Ravdess(*shared), " --actors 4 --json --gain-db ", i * -20);
+    const auto [status, output] = testing::RunCommand(eval);
+    ASSERT_EQ(status, 0) << output;
+    const nlohmann::json result = nlohmann::json::parse(output.substr(output.find('{')));
+    EXPECT_EQ(result["gain_db"], i * -20);
+    EXPECT_EQ(result["clips"], 60);
+    matrices[i] = result["confusion"].dump();
+  }
+  EXPECT_EQ(matrices[0], matrices[1]);
+
+  const auto [status, output] =
+      testing::RunCommand(SmokeTrainCommand(*shared, out, " --db-ref loudest"));
+  EXPECT_NE(status, 0);
+  EXPECT_THAT(output, HasSubstr("--db-ref must be one or max"));
 }
 
 // --ema-decay: the same seed trains the same weights, but validation and

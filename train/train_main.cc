@@ -3,6 +3,7 @@
 //   emoserve-train eval --model DIR --data DIR [--actors 21-24] [--json]
 #include <malloc.h>
 
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -25,7 +26,7 @@ int Fail(const absl::Status& status) {
 
 int RunEval(const std::string& model_dir, const std::string& data_dir,
             const std::string& actors_text, const std::string& device, int threads,
-            double hop_seconds, bool json) {
+            double hop_seconds, double gain_db, bool json) {
   SetModelThreads(threads);
   absl::StatusOr<std::set<int>> actors = ParseActorSet(actors_text);
   if (!actors.ok()) return Fail(actors.status());
@@ -39,6 +40,14 @@ int RunEval(const std::string& model_dir, const std::string& data_dir,
   if (!clips.ok()) return Fail(clips.status());
   absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
   if (!audio.ok()) return Fail(audio.status());
+  // A recording's level depends on the microphone and its gain, not on the
+  // voice: --gain-db measures how much the model's answers depend on it.
+  if (gain_db != 0) {
+    const float gain = static_cast<float>(std::pow(10.0, gain_db / 20.0));
+    for (LabeledAudio& clip : *audio) {
+      for (float& s : clip.samples) s *= gain;
+    }
+  }
   absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
       *audio, config, **extractor,
       [&](absl::Span<const float> features, int batch) {
@@ -52,6 +61,7 @@ int RunEval(const std::string& model_dir, const std::string& data_dir,
     out["version"] = config.version;
     out["actors"] = std::vector<int>(actors->begin(), actors->end());
     out["hop_seconds"] = hop_seconds;
+    out["gain_db"] = gain_db;
     std::cout << out.dump(1) << "\n";
   } else {
     std::cout << "model " << config.name << " " << config.version << ", actors "
@@ -75,7 +85,8 @@ int main(int argc, char** argv) {
 
   TrainOptions options;
   options.features = emoserve::DefaultTrainFeatures();
-  std::string train_actors, val_actors = "19-20", test_actors = "21-24", feature_kind = "mfcc";
+  std::string train_actors, val_actors = "19-20", test_actors = "21-24", feature_kind = "mfcc",
+              db_ref = "one";
   CLI::App* train = app.add_subcommand("train", "train a model and write a model directory");
   train->add_option("--data", options.data_dir, "RAVDESS folder (Actor_NN/...flac|wav)")
       ->required();
@@ -96,6 +107,10 @@ int main(int argc, char** argv) {
   train->add_option("--n-mfcc", options.features.n_mfcc)->capture_default_str();
   train->add_option("--n-mels", options.features.n_mels)->capture_default_str();
   train->add_option("--n-fft", options.features.n_fft, "FFT size (samples)")->capture_default_str();
+  train->add_option("--db-ref", db_ref,
+                    "decibels relative to full scale (one) or to each window's loudest cell "
+                    "(max, with amin 1e-20: the features ignore the recording's level)")
+      ->capture_default_str();
   train->add_option("--win-length", options.features.win_length,
                     "analysis window (samples, at most --n-fft)")
       ->capture_default_str();
@@ -168,7 +183,7 @@ int main(int argc, char** argv) {
 
   std::string model_dir, data_dir, actors = "21-24", device = "cpu";
   int threads = 0;
-  double hop_seconds = 0;
+  double hop_seconds = 0, gain_db = 0;
   bool json = false;
   CLI::App* eval = app.add_subcommand("eval", "evaluate a model directory on RAVDESS actors");
   eval->add_option("--model", model_dir, "model directory")->required();
@@ -179,12 +194,17 @@ int main(int argc, char** argv) {
   eval->add_option("--hop-seconds", hop_seconds,
                    "seconds between a clip's windows (0 = half a window, the service's default)")
       ->capture_default_str();
+  eval->add_option("--gain-db", gain_db,
+                   "scale every clip by this gain first (dB; not clipped), as a quieter or "
+                   "louder recording of the same voice")
+      ->capture_default_str();
   eval->add_flag("--json", json, "print JSON");
 
   CLI11_PARSE(app, argc, argv);
 
   if (eval->parsed()) {
-    return emoserve::RunEval(model_dir, data_dir, actors, device, threads, hop_seconds, json);
+    return emoserve::RunEval(model_dir, data_dir, actors, device, threads, hop_seconds, gain_db,
+                             json);
   }
   std::string command_line = "emoserve-train";
   for (int i = 1; i < argc; ++i) command_line += std::string(" ") + argv[i];
@@ -203,6 +223,16 @@ int main(int argc, char** argv) {
     options.features.kind = emoserve::FeatureKind::kLogMel;
   } else {
     return emoserve::Fail(absl::InvalidArgumentError("--features must be mfcc or log_mel"));
+  }
+  if (db_ref == "one") {
+    options.features.db_ref = emoserve::DbRef::kOne;
+  } else if (db_ref == "max") {
+    // librosa's amin (-100 dB full scale) would floor a quiet recording's
+    // weak cells where a loud one's are not: far below any signal instead.
+    options.features.db_ref = emoserve::DbRef::kMax;
+    options.features.amin = 1e-20;
+  } else {
+    return emoserve::Fail(absl::InvalidArgumentError("--db-ref must be one or max"));
   }
   for (auto [text, target] : {std::pair{&train_actors, &options.train_actors},
                               std::pair{&val_actors, &options.val_actors},
