@@ -273,10 +273,13 @@ TEST(TrainSmokeTest, MaxReferencedModelIgnoresTheRecordingsLevel) {
   }
   EXPECT_EQ(matrices[0], matrices[1]);
 
-  const auto [status, output] =
-      testing::RunCommand(SmokeTrainCommand(*shared, out, " --db-ref loudest"));
-  EXPECT_NE(status, 0);
-  EXPECT_THAT(output, HasSubstr("--db-ref must be one or max"));
+  for (const auto& [flags, message] :
+       {std::pair{" --db-ref loudest", "--db-ref must be one or max"},
+        std::pair{" --gain-db -3", "--gain-db -3 must be in [0, 60]"}}) {
+    const auto [status, output] = testing::RunCommand(SmokeTrainCommand(*shared, out, flags));
+    EXPECT_NE(status, 0) << flags;
+    EXPECT_THAT(output, HasSubstr(message)) << flags;
+  }
 }
 
 // --ema-decay: the same seed trains the same weights, but validation and

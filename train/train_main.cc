@@ -122,6 +122,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   train->add_option("--speed-max", options.speed_max, "fastest speed perturbation")
       ->capture_default_str();
+  train->add_option("--gain-db", options.gain_db,
+                    "scale each example by a gain drawn from +-this many dB (0 = none)")
+      ->capture_default_str();
   train->add_option("--time-masks", options.time_masks, "SpecAugment time masks per example")
       ->capture_default_str();
   train->add_option("--feature-masks", options.feature_masks,

@@ -37,7 +37,7 @@ double Seconds(Clock::time_point since) {
 }
 
 // Makes one augmented training example: speed perturbation, a random crop
-// of one window, white noise, then features with SpecAugment-style masks
+// of one window, white noise, a gain, then features with SpecAugment-style masks
 // (masked cells take the feature's training mean, i.e. 0 once normalised).
 class Augmenter {
  public:
@@ -82,6 +82,13 @@ class Augmenter {
       std::normal_distribution<float> noise(
           0.0f, static_cast<float>(std::sqrt(power / std::pow(10.0, snr / 10.0))));
       for (float& s : samples_) s += noise(rng);
+    }
+    // No draw without it, so that recipes without a gain range keep their
+    // random sequence (and their models) unchanged.
+    if (options_.gain_db > 0) {
+      const double db = options_.gain_db * (2 * unit(rng) - 1);
+      const float gain = static_cast<float>(std::pow(10.0, db / 20.0));
+      for (float& s : samples_) s *= gain;
     }
     if (absl::Status s = extractor_.Compute(samples_, &features_); !s.ok()) return s;
     const int rows = features_.rows;
@@ -305,6 +312,10 @@ absl::Status Train(const TrainOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat(
         "speed perturbation range [", options.speed_min, ", ", options.speed_max,
         "] must be positive and ordered"));
+  }
+  if (!(options.gain_db >= 0 && options.gain_db <= 60)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--gain-db ", options.gain_db, " must be in [0, 60]"));
   }
   if (!(options.ema_decay >= 0 && options.ema_decay < 1)) {
     return absl::InvalidArgumentError(

@@ -54,6 +54,9 @@ struct TrainOptions {
   double speed_probability = 0.5;  // speed perturbation (resampling)
   double speed_min = 0.9;
   double speed_max = 1.1;
+  // A gain drawn uniformly from +-gain_db dB (0 = none): the recording's
+  // level depends on the microphone, not on the voice.
+  double gain_db = 0;
   int time_masks = 2;  // SpecAugment-style masks
   int time_mask_max_frames = 20;
   int feature_masks = 2;
