@@ -721,10 +721,7 @@ TEST(FeaturesTest, MaxReferenceWithSmallAminIgnoresTheLevel) {
     const absl::StatusOr<FeatureMatrix> a = (*extractor)->Compute(loud);
     const absl::StatusOr<FeatureMatrix> b = (*extractor)->Compute(quiet);
     ASSERT_TRUE(a.ok() && b.ok());
-    double largest_change = 0;
-    for (size_t i = 0; i < a->data.size(); ++i) {
-      largest_change = std::max(largest_change, std::abs(double{a->data[i]} - b->data[i]));
-    }
+    const double largest_change = testing::MaxAbsDifference(a->data, b->data);
     if (amin == 1e-20) {
       EXPECT_LT(largest_change, 1e-3);
     } else {

@@ -143,6 +143,14 @@ absl::StatusOr<std::string> EncodeAudio(absl::Span<const float> interleaved,
   return std::move(sink.bytes);
 }
 
+double MaxAbsDifference(absl::Span<const float> a, absl::Span<const float> b) {
+  double largest = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    largest = std::max(largest, std::abs(double{a[i]} - b[i]));
+  }
+  return largest;
+}
+
 double Rms(absl::Span<const float> x) {
   if (x.empty()) return 0.0;
   double sum = 0.0;

@@ -43,6 +43,9 @@ absl::StatusOr<std::string> EncodeAudio(absl::Span<const float> interleaved,
                                         int channels, int sample_rate,
                                         AudioFormat format);
 
+// The largest |a[i] - b[i]| (a and b of the same size).
+double MaxAbsDifference(absl::Span<const float> a, absl::Span<const float> b);
+
 // Root mean square of `x` (0 when empty).
 double Rms(absl::Span<const float> x);
 

@@ -1,6 +1,7 @@
 #include "train/evaluate.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -10,6 +11,11 @@
 #include "train/progress.h"
 
 namespace emoserve {
+
+void ApplyGainDb(double gain_db, absl::Span<float> samples) {
+  const float gain = static_cast<float>(std::pow(10.0, gain_db / 20.0));
+  for (float& s : samples) s *= gain;
+}
 
 absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessAudio(
     const std::vector<RavdessClip>& clips, int sample_rate) {

@@ -22,6 +22,10 @@ struct LabeledAudio {
   std::vector<float> samples;  // mono, at the model's rate
 };
 
+// Scales `samples` by `gain_db` decibels (not clipped): the same voice
+// recorded quieter or louder.
+void ApplyGainDb(double gain_db, absl::Span<float> samples);
+
 // Decodes and resamples every clip to `sample_rate`, with a progress bar.
 absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessAudio(
     const std::vector<RavdessClip>& clips, int sample_rate);

@@ -3,7 +3,6 @@
 //   emoserve-train eval --model DIR --data DIR [--actors 21-24] [--json]
 #include <malloc.h>
 
-#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -43,10 +42,7 @@ int RunEval(const std::string& model_dir, const std::string& data_dir,
   // A recording's level depends on the microphone and its gain, not on the
   // voice: --gain-db measures how much the model's answers depend on it.
   if (gain_db != 0) {
-    const float gain = static_cast<float>(std::pow(10.0, gain_db / 20.0));
-    for (LabeledAudio& clip : *audio) {
-      for (float& s : clip.samples) s *= gain;
-    }
+    for (LabeledAudio& clip : *audio) ApplyGainDb(gain_db, absl::MakeSpan(clip.samples));
   }
   absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
       *audio, config, **extractor,

@@ -86,9 +86,7 @@ class Augmenter {
     // No draw without it, so that recipes without a gain range keep their
     // random sequence (and their models) unchanged.
     if (options_.gain_db > 0) {
-      const double db = options_.gain_db * (2 * unit(rng) - 1);
-      const float gain = static_cast<float>(std::pow(10.0, db / 20.0));
-      for (float& s : samples_) s *= gain;
+      ApplyGainDb(options_.gain_db * (2 * unit(rng) - 1), absl::MakeSpan(samples_));
     }
     if (absl::Status s = extractor_.Compute(samples_, &features_); !s.ok()) return s;
     const int rows = features_.rows;
