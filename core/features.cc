@@ -450,16 +450,21 @@ absl::Status FeatureExtractor::Impl::Init() {
     return absl::ResourceExhaustedError("features: out of memory for FFT");
   }
   {
+    // FFTW_ESTIMATE, not FFTW_MEASURE: a measured plan depends on timings,
+    // so two processes may pick different algorithms whose results differ
+    // in the last bits, and training with the same seed would not give the
+    // same model (runs diverged after 23 epochs). Estimated plans are as
+    // fast here for these sizes (README, Benchmarks).
     absl::MutexLock lock(&g_fftw_planner_mu);
     if (half_complex) {
       plan = fftwf_plan_dft_1d(n_fft / 2,
                                reinterpret_cast<fftwf_complex*>(in.get()),
                                reinterpret_cast<fftwf_complex*>(out.get()),
-                               FFTW_FORWARD, FFTW_MEASURE);
+                               FFTW_FORWARD, FFTW_ESTIMATE);
     } else {
       plan = fftwf_plan_dft_r2c_1d(
           n_fft, in.get(), reinterpret_cast<fftwf_complex*>(out.get()),
-          FFTW_MEASURE);
+          FFTW_ESTIMATE);
     }
   }
   if (plan == nullptr) {
