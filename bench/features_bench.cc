@@ -9,13 +9,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <fstream>
 #include <memory>
 #include <vector>
 
 #include "core/feature_params.h"
 #include "core/features.h"
-#include "nlohmann/json.hpp"
+#include "core/model_config.h"
 
 namespace emoserve {
 namespace {
@@ -99,12 +98,10 @@ FeatureParams Params48k() {
 // The `features` of models/default/model.json (log-mel, 128 bands of a
 // 1024-point FFT, dB relative to the window's loudest cell).
 absl::StatusOr<FeatureParams> BundledParams() {
-  std::ifstream file(EMOSERVE_SOURCE_DIR "/models/default/model.json");
-  const nlohmann::json json = nlohmann::json::parse(file, nullptr, /*allow_exceptions=*/false);
-  if (!json.is_object() || !json.contains("features")) {
-    return absl::NotFoundError("models/default/model.json has no features");
-  }
-  return FeatureParamsFromJson(json["features"]);
+  absl::StatusOr<ModelConfig> config =
+      LoadModelConfig(EMOSERVE_SOURCE_DIR "/models/default/model.json");
+  if (!config.ok()) return config.status();
+  return config->features;
 }
 
 void Run(benchmark::State& state, const absl::StatusOr<FeatureParams>& params, int rate) {

@@ -302,11 +302,7 @@ TEST(TrainSmokeTest, MovingAverageRunSavesTheAveragedWeights) {
   absl::StatusOr<std::vector<float>> raw = models[0]->Predict(input, 1);
   absl::StatusOr<std::vector<float>> averaged = models[1]->Predict(input, 1);
   ASSERT_TRUE(raw.ok() && averaged.ok());
-  float largest = 0;
-  for (size_t c = 0; c < raw->size(); ++c) {
-    largest = std::max(largest, std::abs((*raw)[c] - (*averaged)[c]));
-  }
-  EXPECT_GT(largest, 1e-4f);
+  EXPECT_GT(testing::MaxAbsDifference(*raw, *averaged), 1e-4);
 }
 
 // Two processes with the same seed train the same model, to the bit: no
@@ -398,12 +394,11 @@ TEST(EnsembleTest, AveragesItsMembersAndRecordsThem) {
   absl::StatusOr<std::vector<float>> second = members[1]->Predict(batch, 2);
   ASSERT_TRUE(mean.ok() && first.ok() && second.ok());
   ASSERT_EQ(mean->size(), 16u);
-  double largest_difference = 0;
   for (size_t i = 0; i < mean->size(); ++i) {
     EXPECT_NEAR((*mean)[i], 0.5 * ((*first)[i] + (*second)[i]), 1e-6) << i;
-    largest_difference = std::max(largest_difference, std::abs(double{(*first)[i]} - (*second)[i]));
   }
-  EXPECT_GT(largest_difference, 1e-3) << "the members should differ for the test to mean much";
+  EXPECT_GT(testing::MaxAbsDifference(*first, *second), 1e-3)
+      << "the members should differ for the test to mean much";
 
   const ModelConfig& written = (*ensemble)->config();
   EXPECT_EQ(written.architecture["name"], "ensemble");
