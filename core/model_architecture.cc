@@ -72,26 +72,33 @@ constexpr char kParallelBranchesSource[] = R"(x = self.branch_input(x)
 // range_db of the loudest one (the rest is silence or zero padding):
 // mean, standard deviation, RMS and mean magnitude of the delta (librosa's
 // 5-frame regression, edges repeated), the share of such frames; batch
-// norm, a hidden layer, ReLU, dropout.
+// norm, a hidden layer, ReLU, dropout. With statistics_cepstral, also the
+// deviation and delta RMS of each frame's first DCT coefficients (their
+// means are linear in the rows' means, so left out).
 constexpr char kStatisticsSource[] = R"(
 def forward(self, x):
     x = x.squeeze(1)
     energy = x.amax(1)
     kept = (energy > energy.amax(1, True) - self.range_db).to(x.dtype).unsqueeze(1)
     count = kept.sum(2).clamp_min(1.0)
+    mean, std, delta_rms, delta_magnitude = self.moments(x, kept, count)
+    share = kept.mean(2)
+    s = torch.cat([mean, std, delta_rms, delta_magnitude, share], 1)
+    CEPSTRAL_CALL
+    PITCH_CALL
+    s = torch.batch_norm(s, self.bn_weight, self.bn_bias, self.bn_running_mean,
+                         self.bn_running_var, self.training, 0.1, 1e-5, False)
+    hidden = torch.relu(torch.linear(s, self.hidden_weight, self.hidden_bias))
+    return torch.dropout(hidden, self.dropout, self.training)
+
+def moments(self, x, kept, count):
     mean = (x * kept).sum(2) / count
     centered = (x - mean.unsqueeze(2)) * kept
     std = torch.sqrt((centered * centered).sum(2) / count + 1e-5)
     delta = self.delta(x)
     delta_rms = torch.sqrt((delta * delta * kept).sum(2) / count + 1e-5)
     delta_magnitude = (delta.abs() * kept).sum(2) / count
-    share = kept.mean(2)
-    s = torch.cat([mean, std, delta_rms, delta_magnitude, share], 1)
-    PITCH_CALL
-    s = torch.batch_norm(s, self.bn_weight, self.bn_bias, self.bn_running_mean,
-                         self.bn_running_var, self.training, 0.1, 1e-5, False)
-    hidden = torch.relu(torch.linear(s, self.hidden_weight, self.hidden_bias))
-    return torch.dropout(hidden, self.dropout, self.training)
+    return mean, std, delta_rms, delta_magnitude
 
 def delta(self, x):
     first = x[:, :, :1]
@@ -274,6 +281,15 @@ Module StatisticsBlock(const ArchitectureOptions& o,
     pitch_call = "s = torch.cat([s, self.pitch(x, energy)], 1)";
     source += kPitchSource;
   }
+  std::string cepstral_call;
+  if (o.statistics_cepstral > 0) {
+    block.register_buffer("statistics_dct",
+                          OrthonormalDct(o.statistics_cepstral, o.num_features));
+    width += 2 * static_cast<int64_t>(o.statistics_cepstral);
+    cepstral_call =
+        "cepstra = self.moments(torch.matmul(self.statistics_dct, x), kept, count)\n"
+        "    s = torch.cat([s, cepstra[1], cepstra[2]], 1)";
+  }
   block.register_parameter("bn_weight", torch::ones({width}), false);
   block.register_parameter("bn_bias", torch::zeros({width}), false);
   block.register_buffer("bn_running_mean", torch::zeros({width}));
@@ -282,7 +298,8 @@ Module StatisticsBlock(const ArchitectureOptions& o,
   block.register_parameter("hidden_bias", UniformFanIn({hidden}, width), false);
   block.register_attribute("range_db", c10::FloatType::get(), o.statistics_range_db);
   block.register_attribute("dropout", c10::FloatType::get(), o.statistics_dropout);
-  block.define(absl::StrReplaceAll(source, {{"PITCH_CALL", pitch_call}}));
+  block.define(absl::StrReplaceAll(
+      source, {{"PITCH_CALL", pitch_call}, {"CEPSTRAL_CALL", cepstral_call}}));
   return block;
 }
 
@@ -307,6 +324,12 @@ absl::Status Validate(const ArchitectureOptions& o) {
     return absl::InvalidArgumentError(
         "architecture: statistics_hidden must be >= 0, statistics_range_db > 0 and "
         "statistics_dropout in [0, 1)");
+  }
+  if (o.statistics_cepstral < 0 || o.statistics_cepstral > o.num_features ||
+      (o.statistics_cepstral > 0 && o.statistics_hidden == 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "architecture: statistics_cepstral (", o.statistics_cepstral, ") must be within [0, ",
+        o.num_features, "] and needs the statistics branch (statistics_hidden > 0)"));
   }
   if (o.pitch_rows != 0) {
     if (o.statistics_hidden == 0) {
@@ -415,6 +438,7 @@ absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(
       else if (key == "statistics_hidden") o.statistics_hidden = value.get<int>();
       else if (key == "statistics_range_db") o.statistics_range_db = value.get<double>();
       else if (key == "statistics_dropout") o.statistics_dropout = value.get<double>();
+      else if (key == "statistics_cepstral") o.statistics_cepstral = value.get<int>();
       else if (key == "parallel_branches") o.parallel_branches = value.get<bool>();
       else if (key == "pitch_rows") o.pitch_rows = value.get<int>();
       else if (key == "pitch_row_hz") o.pitch_row_hz = value.get<double>();
@@ -447,6 +471,7 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& o) {
           {"statistics_hidden", o.statistics_hidden},
           {"statistics_range_db", o.statistics_range_db},
           {"statistics_dropout", o.statistics_dropout},
+          {"statistics_cepstral", o.statistics_cepstral},
           {"parallel_branches", o.parallel_branches},
           {"pitch_rows", o.pitch_rows},
           {"pitch_row_hz", o.pitch_row_hz}};

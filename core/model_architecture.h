@@ -59,6 +59,10 @@ struct ArchitectureOptions {
   int statistics_hidden = 0;
   double statistics_range_db = 80.0;
   double statistics_dropout = 0.5;
+  // When positive, the statistics branch also takes the deviation and delta
+  // RMS of each frame's first this many DCT-II coefficients (log-mel input:
+  // MFCCs): deviations of the rows alone miss how the bands move together.
+  int statistics_cepstral = 0;
   // Pitch statistics in the statistics branch (0 = off). The input's first
   // pitch_rows rows must be log-mel bands pitch_row_hz apart (the linear,
   // equally spaced part of the Slaney scale below 1 kHz; see

@@ -272,6 +272,53 @@ TEST(ModelArchitectureTest, StatisticsBranchSummarisesTheFramesNearTheLoudest) {
   EXPECT_NEAR(statistics.forward({louder}).toTensor()[0][4 * rows].item<double>(), 0.75, 1e-6);
 }
 
+// statistics_cepstral adds, after the rows' statistics, the deviation and
+// delta RMS of each frame's first DCT coefficients over the kept frames: two
+// rows that move against each other have a steady sum (coefficient 0) and a
+// moving difference (coefficient 1), which the rows' own deviations cannot
+// tell from two rows moving together.
+TEST(ModelArchitectureTest, StatisticsBranchAddsCepstralDeviations) {
+  const int rows = 2, frames = 12, cepstra = 2;
+  ArchitectureOptions options;
+  options.num_features = rows;
+  options.parallel_branches = false;
+  options.statistics_hidden = 4;
+  options.statistics_cepstral = cepstra;
+  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  ASSERT_TRUE(module.ok()) << module.status();
+  torch::jit::Module statistics = module->attr("statistics").toModule();
+  statistics.eval();
+  torch::NoGradGuard no_grad;
+  const int width = 4 * rows + 1 + 2 * cepstra;
+  ASSERT_EQ(statistics.attr("bn_weight").toTensor().size(0), width);
+  statistics.setattr("bn_running_var", torch::ones({width}) - 1e-5);
+  statistics.setattr("hidden_weight", torch::eye(width));
+  statistics.setattr("hidden_bias", torch::zeros({width}));
+  // Row 0 at 40 + 3 u dB, row 1 at 40 - 3 u, with u 0 or 1 in turns of
+  // three frames: all frames kept.
+  std::vector<float> x(rows * frames);
+  for (int t = 0; t < frames; ++t) {
+    const float u = static_cast<float>((t / 3) % 2);
+    x[t] = 40.0f + 3.0f * u;
+    x[frames + t] = 40.0f - 3.0f * u;
+  }
+  const torch::Tensor input = torch::from_blob(x.data(), {1, 1, rows, frames}).clone();
+  const torch::Tensor out = statistics.forward({input}).toTensor()[0];
+  const int first = 4 * rows + 1;
+  // Both rows deviate by 1.5 dB; their orthonormal sum (x0 + x1) / sqrt(2)
+  // does not, their difference (x0 - x1) / sqrt(2) by 6 / 2 / sqrt(2).
+  EXPECT_NEAR(out[rows].item<double>(), 1.5, 1e-3);
+  EXPECT_NEAR(out[rows + 1].item<double>(), 1.5, 1e-3);
+  EXPECT_NEAR(out[first].item<double>(), 0.0, 1e-2);
+  EXPECT_NEAR(out[first + 1].item<double>(), 3.0 / std::sqrt(2.0), 1e-3);
+  // The delta RMS of the steady coefficient is zero too, of the moving one not.
+  EXPECT_NEAR(out[first + 2].item<double>(), 0.0, 1e-2);
+  EXPECT_GT(out[first + 3].item<double>(), 0.1);
+  options.statistics_cepstral = rows + 1;
+  EXPECT_THAT(BuildParallelCnnTransformer(options).status().message(),
+              HasSubstr("statistics_cepstral"));
+}
+
 // Pitch statistics read F0 off the harmonics of real log-mel features: a
 // harmonic tone at 120 or 220 Hz through the extractor (128 mel bands of a
 // 64 ms window) gives the log F0 of its tone, steady; a glide from 120 to
@@ -383,6 +430,7 @@ TEST(ModelArchitectureTest, OptionsRoundTripThroughJson) {
   options.parallel_branches = false;
   options.pitch_rows = 21;
   options.pitch_row_hz = 23.4;
+  options.statistics_cepstral = 20;
   const nlohmann::json json = ArchitectureOptionsToJson(options);
   absl::StatusOr<ArchitectureOptions> parsed = ArchitectureOptionsFromJson(json);
   ASSERT_TRUE(parsed.ok()) << parsed.status();

@@ -150,6 +150,10 @@ int main(int argc, char** argv) {
   train->add_option("--statistics-hidden", options.architecture.statistics_hidden,
                     "width of the utterance-statistics branch (0 = off)")
       ->capture_default_str();
+  train->add_option("--statistics-cepstral", options.architecture.statistics_cepstral,
+                    "statistics branch: add the deviation and delta RMS of this many DCT "
+                    "coefficients of each frame (0 = off)")
+      ->capture_default_str();
   train->add_option("--statistics-range-db", options.architecture.statistics_range_db,
                     "statistics branch: frames within this many dB of the loudest count")
       ->capture_default_str();
