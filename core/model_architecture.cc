@@ -1,7 +1,9 @@
 #include "core/model_architecture.h"
 
 #include <cmath>
+#include <map>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -68,7 +70,8 @@ constexpr char kParallelBranchesSource[] = R"(x = self.branch_input(x)
     parts.append(conv)
     parts.append(seq.mean(1)))";
 
-// Utterance-level statistics of the raw input rows over the frames within
+// Utterance-level statistics of the raw input rows (summary, no weights;
+// head: the trained part) over the frames within
 // range_db of the loudest one (the rest is silence or zero padding):
 // mean, standard deviation, RMS and mean magnitude of the delta (librosa's
 // 5-frame regression, edges repeated), the share of such frames; batch
@@ -77,6 +80,9 @@ constexpr char kParallelBranchesSource[] = R"(x = self.branch_input(x)
 // means are linear in the rows' means, so left out).
 constexpr char kStatisticsSource[] = R"(
 def forward(self, x):
+    return self.head(self.summary(x))
+
+def summary(self, x):
     x = x.squeeze(1)
     energy = x.amax(1)
     kept = (energy > energy.amax(1, True) - self.range_db).to(x.dtype).unsqueeze(1)
@@ -86,6 +92,9 @@ def forward(self, x):
     s = torch.cat([mean, std, delta_rms, delta_magnitude, share], 1)
     CEPSTRAL_CALL
     PITCH_CALL
+    return s
+
+def head(self, s):
     s = torch.batch_norm(s, self.bn_weight, self.bn_bias, self.bn_running_mean,
                          self.bn_running_var, self.training, 0.1, 1e-5, False)
     hidden = torch.relu(torch.linear(s, self.hidden_weight, self.hidden_bias))
@@ -174,6 +183,27 @@ def logits(self, x):
 def forward(self, x):
     return torch.softmax(self.logits(x), 1)
 )";
+
+// A statistics-only model's probabilities in two steps, so that an ensemble
+// of such models computes the weight-free summary once for all
+// (BuildEnsemble): forward(x) = from_summary(summary(x)), exactly.
+constexpr char kSummarySource[] = R"(
+def summary(self, x):
+    return self.statistics.summary(x)
+
+def from_summary(self, s):
+    hidden = self.statistics.head(s)
+    return torch.softmax(torch.linear(hidden, self.fc_weight, self.fc_bias), 1)
+)";
+
+// What a statistics-only model's summary() computes: members of an ensemble
+// with the same key compute the same function of x. The "v1" changes with
+// kStatisticsSource's summary.
+std::string SummaryKey(const ArchitectureOptions& o) {
+  return absl::StrCat("statistics summary v1: rows ", o.num_features, ", range ",
+                      o.statistics_range_db, " dB, cepstral ", o.statistics_cepstral,
+                      ", pitch rows ", o.pitch_rows, " at ", o.pitch_row_hz, " Hz");
+}
 
 // The orthonormal DCT-II rows 0..count-1 over `size` points (scipy's
 // dct(type=2, norm="ortho"), as librosa's MFCC applies it to log-mel).
@@ -540,6 +570,10 @@ absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
     model.define(absl::StrReplaceAll(kModelSource, {{"BRANCH_INPUT", branch_input},
                                                     {"PARALLEL_BRANCHES", parallel_branches},
                                                     {"STATISTICS_CALL", statistics_call}}));
+    if (!o.parallel_branches) {
+      model.register_attribute("summary_key", c10::StringType::get(), SummaryKey(o));
+      model.define(kSummarySource);
+    }
     return model;
   } catch (const std::exception& e) {
     return absl::InternalError(
@@ -580,10 +614,26 @@ absl::StatusOr<torch::jit::Module> BuildEnsemble(
   try {
     auto unit = std::make_shared<torch::jit::CompilationUnit>();
     Module ensemble = NewModule("Ensemble", unit);
-    std::string source = "def forward(self, x):\n    p = self.member0.forward(x)\n";
+    // Statistics-only members with the same summary share its computation:
+    // summary i is computed by the first member with that key.
+    std::map<std::string, size_t> first_with_key;
+    std::string source = "def forward(self, x):\n";
     for (size_t i = 0; i < members.size(); ++i) {
       ensemble.register_module(absl::StrCat("member", i), members[i]);
-      if (i > 0) absl::StrAppend(&source, "    p = p + self.member", i, ".forward(x)\n");
+      absl::StrAppend(&source, i == 0 ? "    p = " : "    p = p + ");
+      const bool has_summary = members[i].hasattr("summary_key") &&
+                               members[i].find_method("from_summary").has_value();
+      if (!has_summary) {
+        absl::StrAppend(&source, "self.member", i, ".forward(x)\n");
+        continue;
+      }
+      const auto [it, first] =
+          first_with_key.emplace(members[i].attr("summary_key").toStringRef(), i);
+      if (first) {
+        source.insert(source.rfind("    p = "),
+                      absl::StrCat("    summary", i, " = self.member", i, ".summary(x)\n"));
+      }
+      absl::StrAppend(&source, "self.member", i, ".from_summary(summary", it->second, ")\n");
     }
     absl::StrAppend(&source, "    return p / ", members.size(),
                     "\n\ndef logits(self, x):\n    return torch.log(self.forward(x))\n");

@@ -106,6 +106,10 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& options);
 //   logits(x: [B,1,F,T])  -> logits [B, num_classes]
 //   embedding(x)          -> the concatenated branches that feed the
 //                            final linear layer (fc_weight, fc_bias)
+// and, statistics-only (parallel_branches false):
+//   summary(x)            -> the statistics before any weight [B, W]
+//   from_summary(s)       -> probabilities: forward(x) = from_summary(summary(x))
+//   summary_key           -> a string attribute naming what summary computes
 // Buffers feature_mean / feature_std ([D]) normalise branch_input inside
 // the module; the trainer fills them from the training data.
 absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
@@ -121,7 +125,10 @@ absl::StatusOr<torch::jit::Module> BuildCepstralAdapter(torch::jit::Module membe
 
 // An ensemble of modules that follow the model contract (same input, same
 // classes): forward(x) -> the mean of the members' probabilities;
-// logits(x) -> its log. At least two members.
+// logits(x) -> its log. At least two members. Statistics-only members
+// (parallel_branches false) with the same statistics options compute their
+// weight-free summary of x once between them: a bag of such models costs
+// little more than one.
 absl::StatusOr<torch::jit::Module> BuildEnsemble(
     std::vector<torch::jit::Module> members);
 

@@ -417,6 +417,55 @@ TEST(ModelArchitectureTest, StatisticsOnlyModelHasNeitherCnnNorTransformer) {
               HasSubstr("statistics branch is needed"));
 }
 
+// A statistics-only model's summary is its weight-free part:
+// from_summary(summary(x)) is forward(x) exactly. An ensemble computes the
+// summary once for all statistics-only members with the same statistics
+// options, and its output is still the mean of every member's forward.
+TEST(ModelArchitectureTest, EnsembleSharesTheSummaryOfLikeStatisticsMembers) {
+  ArchitectureOptions statistics;
+  statistics.num_features = 64;
+  statistics.parallel_branches = false;
+  statistics.statistics_hidden = 24;
+  ArchitectureOptions cepstral = statistics;
+  cepstral.statistics_cepstral = 8;
+  ArchitectureOptions parallel;
+  parallel.num_features = 64;
+  std::vector<torch::jit::Module> members;
+  for (const ArchitectureOptions* options : {&statistics, &statistics, &cepstral, &parallel}) {
+    torch::manual_seed(members.size() + 1);
+    absl::StatusOr<torch::jit::Module> member = BuildParallelCnnTransformer(*options);
+    ASSERT_TRUE(member.ok()) << member.status();
+    member->eval();
+    members.push_back(*std::move(member));
+  }
+  EXPECT_FALSE(members[3].hasattr("summary_key"));
+  EXPECT_NE(members[0].attr("summary_key").toStringRef(),
+            members[2].attr("summary_key").toStringRef());
+  torch::NoGradGuard no_grad;
+  const torch::Tensor x = torch::randn({3, 1, 64, 301}) * 20 - 40;
+  const torch::Tensor summary = members[0].run_method("summary", x).toTensor();
+  EXPECT_TRUE(torch::equal(members[0].run_method("from_summary", summary).toTensor(),
+                           members[0].forward({x}).toTensor()));
+  absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(members);
+  ASSERT_TRUE(ensemble.ok()) << ensemble.status();
+  torch::Tensor mean = torch::zeros({3, 8});
+  for (torch::jit::Module& member : members) mean += member.forward({x}).toTensor() / 4;
+  const torch::Tensor p = ensemble->forward({x}).toTensor();
+  EXPECT_TRUE(torch::allclose(p, mean, 1e-6, 1e-7));
+  EXPECT_GT((members[0].forward({x}).toTensor() - members[1].forward({x}).toTensor())
+                .abs().max().item<double>(), 1e-3) << "the members should differ";
+  // Two summaries (members 0 and 2), three heads on them, one whole model.
+  const std::string graph = ensemble->get_method("forward").graph()->toString();
+  const auto calls = [&](const std::string& name) {
+    int n = 0;
+    for (size_t at = graph.find(name); at != std::string::npos; at = graph.find(name, at + 1)) ++n;
+    return n;
+  };
+  EXPECT_EQ(calls("name=\"summary\""), 2) << graph;
+  EXPECT_EQ(calls("name=\"from_summary\""), 3) << graph;
+  EXPECT_EQ(calls("name=\"forward\""), 1) << graph;
+}
+
 // Every option survives model.json's architecture object.
 TEST(ModelArchitectureTest, OptionsRoundTripThroughJson) {
   ArchitectureOptions options;
