@@ -11,7 +11,8 @@
 #          --n-fft 1024 --win-length 1024 --statistics-only --pitch ...
 # Environment: DATA (default ../shared/datasets/ravdess), BUILD (build/release),
 # JOBS (folds trained at once; default: the number of cores), THREADS
-# (LibTorch threads per fold; default 1), FOLDS (default "1 2 3 4 5 6 7 8 9 10").
+# (LibTorch threads per fold; default 1), FOLDS (default "1 2 3 4 5 6 7 8 9 10"),
+# VERSION (the ensemble's model version; default: the first fold's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 (($# >= 1)) || { echo "usage: $0 OUT [TRAINER ARGS...]" >&2; exit 2; }
@@ -22,6 +23,8 @@ build="${BUILD:-build/release}"
 jobs="${JOBS:-$(nproc)}"
 threads="${THREADS:-1}"
 read -r -a folds <<<"${FOLDS:-1 2 3 4 5 6 7 8 9 10}"
+version_args=()
+[[ -n "${VERSION:-}" ]] && version_args=(--version "$VERSION")
 trainer="$build/train/emoserve-train"
 [[ -x "$trainer" ]] || { echo "build first: $trainer is missing" >&2; exit 1; }
 mkdir -p "$out"
@@ -44,5 +47,6 @@ wait || true
 for dir in "${members[@]}"; do
   [[ -s "$dir/model.json" ]] || { echo "training failed: see $dir.log" >&2; exit 1; }
 done
-"$trainer" ensemble --members "${members[@]}" --data "$data" --out "$out/ensemble"
+"$trainer" ensemble --members "${members[@]}" --data "$data" --out "$out/ensemble" \
+  "${version_args[@]}"
 echo "cross-validated: $out/ensemble/model.json (provenance.validation)"
