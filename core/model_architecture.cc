@@ -87,7 +87,8 @@ def summary(self, x):
     energy = x.amax(1)
     kept = (energy > energy.amax(1, True) - self.range_db).to(x.dtype).unsqueeze(1)
     count = kept.sum(2).clamp_min(1.0)
-    mean, std, delta_rms, delta_magnitude = self.moments(x, kept, count)
+    mean, std, delta, delta_rms = self.moments(x, kept, count)
+    delta_magnitude = (delta.abs() * kept).sum(2) / count
     share = kept.mean(2)
     s = torch.cat([mean, std, delta_rms, delta_magnitude, share], 1)
     CEPSTRAL_CALL
@@ -106,8 +107,7 @@ def moments(self, x, kept, count):
     std = torch.sqrt((centered * centered).sum(2) / count + 1e-5)
     delta = self.delta(x)
     delta_rms = torch.sqrt((delta * delta * kept).sum(2) / count + 1e-5)
-    delta_magnitude = (delta.abs() * kept).sum(2) / count
-    return mean, std, delta_rms, delta_magnitude
+    return mean, std, delta, delta_rms
 
 def delta(self, x):
     first = x[:, :, :1]
@@ -318,7 +318,7 @@ Module StatisticsBlock(const ArchitectureOptions& o,
     width += 2 * static_cast<int64_t>(o.statistics_cepstral);
     cepstral_call =
         "cepstra = self.moments(torch.matmul(self.statistics_dct, x), kept, count)\n"
-        "    s = torch.cat([s, cepstra[1], cepstra[2]], 1)";
+        "    s = torch.cat([s, cepstra[1], cepstra[3]], 1)";
   }
   block.register_parameter("bn_weight", torch::ones({width}), false);
   block.register_parameter("bn_bias", torch::zeros({width}), false);
@@ -617,24 +617,23 @@ absl::StatusOr<torch::jit::Module> BuildEnsemble(
     // Statistics-only members with the same summary share its computation:
     // summary i is computed by the first member with that key.
     std::map<std::string, size_t> first_with_key;
-    std::string source = "def forward(self, x):\n";
+    std::string summaries;  // lines computing the shared summaries
+    std::string sum;        // lines adding up the members' probabilities
     for (size_t i = 0; i < members.size(); ++i) {
       ensemble.register_module(absl::StrCat("member", i), members[i]);
-      absl::StrAppend(&source, i == 0 ? "    p = " : "    p = p + ");
+      absl::StrAppend(&sum, i == 0 ? "    p = " : "    p = p + ");
       const bool has_summary = members[i].hasattr("summary_key") &&
                                members[i].find_method("from_summary").has_value();
       if (!has_summary) {
-        absl::StrAppend(&source, "self.member", i, ".forward(x)\n");
+        absl::StrAppend(&sum, "self.member", i, ".forward(x)\n");
         continue;
       }
       const auto [it, first] =
           first_with_key.emplace(members[i].attr("summary_key").toStringRef(), i);
-      if (first) {
-        source.insert(source.rfind("    p = "),
-                      absl::StrCat("    summary", i, " = self.member", i, ".summary(x)\n"));
-      }
-      absl::StrAppend(&source, "self.member", i, ".from_summary(summary", it->second, ")\n");
+      if (first) absl::StrAppend(&summaries, "    summary", i, " = self.member", i, ".summary(x)\n");
+      absl::StrAppend(&sum, "self.member", i, ".from_summary(summary", it->second, ")\n");
     }
+    std::string source = absl::StrCat("def forward(self, x):\n", summaries, sum);
     absl::StrAppend(&source, "    return p / ", members.size(),
                     "\n\ndef logits(self, x):\n    return torch.log(self.forward(x))\n");
     ensemble.define(source);

@@ -6,7 +6,7 @@
 # folds averaged into one model.pt by `emoserve-train ensemble`, whose
 # model.json records every fold's command and metrics and the recipe's
 # cross-validated (out-of-fold) accuracy and UAR. The folds together learn
-# from all 20 non-test speakers. About 25 min on 2 cores; deterministic
+# from all 20 non-test speakers. About 18 min on 2 cores; deterministic
 # for a seed and a thread count (one LibTorch thread per fold by default).
 #   scripts/train-default-model.sh [OUT]      (default models/default)
 # Environment: DATA (default ../shared/datasets/ravdess), BUILD (build/release),
