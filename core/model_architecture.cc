@@ -3,6 +3,7 @@
 #include <cmath>
 #include <map>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -636,6 +637,14 @@ absl::StatusOr<torch::jit::Module> BuildEnsemble(
     std::string source = absl::StrCat("def forward(self, x):\n", summaries, sum);
     absl::StrAppend(&source, "    return p / ", members.size(),
                     "\n\ndef logits(self, x):\n    return torch.log(self.forward(x))\n");
+    // Members loaded from different files hold distinct classes of one name
+    // (each fold's __torch__.emoserve.Statistics); with such homonyms
+    // TorchScript's alias analysis of the new methods grows exponentially
+    // with the members (30: over 8 GB). Saving renames clashing classes
+    // apart, so the ensemble is compiled from a save/load round trip.
+    std::stringstream saved;
+    ensemble.save(saved);
+    ensemble = torch::jit::load(saved);
     ensemble.define(source);
     ensemble.eval();
     return ensemble;

@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <set>
+#include <string>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -464,6 +466,39 @@ TEST(ModelArchitectureTest, EnsembleSharesTheSummaryOfLikeStatisticsMembers) {
   EXPECT_EQ(calls("name=\"summary\""), 2) << graph;
   EXPECT_EQ(calls("name=\"from_summary\""), 3) << graph;
   EXPECT_EQ(calls("name=\"forward\""), 1) << graph;
+}
+
+// Folds of one recipe hold distinct classes of one name; the ensemble gives
+// each its own name, without which TorchScript's compiler grows
+// exponentially with such members (30 folds once took over 8 GB).
+TEST(ModelArchitectureTest, EnsembleOfManyLikeFoldsNamesTheirClassesApart) {
+  ArchitectureOptions options;
+  options.num_features = 16;
+  options.parallel_branches = false;
+  options.statistics_hidden = 4;
+  constexpr int kMembers = 24;
+  std::vector<torch::jit::Module> members;
+  for (int i = 0; i < kMembers; ++i) {
+    torch::manual_seed(i + 1);
+    absl::StatusOr<torch::jit::Module> member = BuildParallelCnnTransformer(options);
+    ASSERT_TRUE(member.ok()) << member.status();
+    member->eval();
+    members.push_back(*std::move(member));
+  }
+  ASSERT_EQ(members[0].type()->name()->qualifiedName(),
+            members[1].type()->name()->qualifiedName());
+  absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(members);
+  ASSERT_TRUE(ensemble.ok()) << ensemble.status();
+  std::set<std::string> names;
+  for (const torch::jit::NameModule& child : ensemble->named_children()) {
+    names.insert(child.value.type()->name()->qualifiedName());
+  }
+  EXPECT_EQ(names.size(), kMembers);
+  torch::NoGradGuard no_grad;
+  const torch::Tensor x = torch::randn({2, 1, 16, 301}) * 20 - 40;
+  torch::Tensor mean = torch::zeros({2, 8});
+  for (torch::jit::Module& member : members) mean += member.forward({x}).toTensor() / kMembers;
+  EXPECT_TRUE(torch::allclose(ensemble->forward({x}).toTensor(), mean, 1e-6, 1e-7));
 }
 
 // Every option survives model.json's architecture object.
