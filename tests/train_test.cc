@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <sstream>
+#include <string>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -15,6 +16,7 @@
 #include <torch/script.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "core/features.h"
 #include "core/model.h"
 #include "core/windowing.h"
@@ -108,11 +110,11 @@ TEST(MetricsTest, AccuracyAndUnweightedAverageRecall) {
 // The real trainer for one short epoch on two actors, writing into a fresh
 // `out`.
 std::string SmokeTrainCommand(const std::string& shared, const fs::path& out,
-                              const std::string& extra_flags = "") {
+                              const std::string& extra_flags = "", int epochs = 1) {
   fs::remove_all(out);
   return absl::StrCat(EMOSERVE_BINARY_DIR, "/train/emoserve-train train --data ",
-                      Ravdess(shared), " --out ", out.string(),
-                      " --epochs 1 --train-actors 1-2 --val-actors 3 --test-actors 4 --seed 5",
+                      Ravdess(shared), " --out ", out.string(), " --epochs ", epochs,
+                      " --train-actors 1-2 --val-actors 3 --test-actors 4 --seed 5",
                       extra_flags);
 }
 
@@ -303,6 +305,61 @@ TEST(TrainSmokeTest, MovingAverageRunSavesTheAveragedWeights) {
   absl::StatusOr<std::vector<float>> averaged = models[1]->Predict(input, 1);
   ASSERT_TRUE(raw.ok() && averaged.ok());
   EXPECT_GT(testing::MaxAbsDifference(*raw, *averaged), 1e-4);
+}
+
+// --keep last: model.pt is the last epoch's, whatever validation says, so
+// that the validation score is an estimate instead of a choice; --keep best
+// (the default) keeps the best validation UAR's epoch. The recorded
+// validation is that of the kept epoch, from the curve.
+TEST(TrainSmokeTest, KeepLastSavesTheFinalEpoch) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
+  constexpr int kEpochs = 4;
+  std::vector<std::unique_ptr<Model>> models;
+  std::vector<std::vector<double>> val_uar(2);
+  for (const char* keep : {"best", "last"}) {
+    const fs::path out = fs::path(::testing::TempDir()) / absl::StrCat("keep_", keep);
+    const std::string command = SmokeTrainCommand(
+        *shared, out,
+        absl::StrCat(" --features log_mel --statistics-only --statistics-hidden 32 --lr 0.01 --keep ",
+                     keep),
+        kEpochs);
+    ASSERT_EQ(std::system(command.c_str()), 0) << command;
+    std::ifstream curve(out / "training_curve.csv");
+    std::string line;
+    std::getline(curve, line);  // header; val_uar is the last column
+    while (std::getline(curve, line)) {
+      const std::vector<std::string> cells = absl::StrSplit(line, ',');
+      val_uar[models.size()].push_back(std::stod(cells[5]));
+    }
+    absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
+    ASSERT_TRUE(model.ok()) << model.status();
+    models.push_back(*std::move(model));
+  }
+  ASSERT_EQ(val_uar[0], val_uar[1]) << "the same seed trains the same epochs";
+  ASSERT_EQ(val_uar[0].size(), kEpochs);
+  const nlohmann::json& best = models[0]->config().provenance;
+  const nlohmann::json& last = models[1]->config().provenance;
+  const int best_epoch = best["best_epoch"];
+  EXPECT_EQ(best["kept_epoch"], best_epoch);
+  EXPECT_EQ(last["best_epoch"], best_epoch);
+  EXPECT_EQ(last["kept_epoch"], kEpochs);
+  EXPECT_NEAR(best["validation"]["uar"].get<double>(), val_uar[0][best_epoch - 1], 1e-4);
+  EXPECT_NEAR(last["validation"]["uar"].get<double>(), val_uar[0].back(), 1e-4);
+  std::vector<float> input(models[0]->input_size());
+  for (size_t i = 0; i < input.size(); ++i) input[i] = std::sin(0.01 * i) * 20 - 40;
+  absl::StatusOr<std::vector<float>> kept_best = models[0]->Predict(input, 1);
+  absl::StatusOr<std::vector<float>> kept_last = models[1]->Predict(input, 1);
+  ASSERT_TRUE(kept_best.ok() && kept_last.ok());
+  if (best_epoch == kEpochs) {
+    EXPECT_EQ(testing::MaxAbsDifference(*kept_best, *kept_last), 0.0);
+  } else {
+    EXPECT_GT(testing::MaxAbsDifference(*kept_best, *kept_last), 0.0);
+  }
+  const auto [status, output] = testing::RunCommand(
+      SmokeTrainCommand(*shared, fs::path(::testing::TempDir()) / "keep_first", " --keep first"));
+  EXPECT_NE(status, 0);
+  EXPECT_THAT(output, HasSubstr("--keep"));
 }
 
 // Two processes with the same seed train the same model, to the bit: no

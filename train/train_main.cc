@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
   TrainOptions options;
   options.features = emoserve::DefaultTrainFeatures();
   std::string train_actors, val_actors = "19-20", test_actors = "21-24", feature_kind = "mfcc",
-              db_ref = "one";
+              db_ref = "one", keep_epoch = "best";
   CLI::App* train = app.add_subcommand("train", "train a model and write a model directory");
   train->add_option("--data", options.data_dir, "RAVDESS folder (Actor_NN/...flac|wav)")
       ->required();
@@ -132,6 +132,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   train->add_option("--ema-decay", options.ema_decay,
                     "evaluate and save a moving average of the weights (0 = off)")
+      ->capture_default_str();
+  train->add_option("--keep", keep_epoch,
+                    "the epoch model.pt keeps: best (validation UAR) or last (validation "
+                    "only reports: unbiased cross-validation folds)")
+      ->check(CLI::IsMember({"best", "last"}))
       ->capture_default_str();
   train->add_flag("--balance-classes,!--no-balance-classes", options.balance_classes,
                   "weigh the loss by inverse class frequency (default on)");
@@ -237,6 +242,7 @@ int main(int argc, char** argv) {
   } else {
     return emoserve::Fail(absl::InvalidArgumentError("--db-ref must be one or max"));
   }
+  options.keep_best_epoch = keep_epoch == "best";
   for (auto [text, target] : {std::pair{&train_actors, &options.train_actors},
                               std::pair{&val_actors, &options.val_actors},
                               std::pair{&test_actors, &options.test_actors}}) {

@@ -575,8 +575,8 @@ absl::Status Train(const TrainOptions& options) {
     if (best) {
       best_uar = record.val_uar;
       best_epoch = epoch;
-      average.save(model_path);
     }
+    if (options.keep_best_epoch ? best : epoch == options.epochs) average.save(model_path);
     const double per_epoch = Seconds(train_start) / epoch;
     progress.Finish(absl::StrFormat(
         "loss %.3f train acc %.3f | val acc %.3f UAR %.3f%s | %.1f s/epoch, %.0f clips/s, "
@@ -609,6 +609,7 @@ absl::Status Train(const TrainOptions& options) {
       {"ema_decay", options.ema_decay},
       {"epochs", options.epochs},
       {"best_epoch", best_epoch},
+      {"kept_epoch", options.keep_best_epoch ? best_epoch : options.epochs},
       {"train_clips", examples},
       {"train_seconds", std::round(train_seconds)},
       {"train_clips_per_second", std::round(examples * options.epochs / train_seconds)},
@@ -703,7 +704,7 @@ absl::Status Ensemble(const EnsembleOptions& options) {
     architectures.push_back(configs[i].architecture);
     nlohmann::json member = {{"dir", options.member_dirs[i]},
                              {"features", FeatureParamsToJson(configs[i].features)["kind"]}};
-    for (const char* key : {"command", "seed", "best_epoch", "train_seconds"}) {
+    for (const char* key : {"command", "seed", "best_epoch", "kept_epoch", "train_seconds"}) {
       if (p.contains(key)) member[key] = p[key];
     }
     for (const char* key : {"validation", "test"}) {
