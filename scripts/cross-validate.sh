@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Cross-validates a training recipe by speaker: ten folds over actors 1-20,
-# each validating (selecting its epoch) on two actors and training on the
-# other 18; the test actors 21-24 stay out of every fold. The folds are then
-# averaged by `emoserve-train ensemble`, which validates them out of fold:
-# its model.json's "validation" is the recipe's cross-validated accuracy and
-# UAR over 1200 clips of 20 speakers, far less noisy than one fold's 120
-# (one pair of actors' UAR varies by about 0.10 from pair to pair).
+# each validating on two actors and training on the other 18; the test
+# actors 21-24 stay out of every fold. The folds are then averaged by
+# `emoserve-train ensemble`, which validates them out of fold: its
+# model.json's "validation" is the recipe's cross-validated accuracy and UAR
+# over 1200 clips of 20 speakers, far less noisy than one fold's 120 (one
+# pair of actors' UAR varies by about 0.10 from pair to pair). Pass --keep
+# last for an unbiased figure: by default each fold keeps the epoch its
+# validation actors score best, and the same actors then overstate it
+# (by about 0.04 for the bundled recipe).
 #   scripts/cross-validate.sh OUT [TRAINER ARGS...]
 #   e.g. scripts/cross-validate.sh /tmp/cv-pitch --features log_mel --n-mels 128 \
 #          --n-fft 1024 --win-length 1024 --statistics-only --pitch ...
