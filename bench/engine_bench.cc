@@ -1,5 +1,6 @@
 // The engine against its ceiling, in one run:
-//   direct    features + Predict of one window on the calling thread;
+//   direct    features + Predict of one window on the calling thread, with
+//             the engine's LibTorch threads;
 //   ceiling   features (all cores) then Predict of a batch (all cores), for
 //             batch sizes 1..64: the best is the offline ceiling;
 //   engine    N closed-loop submitters (N = 1, 4, 16, 64): throughput and
@@ -301,9 +302,10 @@ int Main(int argc, char** argv) {
   Setup setup;
   EngineOptions& options = setup.engine_options;
   options.feature_threads = 0;  // 0: as --cores
-  options.intra_op_threads = 0;
   app.add_option("--feature-threads", options.feature_threads, "engine feature workers");
-  app.add_option("--intra-op-threads", options.intra_op_threads, "engine LibTorch threads");
+  app.add_option("--intra-op-threads", options.intra_op_threads,
+                 "engine LibTorch threads (0: as --cores)")
+      ->capture_default_str();
   app.add_option("--max-batch", options.max_batch_size, "engine max_batch_size");
   app.add_option("--feature-nice", options.feature_thread_nice, "engine feature_thread_nice")
       ->check(CLI::Range(0, 19));
@@ -346,8 +348,11 @@ int Main(int argc, char** argv) {
   const FeatureExtractor& features = **extractor;
   OnNewThread([&] { return DirectMs(setup, features, 5); });  // warm-up
   for (int round = 0; round < rounds; ++round) {
-    SetModelThreads(cores);  // the engine runs may have set their own
+    // Direct calls run as the engine's model does; the offline ceiling's
+    // batches use every core.
+    SetModelThreads(options.intra_op_threads);
     direct.push_back(OnNewThread([&] { return DirectMs(setup, features, 30); }));
+    SetModelThreads(cores);
     for (size_t b = 0; b < batch_sizes.size(); ++b) {
       ceiling[b].push_back(OnNewThread([&] {
         return Ceiling(setup, features, batch_sizes[b], std::max(4, 128 / batch_sizes[b]));

@@ -25,7 +25,7 @@ struct ServerConfig {
   int max_queue_delay_ms = 0;
   int feature_threads = 0;   // 0: one per core
   int model_instances = 1;
-  int torch_threads = 0;     // 0: one per core
+  int torch_threads = 1;     // 0: one per core
   double vad_threshold_dbfs = -50.0;
   // Limits.
   int64_t max_message_bytes = 32 << 20;

@@ -60,7 +60,7 @@ TEST(ServerConfigTest, DefaultsAreTheDocumentedOnes) {
   EXPECT_EQ(c.max_queue_delay_ms, 0);
   EXPECT_EQ(c.feature_threads, 0);
   EXPECT_EQ(c.model_instances, 1);
-  EXPECT_EQ(c.torch_threads, 0);
+  EXPECT_EQ(c.torch_threads, 1);
   EXPECT_EQ(c.grace_seconds, 10);
   EXPECT_GE(c.max_streams, 1000) << "the server must hold 1000 streams by default";
   EXPECT_EQ(c.log_level, LogLevel::kInfo);
