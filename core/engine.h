@@ -34,8 +34,9 @@ struct EngineOptions {
   // every barrier whenever one of its threads is preempted. 0 = same
   // priority as the rest of the process.
   int feature_thread_nice = 19;
-  // Model runner threads, each running whole batches; 1 suits a CPU whose
-  // cores already serve LibTorch's intra-op threads.
+  // Model runner threads, each running whole batches on intra_op_threads
+  // LibTorch threads; 1 suits two cores (one for the model, one for the
+  // features). More cores than the features need want more runners.
   int model_instances = 1;
   // LibTorch intra-op threads; 0 = one per core. LibTorch's setting is
   // process-wide: Engine::Create applies it (SetModelThreads). One thread

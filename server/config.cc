@@ -74,7 +74,8 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
       ->check(CLI::Range(0, 1024));
   add("model-instances", c.model_instances, "Model runner threads")
       ->check(CLI::Range(1, 64));
-  add("torch-threads", c.torch_threads, "LibTorch intra-op threads (0: one per core; 1 measured best here)")
+  add("torch-threads", c.torch_threads,
+      "LibTorch intra-op threads per model runner (0: one per core)")
       ->check(CLI::Range(0, 1024));
   add("max-message-bytes", c.max_message_bytes, "Largest gRPC message accepted")
       ->check(CLI::Range(int64_t{1024}, int64_t{2147483647}));
