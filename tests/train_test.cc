@@ -327,10 +327,13 @@ TEST(TrainSmokeTest, KeepLastSavesTheFinalEpoch) {
     ASSERT_EQ(std::system(command.c_str()), 0) << command;
     std::ifstream curve(out / "training_curve.csv");
     std::string line;
-    std::getline(curve, line);  // header; val_uar is the last column
+    std::getline(curve, line);
+    const std::vector<std::string> header = absl::StrSplit(line, ',');
+    const size_t column = std::find(header.begin(), header.end(), "val_uar") - header.begin();
+    ASSERT_LT(column, header.size()) << line;
     while (std::getline(curve, line)) {
       const std::vector<std::string> cells = absl::StrSplit(line, ',');
-      val_uar[models.size()].push_back(std::stod(cells[5]));
+      val_uar[models.size()].push_back(std::stod(cells.at(column)));
     }
     absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
     ASSERT_TRUE(model.ok()) << model.status();
