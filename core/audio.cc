@@ -10,13 +10,17 @@
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <optional>
+#include <string_view>
 #include <system_error>
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "core/resampler.h"
 
 namespace emoserve {
 namespace {
@@ -28,6 +32,11 @@ constexpr int kMaxChannels = 64;
 // Frames decoded per libsndfile call: bounds the interleaved scratch buffer
 // (at most 4096 * 64 floats = 1 MiB) whatever the file declares.
 constexpr sf_count_t kChunkFrames = 4096;
+
+// The most source frames per input byte that a compressed file's declared
+// length may reserve up front (16 frames a byte: 8 kbit/s MP3 at 8 kHz, or
+// FLAC at 16:1); longer audio grows the buffer as it decodes.
+constexpr double kMaxExpectedCompression = 16.0;
 
 // A WAV data-chunk size of 0xFFFFFFFF means "unknown length" (written by
 // streaming encoders that cannot seek back); the data runs to end of file.
@@ -84,28 +93,160 @@ absl::Status CheckDuration(double frames, int sample_rate,
   return absl::OkStatus();
 }
 
-// Checks `interleaved` (whole frames) for NaN/Inf and appends the channel
-// average of each frame to `mono`. `first_frame` is the index of the first
-// frame in the whole stream, for error messages.
-absl::Status AppendMono(absl::Span<const float> interleaved, int channels,
-                        size_t first_frame, std::vector<float>* mono) {
+// Why `value` is not an acceptable sample, or null when it is.
+const char* SampleProblem(float value) {
+  if (std::isnan(value)) return "NaN";
+  if (std::isinf(value)) return "Inf";
+  if (std::fabs(value) > kMaxSampleMagnitude) return "absurd";
+  return nullptr;
+}
+
+absl::Status SampleError(const char* problem, float value, size_t index,
+                         std::optional<int> channel) {
+  const std::string where = absl::StrCat(
+      "at sample index ", index,
+      channel.has_value() ? absl::StrCat(" (channel ", *channel, ")") : "");
+  if (std::string_view(problem) == "absurd") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "audio contains a sample of ", value, " ", where, ", beyond +-",
+        kMaxSampleMagnitude,
+        " (60 dB over full scale, which is +-1); the data is corrupt or not "
+        "normalised"));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("audio contains a non-finite sample (", problem, ") ",
+                   where, "; the data is corrupt"));
+}
+
+// Checks `interleaved` (whole frames) and writes the channel average of each
+// frame to `mono` (replacing its contents). `first_frame` is the index of the
+// first frame in the whole stream, for error messages.
+absl::Status MixToMono(absl::Span<const float> interleaved, int channels,
+                       size_t first_frame, std::vector<float>* mono) {
   const size_t frames = interleaved.size() / channels;
+  mono->resize(frames);
   for (size_t f = 0; f < frames; ++f) {
     const float* frame = interleaved.data() + f * channels;
-    double sum = 0.0;  // Cannot overflow, unlike float near FLT_MAX.
+    double sum = 0.0;
     for (int c = 0; c < channels; ++c) {
-      if (!std::isfinite(frame[c])) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "audio contains a non-finite sample (",
-            std::isnan(frame[c]) ? "NaN" : "Inf", ") at sample index ",
-            first_frame + f, " (channel ", c, "); the data is corrupt"));
+      if (const char* problem = SampleProblem(frame[c])) {
+        return SampleError(problem, frame[c], first_frame + f, c);
       }
       sum += frame[c];
     }
-    mono->push_back(static_cast<float>(sum / channels));
+    (*mono)[f] = static_cast<float>(sum / channels);
   }
   return absl::OkStatus();
 }
+
+// ---------------------------------------------------------------------------
+// The result: mono blocks at the source rate in, the decoded (and resampled)
+// signal out, its buffer grown only through options.reserve.
+
+class AudioBuilder {
+ public:
+  static absl::StatusOr<AudioBuilder> Create(int source_rate,
+                                             const DecodeOptions& options) {
+    if (absl::Status s = ValidateSampleRate(source_rate); !s.ok()) return s;
+    AudioBuilder builder(source_rate, options);
+    if (builder.audio_.sample_rate != source_rate) {
+      absl::StatusOr<std::unique_ptr<StreamResampler>> resampler =
+          StreamResampler::Create(source_rate, builder.audio_.sample_rate);
+      if (!resampler.ok()) return resampler.status();
+      builder.resampler_ = *std::move(resampler);
+    }
+    return builder;
+  }
+
+  // Reserves room for the output of `frames` source frames (a header's
+  // count or an estimate; never more than the duration limit allows).
+  absl::Status Expect(double frames) {
+    frames = std::min(frames, max_frames_);
+    if (!(frames > 0)) return absl::OkStatus();
+    return Grow(static_cast<size_t>(std::ceil(frames * ratio_)) + Slack(),
+                /*exact=*/true);
+  }
+
+  // Appends a block of mono samples at the source rate.
+  absl::Status Append(absl::Span<const float> block) {
+    if (options_->keep_going) {
+      if (absl::Status s = options_->keep_going(); !s.ok()) return s;
+    }
+    frames_ += block.size();
+    if (static_cast<double>(frames_) > max_frames_) {
+      return absl::OutOfRangeError(absl::StrCat(
+          "audio is longer than the limit of ", options_->max_duration_seconds,
+          " s (send a shorter clip)"));
+    }
+    if (resampler_ == nullptr) return Put(block);
+    resampled_.clear();
+    if (absl::Status s = resampler_->Process(block, &resampled_); !s.ok()) {
+      return s;
+    }
+    return Put(resampled_);
+  }
+
+  int64_t frames() const { return static_cast<int64_t>(frames_); }
+
+  absl::StatusOr<Audio> Finish() && {
+    if (resampler_ != nullptr) {
+      resampled_.clear();
+      if (absl::Status s = resampler_->Flush(&resampled_); !s.ok()) return s;
+      if (absl::Status s = Put(resampled_); !s.ok()) return s;
+    }
+    audio_.source_frames = static_cast<int64_t>(frames_);
+    return std::move(audio_);
+  }
+
+ private:
+  AudioBuilder(int source_rate, const DecodeOptions& options)
+      : options_(&options),
+        max_frames_(options.max_duration_seconds * source_rate) {
+    audio_.source_sample_rate = source_rate;
+    audio_.sample_rate = options.output_sample_rate > 0
+                             ? options.output_sample_rate
+                             : source_rate;
+    ratio_ = static_cast<double>(audio_.sample_rate) / source_rate;
+  }
+
+  // Output beyond frames * ratio: resampling rounds, and its filter's tail
+  // comes out at the end.
+  size_t Slack() const { return resampler_ == nullptr ? 0 : 64; }
+
+  absl::Status Put(absl::Span<const float> samples) {
+    const size_t needed = audio_.samples.size() + samples.size();
+    if (absl::Status s = Grow(needed, /*exact=*/false); !s.ok()) return s;
+    audio_.samples.insert(audio_.samples.end(), samples.begin(), samples.end());
+    return absl::OkStatus();
+  }
+
+  // Makes room for `needed` samples: exactly, or with half the current
+  // capacity again when the length was not known, but never more than the
+  // duration limit allows.
+  absl::Status Grow(size_t needed, bool exact) {
+    const size_t capacity = audio_.samples.capacity();
+    if (needed <= capacity) return absl::OkStatus();
+    size_t target = needed;
+    if (!exact) {
+      const double most = std::ceil(max_frames_ * ratio_) + Slack();
+      target = std::max(needed, static_cast<size_t>(std::min<double>(
+                                    capacity + capacity / 2, most)));
+    }
+    if (options_->reserve) {
+      if (absl::Status s = options_->reserve(target); !s.ok()) return s;
+    }
+    audio_.samples.reserve(target);
+    return absl::OkStatus();
+  }
+
+  const DecodeOptions* options_;
+  double max_frames_;  // the duration limit in source frames
+  double ratio_ = 1.0;
+  Audio audio_;
+  std::unique_ptr<StreamResampler> resampler_;  // null when rates match
+  std::vector<float> resampled_;                // one block's output
+  size_t frames_ = 0;                           // source frames so far
+};
 
 // ---------------------------------------------------------------------------
 // Raw PCM.
@@ -127,7 +268,7 @@ float SampleFromLe(const unsigned char* p, PcmEncoding encoding) {
 
 absl::StatusOr<Audio> DecodeRawPcm(std::string_view bytes,
                                    const RawPcmFormat& format,
-                                   double max_duration_seconds) {
+                                   const DecodeOptions& options) {
   if (absl::Status s = ValidateSampleRate(format.sample_rate); !s.ok()) {
     return s;
   }
@@ -147,17 +288,21 @@ absl::StatusOr<Audio> DecodeRawPcm(std::string_view bytes,
   }
   const size_t frames = bytes.size() / frame_bytes;
   // From the byte count alone, before converting anything.
-  if (absl::Status s = CheckDuration(static_cast<double>(frames),
-                                     format.sample_rate, max_duration_seconds);
+  if (absl::Status s =
+          CheckDuration(static_cast<double>(frames), format.sample_rate,
+                        options.max_duration_seconds);
       !s.ok()) {
     return s;
   }
-
-  Audio audio;
-  audio.sample_rate = format.sample_rate;
-  audio.samples.reserve(frames);
+  absl::StatusOr<AudioBuilder> builder =
+      AudioBuilder::Create(format.sample_rate, options);
+  if (!builder.ok()) return builder.status();
+  if (absl::Status s = builder->Expect(static_cast<double>(frames)); !s.ok()) {
+    return s;
+  }
   const auto* data = reinterpret_cast<const unsigned char*>(bytes.data());
   std::vector<float> chunk;
+  std::vector<float> mono;
   for (size_t start = 0; start < frames; start += kChunkFrames) {
     const size_t n = std::min<size_t>(kChunkFrames, frames - start);
     chunk.resize(n * format.channels);
@@ -165,13 +310,13 @@ absl::StatusOr<Audio> DecodeRawPcm(std::string_view bytes,
       chunk[i] = SampleFromLe(
           data + (start * format.channels + i) * sample_bytes, format.encoding);
     }
-    if (absl::Status s =
-            AppendMono(chunk, format.channels, start, &audio.samples);
+    if (absl::Status s = MixToMono(chunk, format.channels, start, &mono);
         !s.ok()) {
       return s;
     }
+    if (absl::Status s = builder->Append(mono); !s.ok()) return s;
   }
-  return audio;
+  return std::move(*builder).Finish();
 }
 
 // ---------------------------------------------------------------------------
@@ -180,6 +325,7 @@ absl::StatusOr<Audio> DecodeRawPcm(std::string_view bytes,
 // would decode "successfully"; we read the declared sizes ourselves.
 
 struct WavHeader {
+  uint16_t format_tag = 0;  // WAVE_FORMAT_*; the sub-format's for EXTENSIBLE
   int channels = 0;
   uint32_t sample_rate = 0;
   uint32_t block_align = 0;
@@ -206,6 +352,13 @@ std::optional<WavHeader> ParseWavHeader(std::string_view bytes) {
     const uint64_t body = pos + 8;
     if (id == "fmt " && size >= 16 && body + 16 <= bytes.size()) {
       header.has_fmt = true;
+      header.format_tag = static_cast<uint16_t>(LoadLe(data + body, 2));
+      // WAVE_FORMAT_EXTENSIBLE names the encoding in its sub-format GUID,
+      // whose first two bytes are the plain format tag.
+      if (header.format_tag == 0xFFFE && size >= 40 &&
+          body + 26 <= bytes.size()) {
+        header.format_tag = static_cast<uint16_t>(LoadLe(data + body + 24, 2));
+      }
       header.channels = static_cast<int>(LoadLe(data + body + 2, 2));
       header.sample_rate = LoadLe(data + body + 4, 4);
       header.block_align = LoadLe(data + body + 12, 2);
@@ -220,9 +373,31 @@ std::optional<WavHeader> ParseWavHeader(std::string_view bytes) {
   return header;
 }
 
+// WAV encodings that reach libsndfile: PCM, float, A-law and mu-law. ADPCM,
+// GSM and the other codecs are rare in uploads and each is decoder code an
+// attacker could aim at.
+absl::Status CheckWavEncoding(uint16_t format_tag) {
+  switch (format_tag) {
+    case 0x0001:  // PCM
+    case 0x0003:  // IEEE float
+    case 0x0006:  // A-law
+    case 0x0007:  // mu-law
+      return absl::OkStatus();
+    default:
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "WAV encoding 0x%04x is not supported; WAV must hold PCM, float, "
+          "A-law or mu-law samples (convert ADPCM, GSM and other codecs to "
+          "PCM, FLAC or MP3)",
+          format_tag));
+  }
+}
+
 absl::Status CheckWavHeader(const WavHeader& header,
                             double max_duration_seconds) {
   if (header.has_fmt) {
+    if (absl::Status s = CheckWavEncoding(header.format_tag); !s.ok()) {
+      return s;
+    }
     if (absl::Status s = ValidateChannels(header.channels, "WAV header");
         !s.ok()) {
       return s;
@@ -298,8 +473,8 @@ absl::Status OggError(std::string_view what) {
 }
 
 // Checks that the first logical stream's first three packets (the Vorbis
-// headers) are complete, on intact consecutive pages, and well-formed.
-// Streams that are not Vorbis are left to libsndfile.
+// headers) are complete, on intact consecutive pages, and well-formed;
+// streams of other codecs are refused.
 absl::Status CheckOggVorbisHeaders(std::string_view bytes) {
   const auto* data = reinterpret_cast<const unsigned char*>(bytes.data());
   std::optional<uint32_t> serial;
@@ -352,7 +527,10 @@ absl::Status CheckOggVorbisHeaders(std::string_view bytes) {
       offset += lacing[i];
       if (lacing[i] == 255) continue;  // The packet goes on.
       if (packets == 0 && packet.substr(0, 7) != kHeaderMagic[0]) {
-        return absl::OkStatus();  // Opus, FLAC, ... in Ogg.
+        return absl::InvalidArgumentError(absl::StrCat(
+            "could not decode audio: this OGG file holds another codec than "
+            "Vorbis (Opus, FLAC, Speex, ...), which is not accepted; ",
+            kSupportedFormats));
       }
       if (packet.substr(0, 7) != kHeaderMagic[packets] ||
           (packets == 0 && !IsValidVorbisIdHeader(packet))) {
@@ -363,6 +541,129 @@ absl::Status CheckOggVorbisHeaders(std::string_view bytes) {
     }
   }
   return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// The allow-list: only WAV, FLAC, OGG/Vorbis and MP3 reach libsndfile, which
+// knows two dozen other containers (AU, CAF, PAF, MAT, IRCAM, ...) whose
+// parsers a client could otherwise aim at. Detected from the first bytes.
+
+enum class Container { kWav, kFlac, kOggVorbis, kMp3 };
+
+// The size of an ID3v2 tag at the start of `bytes` (0 when there is none):
+// MP3 and FLAC files may begin with one.
+size_t Id3TagSize(std::string_view bytes) {
+  if (bytes.size() < 10 || bytes.substr(0, 3) != "ID3") return 0;
+  const auto* p = reinterpret_cast<const unsigned char*>(bytes.data());
+  size_t size = 0;
+  for (int i = 6; i < 10; ++i) {
+    if (p[i] & 0x80) return 0;  // Not a syncsafe size: not a tag.
+    size = (size << 7) | p[i];
+  }
+  const bool has_footer = (p[5] & 0x10) != 0;
+  return 10 + size + (has_footer ? 10 : 0);
+}
+
+// An MPEG-1/2/2.5 Layer III frame header (what libsndfile's mpg123 decodes
+// as MP3) at `p` (4 bytes).
+bool IsMp3FrameHeader(const unsigned char* p) {
+  const int version = (p[1] >> 3) & 3;  // 1 is reserved
+  const int layer = (p[1] >> 1) & 3;    // 1 is Layer III
+  const int bitrate = p[2] >> 4;        // 15 is invalid
+  const int rate = (p[2] >> 2) & 3;     // 3 is reserved
+  return p[0] == 0xFF && (p[1] & 0xE0) == 0xE0 && version != 1 && layer == 1 &&
+         bitrate != 15 && rate != 3;
+}
+
+// Containers that libsndfile would open, named so that the refusal says
+// what the client sent.
+const char* RefusedContainerName(std::string_view bytes) {
+  using namespace std::string_view_literals;  // NOLINT: magics hold NULs
+  struct Magic {
+    size_t offset;
+    std::string_view bytes;
+    const char* name;
+  };
+  static constexpr Magic kMagics[] = {
+      {0, ".snd", "AU (Sun/NeXT)"},   {0, "dns.", "AU (Sun/NeXT)"},
+      {8, "AIFF", "AIFF"},            {8, "AIFC", "AIFF-C"},
+      {0, "caff", "CAF"},             {0, "RF64", "RF64"},
+      {0, "BW64", "BW64"},            {0, "RIFX", "big-endian WAV (RIFX)"},
+      {0, "riff", "Sony Wave64"},     {0, "MATLAB", "MAT5 (MATLAB)"},
+      {0, " paf", "PAF"},             {0, "fap ", "PAF"},
+      {0, "Creative Voice File", "VOC"},
+      {0, "NIST_1A", "NIST SPHERE"},  {0, "2BIT", "AVR"},
+      {0, "wvpk", "WavPack"},         {0, "#!AMR", "AMR"},
+      {0, "SDS", "MIDI sample dump"}, {0, "Extended Instrument", "XI"},
+      {0, "ajkg", "Shorten"},         {0, "MThd", "MIDI"},
+      // IRCAM's four magics, each in both byte orders.
+      {0, "\x64\xa3\x01\x00"sv, "IRCAM"}, {0, "\x00\x01\xa3\x64"sv, "IRCAM"},
+      {0, "\x64\xa3\x02\x00"sv, "IRCAM"}, {0, "\x00\x02\xa3\x64"sv, "IRCAM"},
+      {0, "\x64\xa3\x03\x00"sv, "IRCAM"}, {0, "\x00\x03\xa3\x64"sv, "IRCAM"},
+      {0, "\x64\xa3\x04\x00"sv, "IRCAM"}, {0, "\x00\x04\xa3\x64"sv, "IRCAM"},
+  };
+  for (const Magic& magic : kMagics) {
+    if (bytes.size() >= magic.offset + magic.bytes.size() &&
+        bytes.substr(magic.offset, magic.bytes.size()) == magic.bytes) {
+      return magic.name;
+    }
+  }
+  if (bytes.substr(0, 4) == "RIFF") return "RIFF that is not WAVE";
+  return nullptr;
+}
+
+absl::StatusOr<Container> DetectContainer(std::string_view bytes) {
+  if (bytes.size() >= 12 && bytes.substr(0, 4) == "RIFF" &&
+      bytes.substr(8, 4) == "WAVE") {
+    return Container::kWav;
+  }
+  if (bytes.substr(0, 4) == "OggS") return Container::kOggVorbis;
+  const size_t tag = Id3TagSize(bytes);
+  if (tag < bytes.size()) {
+    const std::string_view rest = bytes.substr(tag);
+    if (rest.substr(0, 4) == "fLaC") return Container::kFlac;
+    if (rest.size() >= 4 &&
+        IsMp3FrameHeader(reinterpret_cast<const unsigned char*>(rest.data()))) {
+      return Container::kMp3;
+    }
+  }
+  if (const char* name = RefusedContainerName(bytes)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("could not decode audio: ", name,
+                     " files are not accepted; ", kSupportedFormats));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "could not decode audio: unrecognised format; ", kSupportedFormats));
+}
+
+// What libsndfile opened must be what the first bytes announced.
+absl::Status CheckOpenedFormat(Container container, int format) {
+  const int major = format & SF_FORMAT_TYPEMASK;
+  const int subtype = format & SF_FORMAT_SUBMASK;
+  bool matches = false;
+  switch (container) {
+    case Container::kWav:
+      matches = (major == SF_FORMAT_WAV || major == SF_FORMAT_WAVEX) &&
+                (subtype == SF_FORMAT_PCM_U8 || subtype == SF_FORMAT_PCM_16 ||
+                 subtype == SF_FORMAT_PCM_24 || subtype == SF_FORMAT_PCM_32 ||
+                 subtype == SF_FORMAT_FLOAT || subtype == SF_FORMAT_DOUBLE ||
+                 subtype == SF_FORMAT_ULAW || subtype == SF_FORMAT_ALAW);
+      break;
+    case Container::kFlac:
+      matches = major == SF_FORMAT_FLAC;
+      break;
+    case Container::kOggVorbis:
+      matches = major == SF_FORMAT_OGG && subtype == SF_FORMAT_VORBIS;
+      break;
+    case Container::kMp3:
+      matches = major == SF_FORMAT_MPEG && subtype == SF_FORMAT_MPEG_LAYER_III;
+      break;
+  }
+  if (matches) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "could not decode audio: libsndfile read it as format 0x%06x, which is "
+      "not accepted; %s",
+      format, kSupportedFormats));
 }
 
 // ---------------------------------------------------------------------------
@@ -420,13 +721,18 @@ struct SndfileCloser {
 using SndfilePtr = std::unique_ptr<SNDFILE, SndfileCloser>;
 
 absl::StatusOr<Audio> DecodeWithSndfile(std::string_view bytes,
-                                        double max_duration_seconds) {
-  if (std::optional<WavHeader> wav = ParseWavHeader(bytes)) {
-    if (absl::Status s = CheckWavHeader(*wav, max_duration_seconds); !s.ok()) {
-      return s;
+                                        const DecodeOptions& options) {
+  absl::StatusOr<Container> container = DetectContainer(bytes);
+  if (!container.ok()) return container.status();
+  if (*container == Container::kWav) {
+    if (std::optional<WavHeader> wav = ParseWavHeader(bytes)) {
+      if (absl::Status s = CheckWavHeader(*wav, options.max_duration_seconds);
+          !s.ok()) {
+        return s;
+      }
     }
   }
-  if (bytes.substr(0, 4) == "OggS") {
+  if (*container == Container::kOggVorbis) {
     if (absl::Status s = CheckOggVorbisHeaders(bytes); !s.ok()) return s;
   }
 
@@ -445,16 +751,18 @@ absl::StatusOr<Audio> DecodeWithSndfile(std::string_view bytes,
                      : "the file is truncated, corrupt or unsupported",
         " (libsndfile: ", sf_strerror(nullptr), "); ", kSupportedFormats));
   }
+  if (absl::Status s = CheckOpenedFormat(*container, info.format); !s.ok()) {
+    return s;
+  }
   if (absl::Status s = ValidateChannels(info.channels, "audio"); !s.ok()) {
     return s;
   }
   if (absl::Status s = ValidateSampleRate(info.samplerate); !s.ok()) return s;
 
-  const int major = info.format & SF_FORMAT_TYPEMASK;
   // libsndfile reports an unknown length when it cannot find a valid final
   // Ogg page, i.e. the stream was cut off; it then decodes unreliably.
   const bool length_known = info.frames != SF_COUNT_MAX;
-  if (major == SF_FORMAT_OGG && !length_known) {
+  if (*container == Container::kOggVorbis && !length_known) {
     return absl::InvalidArgumentError(
         "truncated or corrupt OGG: no valid final page; send the complete "
         "file");
@@ -462,41 +770,47 @@ absl::StatusOr<Audio> DecodeWithSndfile(std::string_view bytes,
   // Refuse from the header before decoding, so that a small file declaring
   // hours of audio costs nothing.
   if (length_known) {
-    if (absl::Status s = CheckDuration(static_cast<double>(info.frames),
-                                       info.samplerate, max_duration_seconds);
+    if (absl::Status s =
+            CheckDuration(static_cast<double>(info.frames), info.samplerate,
+                          options.max_duration_seconds);
         !s.ok()) {
       return s;
     }
   }
 
-  Audio audio;
-  audio.sample_rate = info.samplerate;
-  // Reserve no more than the input size: a lying header must not make us
-  // allocate, and decoded audio that outgrows it just reallocates.
+  absl::StatusOr<AudioBuilder> builder =
+      AudioBuilder::Create(info.samplerate, options);
+  if (!builder.ok()) return builder.status();
   if (length_known) {
-    audio.samples.reserve(static_cast<size_t>(std::min<sf_count_t>(
-        info.frames, static_cast<sf_count_t>(bytes.size()))));
+    // A WAV's count was checked against its data above. A compressed
+    // file's header could lie, so it reserves no more than a generous
+    // compression ratio of its size allows; longer audio grows the buffer.
+    const double frames =
+        *container == Container::kWav
+            ? static_cast<double>(info.frames)
+            : std::min<double>(static_cast<double>(info.frames),
+                               kMaxExpectedCompression *
+                                   static_cast<double>(bytes.size()) /
+                                   info.channels);
+    if (absl::Status s = builder->Expect(frames); !s.ok()) return s;
   }
   std::vector<float> chunk(static_cast<size_t>(kChunkFrames) * info.channels);
+  std::vector<float> mono;
   size_t frames_read = 0;
   while (true) {
     const sf_count_t n = sf_readf_float(file.get(), chunk.data(), kChunkFrames);
     if (n <= 0) break;
-    if (absl::Status s = AppendMono(
+    if (absl::Status s = MixToMono(
             absl::MakeConstSpan(chunk.data(),
                                 static_cast<size_t>(n) * info.channels),
-            info.channels, frames_read, &audio.samples);
+            info.channels, frames_read, &mono);
         !s.ok()) {
       return s;
     }
     frames_read += static_cast<size_t>(n);
-    // Also enforced while decoding: the length may be unknown or a lie.
-    if (static_cast<double>(frames_read) / info.samplerate >
-        max_duration_seconds) {
-      return absl::OutOfRangeError(
-          absl::StrCat("audio is longer than the limit of ",
-                       max_duration_seconds, " s (send a shorter clip)"));
-    }
+    // Also enforces the duration while decoding: the length may be unknown
+    // or a lie.
+    if (absl::Status s = builder->Append(mono); !s.ok()) return s;
   }
   const bool read_error = sf_error(file.get()) != SF_ERR_NO_ERROR;
   const std::string error_detail =
@@ -505,8 +819,8 @@ absl::StatusOr<Audio> DecodeWithSndfile(std::string_view bytes,
   // MP3 lengths can be estimates from the file size (mpg123 without a
   // Xing/LAME tag), so a shortfall there does not prove truncation; for
   // other formats the header's count is exact.
-  if (length_known && major != SF_FORMAT_MPEG &&
-      static_cast<sf_count_t>(frames_read) < info.frames) {
+  const bool exact_length = length_known && *container != Container::kMp3;
+  if (exact_length && static_cast<sf_count_t>(frames_read) < info.frames) {
     return absl::InvalidArgumentError(
         absl::StrCat("truncated or corrupt audio: the header declares ",
                      info.frames, " frames but only ", frames_read,
@@ -514,7 +828,7 @@ absl::StatusOr<Audio> DecodeWithSndfile(std::string_view bytes,
   }
   // Once every declared frame is in, a decoder error can only come from
   // trailing bytes (e.g. an appended tag), which we ignore.
-  if (read_error && !(length_known && major != SF_FORMAT_MPEG)) {
+  if (read_error && !exact_length) {
     return absl::InvalidArgumentError(absl::StrCat(
         "corrupt audio after ", frames_read, " frames", error_detail));
   }
@@ -522,7 +836,7 @@ absl::StatusOr<Audio> DecodeWithSndfile(std::string_view bytes,
     return absl::InvalidArgumentError(
         "the audio contains no samples (or its data is corrupt)");
   }
-  return audio;
+  return std::move(*builder).Finish();
 }
 
 }  // namespace
@@ -541,6 +855,15 @@ absl::Status ValidateSampleRate(int sample_rate) {
   return CheckSampleRate(sample_rate);
 }
 
+absl::Status CheckSamples(absl::Span<const float> samples, size_t first_index) {
+  for (size_t i = 0; i < samples.size(); ++i) {
+    if (const char* problem = SampleProblem(samples[i])) {
+      return SampleError(problem, samples[i], first_index + i, std::nullopt);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Audio> DecodeAudio(std::string_view bytes,
                                   const DecodeOptions& options) {
   if (absl::Status s = ValidateMaxDuration(options.max_duration_seconds);
@@ -550,10 +873,16 @@ absl::StatusOr<Audio> DecodeAudio(std::string_view bytes,
   if (bytes.empty()) {
     return absl::InvalidArgumentError("the audio is empty (0 bytes)");
   }
-  if (options.raw.has_value()) {
-    return DecodeRawPcm(bytes, *options.raw, options.max_duration_seconds);
+  if (options.output_sample_rate != 0) {
+    if (absl::Status s = ValidateSampleRate(options.output_sample_rate);
+        !s.ok()) {
+      return s;
+    }
   }
-  return DecodeWithSndfile(bytes, options.max_duration_seconds);
+  if (options.raw.has_value()) {
+    return DecodeRawPcm(bytes, *options.raw, options);
+  }
+  return DecodeWithSndfile(bytes, options);
 }
 
 absl::StatusOr<Audio> DecodeAudioFile(const std::string& path,

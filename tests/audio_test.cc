@@ -15,6 +15,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/resampler.h"
 #include "tests/test_support.h"
 
 namespace emoserve {
@@ -589,6 +591,209 @@ TEST(AudioBadInputTest, DamagedFilesGiveAnErrorOrAudioNeverACrash) {
       }
     }
   }
+}
+
+TEST(AudioBadInputTest, AbsurdFiniteSamplesAreRefused) {
+  // 1e30 is finite, but its power overflows float in the features.
+  std::vector<float> signal = TestSignal();
+  signal[777] = 1e30f;
+  ExpectDecodeError(F32le(signal), kInvalid,
+                    "sample of 1e+30 at sample index 777 (channel 0), beyond +-1000",
+                    Raw(PcmEncoding::kF32LE, kRate, 1));
+  ExpectDecodeError(Encode(signal, 1, kRate, AudioFormat::kWavFloat), kInvalid,
+                    "at sample index 777 (channel 0), beyond +-1000");
+  // Loud but plausible float audio (+20 dB over full scale) is accepted.
+  signal[777] = 10.0f;
+  EXPECT_EQ(DecodeOk(F32le(signal), Raw(PcmEncoding::kF32LE, kRate, 1))
+                .samples[777],
+            10.0f);
+  EXPECT_TRUE(CheckSamples(signal).ok());
+  signal[5] = -2000.0f;
+  EXPECT_THAT(std::string(CheckSamples(signal, 100).message()),
+              HasSubstr("sample of -2000 at sample index 105"));
+}
+
+// --- The allow-list ------------------------------------------------------------
+
+TEST(AudioAllowListTest, OtherContainersLibsndfileKnowsAreRefusedByName) {
+  const struct {
+    AudioFormat format;
+    const char* name;
+  } kRefused[] = {{AudioFormat::kAu, "AU (Sun/NeXT) files are not accepted"},
+                  {AudioFormat::kAiff, "AIFF files are not accepted"},
+                  {AudioFormat::kCaf, "CAF files are not accepted"},
+                  {AudioFormat::kW64, "Sony Wave64 files are not accepted"}};
+  for (const auto& refused : kRefused) {
+    SCOPED_TRACE(refused.name);
+    ExpectDecodeError(Encode(TestSignal(), 1, kRate, refused.format), kInvalid,
+                      refused.name);
+  }
+}
+
+TEST(AudioAllowListTest, OggOfAnotherCodecIsRefused) {
+  const std::vector<float> tone = Sine(440.0, 0.5, 48000, 1.0);
+  ExpectDecodeError(Encode(tone, 1, 48000, AudioFormat::kOggOpus), kInvalid,
+                    "holds another codec than Vorbis");
+}
+
+TEST(AudioAllowListTest, WavCodecsOtherThanPcmFloatAndG711AreRefused) {
+  ExpectDecodeError(Encode(TestSignal(), 1, kRate, AudioFormat::kWavImaAdpcm),
+                    kInvalid, "WAV encoding 0x0011 is not supported");
+  // mu-law (telephony) is accepted.
+  const Audio audio =
+      DecodeOk(Encode(TestSignal(), 1, kRate, AudioFormat::kWavMuLaw));
+  EXPECT_EQ(audio.samples.size(), TestSignal().size());
+  EXPECT_LT(emoserve::testing::MaxAbsDifference(audio.samples, TestSignal()),
+            0.02);
+}
+
+TEST(AudioAllowListTest, Id3TaggedFlacAndMp3AreAccepted) {
+  // ID3v2 tag of 20 bytes of padding in front of the file.
+  const std::string tag =
+      std::string("ID3\x04\x00\x00\x00\x00\x00\x14", 10) + std::string(20, '\0');
+  const Audio flac =
+      DecodeOk(tag + Encode(TestSignal(), 1, kRate, AudioFormat::kFlac));
+  EXPECT_EQ(flac.samples.size(), TestSignal().size());
+  const std::vector<float> tone = Sine(1000.0, 0.5, 44100, 1.0);
+  const Audio mp3 = DecodeOk(tag + Encode(tone, 1, 44100, AudioFormat::kMp3));
+  EXPECT_NEAR(static_cast<double>(mp3.samples.size()), tone.size(), 1152);
+  // A tag in front of anything else is not enough.
+  ExpectDecodeError(tag + "not audio at all", kInvalid, "unrecognised format");
+}
+
+// --- Resampling while decoding ---------------------------------------------------
+
+// Decoding straight to another rate gives what decoding, then resampling
+// the whole signal, gives.
+TEST(AudioResampleTest, DecodingToTheModelRateMatchesResamplingAfterwards) {
+  const struct {
+    AudioFormat format;
+    int rate;
+    int channels;
+  } kCases[] = {{AudioFormat::kWavPcm16, 48000, 2},
+                {AudioFormat::kFlac, 44100, 1},
+                {AudioFormat::kWavFloat, 192000, 1},
+                {AudioFormat::kWavPcm16, 8000, 1},
+                {AudioFormat::kOggVorbis, 22050, 1}};
+  for (const auto& c : kCases) {
+    SCOPED_TRACE(::testing::Message() << c.rate << " Hz, format "
+                                      << static_cast<int>(c.format));
+    std::vector<float> interleaved;
+    for (float x : Sine(330.0, 0.4, c.rate, 2.5)) {
+      for (int ch = 0; ch < c.channels; ++ch) interleaved.push_back(x);
+    }
+    const std::string bytes = Encode(interleaved, c.channels, c.rate, c.format);
+    const Audio source = DecodeOk(bytes);
+    absl::StatusOr<std::vector<float>> expected =
+        Resample(source.samples, source.sample_rate, kRate);
+    ASSERT_TRUE(expected.ok()) << expected.status();
+    DecodeOptions options;
+    options.output_sample_rate = kRate;
+    const Audio audio = DecodeOk(bytes, options);
+    EXPECT_EQ(audio.sample_rate, kRate);
+    EXPECT_EQ(audio.source_sample_rate, c.rate);
+    EXPECT_EQ(audio.source_frames, static_cast<int64_t>(source.samples.size()));
+    EXPECT_DOUBLE_EQ(audio.duration_seconds(), source.duration_seconds());
+    ASSERT_EQ(audio.samples.size(), expected->size());
+    EXPECT_LT(emoserve::testing::MaxAbsDifference(audio.samples, *expected), 1e-6);
+  }
+  // Raw PCM too.
+  const std::vector<float> tone = Sine(330.0, 0.4, 48000, 1.0);
+  DecodeOptions options = Raw(PcmEncoding::kF32LE, 48000, 1);
+  options.output_sample_rate = kRate;
+  const Audio audio = DecodeOk(F32le(tone), options);
+  absl::StatusOr<std::vector<float>> expected = Resample(tone, 48000, kRate);
+  ASSERT_TRUE(expected.ok());
+  ASSERT_EQ(audio.samples.size(), expected->size());
+  EXPECT_LT(emoserve::testing::MaxAbsDifference(audio.samples, *expected), 1e-6);
+}
+
+// The buffer a decode holds is its result at the output rate: every
+// allocation goes through `reserve`, and a long 192 kHz clip never reserves
+// more than its 16 kHz result plus a little.
+TEST(AudioResampleTest, ReservesOnlyTheResultAtTheOutputRate) {
+  const std::vector<float> tone = Sine(330.0, 0.4, 192000, 20.0);
+  for (AudioFormat format : {AudioFormat::kWavPcm16, AudioFormat::kFlac}) {
+    SCOPED_TRACE(static_cast<int>(format));
+    const std::string bytes = Encode(tone, 1, 192000, format);
+    std::vector<size_t> reserved;
+    DecodeOptions options;
+    options.output_sample_rate = kRate;
+    options.reserve = [&](size_t capacity) {
+      reserved.push_back(capacity);
+      return absl::OkStatus();
+    };
+    const Audio audio = DecodeOk(bytes, options);
+    ASSERT_FALSE(reserved.empty());
+    // One exact reservation from the header, never grown.
+    EXPECT_EQ(reserved.size(), 1u);
+    EXPECT_LE(reserved.back(), audio.samples.size() + 64);
+    EXPECT_GE(reserved.back(), audio.samples.size());
+    EXPECT_EQ(audio.samples.capacity(), reserved.back());
+  }
+}
+
+TEST(AudioResampleTest, UnknownLengthsGrowByHalvesWithinTheLimit) {
+  std::string flac =
+      Encode(Sine(330.0, 0.4, kRate, 10.0), 1, kRate, AudioFormat::kFlac);
+  SetFlacTotalSamples(flac, 0);
+  std::vector<size_t> reserved;
+  DecodeOptions options = MaxDuration(12.0);
+  options.reserve = [&](size_t capacity) {
+    reserved.push_back(capacity);
+    return absl::OkStatus();
+  };
+  const Audio audio = DecodeOk(flac, options);
+  EXPECT_EQ(audio.samples.size(), 10u * kRate);
+  ASSERT_GT(reserved.size(), 2u);
+  for (size_t i = 1; i < reserved.size(); ++i) {
+    // Half again, or the block that did not fit.
+    EXPECT_LE(reserved[i],
+              std::max<size_t>(reserved[i - 1] * 3 / 2 + 1, reserved[i - 1] + 4096))
+        << i;
+  }
+  // Never past what the 12 s limit allows.
+  EXPECT_LE(reserved.back(), 12u * kRate);
+}
+
+TEST(AudioResampleTest, AReservationRefusedStopsTheDecode) {
+  DecodeOptions options;
+  options.output_sample_rate = kRate;
+  options.reserve = [](size_t capacity) {
+    return absl::ResourceExhaustedError(absl::StrCat("no room for ", capacity));
+  };
+  // A third of a second at 48 kHz: 5334 samples at 16 kHz, plus slack.
+  ExpectDecodeError(Encode(TestSignal(), 1, 48000, AudioFormat::kWavPcm16),
+                    absl::StatusCode::kResourceExhausted, "no room for 5398",
+                    options);
+}
+
+TEST(AudioResampleTest, KeepGoingIsAskedBetweenBlocks) {
+  const std::string wav =
+      Encode(Sine(330.0, 0.4, 48000, 5.0), 1, 48000, AudioFormat::kWavPcm16);
+  int calls = 0;
+  DecodeOptions options;
+  options.keep_going = [&] {
+    return ++calls < 10 ? absl::OkStatus()
+                        : absl::CancelledError("the client cancelled");
+  };
+  ExpectDecodeError(wav, absl::StatusCode::kCancelled, "the client cancelled",
+                    options);
+  EXPECT_EQ(calls, 10);
+  ExpectDecodeError(F32le(Sine(330.0, 0.4, 48000, 5.0)),
+                    absl::StatusCode::kCancelled, "the client cancelled", [&] {
+                      calls = 0;
+                      DecodeOptions raw = Raw(PcmEncoding::kF32LE, 48000, 1);
+                      raw.keep_going = options.keep_going;
+                      return raw;
+                    }());
+}
+
+TEST(AudioResampleTest, BadOutputRateIsRefused) {
+  DecodeOptions options;
+  options.output_sample_rate = 1000;
+  ExpectDecodeError(Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16),
+                    kInvalid, "sample rate 1000 Hz", options);
 }
 
 // --- Duration limit ---------------------------------------------------------

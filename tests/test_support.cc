@@ -112,6 +112,20 @@ int SndfileFormat(AudioFormat format) {
       return SF_FORMAT_OGG | SF_FORMAT_VORBIS;
     case AudioFormat::kMp3:
       return SF_FORMAT_MPEG | SF_FORMAT_MPEG_LAYER_III;
+    case AudioFormat::kWavMuLaw:
+      return SF_FORMAT_WAV | SF_FORMAT_ULAW;
+    case AudioFormat::kWavImaAdpcm:
+      return SF_FORMAT_WAV | SF_FORMAT_IMA_ADPCM;
+    case AudioFormat::kAu:
+      return SF_FORMAT_AU | SF_FORMAT_PCM_16;
+    case AudioFormat::kAiff:
+      return SF_FORMAT_AIFF | SF_FORMAT_PCM_16;
+    case AudioFormat::kCaf:
+      return SF_FORMAT_CAF | SF_FORMAT_PCM_16;
+    case AudioFormat::kW64:
+      return SF_FORMAT_W64 | SF_FORMAT_PCM_16;
+    case AudioFormat::kOggOpus:
+      return SF_FORMAT_OGG | SF_FORMAT_OPUS;
   }
   return 0;
 }

@@ -35,6 +35,14 @@ enum class AudioFormat {
   kFlac,  // 16-bit.
   kOggVorbis,
   kMp3,
+  kWavMuLaw,
+  // Formats libsndfile writes that the decoder refuses.
+  kWavImaAdpcm,
+  kAu,
+  kAiff,
+  kCaf,
+  kW64,
+  kOggOpus,  // 48 kHz only
 };
 
 // Encodes interleaved float samples with libsndfile, entirely in memory
