@@ -13,7 +13,10 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "core/audio.h"
+#include "core/exceptions.h"
 #include "core/features.h"
 #include "core/windowing.h"
 
@@ -30,6 +33,7 @@ struct Job {
   // clips share one source among their windows instead of copying each.
   std::shared_ptr<const std::vector<float>> source;
   size_t start = 0;
+  uint64_t flow = 0;
   absl::Time deadline = absl::InfiniteFuture();
   std::shared_ptr<const CancelFlag> cancel;
   // Set when the job belongs to a clip that has already failed.
@@ -62,12 +66,23 @@ void CompleteAll(JobList& jobs, const absl::Status& status) {
   jobs.clear();
 }
 
-absl::Status CheckFinite(absl::Span<const float> samples) {
-  for (size_t i = 0; i < samples.size(); ++i) {
-    if (!std::isfinite(samples[i])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sample ", i, " is not a finite number"));
+// OK when `row` (one window's output) is probabilities: finite, in [0, 1],
+// summing to 1.
+absl::Status CheckProbabilities(absl::Span<const float> row) {
+  double sum = 0.0;
+  for (float p : row) {
+    if (!std::isfinite(p) || p < -1e-6f || p > 1.0f + 1e-6f) {
+      return absl::InternalError(absl::StrCat(
+          "the model returned ", p,
+          " as a probability for a window of finite audio; the model is faulty "
+          "for this input"));
     }
+    sum += p;
+  }
+  if (std::abs(sum - 1.0) > 1e-3) {
+    return absl::InternalError(absl::StrCat(
+        "the model returned probabilities that sum to ", sum,
+        " for a window; the model is faulty for this input"));
   }
   return absl::OkStatus();
 }
@@ -116,7 +131,11 @@ class ClipState {
       } else {
         result_.windows[index].probabilities = *std::move(probabilities);
         if (--pending_ > 0) return;
-        outcome = Aggregate();
+        try {
+          outcome = Aggregate();
+        } catch (...) {
+          outcome = StatusFromCurrentException("aggregating the windows");
+        }
       }
       done = std::move(done_);
       done_ = nullptr;
@@ -159,8 +178,18 @@ struct Engine::Impl {
   absl::CondVar raw_cv;    // feature workers wait here for raw jobs
   absl::CondVar ready_cv;  // model runners wait here for ready jobs
   absl::CondVar idle_cv;   // Shutdown waits here for the pipeline to drain
-  std::deque<std::unique_ptr<Job>> raw ABSL_GUARDED_BY(mu);
+  // Jobs waiting for features, by flow; `turns` holds each flow that has
+  // some, in the order of their next turn (round robin).
+  absl::flat_hash_map<uint64_t, std::deque<std::unique_ptr<Job>>> raw ABSL_GUARDED_BY(mu);
+  std::deque<uint64_t> turns ABSL_GUARDED_BY(mu);
+  size_t raw_count ABSL_GUARDED_BY(mu) = 0;
+  // Jobs with features, in the order they got them.
   std::deque<std::unique_ptr<Job>> ready ABSL_GUARDED_BY(mu);
+  // Features are computed at most this many jobs ahead of the model (ready
+  // plus in progress): a batch per runner. More would only make later
+  // flows wait and hold more feature matrices.
+  size_t lookahead = 0;
+  std::atomic<uint64_t> next_flow{1};
   int in_features ABSL_GUARDED_BY(mu) = 0;  // held by feature workers
   int in_batches ABSL_GUARDED_BY(mu) = 0;   // in batches being run
   int idle_runners ABSL_GUARDED_BY(mu) = 0;  // runners waiting for work
@@ -175,11 +204,38 @@ struct Engine::Impl {
   bool shut_down ABSL_GUARDED_BY(shutdown_mu) = false;
 
   void UpdateDepthLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    const int now = static_cast<int>(raw.size() + ready.size()) + in_features;
+    const int now = static_cast<int>(raw_count + ready.size()) + in_features;
     if (depth.exchange(now, std::memory_order_relaxed) != now && observer != nullptr) {
       observer->OnQueueDepth(now);
     }
     if (now == 0 && in_batches == 0) idle_cv.SignalAll();
+  }
+
+  void PushRawLocked(std::unique_ptr<Job> job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    std::deque<std::unique_ptr<Job>>& queue = raw[job->flow];
+    if (queue.empty()) turns.push_back(job->flow);
+    queue.push_back(std::move(job));
+    ++raw_count;
+  }
+
+  // The next flow's oldest raw job; that flow then goes to the back.
+  std::unique_ptr<Job> PopRawLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    const uint64_t flow = turns.front();
+    turns.pop_front();
+    auto it = raw.find(flow);
+    std::unique_ptr<Job> job = std::move(it->second.front());
+    it->second.pop_front();
+    --raw_count;
+    if (it->second.empty()) {
+      raw.erase(it);
+    } else {
+      turns.push_back(flow);
+    }
+    return job;
+  }
+
+  bool FeaturesWantedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return raw_count > 0 && ready.size() + static_cast<size_t>(in_features) < lookahead;
   }
 
   // Queues all of `jobs` or none: a clip is admitted whole.
@@ -187,7 +243,7 @@ struct Engine::Impl {
     absl::Status rejected;
     {
       absl::MutexLock lock(&mu);
-      const int queued = static_cast<int>(raw.size() + ready.size()) + in_features;
+      const int queued = static_cast<int>(raw_count + ready.size()) + in_features;
       if (!accepting) {
         rejected = absl::UnavailableError("the engine is shutting down");
       } else if (queued + static_cast<int>(jobs.size()) > options.max_queue_size) {
@@ -198,7 +254,7 @@ struct Engine::Impl {
         const absl::Time now = absl::Now();
         for (std::unique_ptr<Job>& job : jobs) {
           job->submitted = now;
-          raw.push_back(std::move(job));
+          PushRawLocked(std::move(job));
         }
         // Idle runners compute features themselves (see TakeBatch); workers
         // take what they cannot.
@@ -226,30 +282,33 @@ struct Engine::Impl {
       absl::Status status;
       {
         absl::MutexLock lock(&mu);
-        while (raw.empty() && !stopping) raw_cv.Wait(&mu);
-        if (raw.empty()) return;
+        while (!FeaturesWantedLocked() && !stopping) raw_cv.Wait(&mu);
+        if (stopping) return;
         status = FeaturesLocked(job, samples, /*front=*/false);
       }
       if (job != nullptr) job->done(status);
     }
   }
 
-  // Takes the oldest raw job and computes its features (mu released
+  // Takes the next flow's raw job and computes its features (mu released
   // meanwhile), then queues it as ready, at the front or the back. When it
-  // was dropped instead, leaves it in `job` with the status to complete it
-  // with (outside mu).
+  // was dropped or failed instead, leaves it in `job` with the status to
+  // complete it with (outside mu).
   absl::Status FeaturesLocked(std::unique_ptr<Job>& job, std::vector<float>& samples,
                               bool front) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    job = std::move(raw.front());
-    raw.pop_front();
+    job = PopRawLocked();
     ++in_features;
     mu.Unlock();
     const absl::Time start = absl::Now();
     absl::Status status = DropReason(*job, start);
     if (status.ok()) {
-      CopyWindow(*job->source, job->start, window, samples.data());
-      job->source.reset();  // a clip's audio is freed with its last window
-      status = extractor->Compute(samples, &job->features);
+      try {
+        CopyWindow(*job->source, job->start, window, samples.data());
+        job->source.reset();  // a clip's audio is freed with its last window
+        status = extractor->Compute(samples, &job->features);
+      } catch (...) {
+        status = StatusFromCurrentException("computing a window's features");
+      }
     }
     const absl::Time end = absl::Now();
     job->feature_time = end - start;
@@ -277,7 +336,7 @@ struct Engine::Impl {
       // Features the runner may compute itself: none is ready and no worker
       // is computing any.
       const auto idle_with_raw = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-        return ready.empty() && in_features == 0 && !raw.empty();
+        return ready.empty() && in_features == 0 && raw_count > 0;
       };
       while (ready.empty() && !idle_with_raw() && !stopping) {
         ++idle_runners;
@@ -321,7 +380,52 @@ struct Engine::Impl {
       }
       in_batches += static_cast<int>(n);
       UpdateDepthLocked();
+      // Room ahead of the model again: the workers prepare the next batch.
+      if (FeaturesWantedLocked()) raw_cv.SignalAll();
       return batch;
+    }
+  }
+
+  // Runs `run` on the model and completes each job with its row, or with
+  // the error (a failing model, a row that is not probabilities, memory).
+  void RunBatch(JobList& run, std::vector<float>& input, size_t input_size, int classes,
+                absl::Time start) {
+    absl::StatusOr<std::vector<float>> probabilities;
+    try {
+      input.resize(run.size() * input_size);
+      for (size_t i = 0; i < run.size(); ++i) {
+        std::copy(run[i]->features.data.begin(), run[i]->features.data.end(),
+                  input.begin() + i * input_size);
+      }
+      probabilities = model->Predict(input, static_cast<int>(run.size()));
+    } catch (...) {
+      probabilities = StatusFromCurrentException("running the model");
+    }
+    const absl::Duration inference = absl::Now() - start;
+    if (observer != nullptr) {
+      for (const std::unique_ptr<Job>& job : run) {
+        observer->OnWindow(start - job->submitted - job->feature_time, job->feature_time);
+      }
+      observer->OnBatch(static_cast<int>(run.size()), inference);
+    }
+    if (!probabilities.ok()) {
+      CompleteAll(run, probabilities.status());
+      return;
+    }
+    for (size_t i = 0; i < run.size(); ++i) {
+      const absl::Span<const float> row =
+          absl::MakeConstSpan(*probabilities).subspan(i * classes, classes);
+      absl::StatusOr<std::vector<float>> result;
+      if (absl::Status valid = CheckProbabilities(row); !valid.ok()) {
+        result = valid;
+      } else {
+        try {
+          result = std::vector<float>(row.begin(), row.end());
+        } catch (...) {
+          result = StatusFromCurrentException("returning a window's result");
+        }
+      }
+      run[i]->done(std::move(result));
     }
   }
 
@@ -346,31 +450,7 @@ struct Engine::Impl {
           run.push_back(std::move(job));
         }
       }
-      if (!run.empty()) {
-        input.resize(run.size() * input_size);
-        for (size_t i = 0; i < run.size(); ++i) {
-          std::copy(run[i]->features.data.begin(), run[i]->features.data.end(),
-                    input.begin() + i * input_size);
-        }
-        absl::StatusOr<std::vector<float>> probabilities =
-            model->Predict(input, static_cast<int>(run.size()));
-        const absl::Duration inference = absl::Now() - start;
-        if (observer != nullptr) {
-          for (const std::unique_ptr<Job>& job : run) {
-            observer->OnWindow(start - job->submitted - job->feature_time,
-                               job->feature_time);
-          }
-          observer->OnBatch(static_cast<int>(run.size()), inference);
-        }
-        if (!probabilities.ok()) {
-          CompleteAll(run, probabilities.status());
-        } else {
-          for (size_t i = 0; i < run.size(); ++i) {
-            const auto row = probabilities->begin() + i * classes;
-            run[i]->done(std::vector<float>(row, row + classes));
-          }
-        }
-      }
+      if (!run.empty()) RunBatch(run, input, input_size, classes, start);
       absl::MutexLock lock(&mu);
       in_batches -= taken;
       UpdateDepthLocked();
@@ -390,7 +470,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
       options.model_instances < 1 || options.feature_threads < 0 ||
       options.intra_op_threads < 0 || options.max_queue_delay < absl::ZeroDuration() ||
       options.feature_thread_nice < 0 || options.feature_thread_nice > 19 ||
-      std::isnan(options.vad_threshold_dbfs)) {
+      std::isnan(options.vad_threshold_dbfs) || !(options.min_hop_seconds >= 0) ||
+      !std::isfinite(options.min_hop_seconds)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "Engine: bad options (max_batch_size ", options.max_batch_size,
         ", max_queue_size ", options.max_queue_size, ", model_instances ",
@@ -398,7 +479,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
         ", intra_op_threads ", options.intra_op_threads, ", feature_thread_nice ",
         options.feature_thread_nice, ", max_queue_delay ",
         absl::FormatDuration(options.max_queue_delay), ", vad_threshold_dbfs ",
-        options.vad_threshold_dbfs, ")"));
+        options.vad_threshold_dbfs, ", min_hop_seconds ", options.min_hop_seconds, ")"));
   }
   auto impl = std::make_unique<Impl>();
   const ModelConfig& config = model->config();
@@ -410,6 +491,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   impl->model = std::move(model);
   impl->options = options;
   impl->observer = observer;
+  impl->lookahead = static_cast<size_t>(options.max_batch_size) * options.model_instances;
   SetModelThreads(options.intra_op_threads);
 
   Impl* raw_impl = impl.get();
@@ -431,17 +513,23 @@ void Engine::Submit(WindowRequest request) {
         " Hz, got ", request.samples.size())));
     return;
   }
-  if (absl::Status finite = CheckFinite(request.samples); !finite.ok()) {
-    request.done(finite);
+  if (absl::Status valid = CheckSamples(request.samples); !valid.ok()) {
+    request.done(valid);
     return;
   }
-  auto job = std::make_unique<Job>();
-  job->source = std::make_shared<const std::vector<float>>(std::move(request.samples));
-  job->deadline = request.deadline;
-  job->cancel = std::move(request.cancel);
-  job->done = std::move(request.done);
   JobList jobs;
-  jobs.push_back(std::move(job));
+  try {
+    auto job = std::make_unique<Job>();
+    job->source = std::make_shared<const std::vector<float>>(std::move(request.samples));
+    job->flow = request.flow != 0 ? request.flow : NewFlow();
+    job->deadline = request.deadline;
+    job->cancel = std::move(request.cancel);
+    job->done = std::move(request.done);
+    jobs.push_back(std::move(job));
+  } catch (...) {
+    if (request.done != nullptr) request.done(StatusFromCurrentException("queueing a window"));
+    return;
+  }
   impl_->Admit(std::move(jobs));
 }
 
@@ -454,11 +542,12 @@ void Engine::Classify(ClipRequest request) {
     request.done(absl::InvalidArgumentError("the clip holds no audio"));
     return;
   }
-  if (absl::Status finite = CheckFinite(request.samples); !finite.ok()) {
-    request.done(finite);
+  if (absl::Status valid = CheckSamples(request.samples); !valid.ok()) {
+    request.done(valid);
     return;
   }
-  absl::StatusOr<size_t> hop_or = HopSamples(request.hop_seconds, window, config.sample_rate);
+  absl::StatusOr<size_t> hop_or = HopSamples(request.hop_seconds, window, config.sample_rate,
+                                             impl_->options.min_hop_seconds);
   if (!hop_or.ok()) {
     request.done(hop_or.status());
     return;
@@ -470,45 +559,67 @@ void Engine::Classify(ClipRequest request) {
     request.done(absl::InvalidArgumentError("vad_threshold_dbfs is NaN"));
     return;
   }
-
-  const double rate = config.sample_rate;
-  const std::vector<size_t> starts = WindowStarts(num_samples, window, hop);
-  ClipResult result;
-  result.duration_seconds = num_samples / rate;
-  result.windows.resize(starts.size());
-  for (size_t i = 0; i < starts.size(); ++i) {
-    WindowResult& w = result.windows[i];
-    w.start_seconds = starts[i] / rate;
-    w.end_seconds = std::min(starts[i] + window, num_samples) / rate;
-    w.speech = WindowDbfs(request.samples, starts[i], window) >= threshold;
-    result.speech_windows += w.speech ? 1 : 0;
-  }
-  // Silent windows skip the model, unless no window holds speech: then all
-  // go, so that a quiet clip still gets a result.
-  std::vector<size_t> to_model;
-  for (size_t i = 0; i < starts.size(); ++i) {
-    if (result.windows[i].speech || result.speech_windows == 0) to_model.push_back(i);
+  const size_t num_windows = WindowCount(num_samples, window, hop);
+  if (num_windows > static_cast<size_t>(impl_->options.max_queue_size)) {
+    request.done(absl::ResourceExhaustedError(absl::StrCat(
+        "the audio makes ", num_windows, " windows at this hop; a call may make at most ",
+        impl_->options.max_queue_size,
+        " (the engine's queue): use a larger hop_seconds or shorter audio")));
+    return;
   }
 
-  auto state = std::make_shared<ClipState>(std::move(result),
-                                           static_cast<int>(to_model.size()),
-                                           model().num_classes(), std::move(request.done));
-  auto source = std::make_shared<const std::vector<float>>(std::move(request.samples));
   JobList jobs;
-  jobs.reserve(to_model.size());
-  for (size_t index : to_model) {
-    auto job = std::make_unique<Job>();
-    job->source = source;
-    job->start = starts[index];
-    job->deadline = request.deadline;
-    job->cancel = request.cancel;
-    job->group_cancel = state->abandon();
-    job->done = [state, index](absl::StatusOr<std::vector<float>> probabilities) {
-      state->OnWindow(index, std::move(probabilities));
-    };
-    jobs.push_back(std::move(job));
+  std::shared_ptr<ClipState> state;
+  try {
+    const double rate = config.sample_rate;
+    const std::vector<size_t> starts = WindowStarts(num_samples, window, hop);
+    ClipResult result;
+    result.duration_seconds = num_samples / rate;
+    result.windows.resize(starts.size());
+    for (size_t i = 0; i < starts.size(); ++i) {
+      WindowResult& w = result.windows[i];
+      w.start_seconds = starts[i] / rate;
+      w.end_seconds = std::min(starts[i] + window, num_samples) / rate;
+      w.speech = WindowDbfs(request.samples, starts[i], window) >= threshold;
+      result.speech_windows += w.speech ? 1 : 0;
+    }
+    // Silent windows skip the model, unless no window holds speech: then all
+    // go, so that a quiet clip still gets a result.
+    std::vector<size_t> to_model;
+    for (size_t i = 0; i < starts.size(); ++i) {
+      if (result.windows[i].speech || result.speech_windows == 0) to_model.push_back(i);
+    }
+    auto source = std::make_shared<const std::vector<float>>(std::move(request.samples));
+    const uint64_t flow = NewFlow();
+    jobs.reserve(to_model.size());
+    for (size_t index : to_model) {
+      auto job = std::make_unique<Job>();
+      job->source = source;
+      job->start = starts[index];
+      job->flow = flow;
+      job->deadline = request.deadline;
+      job->cancel = request.cancel;
+      jobs.push_back(std::move(job));
+    }
+    // Last, so that nothing can throw once `done` is the state's.
+    state = std::make_shared<ClipState>(std::move(result), static_cast<int>(to_model.size()),
+                                        model().num_classes(), request.done);
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      jobs[i]->group_cancel = state->abandon();
+      jobs[i]->done = [state, index = to_model[i]](
+                          absl::StatusOr<std::vector<float>> probabilities) {
+        state->OnWindow(index, std::move(probabilities));
+      };
+    }
+  } catch (...) {
+    request.done(StatusFromCurrentException("splitting the clip into windows"));
+    return;
   }
   impl_->Admit(std::move(jobs));
+}
+
+uint64_t Engine::NewFlow() {
+  return impl_->next_flow.fetch_add(1, std::memory_order_relaxed);
 }
 
 void Engine::Shutdown(absl::Duration grace) {
@@ -525,10 +636,14 @@ void Engine::Shutdown(absl::Duration grace) {
       impl.idle_cv.WaitWithDeadline(&impl.mu, until);
     }
     impl.stopping = true;
-    for (auto* queue : {&impl.raw, &impl.ready}) {
-      for (std::unique_ptr<Job>& job : *queue) leftovers.push_back(std::move(job));
-      queue->clear();
+    for (auto& [flow, queue] : impl.raw) {
+      for (std::unique_ptr<Job>& job : queue) leftovers.push_back(std::move(job));
     }
+    impl.raw.clear();
+    impl.turns.clear();
+    impl.raw_count = 0;
+    for (std::unique_ptr<Job>& job : impl.ready) leftovers.push_back(std::move(job));
+    impl.ready.clear();
     impl.UpdateDepthLocked();
     impl.raw_cv.SignalAll();
     impl.ready_cv.SignalAll();

@@ -5,6 +5,7 @@
 #define EMOSERVE_CORE_ENGINE_H_
 
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -48,6 +49,9 @@ struct EngineOptions {
   // Default voice-activity threshold: windows whose RMS level (dBFS) is
   // below it are silence and skip the model.
   double vad_threshold_dbfs = -50.0;
+  // The smallest hop a clip or stream may ask for: the model's cost per
+  // second of audio is proportional to 1 / hop.
+  double min_hop_seconds = 0.25;
 };
 
 // Stage timings, for metrics. Called on engine threads: keep it cheap and
@@ -76,13 +80,17 @@ class CancelFlag {
 };
 
 // Every callback below is called exactly once, on an engine thread or inline
-// in the submitting call (for an immediate rejection). Statuses:
-// kResourceExhausted (queue full), kDeadlineExceeded, kCancelled,
-// kUnavailable (shutting down), kInvalidArgument. A request without `done`
-// is ignored.
+// in the submitting call (for an immediate rejection); it must not throw.
+// Statuses: kResourceExhausted (queue full, or memory ran out), kDeadlineExceeded,
+// kCancelled, kUnavailable (shutting down), kInvalidArgument, kInternal (the
+// model failed or returned something that is not probabilities). A request
+// without `done` is ignored.
 struct WindowRequest {
   // Exactly model.config().window_samples() samples at the model's rate.
   std::vector<float> samples;
+  // Windows of one flow (Engine::NewFlow, e.g. a stream's) take their turn
+  // with other flows as one; 0 is a flow of its own.
+  uint64_t flow = 0;
   absl::Time deadline = absl::InfiniteFuture();
   std::shared_ptr<const CancelFlag> cancel;  // may be null
   // Probabilities in the model's label order.
@@ -131,9 +139,17 @@ class Engine {
   void Submit(WindowRequest request);
   // Splits into windows (all windows of all clips share the batcher) and
   // aggregates. Clips shorter than a window are zero-padded. A clip is
-  // admitted whole or rejected whole (kResourceExhausted); its first failing
+  // admitted whole or rejected whole (kResourceExhausted: the queue is full,
+  // or the clip alone makes more windows than it holds); its first failing
   // window fails it and stops its other windows.
+  //
+  // Fairness: each clip (and each flow of Submit) is a queue of its own, and
+  // features are computed for the queues in turn, at most a batch per model
+  // runner ahead of the model; so a short clip queued behind a long one
+  // waits for about one batch, not for the long clip.
   void Classify(ClipRequest request);
+  // A new flow id for WindowRequest::flow.
+  uint64_t NewFlow();
 
   // Stops accepting work (new submissions get kUnavailable), finishes what
   // was queued within `grace`, then completes the rest with kUnavailable.

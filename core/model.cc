@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <new>
 #include <thread>
 #include <utility>
 
@@ -143,6 +144,9 @@ absl::StatusOr<std::vector<float>> Model::Predict(
     }
     const float* data = output.data_ptr<float>();
     return std::vector<float>(data, data + batch_size * classes);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        "model forward failed: out of memory; retry later or send less audio");
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("model forward failed: ", e.what()));
   }

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "core/audio.h"
+#include "core/exceptions.h"
 #include "core/resampler.h"
 #include "core/windowing.h"
 
@@ -41,6 +42,7 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
   double model_rate = 0;
   size_t window = 0;  // samples at the model's rate
   size_t hop = 0;
+  uint64_t flow = 0;  // the engine's turn-taking unit: the whole stream
   uint64_t max_input_samples = 0;
   const std::shared_ptr<CancelFlag> cancel = std::make_shared<CancelFlag>();
 
@@ -134,6 +136,7 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
     }
     WindowRequest request;
     request.samples = std::move(samples);
+    request.flow = flow;
     request.deadline = options.deadline;
     request.cancel = cancel;
     request.done = [self = shared_from_this(), seq, slot = std::move(slot)](
@@ -158,7 +161,12 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
   void Insert(uint64_t seq, Slot slot) {
     absl::MutexLock lock(&mu);
     if (done) return;
-    pending.emplace(seq, std::move(slot));
+    try {
+      pending.emplace(seq, std::move(slot));
+    } catch (...) {
+      // Without the slot the stream cannot go on in order: end it.
+      if (!abort.has_value()) abort = StatusFromCurrentException("queueing a stream result");
+    }
     DeliverLocked();
   }
 
@@ -298,7 +306,8 @@ absl::StatusOr<std::unique_ptr<StreamSession>> StreamSession::Create(
   auto impl = std::make_shared<Impl>();
   impl->window = static_cast<size_t>(config.window_samples());
   impl->model_rate = config.sample_rate;
-  absl::StatusOr<size_t> hop = HopSamples(options.hop_seconds, impl->window, config.sample_rate);
+  absl::StatusOr<size_t> hop = HopSamples(options.hop_seconds, impl->window, config.sample_rate,
+                                          engine->options().min_hop_seconds);
   if (!hop.ok()) return hop.status();
   impl->hop = *hop;
   if (!(options.max_seconds > 0) || std::isnan(options.vad_threshold_dbfs)) {
@@ -313,6 +322,7 @@ absl::StatusOr<std::unique_ptr<StreamSession>> StreamSession::Create(
     impl->resampler = *std::move(resampler);
   }
   impl->engine = engine;
+  impl->flow = engine->NewFlow();
   impl->options = options;
   impl->on_event = std::move(on_event);
   impl->on_done = std::move(on_done);
@@ -341,11 +351,8 @@ absl::Status StreamSession::Push(absl::Span<const float> samples) {
   // A callback may destroy this session while we deliver.
   const std::shared_ptr<Impl> impl = impl_;
   if (absl::Status closed = impl->Closed(); !closed.ok()) return closed;
-  for (size_t i = 0; i < samples.size(); ++i) {
-    if (!std::isfinite(samples[i])) {
-      return impl->FailFeeding(absl::InvalidArgumentError(
-          absl::StrCat("sample ", impl->input_samples + i, " is not a finite number")));
-    }
+  if (absl::Status valid = CheckSamples(samples, impl->input_samples); !valid.ok()) {
+    return impl->FailFeeding(valid);
   }
   if (impl->input_samples + samples.size() > impl->max_input_samples) {
     return impl->FailFeeding(absl::OutOfRangeError(absl::StrCat(
@@ -355,30 +362,39 @@ absl::Status StreamSession::Push(absl::Span<const float> samples) {
     return impl->FailFeeding(absl::DeadlineExceededError("the stream's deadline passed"));
   }
   impl->input_samples += samples.size();
-  if (impl->resampler == nullptr) {
-    impl->Feed(samples);
-    return absl::OkStatus();
+  try {
+    if (impl->resampler == nullptr) {
+      impl->Feed(samples);
+      return absl::OkStatus();
+    }
+    impl->resampled.clear();
+    if (absl::Status s = impl->resampler->Process(samples, &impl->resampled); !s.ok()) {
+      return impl->FailFeeding(s);
+    }
+    impl->Feed(impl->resampled);
+  } catch (...) {
+    return impl->FailFeeding(StatusFromCurrentException("processing stream audio"));
   }
-  impl->resampled.clear();
-  if (absl::Status s = impl->resampler->Process(samples, &impl->resampled); !s.ok()) {
-    return impl->FailFeeding(s);
-  }
-  impl->Feed(impl->resampled);
   return absl::OkStatus();
 }
 
 void StreamSession::Finish() {
   const std::shared_ptr<Impl> impl = impl_;
   if (!impl->Closed().ok()) return;
-  if (impl->resampler != nullptr) {
-    impl->resampled.clear();
-    if (absl::Status s = impl->resampler->Flush(&impl->resampled); !s.ok()) {
-      impl->FailFeeding(s).IgnoreError();  // on_done reports it
-      return;
+  try {
+    if (impl->resampler != nullptr) {
+      impl->resampled.clear();
+      if (absl::Status s = impl->resampler->Flush(&impl->resampled); !s.ok()) {
+        impl->FailFeeding(s).IgnoreError();  // on_done reports it
+        return;
+      }
+      impl->Feed(impl->resampled);
     }
-    impl->Feed(impl->resampled);
+    if (impl->OwesLastWindow()) impl->EmitWindow();
+  } catch (...) {
+    impl->FailFeeding(StatusFromCurrentException("finishing the stream")).IgnoreError();
+    return;
   }
-  if (impl->OwesLastWindow()) impl->EmitWindow();
   impl->feeding_closed = true;
   Slot end;
   end.end = true;

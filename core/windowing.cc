@@ -15,19 +15,25 @@ std::vector<size_t> WindowStarts(size_t num_samples, size_t window, size_t hop) 
   return starts;
 }
 
-absl::StatusOr<size_t> HopSamples(double hop_seconds, size_t window, int sample_rate) {
-  if (!std::isfinite(hop_seconds) || hop_seconds < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("bad hop_seconds ", hop_seconds));
-  }
-  const size_t hop = hop_seconds == 0
-                         ? std::max<size_t>(1, window / 2)
-                         : static_cast<size_t>(std::llround(hop_seconds * sample_rate));
-  if (hop < 1 || hop > window) {
+size_t WindowCount(size_t num_samples, size_t window, size_t hop) {
+  if (num_samples <= window) return 1;
+  return (num_samples - window + hop - 1) / hop + 1;
+}
+
+absl::StatusOr<size_t> HopSamples(double hop_seconds, size_t window, int sample_rate,
+                                  double min_hop_seconds, const char* field) {
+  const double window_seconds = static_cast<double>(window) / sample_rate;
+  const auto bad = [&] {
     return absl::InvalidArgumentError(absl::StrCat(
-        "hop_seconds ", hop_seconds, " must be within (0, ",
-        static_cast<double>(window) / sample_rate, "] (the model's window)"));
-  }
-  return hop;
+        field, " is ", hop_seconds, "; use 0 (half the model's window) or a value in [",
+        std::max(min_hop_seconds, 1.0 / sample_rate), ", ", window_seconds, "] seconds"));
+  };
+  if (!std::isfinite(hop_seconds) || hop_seconds < 0) return bad();
+  if (hop_seconds == 0) return std::max<size_t>(1, window / 2);
+  if (hop_seconds < min_hop_seconds || hop_seconds > window_seconds) return bad();
+  const long long hop = std::llround(hop_seconds * sample_rate);
+  if (hop < 1 || static_cast<size_t>(hop) > window) return bad();
+  return static_cast<size_t>(hop);
 }
 
 void CopyWindow(absl::Span<const float> samples, size_t start, size_t window,

@@ -15,10 +15,15 @@ namespace emoserve {
 // for audio up to `window` long, else windows every `hop` samples until one
 // reaches the end (that last one is zero-padded). hop must be > 0.
 std::vector<size_t> WindowStarts(size_t num_samples, size_t window, size_t hop);
+// WindowStarts(...).size(), without the vector.
+size_t WindowCount(size_t num_samples, size_t window, size_t hop);
 
 // The hop in samples for a request's hop_seconds: 0 means half a window;
-// anything else must be finite and give a hop within (0, window].
-absl::StatusOr<size_t> HopSamples(double hop_seconds, size_t window, int sample_rate);
+// anything else must be finite, at least min_hop_seconds, and give a hop
+// within (0, window]. `field` names the hop in the error.
+absl::StatusOr<size_t> HopSamples(double hop_seconds, size_t window, int sample_rate,
+                                  double min_hop_seconds = 0,
+                                  const char* field = "hop_seconds");
 
 // Copies samples[start, start + window) into `out` (window floats), padding
 // with zeros past the end of the audio.

@@ -720,6 +720,157 @@ TEST_F(EngineTest, AFailingWindowFailsItsClipOnce) {
   EXPECT_EQ(observer.windows(), 1);  // only the blocker
 }
 
+// A short clip queued behind a long one waits for about one batch, not for
+// the long clip: clips take turns for features, which run at most a batch
+// ahead of the model.
+TEST_F(EngineTest, AShortClipBehindALongOneWaitsForAboutOneBatch) {
+  TestObserver observer(/*hold_first_batch=*/true);
+  EngineOptions options;
+  options.max_batch_size = 4;
+  std::unique_ptr<Engine> engine = MakeEngine(options, &observer);
+  WindowCompletions blocker(1);
+  engine->Submit(Request(SpeechWindows(1)[0], blocker.Callback(0)));
+  observer.WaitUntilHolding();
+
+  // 60 s at a quarter-second hop: over two hundred windows.
+  std::vector<float> long_audio;
+  while (long_audio.size() < 60 * model()->config().sample_rate) {
+    for (const std::vector<float>& clip : clips_) {
+      long_audio.insert(long_audio.end(), clip.begin(), clip.end());
+    }
+  }
+  Completions<ClipResult> done(2);
+  ClipRequest long_clip;
+  long_clip.samples = long_audio;
+  long_clip.hop_seconds = 0.25;
+  long_clip.vad_threshold_dbfs = -std::numeric_limits<double>::infinity();
+  long_clip.done = done.Callback(0);
+  engine->Classify(std::move(long_clip));
+
+  std::atomic<int> windows_before_short{-1};
+  std::atomic<bool> long_done_before_short{false};
+  ClipRequest short_clip;
+  short_clip.samples = clips_[1];
+  short_clip.samples.resize(window());
+  short_clip.vad_threshold_dbfs = -std::numeric_limits<double>::infinity();
+  auto record = done.Callback(1);
+  short_clip.done = [&, record](absl::StatusOr<ClipResult> result) {
+    windows_before_short = observer.windows();
+    long_done_before_short = done.completed(0);
+    record(std::move(result));
+  };
+  engine->Classify(std::move(short_clip));
+  observer.Release();
+  ASSERT_TRUE(done.WaitAll());
+  ASSERT_TRUE(done.result(0).ok()) << done.result(0).status();
+  ASSERT_TRUE(done.result(1).ok()) << done.result(1).status();
+  const int long_windows = static_cast<int>(done.result(0)->windows.size());
+  ASSERT_GT(long_windows, 200);
+  EXPECT_FALSE(long_done_before_short);
+  // The blocker, the batch of long windows prepared while it ran, at most
+  // one more of the long clip's, and the short clip's own window.
+  EXPECT_LE(windows_before_short, 1 + 2 * options.max_batch_size + 1);
+  EXPECT_EQ(observer.windows(), 1 + long_windows + 1);
+}
+
+TEST_F(EngineTest, HopsBelowTheMinimumAndClipsOverTheQueueAreRefused) {
+  EngineOptions options;
+  options.min_hop_seconds = 0.5;
+  options.max_queue_size = 100;
+  std::unique_ptr<Engine> engine = MakeEngine(options, nullptr);
+  const int rate = model()->config().sample_rate;
+  Completions<ClipResult> done(3);
+  ClipRequest fine_hop;
+  fine_hop.samples = clips_[0];
+  fine_hop.hop_seconds = 1.0 / rate;  // one sample: thousands of windows
+  fine_hop.done = done.Callback(0);
+  engine->Classify(std::move(fine_hop));
+  // 60 s at the minimum hop: 119 windows, more than the queue holds.
+  ClipRequest too_long;
+  too_long.samples.assign(60 * rate, 0.1f);
+  too_long.hop_seconds = 0.5;
+  too_long.done = done.Callback(1);
+  engine->Classify(std::move(too_long));
+  ClipRequest at_minimum;
+  at_minimum.samples = clips_[0];
+  at_minimum.hop_seconds = 0.5;
+  at_minimum.done = done.Callback(2);
+  engine->Classify(std::move(at_minimum));
+  ASSERT_TRUE(done.WaitAll());
+  EXPECT_EQ(done.result(0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(done.result(0).status().message()),
+              ::testing::HasSubstr("a value in [0.5, 1] seconds"));
+  EXPECT_EQ(done.result(1).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(done.result(1).status().message()),
+              ::testing::HasSubstr("the audio makes 119 windows at this hop; a call may make at "
+                                   "most 100"));
+  ASSERT_TRUE(done.result(2).ok()) << done.result(2).status();
+  EXPECT_EQ(done.result(2)->windows.size(),
+            WindowStarts(clips_[0].size(), window(), rate / 2).size());
+}
+
+TEST_F(EngineTest, AbsurdSamplesAreRefused) {
+  std::unique_ptr<Engine> engine = MakeEngine({}, nullptr);
+  std::vector<float> samples = SpeechWindows(1)[0];
+  samples[100] = 1e30f;
+  WindowCompletions window_done(1);
+  engine->Submit(Request(samples, window_done.Callback(0)));
+  Completions<ClipResult> clip_done(1);
+  ClipRequest clip;
+  clip.samples = samples;
+  clip.done = clip_done.Callback(0);
+  engine->Classify(std::move(clip));
+  ASSERT_TRUE(window_done.WaitAll());
+  ASSERT_TRUE(clip_done.WaitAll());
+  for (const absl::Status& status :
+       {window_done.result(0).status(), clip_done.result(0).status()}) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(status.message()), ::testing::HasSubstr("sample of 1e+30"));
+  }
+}
+
+// A model that returns NaN for real input: the windows fail with INTERNAL
+// and no NaN reaches a result.
+TEST_F(EngineTest, AModelThatReturnsNanFailsTheWindowNotTheEngine) {
+  const std::string dir =
+      (std::filesystem::path(::testing::TempDir()) / "nan_model").string();
+  ASSERT_TRUE(testing::WriteScriptedModel(testing::SmallModelConfig(), dir,
+                                          R"(    p = torch.softmax(torch.zeros(x.size(0), 3), dim=1)
+    real = x.abs().amax(dim=[1, 2, 3]) > 1.0
+    return torch.where(real.unsqueeze(1), torch.full_like(p, float("nan")), p)
+)")
+                  .ok());
+  absl::StatusOr<std::unique_ptr<Model>> nan_model = Model::Load(dir);
+  ASSERT_TRUE(nan_model.ok()) << nan_model.status();  // the dry run passes
+  EngineOptions options;
+  options.feature_threads = 1;
+  absl::StatusOr<std::unique_ptr<Engine>> engine =
+      Engine::Create(std::shared_ptr<const Model>(*std::move(nan_model)), options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Completions<ClipResult> done(2);
+  for (int i = 0; i < 2; ++i) {
+    ClipRequest clip;
+    clip.samples = clips_[i];
+    clip.done = done.Callback(i);
+    (*engine)->Classify(std::move(clip));
+  }
+  ASSERT_TRUE(done.WaitAll());
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(done.result(i).status().code(), absl::StatusCode::kInternal);
+    EXPECT_THAT(std::string(done.result(i).status().message()),
+                ::testing::HasSubstr("the model returned nan as a probability"));
+  }
+}
+
+TEST(WindowCountTest, AgreesWithWindowStarts) {
+  for (size_t samples : {1, 15999, 16000, 16001, 40000, 123457}) {
+    for (size_t hop : {1, 7, 4000, 8000, 16000}) {
+      EXPECT_EQ(WindowCount(samples, 16000, hop), WindowStarts(samples, 16000, hop).size())
+          << samples << " " << hop;
+    }
+  }
+}
+
 TEST(RmsDbfsTest, LevelsOfKnownSignals) {
   EXPECT_EQ(RmsDbfs(std::vector<float>(100, 0.0f)), -std::numeric_limits<double>::infinity());
   EXPECT_EQ(RmsDbfs({}), -std::numeric_limits<double>::infinity());

@@ -39,6 +39,27 @@ ModelConfig DefaultModelConfig() {
   return config;
 }
 
+namespace {
+
+// Saves `module` as dir/model.pt and `config` as dir/model.json.
+absl::Status SaveModelDirectory(torch::jit::Module& module, const ModelConfig& config,
+                                const std::string& dir) {
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) {
+    return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", error.message()));
+  }
+  try {
+    module.eval();
+    module.save((std::filesystem::path(dir) / "model.pt").string());
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("cannot save model.pt in ", dir, ": ", e.what()));
+  }
+  return SaveModelConfig(config, (std::filesystem::path(dir) / "model.json").string());
+}
+
+}  // namespace
+
 absl::Status WriteTestModel(const ModelConfig& config, const std::string& dir,
                             uint64_t seed) {
   ArchitectureOptions options;
@@ -48,18 +69,18 @@ absl::Status WriteTestModel(const ModelConfig& config, const std::string& dir,
   torch::manual_seed(seed);
   absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
   if (!module.ok()) return module.status();
-  std::error_code error;
-  std::filesystem::create_directories(dir, error);
-  if (error) {
-    return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", error.message()));
-  }
+  return SaveModelDirectory(*module, config, dir);
+}
+
+absl::Status WriteScriptedModel(const ModelConfig& config, const std::string& dir,
+                                const std::string& forward_body) {
+  torch::jit::Module module("Scripted");
   try {
-    module->eval();
-    module->save((std::filesystem::path(dir) / "model.pt").string());
+    module.define("def forward(self, x):\n" + forward_body);
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("cannot save model.pt in ", dir, ": ", e.what()));
+    return absl::InvalidArgumentError(absl::StrCat("bad TorchScript: ", e.what()));
   }
-  return SaveModelConfig(config, (std::filesystem::path(dir) / "model.json").string());
+  return SaveModelDirectory(module, config, dir);
 }
 
 absl::StatusOr<std::shared_ptr<const Model>> MakeTestModel(const ModelConfig& config,

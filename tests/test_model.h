@@ -29,6 +29,12 @@ ModelConfig DefaultModelConfig();
 absl::Status WriteTestModel(const ModelConfig& config, const std::string& dir,
                             uint64_t seed = 7);
 
+// Writes a model directory whose model.pt is a TorchScript module with
+// `forward_body` as the body of `def forward(self, x):` (indented by the
+// caller), for models that misbehave on purpose.
+absl::Status WriteScriptedModel(const ModelConfig& config, const std::string& dir,
+                                const std::string& forward_body);
+
 // WriteTestModel into `dir`, then Model::Load.
 absl::StatusOr<std::shared_ptr<const Model>> MakeTestModel(const ModelConfig& config,
                                                           const std::string& dir,
