@@ -1,6 +1,7 @@
 #include "core/stream.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -44,6 +45,10 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
   size_t hop = 0;
   uint64_t flow = 0;  // the engine's turn-taking unit: the whole stream
   uint64_t max_input_samples = 0;
+  // Speech windows sent to the engine whose results are not back, and the
+  // budget they are charged to.
+  std::atomic<int> windows_in_flight{0};
+  std::unique_ptr<BudgetLease> lease;
   const std::shared_ptr<CancelFlag> cancel = std::make_shared<CancelFlag>();
 
   // The feeder's side (Push/Finish, one caller).
@@ -94,7 +99,9 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
     return status;
   }
 
-  void Feed(absl::Span<const float> samples) {
+  // Windows every hop as the ring fills; stops at the first window that
+  // cannot be sent.
+  absl::Status Feed(absl::Span<const float> samples) {
     size_t i = 0;
     while (i < samples.size()) {
       const size_t take = std::min(window - ring_count, samples.size() - i);
@@ -106,16 +113,18 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
       model_samples += take;
       i += take;
       if (ring_count == window) {
-        EmitWindow();
+        if (absl::Status s = EmitWindow(); !s.ok()) return s;
         ring_head = (ring_head + hop) % window;
         ring_count -= hop;
         next_start += hop;
       }
     }
+    return absl::OkStatus();
   }
 
-  // Sends the window at next_start: the ring's samples, zero-padded.
-  void EmitWindow() {
+  // Sends the window at next_start: the ring's samples, zero-padded. A speech
+  // window's samples are charged to the budget until its result is back.
+  absl::Status EmitWindow() {
     std::vector<float> samples(window, 0.0f);
     const size_t first = std::min(ring_count, window - ring_head);
     std::memcpy(samples.data(), ring.data() + ring_head, first * sizeof(float));
@@ -128,12 +137,22 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
     slot.speech = !options.vad_enabled || RmsDbfs(samples) >= options.vad_threshold_dbfs;
     if (!slot.speech) {
       Insert(seq, std::move(slot));
-      return;
+      return absl::OkStatus();
     }
     {
       absl::MutexLock lock(&mu);
-      if (done) return;  // nobody listens any more
+      if (done) return absl::OkStatus();  // nobody listens any more
     }
+    const int64_t window_bytes = static_cast<int64_t>(window * sizeof(float));
+    if (absl::Status charged = lease->Grow(window_bytes); !charged.ok()) {
+      // The window's place in the order carries the error, which ends the
+      // stream after the windows before it.
+      feeding_closed = true;
+      slot.probabilities = charged;
+      Insert(seq, std::move(slot));
+      return charged;
+    }
+    windows_in_flight.fetch_add(1, std::memory_order_relaxed);
     WindowRequest request;
     request.samples = std::move(samples);
     request.flow = flow;
@@ -141,10 +160,13 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
     request.cancel = cancel;
     request.done = [self = shared_from_this(), seq, slot = std::move(slot)](
                        absl::StatusOr<std::vector<float>> probabilities) mutable {
+      self->lease->Shrink(static_cast<int64_t>(self->window * sizeof(float)));
+      self->windows_in_flight.fetch_sub(1, std::memory_order_relaxed);
       slot.probabilities = std::move(probabilities);
       self->Insert(seq, std::move(slot));
     };
     engine->Submit(std::move(request));
+    return absl::OkStatus();
   }
 
   // The window still owed at the end of the stream: the one unary
@@ -323,6 +345,7 @@ absl::StatusOr<std::unique_ptr<StreamSession>> StreamSession::Create(
   }
   impl->engine = engine;
   impl->flow = engine->NewFlow();
+  impl->lease = std::make_unique<BudgetLease>(options.budget);
   impl->options = options;
   impl->on_event = std::move(on_event);
   impl->on_done = std::move(on_done);
@@ -363,15 +386,15 @@ absl::Status StreamSession::Push(absl::Span<const float> samples) {
   }
   impl->input_samples += samples.size();
   try {
-    if (impl->resampler == nullptr) {
-      impl->Feed(samples);
-      return absl::OkStatus();
+    absl::Span<const float> at_model_rate = samples;
+    if (impl->resampler != nullptr) {
+      impl->resampled.clear();
+      if (absl::Status s = impl->resampler->Process(samples, &impl->resampled); !s.ok()) {
+        return impl->FailFeeding(s);
+      }
+      at_model_rate = impl->resampled;
     }
-    impl->resampled.clear();
-    if (absl::Status s = impl->resampler->Process(samples, &impl->resampled); !s.ok()) {
-      return impl->FailFeeding(s);
-    }
-    impl->Feed(impl->resampled);
+    if (absl::Status s = impl->Feed(at_model_rate); !s.ok()) return s;
   } catch (...) {
     return impl->FailFeeding(StatusFromCurrentException("processing stream audio"));
   }
@@ -388,9 +411,9 @@ void StreamSession::Finish() {
         impl->FailFeeding(s).IgnoreError();  // on_done reports it
         return;
       }
-      impl->Feed(impl->resampled);
+      if (!impl->Feed(impl->resampled).ok()) return;  // on_done reports it
     }
-    if (impl->OwesLastWindow()) impl->EmitWindow();
+    if (impl->OwesLastWindow() && !impl->EmitWindow().ok()) return;
   } catch (...) {
     impl->FailFeeding(StatusFromCurrentException("finishing the stream")).IgnoreError();
     return;
@@ -406,6 +429,10 @@ void StreamSession::Cancel() {
   absl::MutexLock lock(&impl->mu);
   impl->Abort(absl::CancelledError("the stream was cancelled"));
   impl->DeliverLocked();
+}
+
+int StreamSession::windows_in_flight() const {
+  return impl_->windows_in_flight.load(std::memory_order_relaxed);
 }
 
 size_t StreamSession::buffered_samples() const {

@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "core/engine.h"
+#include "core/memory_budget.h"
 
 namespace emoserve {
 
@@ -21,6 +22,10 @@ struct StreamOptions {
   // The stream fails with kOutOfRange past this much audio.
   double max_seconds = 3600.0;
   absl::Time deadline = absl::InfiniteFuture();
+  // When set, each speech window's samples are charged to it from the
+  // moment the window is sent until its result is back; a window the
+  // budget cannot cover ends the stream with kResourceExhausted.
+  MemoryBudget* budget = nullptr;
 };
 
 struct StreamEvent {
@@ -71,6 +76,10 @@ class StreamSession {
   // Abandons the stream: on_done(kCancelled) unless already done; no event
   // follows. Callable from any thread.
   void Cancel();
+
+  // Speech windows sent to the engine whose results are not back yet (the
+  // caller's backpressure: stop reading audio while this is high).
+  int windows_in_flight() const;
 
   // Samples held: the ring buffer (under one window) plus the last chunk
   // resampled; bounded whatever the stream's length.

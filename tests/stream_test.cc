@@ -447,6 +447,60 @@ TEST_F(StreamTest, FinishCancelAndDestructionEndTheStreamOnce) {
   }
 }
 
+// Each speech window's samples are charged to the budget while the engine
+// holds it: a budget of two windows carries a stream whose windows are
+// computed as they come, and everything is given back at the end.
+TEST_F(StreamTest, SpeechWindowsAreChargedToTheBudgetUntilTheirResultsAreBack) {
+  const int64_t window_bytes = static_cast<int64_t>(window() * sizeof(float));
+  MemoryBudget budget(2 * window_bytes);
+  int64_t most_used = 0;
+  Recorder recorder;
+  StreamOptions options;
+  options.vad_enabled = false;
+  options.budget = &budget;
+  absl::StatusOr<std::unique_ptr<StreamSession>> session =
+      StreamSession::Create(&engine(), options, recorder.OnEvent(), recorder.OnDone());
+  ASSERT_TRUE(session.ok()) << session.status();
+  const std::vector<float> audio = Speech();
+  const size_t hop = window() / 2;
+  for (size_t i = 0; i < audio.size(); i += hop) {
+    ASSERT_TRUE((*session)->Push(absl::MakeConstSpan(audio).subspan(
+                                     i, std::min(hop, audio.size() - i)))
+                    .ok());
+    most_used = std::max(most_used, budget.used());
+    EXPECT_LE((*session)->windows_in_flight(), 2);
+    // Waits for the window just sent, as a caller with backpressure does.
+    const absl::Time until = absl::Now() + kPatience;
+    while ((*session)->windows_in_flight() > 0 && absl::Now() < until) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  }
+  (*session)->Finish();
+  ASSERT_TRUE(recorder.WaitDone());
+  EXPECT_TRUE(recorder.status().ok()) << recorder.status();
+  EXPECT_EQ(most_used, window_bytes);
+  EXPECT_EQ(budget.used(), 0);
+
+  // Pushed all at once (13 windows in one call, emitted within microseconds
+  // while a window takes the model about a millisecond), the second window
+  // finds a budget of one window full: the stream ends with
+  // RESOURCE_EXHAUSTED after the windows before it.
+  MemoryBudget one_window(window_bytes);
+  options.budget = &one_window;
+  Recorder flooded;
+  session = StreamSession::Create(&engine(), options, flooded.OnEvent(), flooded.OnDone());
+  ASSERT_TRUE(session.ok()) << session.status();
+  const absl::Status pushed = (*session)->Push(audio);
+  ASSERT_TRUE(flooded.WaitDone());
+  EXPECT_EQ(pushed.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(flooded.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(flooded.status().message()),
+              ::testing::HasSubstr("memory for audio in flight is full"));
+  EXPECT_LT(flooded.windows().size(), 13u);
+  session->reset();
+  EXPECT_EQ(one_window.used(), 0);
+}
+
 TEST_F(StreamTest, RejectsBadOptionsAndSamples) {
   Recorder recorder;
   StreamOptions options;
@@ -456,6 +510,11 @@ TEST_F(StreamTest, RejectsBadOptionsAndSamples) {
                 .code(),
             absl::StatusCode::kInvalidArgument);
   options = StreamOptions();
+  options.hop_seconds = 0.01;  // below the engine's minimum hop
+  EXPECT_EQ(StreamSession::Create(&engine(), options, recorder.OnEvent(), recorder.OnDone())
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
   options.hop_seconds = 5;
   EXPECT_EQ(StreamSession::Create(&engine(), options, recorder.OnEvent(), recorder.OnDone())
                 .status()
