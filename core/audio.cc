@@ -25,10 +25,6 @@
 namespace emoserve {
 namespace {
 
-// More channels than this is almost certainly a corrupt header; real
-// recordings have 1-8 and ambisonics/mic arrays stay well below 64.
-constexpr int kMaxChannels = 64;
-
 // Frames decoded per libsndfile call: bounds the interleaved scratch buffer
 // (at most 4096 * 64 floats = 1 MiB) whatever the file declares.
 constexpr sf_count_t kChunkFrames = 4096;
@@ -269,12 +265,7 @@ float SampleFromLe(const unsigned char* p, PcmEncoding encoding) {
 absl::StatusOr<Audio> DecodeRawPcm(std::string_view bytes,
                                    const RawPcmFormat& format,
                                    const DecodeOptions& options) {
-  if (absl::Status s = ValidateSampleRate(format.sample_rate); !s.ok()) {
-    return s;
-  }
-  if (absl::Status s = ValidateChannels(format.channels, "raw PCM"); !s.ok()) {
-    return s;
-  }
+  if (absl::Status s = ValidateRawPcmFormat(format); !s.ok()) return s;
   const bool is_s16 = format.encoding == PcmEncoding::kS16LE;
   const int sample_bytes = is_s16 ? 2 : 4;
   const size_t frame_bytes =
@@ -853,6 +844,11 @@ absl::StatusOr<PcmEncoding> ParsePcmEncoding(std::string_view name) {
 
 absl::Status ValidateSampleRate(int sample_rate) {
   return CheckSampleRate(sample_rate);
+}
+
+absl::Status ValidateRawPcmFormat(const RawPcmFormat& format) {
+  if (absl::Status s = ValidateSampleRate(format.sample_rate); !s.ok()) return s;
+  return ValidateChannels(format.channels, "raw PCM");
 }
 
 absl::Status CheckSamples(absl::Span<const float> samples, size_t first_index) {

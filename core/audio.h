@@ -17,6 +17,9 @@ namespace emoserve {
 // Sample rates the decoder accepts, in Hz (inclusive).
 inline constexpr int kMinSampleRate = 8000;
 inline constexpr int kMaxSampleRate = 192000;
+// More channels than this is almost certainly a corrupt header; real
+// recordings have 1-8 and ambisonics/mic arrays stay well below 64.
+inline constexpr int kMaxChannels = 64;
 
 // Decoded samples must be finite and within this magnitude (+60 dB over full
 // scale, which is +-1): anything larger is corrupt or unnormalised data whose
@@ -74,6 +77,8 @@ absl::StatusOr<PcmEncoding> ParsePcmEncoding(std::string_view name);
 
 // kInvalidArgument unless kMinSampleRate <= rate <= kMaxSampleRate.
 absl::Status ValidateSampleRate(int sample_rate);
+// kInvalidArgument unless the rate is valid and 1 <= channels <= kMaxChannels.
+absl::Status ValidateRawPcmFormat(const RawPcmFormat& format);
 
 // kInvalidArgument naming the first sample (counted from `first_index`)
 // that is not finite or exceeds kMaxSampleMagnitude.

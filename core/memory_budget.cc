@@ -15,15 +15,15 @@ std::string Mib(int64_t bytes) {
 }  // namespace
 
 MemoryBudget::MemoryBudget(int64_t capacity_bytes,
-                           std::function<void(int64_t)> on_change)
-    : capacity_(capacity_bytes), on_change_(std::move(on_change)) {}
+                           std::function<void(int64_t)> on_change, std::string name)
+    : capacity_(capacity_bytes), on_change_(std::move(on_change)), name_(std::move(name)) {}
 
 absl::Status MemoryBudget::Take(int64_t bytes) {
   int64_t used = used_.load(std::memory_order_relaxed);
   do {
     if (bytes > capacity_ - used) {
       return absl::ResourceExhaustedError(absl::StrCat(
-          "the server's memory for audio in flight is full (", Mib(used), " of ",
+          name_, " is full (", Mib(used), " of ",
           Mib(capacity_), " in use; this needs ", Mib(bytes),
           " more); retry with backoff or send shorter audio"));
     }

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "absl/status/status.h"
 
@@ -17,9 +18,10 @@ namespace emoserve {
 class MemoryBudget {
  public:
   // `on_change` (may be null) is told the bytes in use after every change,
-  // from whichever thread made it.
+  // from whichever thread made it. `name` says in refusals what is full.
   explicit MemoryBudget(int64_t capacity_bytes,
-                        std::function<void(int64_t used_bytes)> on_change = nullptr);
+                        std::function<void(int64_t used_bytes)> on_change = nullptr,
+                        std::string name = "the memory for audio in flight");
   MemoryBudget(const MemoryBudget&) = delete;
   MemoryBudget& operator=(const MemoryBudget&) = delete;
 
@@ -35,6 +37,7 @@ class MemoryBudget {
   const int64_t capacity_;
   std::atomic<int64_t> used_{0};
   const std::function<void(int64_t)> on_change_;
+  const std::string name_;
 };
 
 // One call's share of a budget. Thread-safe. A lease without a budget

@@ -54,10 +54,18 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
         ->capture_default_str();
   };
 
-  add("host", c.host, "Address to listen on (gRPC and metrics)");
+  add("host", c.host, "Address to listen on (gRPC, and metrics unless --metrics-host)");
   add("port", c.port, "gRPC port (0: any free port)")->check(CLI::Range(0, 65535));
+  add("metrics-host", c.metrics_host, "Address of the metrics endpoint (empty: --host)");
   add("metrics-port", c.metrics_port, "Prometheus /metrics port (0: disabled)")
       ->check(CLI::Range(0, 65535));
+  add("metrics-threads", c.metrics_threads,
+      "Metrics endpoint workers (each slow or idle connection holds one)")
+      ->check(CLI::Range(1, 64));
+  add("metrics-timeout-ms", c.metrics_timeout_ms,
+      "How long the metrics endpoint waits for a request before closing the connection")
+      ->check(CLI::Range(100, 60000));
+  add("reflection", c.reflection, "Serve gRPC server reflection (for grpcurl)");
   add("model", c.model, "Model directory (model.json + model.pt)")
       ->check(CLI::ExistingDirectory);
   add("device", c.device, "Inference device: cpu, cuda or cuda:N")
@@ -65,7 +73,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   add("max-batch-size", c.max_batch_size, "Largest batch handed to the model")
       ->check(CLI::Range(1, 4096));
   add("max-queue-size", c.max_queue_size,
-      "Windows waiting beyond which requests get RESOURCE_EXHAUSTED")
+      "Windows waiting beyond which requests get RESOURCE_EXHAUSTED (also the most one call makes)")
       ->check(CLI::Range(1, 1000000));
   add("max-queue-delay-ms", c.max_queue_delay_ms,
       "How long a partial batch waits for more windows (0: never)")
@@ -77,6 +85,9 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   add("torch-threads", c.torch_threads,
       "LibTorch intra-op threads per model runner (0: one per core)")
       ->check(CLI::Range(0, 1024));
+  add("vad-threshold-dbfs", c.vad_threshold_dbfs,
+      "Default voice-activity threshold: quieter windows are silence")
+      ->check(CLI::Range(-200.0, 0.0));
   add("max-message-bytes", c.max_message_bytes, "Largest gRPC message accepted")
       ->check(CLI::Range(int64_t{1024}, int64_t{2147483647}));
   add("max-unary-seconds", c.max_unary_seconds, "Longest audio one Classify call takes")
@@ -84,15 +95,59 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   add("max-stream-seconds", c.max_stream_seconds,
       "Longest audio one stream takes (then OUT_OF_RANGE)")
       ->check(CLI::Range(0.1, 604800.0));
-  add("max-streams", c.max_streams, "Concurrent streams (more: RESOURCE_EXHAUSTED)")
-      ->check(CLI::Range(1, 1000000));
   add("max-chunk-bytes", c.max_chunk_bytes, "Largest audio message in a stream")
       ->check(CLI::Range(int64_t{2}, int64_t{2147483647}));
-  add("vad-threshold-dbfs", c.vad_threshold_dbfs,
-      "Default voice-activity threshold: quieter windows are silence")
-      ->check(CLI::Range(-200.0, 0.0));
+  add("min-hop-seconds", c.min_hop_seconds,
+      "Smallest hop between windows a call may ask for (the model's work is 1/hop per second)")
+      ->check(CLI::Range(0.0, 60.0));
+  add("stream-idle-seconds", c.stream_idle_seconds,
+      "A stream with no message, result or write for this long ends (DEADLINE_EXCEEDED)")
+      ->check(CLI::Range(0.1, 86400.0));
+  add("max-audio-memory-mb", c.max_audio_memory_mb,
+      "Audio in flight (requests, decoded audio, stream buffers and windows) beyond which calls "
+      "get RESOURCE_EXHAUSTED")
+      ->check(CLI::Range(1, 1 << 20));
+  add("max-streams", c.max_streams, "Concurrent streams (more: RESOURCE_EXHAUSTED)")
+      ->check(CLI::Range(1, 1000000));
+  add("max-health-watches", c.max_health_watches,
+      "Concurrent health Watch calls (more: RESOURCE_EXHAUSTED)")
+      ->check(CLI::Range(1, 1000000));
+  add("max-reflection-calls", c.max_reflection_calls,
+      "Concurrent reflection calls (more: RESOURCE_EXHAUSTED)")
+      ->check(CLI::Range(1, 1024));
+  add("grpc-memory-mb", c.grpc_memory_mb,
+      "Memory of gRPC's transport (buffers of all connections); past it, new connections are "
+      "refused and calls cancelled with RESOURCE_EXHAUSTED")
+      ->check(CLI::Range(16, 1 << 20));
+  add("max-concurrent-streams", c.max_concurrent_streams,
+      "Calls open at once on one connection")
+      ->check(CLI::Range(1, 1000000));
+  add("max-metadata-bytes", c.max_metadata_bytes, "Largest request metadata (headers)")
+      ->check(CLI::Range(int64_t{1024}, int64_t{1} << 24));
+  add("handshake-timeout-seconds", c.handshake_timeout_seconds,
+      "A new connection must finish its HTTP/2 (and TLS) handshake within this")
+      ->check(CLI::Range(0.1, 3600.0));
+  add("keepalive-seconds", c.keepalive_seconds,
+      "Ping a connection after this long without activity, to find dead peers")
+      ->check(CLI::Range(1.0, 86400.0));
+  add("keepalive-timeout-seconds", c.keepalive_timeout_seconds,
+      "Close a connection whose ping is not answered within this")
+      ->check(CLI::Range(1.0, 3600.0));
+  add("min-ping-interval-seconds", c.min_ping_interval_seconds,
+      "Clients that ping more often get GOAWAY (too_many_pings)")
+      ->check(CLI::Range(0.0, 86400.0));
+  add("max-connection-idle-seconds", c.max_connection_idle_seconds,
+      "Close a connection without calls after this long")
+      ->check(CLI::Range(1.0, 604800.0));
+  add("max-connection-age-seconds", c.max_connection_age_seconds,
+      "Ask a client to reconnect (GOAWAY) after this long, so that clients rebalance across pods")
+      ->check(CLI::Range(1.0, 604800.0));
+  add("max-connection-age-grace-seconds", c.max_connection_age_grace_seconds,
+      "How long calls open at --max-connection-age-seconds may go on")
+      ->check(CLI::Range(0.0, 604800.0));
   add("grace-seconds", c.grace_seconds,
-      "On SIGTERM/SIGINT, how long in-flight calls may take to finish")
+      "On SIGTERM/SIGINT: streams are flushed, calls in flight get this long, then the server "
+      "exits, whatever clients do")
       ->check(CLI::Range(0.0, 3600.0));
   add("tls-cert", c.tls_cert, "PEM server certificate (enables TLS)")
       ->check(CLI::ExistingFile);
@@ -122,6 +177,18 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   if (!c.tls_client_ca.empty() && c.tls_cert.empty()) {
     return absl::InvalidArgumentError(
         "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)");
+  }
+  if (int64_t{c.grpc_memory_mb} << 20 < 2 * c.max_message_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--grpc-memory-mb (", c.grpc_memory_mb,
+        " MiB) must hold at least two of the largest messages (--max-message-bytes ",
+        c.max_message_bytes, ")"));
+  }
+  if (int64_t{c.max_audio_memory_mb} << 20 < c.max_message_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max-audio-memory-mb (", c.max_audio_memory_mb,
+        " MiB) must hold at least the largest message (--max-message-bytes ",
+        c.max_message_bytes, ")"));
   }
   if (c.max_chunk_bytes > c.max_message_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -16,7 +16,11 @@ struct ServerConfig {
   // Network.
   std::string host = "0.0.0.0";
   int port = 50051;          // 0: any free port (logged at startup)
+  std::string metrics_host;  // "": the same as host
   int metrics_port = 9464;   // 0: no metrics endpoint
+  int metrics_threads = 4;
+  int metrics_timeout_ms = 2000;  // a metrics request must arrive within this
+  bool reflection = true;
   // Model and engine.
   std::string model = "models/default";
   std::string device = "cpu";
@@ -27,12 +31,29 @@ struct ServerConfig {
   int model_instances = 1;
   int torch_threads = 1;     // 0: one per core
   double vad_threshold_dbfs = -50.0;
-  // Limits.
+  // Limits of a call.
   int64_t max_message_bytes = 32 << 20;
   double max_unary_seconds = 600.0;
   double max_stream_seconds = 3600.0;
-  int max_streams = 2048;
-  int64_t max_chunk_bytes = 1 << 20;
+  int64_t max_chunk_bytes = 64 << 10;
+  double min_hop_seconds = 0.25;
+  double stream_idle_seconds = 30.0;
+  // Limits of the server.
+  int max_audio_memory_mb = 256;
+  int max_streams = 1024;
+  int max_health_watches = 256;
+  int max_reflection_calls = 8;
+  // Transport (per connection unless said).
+  int grpc_memory_mb = 256;  // the whole transport, all connections
+  int max_concurrent_streams = 100;
+  int64_t max_metadata_bytes = 16 << 10;
+  double handshake_timeout_seconds = 10.0;
+  double keepalive_seconds = 60.0;
+  double keepalive_timeout_seconds = 20.0;
+  double min_ping_interval_seconds = 10.0;
+  double max_connection_idle_seconds = 600.0;
+  double max_connection_age_seconds = 1800.0;
+  double max_connection_age_grace_seconds = 3600.0;
   // Lifecycle.
   double grace_seconds = 10.0;
   // TLS: a certificate and key turn it on; a client CA makes it mutual.

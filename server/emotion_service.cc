@@ -1,14 +1,13 @@
 #include "server/emotion_service.h"
 
-#include <cmath>
+#include <algorithm>
 #include <deque>
-#include <limits>
+#include <memory>
+#include <optional>
 #include <utility>
-#include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "core/audio.h"
-#include "core/resampler.h"
+#include "core/exceptions.h"
 #include "core/stream.h"
 #include "server/log.h"
 #include "server/proto_convert.h"
@@ -20,32 +19,24 @@ constexpr absl::string_view kClassify = "Classify";
 constexpr absl::string_view kStreamClassify = "StreamClassify";
 constexpr absl::string_view kGetModelInfo = "GetModelInfo";
 
-// Stream responses waiting to be written beyond which a stream stops reading
-// audio until its client reads: memory stays bounded with a slow reader.
+// A stream reads its next message only while fewer responses than this wait
+// to be written (a client that does not read stops being read)...
 constexpr size_t kMaxQueuedResponses = 64;
+// ...and fewer of its windows than this wait for the model (a client that
+// sends faster than the model computes is paced by it).
+constexpr int kMaxStreamWindowsInFlight = 16;
+// What an open stream holds besides its audio (the reactor, its messages,
+// the session, queued responses), charged to the budget at admission.
+constexpr int64_t kStreamBaseBytes = 32 << 10;
 
-// Windows that `samples` at `rate` make with `hop_seconds` (0: half the
-// window), as the engine splits them.
-size_t CountWindows(size_t samples, const ModelConfig& model, double hop_seconds) {
-  const size_t window = static_cast<size_t>(model.window_samples());
-  const size_t hop =
-      hop_seconds == 0
-          ? std::max<size_t>(1, window / 2)
-          : std::max<size_t>(1, static_cast<size_t>(std::llround(hop_seconds * model.sample_rate)));
-  if (samples <= window) return 1;
-  return (samples - window + hop - 1) / hop + 1;
-}
-
-absl::Status CheckHop(double hop_seconds, const ModelConfig& model,
-                      absl::string_view field) {
-  if (!std::isfinite(hop_seconds) || hop_seconds < 0 ||
-      hop_seconds > model.window_seconds ||
-      (hop_seconds > 0 && std::llround(hop_seconds * model.sample_rate) < 1)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, " is ", hop_seconds, "; use 0 (half the model's window) or a value in (0, ",
-        model.window_seconds, "] seconds"));
-  }
-  return absl::OkStatus();
+RequestLimits LimitsOf(const ServerConfig& config) {
+  RequestLimits limits;
+  limits.max_unary_seconds = config.max_unary_seconds;
+  limits.max_stream_seconds = config.max_stream_seconds;
+  limits.max_chunk_bytes = config.max_chunk_bytes;
+  limits.min_hop_seconds = config.min_hop_seconds;
+  limits.vad_threshold_dbfs = config.vad_threshold_dbfs;
+  return limits;
 }
 
 // Why a call that the client no longer waits for ended.
@@ -64,11 +55,26 @@ absl::Status Outcome(const absl::Status& status, grpc::CallbackServerContext* co
 
 }  // namespace
 
-// --------------------------------------------------------------------------
-// Classify: validate on the gRPC thread, decode and resample on the worker
-// pool, classify on the engine, finish from the engine's completion.
+// What the service can ask of any open call.
+class EmotionService::Call {
+ public:
+  virtual ~Call() = default;
+  // Shutdown has begun: a stream flushes and ends; a unary call goes on.
+  virtual void Drain() {}
+  // The grace period is over: the call is cancelled.
+  virtual void Cancel() = 0;
+  // A stream that has done nothing since `idle_since` ends.
+  virtual void EndIfIdle(absl::Time /*idle_since*/) {}
+};
 
-class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor {
+// --------------------------------------------------------------------------
+// Classify: checked on the gRPC thread, decoded to the model's rate on the
+// worker pool (block by block, charged to the budget, stopping when the
+// call is cancelled or its deadline passes), classified by the engine, and
+// finished from the engine's completion.
+
+class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
+                                           public EmotionService::Call {
  public:
   ClassifyCall(EmotionService* service, grpc::CallbackServerContext* context,
                const v1::ClassifyRequest* request, v1::ClassifyResponse* response)
@@ -76,124 +82,103 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor {
         context_(context),
         request_(request),
         response_(response),
-        deadline_(ToAbslDeadline(context->deadline())) {
-    absl::StatusOr<Engine*> engine = service_->Admit(CallKind::kUnary);
+        deadline_(ToAbslDeadline(context->deadline())),
+        lease_(&service->budget_) {
+    absl::StatusOr<Engine*> engine = service_->Admit(this, CallKind::kUnary);
     if (!engine.ok()) {
       Complete(engine.status());
       return;
     }
     admitted_ = true;
     engine_ = *engine;
-    if (absl::Status valid = Validate(); !valid.ok()) {
-      Complete(valid);
-      return;
+    absl::Status started;
+    try {
+      started = Start();
+    } catch (...) {
+      started = StatusFromCurrentException("Classify");
     }
-    if (!service_->decode_pool_.TryPost([this] { DecodeAndClassify(); })) {
-      Complete(absl::ResourceExhaustedError(absl::StrCat(
-          "the server's decoding queue is full (", service_->config_.max_queue_size,
-          " requests wait); retry with backoff")));
-    }
+    if (!started.ok()) Complete(started);
   }
 
   void OnCancel() override { cancel_->Cancel(); }
 
   void OnDone() override {
-    if (admitted_) service_->Release(CallKind::kUnary);
+    if (admitted_) service_->Release(this, CallKind::kUnary);
     delete this;
   }
 
+  void Cancel() override { context_->TryCancel(); }
+
  private:
-  absl::Status Validate() {
-    if (request_->audio().empty()) {
-      return absl::InvalidArgumentError(
-          "audio is empty: put the file's bytes (or raw PCM with `format`) in "
-          "ClassifyRequest.audio");
-    }
+  absl::Status Start() {
+    request_bytes_ = static_cast<int64_t>(request_->audio().size());
+    if (absl::Status charged = lease_.Grow(request_bytes_); !charged.ok()) return charged;
     absl::StatusOr<std::optional<RawPcmFormat>> raw =
-        RawPcmFormatFromProto(request_->format());
+        CheckClassifyRequest(*request_, engine_->model().config(), service_->limits_);
     if (!raw.ok()) return raw.status();
     raw_ = *raw;
-    return CheckHop(request_->hop_seconds(), engine_->model().config(), "hop_seconds");
+    if (!service_->workers_.TryPost([this] { Run(); })) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the server's decoding queue is full (", service_->config_.max_queue_size,
+          " calls wait); retry with backoff"));
+    }
+    return absl::OkStatus();
   }
 
-  void DecodeAndClassify() {
-    if (cancel_->cancelled()) {
-      Complete(Abandoned(deadline_));
-      return;
+  // On a worker. Completes the call (or hands it to the engine, which does).
+  void Run() {
+    absl::Status status;
+    try {
+      status = DecodeAndClassify();
+    } catch (...) {
+      status = StatusFromCurrentException("decoding the audio");
     }
-    if (absl::Now() >= deadline_) {
-      Complete(absl::DeadlineExceededError("the call's deadline passed before decoding"));
-      return;
-    }
-    const ServerConfig& config = service_->config_;
-    DecodeOptions options;
-    options.max_duration_seconds = config.max_unary_seconds;
-    options.raw = raw_;
-    absl::StatusOr<Audio> audio = DecodeAudio(request_->audio(), options);
-    if (!audio.ok()) {
-      if (absl::IsOutOfRange(audio.status())) {
-        Complete(absl::ResourceExhaustedError(absl::StrCat(
-            audio.status().message(), "; this server's --max-unary-seconds is ",
-            config.max_unary_seconds, ": use StreamClassify for longer audio")));
-      } else {
-        Complete(absl::Status(audio.status().code(),
-                              absl::StrCat("audio: ", audio.status().message())));
-      }
-      return;
-    }
+    if (!status.ok()) Complete(status);
+  }
+
+  absl::Status DecodeAndClassify() {
+    if (absl::Status going = KeepGoing(); !going.ok()) return going;
     const ModelConfig& model = engine_->model().config();
-    absl::StatusOr<std::vector<float>> samples =
-        Resample(audio->samples, audio->sample_rate, model.sample_rate);
-    if (!samples.ok()) {
-      Complete(samples.status());
-      return;
-    }
-    const size_t windows = CountWindows(samples->size(), model, request_->hop_seconds());
-    if (windows > static_cast<size_t>(config.max_queue_size)) {
-      Complete(absl::ResourceExhaustedError(absl::StrCat(
-          "the audio makes ", windows, " windows at this hop; the server takes at most ",
-          config.max_queue_size, " per call: use a larger hop_seconds or shorter audio")));
-      return;
-    }
+    absl::StatusOr<Audio> audio = DecodeClassifyAudio(
+        *request_, raw_, model, service_->limits_,
+        [this](size_t capacity) {
+          return lease_.Resize(request_bytes_ + static_cast<int64_t>(capacity * sizeof(float)));
+        },
+        [this] { return KeepGoing(); });
+    if (!audio.ok()) return audio.status();
     duration_seconds_ = audio->duration_seconds();
     ClipRequest clip;
-    clip.samples = *std::move(samples);
+    clip.samples = std::move(audio->samples);
     clip.hop_seconds = request_->hop_seconds();
     clip.deadline = deadline_;
     clip.cancel = cancel_;
-    clip.done = [this](absl::StatusOr<ClipResult> result) {
-      OnClassified(std::move(result));
-    };
+    clip.done = [this](absl::StatusOr<ClipResult> result) { OnClassified(std::move(result)); };
     // May complete inline; nothing of this object is touched after it.
     engine_->Classify(std::move(clip));
+    return absl::OkStatus();
+  }
+
+  // Between decoded blocks: stops the work the client no longer waits for.
+  absl::Status KeepGoing() const {
+    if (cancel_->cancelled()) return Abandoned(deadline_);
+    if (absl::Now() >= deadline_) {
+      return absl::DeadlineExceededError("the call's deadline passed while its audio was decoded");
+    }
+    return absl::OkStatus();
   }
 
   void OnClassified(absl::StatusOr<ClipResult> result) {
-    if (!result.ok()) {
-      Complete(result.status());
-      return;
-    }
-    const ModelConfig& model = engine_->model().config();
-    response_->set_top_label(
-        AddSortedScores(model.labels, result->probabilities, response_->mutable_scores()));
-    response_->set_audio_duration_seconds(duration_seconds_);
-    response_->set_model_name(model.name);
-    response_->set_model_version(model.version);
-    response_->set_window_count(static_cast<int>(result->windows.size()));
-    response_->set_speech_window_count(result->speech_windows);
-    if (request_->include_timeline()) {
-      for (const WindowResult& window : result->windows) {
-        v1::WindowResult* out = response_->add_timeline();
-        out->set_start_seconds(window.start_seconds);
-        out->set_end_seconds(window.end_seconds);
-        out->set_speech(window.speech);
-        // A window has probabilities when it reached the model: speech, or
-        // every window of a clip without speech.
-        AddSortedScores(model.labels, window.probabilities, out->mutable_scores());
+    absl::Status status = result.status();
+    if (status.ok()) {
+      try {
+        FillClassifyResponse(*result, engine_->model().config(), duration_seconds_,
+                             request_->include_timeline(), response_);
+        service_->metrics_->AddAudioSeconds(duration_seconds_);
+      } catch (...) {
+        status = StatusFromCurrentException("building the response");
       }
     }
-    service_->metrics_->AddAudioSeconds(duration_seconds_);
-    Complete(absl::OkStatus());
+    Complete(status);
   }
 
   // Records the outcome and finishes the call. The last thing this object
@@ -211,6 +196,8 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor {
   const absl::Time start_ = absl::Now();
   const absl::Time deadline_;
   const std::shared_ptr<CancelFlag> cancel_ = std::make_shared<CancelFlag>();
+  BudgetLease lease_;  // the request's bytes, then its decoded audio too
+  int64_t request_bytes_ = 0;
   bool admitted_ = false;
   Engine* engine_ = nullptr;
   std::optional<RawPcmFormat> raw_;
@@ -224,83 +211,87 @@ grpc::ServerUnaryReactor* EmotionService::Classify(grpc::CallbackServerContext* 
 }
 
 // --------------------------------------------------------------------------
-// StreamClassify: reads are sequential (one in flight), each chunk is fed to
-// the StreamSession on the gRPC thread (cheap: conversion and a resampler
-// step); the session's events arrive on engine threads and are queued for
-// writing. The call finishes once the session is done and its responses
-// are written.
+// StreamClassify. One message at a time: a read completes on a gRPC thread,
+// the message is processed on a worker (the config creates the session;
+// audio is decoded, resampled and windowed into it), and the next read
+// starts only when that is done, fewer than kMaxQueuedResponses responses
+// wait to be written and fewer than kMaxStreamWindowsInFlight windows wait
+// for the model. The session's results arrive on engine threads and are
+// written in order. The call finishes once the session is done, no message
+// is being processed and every response is written.
 //
-// Finish() is always the last thing a path does, outside the mutexes:
-// gRPC may run OnDone (which deletes the call) on another thread as soon as
-// it is called. Paths that run outside gRPC's reactions (engine callbacks,
-// EndStreams) rely on that ordering; EndStreams also holds the service's
-// mutex, which OnDone needs before it deletes.
+// How a stream ends: the client half-closes (the session flushes: last
+// window, open utterance; then OK), the server drains for shutdown (the
+// same), or an error, a cancellation or the idle timeout fails it (the
+// session is cancelled; the call ends with that status).
+//
+// Finish() is the last thing a path does, outside mu_: gRPC may run OnDone
+// (which deletes the call) on another thread as soon as it is called.
 
 class EmotionService::StreamCall final
-    : public grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse> {
+    : public grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>,
+      public EmotionService::Call {
  public:
   StreamCall(EmotionService* service, grpc::CallbackServerContext* context)
-      : service_(service), context_(context), deadline_(ToAbslDeadline(context->deadline())) {
-    absl::StatusOr<Engine*> engine = service_->Admit(CallKind::kStream, this);
+      : service_(service),
+        context_(context),
+        deadline_(ToAbslDeadline(context->deadline())),
+        lease_(&service->budget_) {
+    absl::StatusOr<Engine*> engine = service_->Admit(this, CallKind::kStream);
     if (!engine.ok()) {
-      End(engine.status());
+      Complete(engine.status());
       return;
     }
     admitted_ = true;
     engine_ = *engine;
-    absl::MutexLock lock(&write_mu_);
-    StartRead(&request_);
+    if (absl::Status charged = lease_.Grow(kStreamBaseBytes); !charged.ok()) {
+      Complete(charged);
+      return;
+    }
+    absl::MutexLock lock(&mu_);
+    ReadIfReadyLocked();
   }
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      OnClientDone();
+      ClientDone();
       return;
     }
-    const bool configured = HasSession();
-    absl::Status status = configured ? FeedAudio() : Configure();
-    if (!status.ok()) {
-      Fail(status);
-      return;
+    {
+      absl::MutexLock lock(&mu_);
+      reading_ = false;
+      last_activity_ = absl::Now();
+      if (input_closed_) return;  // flushed or failed meanwhile: not processed
+      processing_ = true;
     }
-    absl::MutexLock lock(&write_mu_);
-    if (finishing_ || done_status_.has_value()) return;
-    if (queue_.size() > kMaxQueuedResponses) {
-      read_paused_ = true;  // OnWriteDone resumes
-      return;
+    message_bytes_ = static_cast<int64_t>(request_.audio().size());
+    absl::Status accepted = lease_.Grow(message_bytes_);
+    if (!accepted.ok()) {
+      message_bytes_ = 0;
+    } else if (!service_->workers_.TryPost([this] { Process(); })) {
+      accepted = absl::ResourceExhaustedError(
+          "the server's decoding queue is full; retry with backoff");
     }
-    StartRead(&request_);
+    if (!accepted.ok()) DoneProcessing(accepted);
   }
 
   void OnWriteDone(bool ok) override {
-    std::optional<absl::Status> finish;
     {
-      absl::MutexLock lock(&write_mu_);
+      absl::MutexLock lock(&mu_);
       queue_.pop_front();
       write_in_flight_ = false;
+      last_activity_ = absl::Now();
       if (!ok) {
         // The client is gone: nobody reads what is left.
         queue_.clear();
-        if (!override_.has_value()) {
-          override_ = absl::CancelledError("the client stopped receiving");
-        }
-      }
-      if (!queue_.empty()) {
+        client_gone_ = true;
+      } else if (!queue_.empty()) {
         StartWriteLocked();
-      } else if (done_status_.has_value()) {
-        finish = TakeFinishLocked();
       }
-      if (ok && read_paused_ && !finishing_ && !done_status_.has_value() &&
-          queue_.size() <= kMaxQueuedResponses / 2) {
-        read_paused_ = false;
-        StartRead(&request_);
-      }
+      ReadIfReadyLocked();
     }
-    if (finish.has_value()) {
-      Complete(*finish);
-    } else if (!ok) {
-      CancelSession();
-    }
+    if (!ok) Fail(absl::CancelledError("the client stopped receiving"));
+    FinishIfDone();
   }
 
   void OnCancel() override { Fail(Abandoned(deadline_)); }
@@ -308,209 +299,207 @@ class EmotionService::StreamCall final
   void OnDone() override {
     std::unique_ptr<StreamSession> session;
     {
-      absl::MutexLock lock(&session_mu_);
+      absl::MutexLock lock(&mu_);
       session = std::move(session_);
     }
     session.reset();  // waits for its callbacks to return
-    if (admitted_) service_->Release(CallKind::kStream, this);
+    if (admitted_) service_->Release(this, CallKind::kStream);
     delete this;
   }
 
-  // Ends the stream with `status` (instead of the session's own outcome).
-  // Called from reactions, or with the service's mutex held.
-  void Fail(const absl::Status& status) {
+  void Drain() override {
+    StreamSession* session = nullptr;
     {
-      absl::MutexLock lock(&write_mu_);
-      if (!override_.has_value()) override_ = status;
+      absl::MutexLock lock(&mu_);
+      if (input_closed_) return;
+      if (processing_) {
+        drain_after_processing_ = true;  // the worker flushes when done
+        return;
+      }
+      input_closed_ = true;
+      session = session_.get();
     }
-    if (!CancelSession()) End(status);
+    if (session != nullptr) {
+      session->Finish();
+    } else {
+      SetOutcome(absl::UnavailableError(
+          "the server is shutting down; reconnect (to another instance) and resend"));
+    }
+  }
+
+  void Cancel() override { context_->TryCancel(); }
+
+  void EndIfIdle(absl::Time idle_since) override {
+    bool write_stuck = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finishing_ || processing_ || last_activity_ > idle_since) return;
+      write_stuck = write_in_flight_;
+    }
+    if (write_stuck) {
+      // The client reads nothing, so not even an error would reach it.
+      context_->TryCancel();
+      return;
+    }
+    Fail(absl::DeadlineExceededError(absl::StrCat(
+        "the stream was idle (no audio, no results) for ", service_->config_.stream_idle_seconds,
+        " s (--stream-idle-seconds); send audio continuously (silence too) or close the stream")));
   }
 
  private:
-  bool HasSession() {
-    absl::MutexLock lock(&session_mu_);
-    return session_ != nullptr;
-  }
-
-  // Cancels the session (its on_done follows); false when there is none.
-  bool CancelSession() {
-    absl::MutexLock lock(&session_mu_);
-    if (session_ == nullptr) return false;
-    session_->Cancel();
-    return true;
-  }
-
-  // No more requests: the client half-closed (flush and finish) or the call
-  // broke (abandon it).
-  void OnClientDone() {
+  // The client half-closed (flush and finish) or the call broke (abandon).
+  void ClientDone() {
     if (context_->IsCancelled()) {
       Fail(Abandoned(deadline_));
       return;
     }
+    StreamSession* session = nullptr;
     {
-      absl::MutexLock lock(&session_mu_);
-      if (session_ != nullptr) {
-        session_->Finish();
-        return;
-      }
+      absl::MutexLock lock(&mu_);
+      reading_ = false;
+      input_closed_ = true;
+      session = session_.get();
     }
-    End(absl::InvalidArgumentError(
-        "the stream ended before its config: the first message carries only `config`"));
+    if (session != nullptr) {
+      session->Finish();
+    } else {
+      SetOutcome(absl::InvalidArgumentError(
+          "the stream ended before its config: the first message carries only `config`"));
+    }
+  }
+
+  // On a worker: the message in request_.
+  void Process() {
+    absl::Status status;
+    try {
+      status = configured_ ? FeedAudio() : Configure();
+    } catch (...) {
+      status = StatusFromCurrentException("processing a stream message");
+    }
+    lease_.Shrink(message_bytes_);
+    message_bytes_ = 0;
+    DoneProcessing(status);
+  }
+
+  void DoneProcessing(const absl::Status& status) {
+    StreamSession* flush = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      processing_ = false;
+      last_activity_ = absl::Now();
+      if (status.ok() && drain_after_processing_ && !input_closed_) {
+        input_closed_ = true;
+        flush = session_.get();
+      }
+      if (status.ok()) ReadIfReadyLocked();
+    }
+    if (!status.ok()) {
+      Fail(status);
+    } else if (flush != nullptr) {
+      flush->Finish();
+    }
+    FinishIfDone();
   }
 
   absl::Status Configure() {
-    if (request_.streaming_request_case() != v1::StreamClassifyRequest::kConfig) {
-      return absl::InvalidArgumentError(
-          "the first message of a stream carries only `config` (format, hop, "
-          "voice activity); audio came first");
-    }
-    const v1::StreamingConfig& config = request_.config();
-    absl::StatusOr<std::optional<RawPcmFormat>> raw = RawPcmFormatFromProto(config.format());
-    if (!raw.ok()) return raw.status();
-    if (!raw->has_value()) {
-      return absl::InvalidArgumentError(
-          "config.format.encoding is unset: streams carry raw PCM, so set "
-          "AUDIO_ENCODING_LINEAR16 or AUDIO_ENCODING_FLOAT32 and sample_rate_hertz");
-    }
-    const ServerConfig& server = service_->config_;
-    if (absl::Status hop =
-            CheckHop(config.hop_seconds(), engine_->model().config(), "config.hop_seconds");
-        !hop.ok()) {
-      return hop;
-    }
-    StreamOptions options;
-    options.input_sample_rate = (*raw)->sample_rate;
-    options.hop_seconds = config.hop_seconds();
-    options.vad_enabled = !config.voice_activity().disabled();
-    const double threshold = config.voice_activity().threshold_dbfs();
-    if (!std::isfinite(threshold) || threshold > 0 || threshold < -200) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "config.voice_activity.threshold_dbfs is ", threshold,
-          "; use a level in [-200, 0) dBFS such as -45, or 0 for the server's default"));
-    }
-    options.vad_threshold_dbfs = threshold == 0 ? server.vad_threshold_dbfs : threshold;
-    options.max_seconds = server.max_stream_seconds;
-    options.deadline = deadline_;
-    format_ = **raw;
-    frame_bytes_ = static_cast<size_t>(format_.encoding == PcmEncoding::kS16LE ? 2 : 4) *
-                   format_.channels;
-    interim_results_ = config.interim_results();
+    const ModelConfig& model = engine_->model().config();
+    absl::StatusOr<StreamSetup> setup = CheckStreamConfig(request_, model, service_->limits_);
+    if (!setup.ok()) return setup.status();
+    setup->options.deadline = deadline_;
+    setup->options.budget = &service_->budget_;
+    interim_results_ = setup->interim_results;
+    input_rate_ = setup->format.sample_rate;
+    decoder_.emplace(setup->format);
     absl::StatusOr<std::unique_ptr<StreamSession>> session = StreamSession::Create(
-        engine_, options, [this](const StreamEvent& event) { OnEvent(event); },
-        [this](absl::Status status) { OnSessionDone(std::move(status)); });
+        engine_, setup->options, [this](const StreamEvent& event) { OnEvent(event); },
+        [this](absl::Status status) { SetOutcome(std::move(status)); });
     if (!session.ok()) {
       return absl::Status(session.status().code(),
                           absl::StrCat("config: ", session.status().message()));
     }
-    absl::MutexLock lock(&session_mu_);
+    configured_ = true;
+    absl::MutexLock lock(&mu_);
     session_ = *std::move(session);
     return absl::OkStatus();
   }
 
   absl::Status FeedAudio() {
-    if (request_.streaming_request_case() == v1::StreamClassifyRequest::kConfig) {
-      return absl::InvalidArgumentError(
-          "`config` may only come in the first message; later messages carry only audio");
-    }
-    const std::string& chunk = request_.audio();
-    if (chunk.size() > static_cast<size_t>(service_->config_.max_chunk_bytes)) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "an audio message of ", chunk.size(), " bytes is over this server's limit of ",
-          service_->config_.max_chunk_bytes,
-          " (--max-chunk-bytes): send smaller chunks, e.g. 100 ms each"));
-    }
-    // A frame may straddle two messages: keep the incomplete tail for the
-    // next one.
-    absl::string_view bytes = chunk;
-    std::string joined;
-    if (!partial_frame_.empty()) {
-      joined = absl::StrCat(partial_frame_, chunk);
-      bytes = joined;
-    }
-    const size_t whole = bytes.size() / frame_bytes_ * frame_bytes_;
-    std::string tail(bytes.substr(whole));
-    partial_frame_ = std::move(tail);
-    if (whole == 0) return absl::OkStatus();
-    DecodeOptions options;
-    options.raw = format_;
-    // The session enforces the stream's length; a chunk is bounded by bytes.
-    options.max_duration_seconds = std::numeric_limits<double>::max();
-    absl::StatusOr<Audio> audio = DecodeAudio(std::string_view(bytes.data(), whole), options);
-    if (!audio.ok()) {
-      return absl::Status(audio.status().code(),
-                          absl::StrCat("audio: ", audio.status().message()));
-    }
-    service_->metrics_->AddAudioSeconds(audio->duration_seconds());
-    absl::MutexLock lock(&session_mu_);
-    return session_->Push(audio->samples);
+    // session_ changes only in Configure (this worker, earlier) and OnDone
+    // (after the last message).
+    StreamSession* session = session_.get();
+    return decoder_->Decode(request_, service_->limits_,
+                            [&](absl::Span<const float> samples) {
+                              service_->metrics_->AddAudioSeconds(
+                                  static_cast<double>(samples.size()) / input_rate_);
+                              return session->Push(samples);
+                            });
   }
 
+  // Session events, in order, on engine threads (or inline in Push/Finish).
   void OnEvent(const StreamEvent& event) {
-    const std::vector<std::string>& labels = engine_->model().config().labels;
-    v1::StreamClassifyResponse response;
-    switch (event.type) {
-      case StreamEvent::Type::kWindow: {
-        if (!interim_results_) return;
-        v1::WindowResult* window = response.mutable_window();
-        window->set_start_seconds(event.start_seconds);
-        window->set_end_seconds(event.end_seconds);
-        window->set_speech(event.speech);
-        AddSortedScores(labels, event.probabilities, window->mutable_scores());
-        break;
-      }
-      case StreamEvent::Type::kSpeechStarted:
-        response.mutable_speech_event()->set_type(v1::SpeechEvent::SPEECH_STARTED);
-        response.mutable_speech_event()->set_time_seconds(event.start_seconds);
-        break;
-      case StreamEvent::Type::kSpeechEnded:
-        response.mutable_speech_event()->set_type(v1::SpeechEvent::SPEECH_ENDED);
-        response.mutable_speech_event()->set_time_seconds(event.end_seconds);
-        break;
-      case StreamEvent::Type::kUtterance: {
-        v1::UtteranceResult* utterance = response.mutable_utterance();
-        utterance->set_start_seconds(event.start_seconds);
-        utterance->set_end_seconds(event.end_seconds);
-        utterance->set_top_label(
-            AddSortedScores(labels, event.probabilities, utterance->mutable_scores()));
-        utterance->set_window_count(event.window_count);
-        break;
-      }
+    std::optional<v1::StreamClassifyResponse> response;
+    try {
+      response = StreamResponse(event, engine_->model().config(), interim_results_);
+    } catch (...) {
+      Fail(StatusFromCurrentException("building a stream response"));
+      return;
     }
-    absl::MutexLock lock(&write_mu_);
-    if (finishing_) return;
-    queue_.push_back(std::move(response));
+    absl::MutexLock lock(&mu_);
+    last_activity_ = absl::Now();
+    if (event.type == StreamEvent::Type::kWindow) ReadIfReadyLocked();  // a window came back
+    if (!response.has_value() || finishing_ || client_gone_) return;
+    queue_.push_back(*std::move(response));
     if (!write_in_flight_) StartWriteLocked();
   }
 
-  void OnSessionDone(absl::Status status) {
-    std::optional<absl::Status> finish;
+  // Ends the stream with `status` instead of the session's own outcome.
+  void Fail(const absl::Status& status) {
+    StreamSession* session = nullptr;
     {
-      absl::MutexLock lock(&write_mu_);
-      done_status_ = override_.has_value() ? *override_ : std::move(status);
-      if (!write_in_flight_) finish = TakeFinishLocked();
+      absl::MutexLock lock(&mu_);
+      if (!failure_.has_value()) failure_ = status;
+      input_closed_ = true;
+      session = session_.get();
     }
-    if (finish.has_value()) Complete(*finish);
+    if (session != nullptr) {
+      session->Cancel();  // its on_done (SetOutcome) follows
+    } else {
+      SetOutcome(status);
+    }
   }
 
-  // Ends a call that has no session (so no writes).
-  void End(const absl::Status& status) {
+  void SetOutcome(absl::Status status) {
     {
-      absl::MutexLock lock(&write_mu_);
-      if (finishing_) return;
+      absl::MutexLock lock(&mu_);
+      if (!outcome_.has_value()) outcome_ = failure_.value_or(std::move(status));
+    }
+    FinishIfDone();
+  }
+
+  void FinishIfDone() {
+    absl::Status status;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finishing_ || !outcome_.has_value() || processing_ || write_in_flight_) return;
       finishing_ = true;
+      status = *outcome_;
     }
     Complete(status);
   }
 
-  void StartWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {
-    write_in_flight_ = true;
-    StartWrite(&queue_.front());
+  void ReadIfReadyLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (reading_ || processing_ || input_closed_ || finishing_) return;
+    if (queue_.size() >= kMaxQueuedResponses) return;  // OnWriteDone resumes
+    if (session_ != nullptr && session_->windows_in_flight() >= kMaxStreamWindowsInFlight) {
+      return;  // OnEvent resumes
+    }
+    reading_ = true;
+    StartRead(&request_);
   }
 
-  std::optional<absl::Status> TakeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {
-    if (finishing_) return std::nullopt;
-    finishing_ = true;
-    return *done_status_;
+  void StartWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    write_in_flight_ = true;
+    StartWrite(&queue_.front());
   }
 
   // See the comment above the class: the last thing a path does.
@@ -524,29 +513,35 @@ class EmotionService::StreamCall final
   grpc::CallbackServerContext* const context_;
   const absl::Time start_ = absl::Now();
   const absl::Time deadline_;
+  BudgetLease lease_;  // the base, plus the message being processed
   bool admitted_ = false;
   Engine* engine_ = nullptr;
 
-  // Touched only by reactions, which gRPC runs one read at a time.
+  // Touched by one message's processing at a time (reads are sequential).
   v1::StreamClassifyRequest request_;
-  RawPcmFormat format_;
-  size_t frame_bytes_ = 2;
-  std::string partial_frame_;
+  int64_t message_bytes_ = 0;
+  bool configured_ = false;
   bool interim_results_ = false;
+  std::optional<StreamAudioDecoder> decoder_;
+  int input_rate_ = 1;
 
-  absl::Mutex session_mu_;
-  std::unique_ptr<StreamSession> session_ ABSL_GUARDED_BY(session_mu_);
-
-  absl::Mutex write_mu_;
+  absl::Mutex mu_;
+  std::unique_ptr<StreamSession> session_ ABSL_GUARDED_BY(mu_);
+  bool reading_ ABSL_GUARDED_BY(mu_) = false;
+  bool processing_ ABSL_GUARDED_BY(mu_) = false;
+  // No more messages are processed: the client half-closed, the stream is
+  // being drained, or it failed.
+  bool input_closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool drain_after_processing_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time last_activity_ ABSL_GUARDED_BY(mu_) = absl::Now();
   // The front is being written; deque keeps it in place as others are added.
-  std::deque<v1::StreamClassifyResponse> queue_ ABSL_GUARDED_BY(write_mu_);
-  bool write_in_flight_ ABSL_GUARDED_BY(write_mu_) = false;
-  bool read_paused_ ABSL_GUARDED_BY(write_mu_) = false;
-  // Replaces the session's outcome when the server ends the stream.
-  std::optional<absl::Status> override_ ABSL_GUARDED_BY(write_mu_);
-  // The session's outcome, once it is done.
-  std::optional<absl::Status> done_status_ ABSL_GUARDED_BY(write_mu_);
-  bool finishing_ ABSL_GUARDED_BY(write_mu_) = false;
+  std::deque<v1::StreamClassifyResponse> queue_ ABSL_GUARDED_BY(mu_);
+  bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
+  // The first failure (it replaces the session's outcome), and the outcome.
+  std::optional<absl::Status> failure_ ABSL_GUARDED_BY(mu_);
+  std::optional<absl::Status> outcome_ ABSL_GUARDED_BY(mu_);
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>*
@@ -582,10 +577,23 @@ grpc::ServerUnaryReactor* EmotionService::GetModelInfo(
 
 EmotionService::EmotionService(const ServerConfig& config, ServerMetrics* metrics)
     : config_(config),
+      limits_(LimitsOf(config)),
       metrics_(metrics),
-      decode_pool_(config.feature_threads, config.max_queue_size) {}
+      budget_(int64_t{config.max_audio_memory_mb} << 20,
+              [metrics](int64_t used) { metrics->SetAudioMemory(used); },
+              "the server's memory for audio in flight (--max-audio-memory-mb)"),
+      workers_(config.feature_threads, config.max_queue_size) {
+  metrics_->SetAudioMemoryLimit(budget_.capacity());
+  idle_watcher_ = std::thread([this] { WatchIdleStreams(); });
+}
 
-EmotionService::~EmotionService() = default;
+EmotionService::~EmotionService() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  idle_watcher_.join();
+}
 
 absl::Status EmotionService::SetEngine(Engine* engine) {
   absl::StatusOr<v1::ModelInfo> info = ModelInfoFromConfig(
@@ -598,24 +606,36 @@ absl::Status EmotionService::SetEngine(Engine* engine) {
 }
 
 void EmotionService::StartDraining() {
+  // Holding mu_ keeps every listed call alive (see calls_).
   absl::MutexLock lock(&mu_);
   draining_ = true;
+  for (Call* call : calls_) call->Drain();
 }
 
 bool EmotionService::WaitForIdle(absl::Time deadline) {
   absl::MutexLock lock(&mu_);
-  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return open_calls_ == 0; };
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_.empty(); };
   return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
 }
 
-void EmotionService::EndStreams(const absl::Status& status) {
-  // Holding mu_ keeps every listed stream alive: OnDone needs it (Release)
-  // before deleting.
+void EmotionService::CancelAll() {
   absl::MutexLock lock(&mu_);
-  for (StreamCall* stream : streams_) stream->Fail(status);
+  for (Call* call : calls_) call->Cancel();
 }
 
-absl::StatusOr<Engine*> EmotionService::Admit(CallKind kind, StreamCall* stream) {
+void EmotionService::WatchIdleStreams() {
+  const absl::Duration idle = absl::Seconds(config_.stream_idle_seconds);
+  const absl::Duration period = std::clamp(idle / 4, absl::Milliseconds(20), absl::Seconds(1));
+  absl::MutexLock lock(&mu_);
+  for (;;) {
+    auto stopping = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
+    if (mu_.AwaitWithTimeout(absl::Condition(&stopping), period)) return;
+    const absl::Time idle_since = absl::Now() - idle;
+    for (Call* call : calls_) call->EndIfIdle(idle_since);
+  }
+}
+
+absl::StatusOr<Engine*> EmotionService::Admit(Call* call, CallKind kind) {
   absl::MutexLock lock(&mu_);
   if (draining_) {
     return absl::UnavailableError(
@@ -626,25 +646,25 @@ absl::StatusOr<Engine*> EmotionService::Admit(CallKind kind, StreamCall* stream)
         "the model is still loading; retry when the health service reports SERVING");
   }
   if (kind == CallKind::kStream) {
-    if (static_cast<int>(streams_.size()) >= config_.max_streams) {
+    if (streams_ >= config_.max_streams) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "the server already holds its maximum of ", config_.max_streams,
           " streams (--max-streams); retry later or on another instance"));
     }
-    streams_.insert(stream);
+    ++streams_;
     metrics_->StreamStarted();
   }
-  ++open_calls_;
+  calls_.insert(call);
   return engine_;
 }
 
-void EmotionService::Release(CallKind kind, StreamCall* stream) {
+void EmotionService::Release(Call* call, CallKind kind) {
   absl::MutexLock lock(&mu_);
   if (kind == CallKind::kStream) {
-    streams_.erase(stream);
+    --streams_;
     metrics_->StreamEnded();
   }
-  --open_calls_;
+  calls_.erase(call);
 }
 
 void EmotionService::RecordCall(absl::string_view method, const absl::Status& status,

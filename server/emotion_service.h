@@ -1,12 +1,12 @@
-// emoserve.v1.EmotionService on gRPC's callback API: calls hand their work
-// to the engine (or, for whole-file decoding, to a small worker pool) and
-// finish from the engine's completion; no thread waits on a call.
+// emoserve.v1.EmotionService on gRPC's callback API. gRPC's threads only
+// hand work over: decoding, resampling and windowing run on a worker pool,
+// features and the model on the engine's threads; every call is charged to
+// the server's budget of audio in flight and gives it back when it ends.
 #ifndef EMOSERVE_SERVER_EMOTION_SERVICE_H_
 #define EMOSERVE_SERVER_EMOTION_SERVICE_H_
 
-#include <memory>
 #include <optional>
-#include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
@@ -16,9 +16,11 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/engine.h"
+#include "core/memory_budget.h"
 #include "emoserve/v1/emoserve.grpc.pb.h"
 #include "server/config.h"
 #include "server/metrics.h"
+#include "server/requests.h"
 #include "server/worker_pool.h"
 
 namespace emoserve {
@@ -34,14 +36,15 @@ class EmotionService final : public v1::EmotionService::CallbackService {
   // every call (shut the gRPC server down before destroying it).
   absl::Status SetEngine(Engine* engine);
 
-  // From now on new calls get UNAVAILABLE.
+  // Shutdown, in this order. StartDraining: new calls get UNAVAILABLE and
+  // open streams are flushed (their last window and open utterance are
+  // classified, then they end OK). WaitForIdle: true once no call is open,
+  // false at `deadline`. CancelAll: cancels every call still open.
   void StartDraining();
-  // Waits until no Classify or StreamClassify call is open, or `deadline`.
-  // True when none is.
   bool WaitForIdle(absl::Time deadline);
-  // Ends every open stream with `status` (after the results already
-  // computed are sent).
-  void EndStreams(const absl::Status& status);
+  void CancelAll();
+
+  const MemoryBudget& budget() const { return budget_; }
 
   grpc::ServerUnaryReactor* Classify(grpc::CallbackServerContext* context,
                                      const v1::ClassifyRequest* request,
@@ -53,29 +56,37 @@ class EmotionService final : public v1::EmotionService::CallbackService {
                                          v1::ModelInfo* response) override;
 
  private:
+  class Call;
   class ClassifyCall;
   class StreamCall;
   enum class CallKind { kUnary, kStream };
 
-  // Admits a call of `kind`: the engine, or UNAVAILABLE (loading, draining)
-  // or RESOURCE_EXHAUSTED (too many streams). An admitted call calls
-  // Release once, when gRPC is done with it.
-  absl::StatusOr<Engine*> Admit(CallKind kind, StreamCall* stream = nullptr);
-  void Release(CallKind kind, StreamCall* stream = nullptr);
+  // Admits `call`: the engine, or UNAVAILABLE (loading, draining) or
+  // RESOURCE_EXHAUSTED (too many streams). An admitted call is registered
+  // until Release, which it calls once, when gRPC is done with it.
+  absl::StatusOr<Engine*> Admit(Call* call, CallKind kind);
+  void Release(Call* call, CallKind kind);
   // Metrics and the debug log line of a finished call.
-  void RecordCall(absl::string_view method, const absl::Status& status,
-                  absl::Time start);
+  void RecordCall(absl::string_view method, const absl::Status& status, absl::Time start);
+  // Ends streams that have been idle for config_.stream_idle_seconds.
+  void WatchIdleStreams();
 
   const ServerConfig config_;
+  const RequestLimits limits_;
   ServerMetrics* const metrics_;
-  WorkerPool decode_pool_;
+  MemoryBudget budget_;
+  WorkerPool workers_;
 
   absl::Mutex mu_;
   Engine* engine_ ABSL_GUARDED_BY(mu_) = nullptr;
   std::optional<v1::ModelInfo> model_info_ ABSL_GUARDED_BY(mu_);
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
-  int open_calls_ ABSL_GUARDED_BY(mu_) = 0;
-  absl::flat_hash_set<StreamCall*> streams_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // Open Classify and StreamClassify calls; an entry stays alive while mu_
+  // is held (a call's OnDone needs mu_ to leave before it is deleted).
+  absl::flat_hash_set<Call*> calls_ ABSL_GUARDED_BY(mu_);
+  int streams_ ABSL_GUARDED_BY(mu_) = 0;
+  std::thread idle_watcher_;
 };
 
 }  // namespace emoserve

@@ -95,8 +95,8 @@ class HealthService::Watcher final
   bool finishing_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-HealthService::HealthService(std::vector<std::string> services)
-    : services_(std::move(services)) {}
+HealthService::HealthService(std::vector<std::string> services, int max_watches)
+    : services_(std::move(services)), max_watches_(static_cast<size_t>(std::max(1, max_watches))) {}
 
 HealthService::~HealthService() {
   // The gRPC server is shut down first; wait for its last OnDone.
@@ -159,7 +159,15 @@ grpc::ServerWriteReactor<HealthCheckResponse>* HealthService::Watch(
     grpc::CallbackServerContext* /*context*/, const HealthCheckRequest* request) {
   auto* watcher = new Watcher(this, request->service());
   absl::MutexLock lock(&mu_);
+  const bool full = watchers_.size() >= max_watches_;
   watchers_.insert(watcher);
+  if (full) {
+    watcher->End(grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("the server already holds its maximum of ", max_watches_,
+                     " health Watch calls (--max-health-watches); use Check, or retry later")));
+    return watcher;
+  }
   watcher->Send(StatusOf(watcher->name()));
   if (shut_down_) {
     watcher->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is shutting down"));

@@ -18,8 +18,9 @@ class HealthService final : public grpc::health::v1::Health::CallbackService {
   using ServingStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
 
   // `services` are the fully qualified names answered besides "" (the whole
-  // server); they all share one status, NOT_SERVING at first.
-  explicit HealthService(std::vector<std::string> services);
+  // server); they all share one status, NOT_SERVING at first. Watch calls
+  // beyond `max_watches` open at once get RESOURCE_EXHAUSTED.
+  explicit HealthService(std::vector<std::string> services, int max_watches = 256);
   ~HealthService() override;
 
   void SetServing(bool serving);
@@ -43,6 +44,7 @@ class HealthService final : public grpc::health::v1::Health::CallbackService {
   void Unregister(Watcher* watcher);
 
   const std::vector<std::string> services_;
+  const size_t max_watches_;
   mutable absl::Mutex mu_;
   bool serving_ ABSL_GUARDED_BY(mu_) = false;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;

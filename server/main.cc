@@ -1,6 +1,7 @@
 // emoserve-server: the gRPC service. See `emoserve-server --help`.
 #include <malloc.h>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <cstdio>
 #include <iostream>
@@ -23,6 +24,13 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // Every connection is a file descriptor: take all the kernel allows
+  // (a default soft limit of 1024 would be the first resource to run out).
+  rlimit files{};
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &files);
+  }
 
   absl::StatusOr<emoserve::CommandLine> command_line =
       emoserve::ParseCommandLine(argc, argv);
@@ -50,8 +58,10 @@ int main(int argc, char** argv) {
        {"device", config.device},
        {"host", config.host},
        {"port", (*server)->port()},
+       {"metrics_host", config.metrics_host.empty() ? config.host : config.metrics_host},
        {"metrics_port", config.metrics_port},
        {"tls", config.tls_cert.empty() ? "off" : config.tls_client_ca.empty() ? "on" : "mutual"},
+       {"reflection", config.reflection},
        {"max_batch_size", config.max_batch_size},
        {"max_queue_size", config.max_queue_size},
        {"max_queue_delay_ms", config.max_queue_delay_ms},
@@ -61,8 +71,14 @@ int main(int argc, char** argv) {
        {"max_message_bytes", config.max_message_bytes},
        {"max_unary_seconds", config.max_unary_seconds},
        {"max_stream_seconds", config.max_stream_seconds},
-       {"max_streams", config.max_streams},
        {"max_chunk_bytes", config.max_chunk_bytes},
+       {"min_hop_seconds", config.min_hop_seconds},
+       {"stream_idle_seconds", config.stream_idle_seconds},
+       {"max_audio_memory_mb", config.max_audio_memory_mb},
+       {"max_streams", config.max_streams},
+       {"max_health_watches", config.max_health_watches},
+       {"grpc_memory_mb", config.grpc_memory_mb},
+       {"max_concurrent_streams", config.max_concurrent_streams},
        {"vad_threshold_dbfs", config.vad_threshold_dbfs},
        {"grace_seconds", config.grace_seconds}});
 

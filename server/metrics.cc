@@ -93,6 +93,17 @@ ServerMetrics::ServerMetrics()
                          .Help("Open StreamClassify calls")
                          .Register(r)
                          .Add({});
+  audio_memory_ = &prometheus::BuildGauge()
+                       .Name("emoserve_audio_memory_bytes")
+                       .Help("Audio in flight charged to the budget (requests, decoded audio, "
+                             "stream buffers and windows)")
+                       .Register(r)
+                       .Add({});
+  audio_memory_limit_ = &prometheus::BuildGauge()
+                             .Name("emoserve_audio_memory_limit_bytes")
+                             .Help("The budget of audio in flight (--max-audio-memory-mb)")
+                             .Register(r)
+                             .Add({});
   audio_seconds_ = &prometheus::BuildCounter()
                         .Name("emoserve_audio_seconds_total")
                         .Help("Seconds of audio accepted for classification")
@@ -102,13 +113,19 @@ ServerMetrics::ServerMetrics()
 
 ServerMetrics::~ServerMetrics() = default;
 
-absl::Status ServerMetrics::Expose(const std::string& host, int port) {
+absl::Status ServerMetrics::Expose(const std::string& host, int port, int threads,
+                                   int request_timeout_ms) {
   // IPv6 literals need brackets in civetweb's listening_ports.
   const std::string address = host.find(':') != std::string::npos
                                   ? absl::StrCat("[", host, "]:", port)
                                   : absl::StrCat(host, ":", port);
   try {
-    auto exposer = std::make_unique<prometheus::Exposer>(address, 1);
+    // civetweb: a worker per connection; request_timeout_ms bounds how long
+    // one waits for a request; keep-alive off so that a scraper's idle
+    // connection does not hold a worker between scrapes.
+    auto exposer = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
+        "listening_ports", address, "num_threads", absl::StrCat(threads),
+        "request_timeout_ms", absl::StrCat(request_timeout_ms), "enable_keep_alive", "no"});
     exposer->RegisterCollectable(registry_);
     exposer_ = std::move(exposer);
   } catch (const std::exception& e) {
@@ -147,6 +164,14 @@ void ServerMetrics::AddAudioSeconds(double seconds) {
 void ServerMetrics::StreamStarted() { active_streams_->Increment(); }
 
 void ServerMetrics::StreamEnded() { active_streams_->Decrement(); }
+
+void ServerMetrics::SetAudioMemory(int64_t bytes) {
+  audio_memory_->Set(static_cast<double>(bytes));
+}
+
+void ServerMetrics::SetAudioMemoryLimit(int64_t bytes) {
+  audio_memory_limit_->Set(static_cast<double>(bytes));
+}
 
 void ServerMetrics::OnWindow(absl::Duration queue_wait, absl::Duration features) {
   queue_wait_->Observe(absl::ToDoubleSeconds(queue_wait));

@@ -5,6 +5,7 @@
 #ifndef EMOSERVE_SERVER_METRICS_H_
 #define EMOSERVE_SERVER_METRICS_H_
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -32,8 +33,12 @@ class ServerMetrics : public EngineObserver {
   ServerMetrics(const ServerMetrics&) = delete;
   ServerMetrics& operator=(const ServerMetrics&) = delete;
 
-  // Serves GET /metrics on host:port in the text exposition format.
-  absl::Status Expose(const std::string& host, int port);
+  // Serves GET /metrics on host:port in the text exposition format, with
+  // `threads` workers; a connection that sends no complete request within
+  // `request_timeout_ms` is closed, so that idle or slow connections cannot
+  // hold every worker.
+  absl::Status Expose(const std::string& host, int port, int threads = 4,
+                      int request_timeout_ms = 2000);
 
   void SetModelInfo(absl::string_view name, absl::string_view version,
                     absl::string_view device);
@@ -45,6 +50,9 @@ class ServerMetrics : public EngineObserver {
   void AddAudioSeconds(double seconds);
   void StreamStarted();
   void StreamEnded();
+  // The budget of audio in flight: bytes in use, and its size.
+  void SetAudioMemory(int64_t bytes);
+  void SetAudioMemoryLimit(int64_t bytes);
 
   // EngineObserver.
   void OnWindow(absl::Duration queue_wait, absl::Duration features) override;
@@ -66,6 +74,8 @@ class ServerMetrics : public EngineObserver {
   prometheus::Histogram* batch_size_;
   prometheus::Gauge* queue_depth_;
   prometheus::Gauge* active_streams_;
+  prometheus::Gauge* audio_memory_;
+  prometheus::Gauge* audio_memory_limit_;
   prometheus::Counter* audio_seconds_;
 };
 

@@ -53,9 +53,10 @@ absl::StatusOr<std::optional<RawPcmFormat>> RawPcmFormatFromProto(
         " (raw PCM must declare its rate)"));
   }
   raw.sample_rate = format.sample_rate_hertz();
-  if (format.channel_count() < 0) {
+  if (format.channel_count() < 0 || format.channel_count() > kMaxChannels) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "format.channel_count is ", format.channel_count(), "; use 1 or more (0 means 1)"));
+        "format.channel_count is ", format.channel_count(), "; use 1 to ", kMaxChannels,
+        " (0 means 1)"));
   }
   raw.channels = std::max(1, format.channel_count());
   return std::optional<RawPcmFormat>(raw);

@@ -1,10 +1,13 @@
 #include "server/server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/resource_quota.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <utility>
@@ -18,6 +21,10 @@
 
 namespace emoserve {
 namespace {
+
+// Threads that wait for synchronous calls (reflection), besides those
+// that serve them.
+constexpr int kSyncPollerThreads = 2;
 
 std::string HostPort(const std::string& host, int port) {
   // IPv6 literals go in brackets.
@@ -42,6 +49,53 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
   }
   options.pem_key_cert_pairs.push_back({*std::move(key), *std::move(cert)});
   return grpc::SslServerCredentials(options);
+}
+
+int Milliseconds(double seconds) {
+  return static_cast<int>(std::min(seconds * 1000.0, static_cast<double>(INT32_MAX)));
+}
+
+// What one client or connection may take of the transport (see the flags
+// in config.cc and docs/limits.md).
+void ApplyTransportLimits(const ServerConfig& config, grpc::ServerBuilder& builder) {
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
+  // All connections' buffers together; under pressure gRPC shrinks its
+  // read buffers, refuses new connections and cancels calls (Buffers full,
+  // RESOURCE_EXHAUSTED). Threads bound the synchronous services (reflection):
+  // calls beyond them are answered RESOURCE_EXHAUSTED.
+  grpc::ResourceQuota quota("emoserve");
+  quota.Resize(static_cast<size_t>(config.grpc_memory_mb) << 20);
+  quota.SetMaxThreads(config.max_reflection_calls + kSyncPollerThreads);
+  builder.SetResourceQuota(quota);
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::NUM_CQS, 1);
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 1);
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS,
+                              kSyncPollerThreads);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, config.max_concurrent_streams);
+  builder.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE,
+                             static_cast<int>(config.max_metadata_bytes));
+  builder.AddChannelArgument("grpc.server_handshake_timeout_ms",
+                             Milliseconds(config.handshake_timeout_seconds));
+  // Dead peers: ping after keepalive_seconds of silence, close when the
+  // ping is not answered. Misbehaving peers: pings closer together than
+  // min_ping_interval_seconds are strikes; two strikes close the connection.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, Milliseconds(config.keepalive_seconds));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                             Milliseconds(config.keepalive_timeout_seconds));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             Milliseconds(config.min_ping_interval_seconds));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 2);
+  // Idle connections close; long-lived ones are asked to reconnect now and
+  // then, so that clients rebalance over the pods behind the headless
+  // Service.
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                             Milliseconds(config.max_connection_idle_seconds));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS,
+                             Milliseconds(config.max_connection_age_seconds));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                             Milliseconds(config.max_connection_age_grace_seconds));
 }
 
 // One window of a quiet tone through the whole engine path (features,
@@ -77,24 +131,28 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   std::unique_ptr<Server> server(new Server(config));
   server->metrics_ = std::make_unique<ServerMetrics>();
   if (config.metrics_port > 0) {
-    if (absl::Status s = server->metrics_->Expose(config.host, config.metrics_port); !s.ok()) {
+    const std::string& metrics_host = config.metrics_host.empty() ? config.host : config.metrics_host;
+    if (absl::Status s = server->metrics_->Expose(metrics_host, config.metrics_port,
+                                                  config.metrics_threads,
+                                                  config.metrics_timeout_ms);
+        !s.ok()) {
       return s;
     }
   }
   server->health_ = std::make_unique<HealthService>(
-      std::vector<std::string>{std::string(v1::EmotionService::service_full_name())});
+      std::vector<std::string>{std::string(v1::EmotionService::service_full_name())},
+      config.max_health_watches);
   server->service_ = std::make_unique<EmotionService>(config, server->metrics_.get());
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = Credentials(config);
   if (!credentials.ok()) return credentials.status();
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  if (config.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   const std::string address = HostPort(config.host, config.port);
   builder.AddListeningPort(address, *credentials, &server->port_);
   builder.RegisterService(server->service_.get());
   builder.RegisterService(server->health_.get());
-  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
-  builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
+  ApplyTransportLimits(config, builder);
   server->grpc_server_ = builder.BuildAndStart();
   if (server->grpc_server_ == nullptr || server->port_ == 0) {
     server->grpc_server_.reset();
@@ -121,6 +179,7 @@ absl::Status Server::LoadModel() {
   options.model_instances = config_.model_instances;
   options.intra_op_threads = config_.torch_threads;
   options.vad_threshold_dbfs = config_.vad_threshold_dbfs;
+  options.min_hop_seconds = config_.min_hop_seconds;
   absl::StatusOr<std::unique_ptr<Engine>> engine =
       Engine::Create(std::shared_ptr<const Model>(*std::move(model)), options, metrics_.get());
   if (!engine.ok()) return engine.status();
@@ -138,20 +197,22 @@ absl::Status Server::LoadModel() {
 void Server::Shutdown(absl::Duration grace) {
   if (shut_down_) return;
   shut_down_ = true;
+  // Everything is over by `deadline`, whatever clients do: calls still
+  // open at `cutoff` are cancelled, which takes well under the margin.
   const absl::Time deadline = absl::Now() + grace;
+  const absl::Time cutoff = deadline - std::min(absl::Seconds(1), grace / 4);
   health_->SetServing(false);
-  service_->StartDraining();
-  const bool drained = service_->WaitForIdle(deadline);
-  if (!drained) {
+  service_->StartDraining();  // refuses new calls, flushes open streams
+  if (!service_->WaitForIdle(cutoff)) {
     Log(LogLevel::kWarning, "shutdown_grace_expired",
         {{"grace_seconds", absl::ToDoubleSeconds(grace)}});
+    service_->CancelAll();
   }
-  service_->EndStreams(absl::UnavailableError(
-      "the server is shutting down; reconnect (to another instance) and resend"));
-  if (engine_ != nullptr) engine_->Shutdown(std::max(absl::ZeroDuration(), deadline - absl::Now()));
+  if (engine_ != nullptr) engine_->Shutdown(std::max(absl::ZeroDuration(), cutoff - absl::Now()));
   health_->Shutdown();
-  // Whatever still runs (it should be nothing) is cancelled after a second.
-  grpc_server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
+  // Cancels whatever still runs (health watches, reflection) at the
+  // deadline.
+  grpc_server_->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
   grpc_server_->Wait();
 }
 

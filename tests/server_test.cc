@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "core/audio.h"
 #include "core/resampler.h"
@@ -193,6 +194,28 @@ class HeldStream final
     holding_ = false;
   }
 
+  // Sends `pcm` without half-closing, once the config was written; returns
+  // once it is written.
+  void Send(std::string pcm) {
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(&config_written_));
+      config_written_ = false;  // now: "the audio was written"
+    }
+    audio_.set_audio(std::move(pcm));
+    StartWrite(&audio_);
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(&config_written_));
+  }
+
+  // Waits until `count` responses arrived (or the call ended).
+  bool WaitForResponses(size_t count) {
+    absl::MutexLock lock(&mu_);
+    wanted_ = count;
+    mu_.AwaitWithTimeout(absl::Condition(this, &HeldStream::HasWantedOrDone), kPatience);
+    return responses_.size() >= count;
+  }
+
   // Sends `pcm` (if any) and half-closes, once the config was written.
   void Close(std::string pcm = "") {
     {
@@ -226,6 +249,10 @@ class HeldStream final
     done_ = true;
   }
 
+  bool HasWantedOrDone() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return done_ || responses_.size() >= wanted_;
+  }
+
   // The final status once done (after at most kPatience).
   grpc::Status Wait() {
     absl::MutexLock lock(&mu_);
@@ -247,6 +274,7 @@ class HeldStream final
   v1::StreamClassifyResponse response_;
   absl::Mutex mu_;
   bool config_written_ = false;
+  size_t wanted_ = 0;
   bool done_ = false;
   grpc::Status status_;
   std::vector<v1::StreamClassifyResponse> responses_;
@@ -1002,7 +1030,9 @@ TEST_F(ServerTest, ConcurrentClientsEachGetTheirOwnResults) {
 
 TEST_F(ServerTest, HoldsAThousandIdleStreams) {
   constexpr int kStreams = 1000;
-  constexpr int kChannels = 4;
+  // Ten connections: a connection carries at most --max-concurrent-streams
+  // (100) calls at once.
+  constexpr int kChannels = 10;
   std::vector<std::unique_ptr<v1::EmotionService::Stub>> stubs;
   for (int c = 0; c < kChannels; ++c) stubs.push_back(v1::EmotionService::NewStub(Connect(server_->port())));
   const v1::StreamingConfig config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
@@ -1167,7 +1197,10 @@ TEST(ServerLifecycleTest, NotServingAndUnavailableUntilTheModelIsLoaded) {
   stopper.join();
 }
 
-TEST(ServerLifecycleTest, DrainingFinishesCallsInFlightAndRefusesNewOnes) {
+// Shutdown: health goes NOT_SERVING and new calls are refused; open streams
+// are flushed (their last window and open utterance) and end OK; a call in
+// flight finishes.
+TEST(ServerLifecycleTest, ShutdownFlushesStreamsFinishesCallsAndRefusesNewOnes) {
   SKIP_WITHOUT_SHARED_DATA();
   absl::StatusOr<std::vector<std::vector<float>>> clips = testing::RavdessClips(1);
   ASSERT_TRUE(clips.ok()) << clips.status();
@@ -1175,15 +1208,37 @@ TEST(ServerLifecycleTest, DrainingFinishesCallsInFlightAndRefusesNewOnes) {
   ASSERT_TRUE(server.ok()) << server.status();
   auto channel = Connect((*server)->port());
   auto stub = v1::EmotionService::NewStub(channel);
-  const v1::StreamingConfig config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
-  HeldStream idle(*stub, config);      // never finishes by itself
-  HeldStream finishing(*stub, config);  // finishes during the grace period
+  v1::StreamingConfig config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  config.set_interim_results(true);
+  HeldStream idle(*stub, config);      // config only
+  HeldStream talking(*stub, config);   // speech sent, not closed
+  const std::string speech = ToLinear16((*clips)[0]);
+  for (size_t i = 0; i < speech.size(); i += 32000) talking.Send(speech.substr(i, 32000));
+  // Its first window (0-3 s) came back: the audio was read.
+  ASSERT_TRUE(talking.WaitForResponses(2));
+  // A long call in flight: 8 minutes at a quarter-second hop, ~1900 windows.
+  v1::ClassifyRequest long_request;
+  std::vector<float> long_audio;
+  while (long_audio.size() < 480 * kRate) {
+    long_audio.insert(long_audio.end(), (*clips)[0].begin(), (*clips)[0].end());
+  }
+  long_request.set_audio(ToLinear16(long_audio));
+  *long_request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  long_request.set_hop_seconds(0.25);
+  v1::ClassifyResponse long_response;
+  grpc::ClientContext long_context;
+  long_context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  absl::Notification long_done;
+  grpc::Status long_status;
+  stub->async()->Classify(&long_context, &long_request, &long_response, [&](grpc::Status s) {
+    long_status = s;
+    long_done.Notify();
+  });
   ASSERT_TRUE(Eventually([&] {
-    return MetricValue((*server)->metrics().Render(), "emoserve_active_streams") == 2.0;
+    return MetricValue((*server)->metrics().Render(), "emoserve_queue_depth") > 100.0;
   }));
 
-  std::thread stopper([&] { (*server)->Shutdown(absl::Seconds(3)); });
-  // Health goes NOT_SERVING and new calls are refused at once...
+  std::thread stopper([&] { (*server)->Shutdown(kPatience); });
   EXPECT_TRUE(Eventually([&] {
     absl::StatusOr<HealthStatus::ServingStatus> health = testing::CheckHealth(*channel);
     return health.ok() && *health == HealthStatus::NOT_SERVING;
@@ -1194,20 +1249,61 @@ TEST(ServerLifecycleTest, DrainingFinishesCallsInFlightAndRefusesNewOnes) {
   v1::ClassifyResponse response;
   grpc::ClientContext context;
   const grpc::Status refused = stub->Classify(&context, request, &response);
-  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
-  EXPECT_THAT(refused.error_message(), HasSubstr("shutting down"));
-  // ...while a stream in flight still gets its results...
-  finishing.Close(ToLinear16((*clips)[0]));
-  EXPECT_TRUE(finishing.Wait().ok());
+  if (!long_done.HasBeenNotified()) {  // the server still drains the long call
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_THAT(refused.error_message(), HasSubstr("shutting down"));
+  }
+  // The streams were flushed and ended OK: the talking one with its
+  // utterance, although the client never half-closed.
+  idle.ReleaseHold();  // the client never half-closes
+  talking.ReleaseHold();
+  EXPECT_TRUE(idle.Wait().ok());
+  const grpc::Status talked = talking.Wait();
+  EXPECT_TRUE(talked.ok()) << talked.error_message();
   int utterances = 0;
-  for (const auto& r : finishing.responses()) utterances += r.has_utterance() ? 1 : 0;
+  for (const auto& r : talking.responses()) utterances += r.has_utterance() ? 1 : 0;
   EXPECT_EQ(utterances, 1);
-  // ...and one still open when the grace period ends is told to go away.
-  idle.ReleaseHold();
-  const grpc::Status ended = idle.Wait();
-  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE);
-  EXPECT_THAT(ended.error_message(), HasSubstr("shutting down"));
+  // The call in flight finished.
+  ASSERT_TRUE(long_done.WaitForNotificationWithTimeout(kPatience));
+  EXPECT_TRUE(long_status.ok()) << long_status.error_message();
+  EXPECT_GT(long_response.window_count(), 1800);
   stopper.join();
+}
+
+// Whatever clients do, shutdown ends within the grace period: a stream
+// whose client reads nothing and a call that would run for long are
+// cancelled at its end.
+TEST(ServerLifecycleTest, ShutdownEndsWithinTheGracePeriodWhateverClientsDo) {
+  ServerConfig config = TestServerConfig();
+  config.max_queue_size = 4000;
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::EmotionService::NewStub(Connect((*server)->port()));
+  // About 2350 windows: far longer than the grace period to compute.
+  v1::ClassifyRequest request;
+  request.set_audio(ToLinear16(testing::Sine(220, 0.3, kRate, 590.0)));
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  request.set_hop_seconds(0.25);
+  v1::ClassifyResponse response;
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  absl::Notification done;
+  grpc::Status status;
+  stub->async()->Classify(&context, &request, &response, [&](grpc::Status s) {
+    status = s;
+    done.Notify();
+  });
+  ASSERT_TRUE(Eventually([&] {
+    return MetricValue((*server)->metrics().Render(), "emoserve_queue_depth") > 1000.0;
+  }));
+  const absl::Time start = absl::Now();
+  (*server)->Shutdown(absl::Seconds(2));
+  const absl::Duration took = absl::Now() - start;
+  // A bound on a hang, with room for a loaded machine: the cut-off is at
+  // 1.5 s and cancelling takes milliseconds.
+  EXPECT_LT(took, absl::Seconds(2) + absl::Milliseconds(500)) << took;
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(kPatience));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
 }
 
 }  // namespace

@@ -346,7 +346,7 @@ TEST(ServerProcessTest, SigtermLetsCallsInFlightFinishAndExitsZero) {
       ++done;
     });
   }
-  // A stream still open when the grace period ends.
+  // A stream still open when the signal comes.
   grpc::ClientContext stream_context;
   stream_context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
   auto stream = stub->StreamClassify(&stream_context);
@@ -371,8 +371,9 @@ TEST(ServerProcessTest, SigtermLetsCallsInFlightFinishAndExitsZero) {
   v1::StreamClassifyResponse ignored;
   while (stream->Read(&ignored)) {
   }
+  // The stream was flushed (it had no audio) and ended OK.
   const grpc::Status stream_status = stream->Finish();
-  EXPECT_EQ(stream_status.error_code(), grpc::StatusCode::UNAVAILABLE) << stream_status.error_message();
+  EXPECT_TRUE(stream_status.ok()) << stream_status.error_message();
 
   absl::StatusOr<int> code = (*process)->WaitForExit();
   ASSERT_TRUE(code.ok()) << code.status();
