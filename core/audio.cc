@@ -191,6 +191,11 @@ class AudioBuilder {
       if (absl::Status s = Put(resampled_); !s.ok()) return s;
     }
     audio_.source_frames = static_cast<int64_t>(frames_);
+    if (audio_.samples.empty() && frames_ > 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the audio is too short: ", frames_, " samples at ", audio_.source_sample_rate,
+          " Hz make none at ", audio_.sample_rate, " Hz"));
+    }
     return std::move(audio_);
   }
 

@@ -589,7 +589,10 @@ void Engine::Classify(ClipRequest request) {
     for (size_t i = 0; i < starts.size(); ++i) {
       if (result.windows[i].speech || result.speech_windows == 0) to_model.push_back(i);
     }
-    auto source = std::make_shared<const std::vector<float>>(std::move(request.samples));
+    // The clip's audio and its charge go together, with the last window.
+    auto source = std::shared_ptr<const std::vector<float>>(
+        new std::vector<float>(std::move(request.samples)),
+        [lease = std::move(request.lease)](const std::vector<float>* samples) { delete samples; });
     const uint64_t flow = NewFlow();
     jobs.reserve(to_model.size());
     for (size_t index : to_model) {

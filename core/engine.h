@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "core/memory_budget.h"
 #include "core/model.h"
 
 namespace emoserve {
@@ -119,6 +120,9 @@ struct ClipResult {
 // (zero padding included) against the threshold.
 struct ClipRequest {
   std::vector<float> samples;  // mono at the model's rate; not empty
+  // What `samples` are charged to (may be null): released when the engine
+  // frees them, which can be after `done` for windows still queued.
+  std::shared_ptr<BudgetLease> lease;
   double hop_seconds = 0;      // 0 = half the model's window; at most a window
   // Overrides EngineOptions::vad_threshold_dbfs when set; -inf disables VAD.
   std::optional<double> vad_threshold_dbfs;

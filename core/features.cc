@@ -210,6 +210,14 @@ void ComplexPower(const float* __restrict spectrum, int n_bins,
   }
 }
 
+// Lanes i0..i3 of the 8 lanes of a and b; GCC and clang spell it
+// differently.
+#if defined(__clang__)
+#define Shuffle4(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, i0, i1, i2, i3)
+#else
+#define Shuffle4(a, b, i0, i1, i2, i3) __builtin_shuffle(a, b, Int4{i0, i1, i2, i3})
+#endif
+
 // out[k][b] = rows[b][k] for kBlock rows of `n` values (row stride
 // `stride`), in 4x4 tiles.
 void TransposeBlock(const float* __restrict rows, int stride, int n,
@@ -221,14 +229,14 @@ void TransposeBlock(const float* __restrict rows, int stride, int n,
       const Float4 r1 = Load4(rows + (b + 1) * stride + k);
       const Float4 r2 = Load4(rows + (b + 2) * stride + k);
       const Float4 r3 = Load4(rows + (b + 3) * stride + k);
-      const Float4 t0 = __builtin_shuffle(r0, r1, Int4{0, 4, 1, 5});
-      const Float4 t1 = __builtin_shuffle(r2, r3, Int4{0, 4, 1, 5});
-      const Float4 t2 = __builtin_shuffle(r0, r1, Int4{2, 6, 3, 7});
-      const Float4 t3 = __builtin_shuffle(r2, r3, Int4{2, 6, 3, 7});
-      Store4(out + (k + 0) * kBlock + b, __builtin_shuffle(t0, t1, Int4{0, 1, 4, 5}));
-      Store4(out + (k + 1) * kBlock + b, __builtin_shuffle(t0, t1, Int4{2, 3, 6, 7}));
-      Store4(out + (k + 2) * kBlock + b, __builtin_shuffle(t2, t3, Int4{0, 1, 4, 5}));
-      Store4(out + (k + 3) * kBlock + b, __builtin_shuffle(t2, t3, Int4{2, 3, 6, 7}));
+      const Float4 t0 = Shuffle4(r0, r1, 0, 4, 1, 5);
+      const Float4 t1 = Shuffle4(r2, r3, 0, 4, 1, 5);
+      const Float4 t2 = Shuffle4(r0, r1, 2, 6, 3, 7);
+      const Float4 t3 = Shuffle4(r2, r3, 2, 6, 3, 7);
+      Store4(out + (k + 0) * kBlock + b, Shuffle4(t0, t1, 0, 1, 4, 5));
+      Store4(out + (k + 1) * kBlock + b, Shuffle4(t0, t1, 2, 3, 6, 7));
+      Store4(out + (k + 2) * kBlock + b, Shuffle4(t2, t3, 0, 1, 4, 5));
+      Store4(out + (k + 3) * kBlock + b, Shuffle4(t2, t3, 2, 3, 6, 7));
     }
   }
   for (; k < n; ++k) {

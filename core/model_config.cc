@@ -105,17 +105,19 @@ nlohmann::json ModelConfigToJson(const ModelConfig& config) {
   return json;
 }
 
+absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view text) {
+  nlohmann::json json = nlohmann::json::parse(text.begin(), text.end(), nullptr,
+                                              /*allow_exceptions=*/false);
+  if (json.is_discarded()) return absl::InvalidArgumentError("not valid JSON");
+  return ModelConfigFromJson(json);
+}
+
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
   std::stringstream text;
   text << in.rdbuf();
-  nlohmann::json json = nlohmann::json::parse(text.str(), nullptr,
-                                              /*allow_exceptions=*/false);
-  if (json.is_discarded()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, " is not valid JSON"));
-  }
-  absl::StatusOr<ModelConfig> config = ModelConfigFromJson(json);
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(text.str());
   if (!config.ok()) {
     return absl::Status(config.status().code(),
                         absl::StrCat(path, ": ", config.status().message()));

@@ -3,6 +3,7 @@
 #define EMOSERVE_CORE_MODEL_CONFIG_H_
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -34,6 +35,8 @@ struct ModelConfig {
 absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& json);
 nlohmann::json ModelConfigToJson(const ModelConfig& config);
 
+// Parses and validates the text of a model.json.
+absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view text);
 // Reads and validates `path` (a model.json).
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path);
 absl::Status SaveModelConfig(const ModelConfig& config, const std::string& path);

@@ -28,6 +28,8 @@ test_packages=(
   python3-yaml podman debootstrap
   # CLI tests: a throwaway certificate for the TLS flags.
   openssl
+  # Fuzzing (scripts/fuzz.sh): clang 14 with libFuzzer and its sanitizers.
+  clang-14 libfuzzer-14-dev libclang-rt-14-dev
 )
 
 case "${1:-}" in

@@ -122,8 +122,6 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   add("max-concurrent-streams", c.max_concurrent_streams,
       "Calls open at once on one connection")
       ->check(CLI::Range(1, 1000000));
-  add("max-metadata-bytes", c.max_metadata_bytes, "Largest request metadata (headers)")
-      ->check(CLI::Range(int64_t{1024}, int64_t{1} << 24));
   add("handshake-timeout-seconds", c.handshake_timeout_seconds,
       "A new connection must finish its HTTP/2 (and TLS) handshake within this")
       ->check(CLI::Range(0.1, 3600.0));

@@ -18,8 +18,8 @@ struct ServerConfig {
   int port = 50051;          // 0: any free port (logged at startup)
   std::string metrics_host;  // "": the same as host
   int metrics_port = 9464;   // 0: no metrics endpoint
-  int metrics_threads = 4;
-  int metrics_timeout_ms = 2000;  // a metrics request must arrive within this
+  int metrics_threads = 16;
+  int metrics_timeout_ms = 1000;  // a metrics request must arrive within this
   bool reflection = true;
   // Model and engine.
   std::string model = "models/default";
@@ -46,7 +46,6 @@ struct ServerConfig {
   // Transport (per connection unless said).
   int grpc_memory_mb = 256;  // the whole transport, all connections
   int max_concurrent_streams = 100;
-  int64_t max_metadata_bytes = 16 << 10;
   double handshake_timeout_seconds = 10.0;
   double keepalive_seconds = 60.0;
   double keepalive_timeout_seconds = 20.0;

@@ -83,7 +83,8 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
         request_(request),
         response_(response),
         deadline_(ToAbslDeadline(context->deadline())),
-        lease_(&service->budget_) {
+        lease_(&service->budget_),
+        audio_lease_(std::make_shared<BudgetLease>(&service->budget_)) {
     absl::StatusOr<Engine*> engine = service_->Admit(this, CallKind::kUnary);
     if (!engine.ok()) {
       Complete(engine.status());
@@ -142,13 +143,14 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
     absl::StatusOr<Audio> audio = DecodeClassifyAudio(
         *request_, raw_, model, service_->limits_,
         [this](size_t capacity) {
-          return lease_.Resize(request_bytes_ + static_cast<int64_t>(capacity * sizeof(float)));
+          return audio_lease_->Resize(static_cast<int64_t>(capacity * sizeof(float)));
         },
         [this] { return KeepGoing(); });
     if (!audio.ok()) return audio.status();
     duration_seconds_ = audio->duration_seconds();
     ClipRequest clip;
     clip.samples = std::move(audio->samples);
+    clip.lease = std::move(audio_lease_);
     clip.hop_seconds = request_->hop_seconds();
     clip.deadline = deadline_;
     clip.cancel = cancel_;
@@ -196,7 +198,9 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
   const absl::Time start_ = absl::Now();
   const absl::Time deadline_;
   const std::shared_ptr<CancelFlag> cancel_ = std::make_shared<CancelFlag>();
-  BudgetLease lease_;  // the request's bytes, then its decoded audio too
+  BudgetLease lease_;  // the request's bytes, until the call ends
+  // The decoded audio's, handed to the engine with it.
+  std::shared_ptr<BudgetLease> audio_lease_;
   int64_t request_bytes_ = 0;
   bool admitted_ = false;
   Engine* engine_ = nullptr;

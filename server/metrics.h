@@ -37,8 +37,8 @@ class ServerMetrics : public EngineObserver {
   // `threads` workers; a connection that sends no complete request within
   // `request_timeout_ms` is closed, so that idle or slow connections cannot
   // hold every worker.
-  absl::Status Expose(const std::string& host, int port, int threads = 4,
-                      int request_timeout_ms = 2000);
+  absl::Status Expose(const std::string& host, int port, int threads = 16,
+                      int request_timeout_ms = 1000);
 
   void SetModelInfo(absl::string_view name, absl::string_view version,
                     absl::string_view device);

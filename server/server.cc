@@ -73,8 +73,15 @@ void ApplyTransportLimits(const ServerConfig& config, grpc::ServerBuilder& build
   builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS,
                               kSyncPollerThreads);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, config.max_concurrent_streams);
-  builder.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE,
-                             static_cast<int>(config.max_metadata_bytes));
+  // Request metadata keeps gRPC's default limit: in gRPC 1.51 an explicit
+  // GRPC_ARG_MAX_METADATA_SIZE lets a flood of CONTINUATION frames grow
+  // memory without bound, where the default closes the connection
+  // (tests/abuse: http2_floods).
+  // Audio does not compress: compressed requests are refused before they
+  // are inflated (a 256 KiB gzip bomb would otherwise take 256 MiB).
+  builder.SetCompressionAlgorithmSupportStatus(GRPC_COMPRESS_DEFLATE, false);
+  builder.SetCompressionAlgorithmSupportStatus(GRPC_COMPRESS_GZIP, false);
+
   builder.AddChannelArgument("grpc.server_handshake_timeout_ms",
                              Milliseconds(config.handshake_timeout_seconds));
   // Dead peers: ping after keepalive_seconds of silence, close when the

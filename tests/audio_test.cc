@@ -789,6 +789,14 @@ TEST(AudioResampleTest, KeepGoingIsAskedBetweenBlocks) {
                     }());
 }
 
+TEST(AudioResampleTest, AudioTooShortToMakeASampleIsRefused) {
+  DecodeOptions options = Raw(PcmEncoding::kS16LE, 192000, 1);
+  options.output_sample_rate = kRate;
+  ExpectDecodeError(S16le({100, 200, 300, 400}), kInvalid,
+                    "the audio is too short: 4 samples at 192000 Hz make none at 16000 Hz",
+                    options);
+}
+
 TEST(AudioResampleTest, BadOutputRateIsRefused) {
   DecodeOptions options;
   options.output_sample_rate = 1000;
