@@ -1,6 +1,8 @@
 #include "server/server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/impl/server_builder_plugin.h>
 #include <grpcpp/resource_quota.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
@@ -50,6 +52,25 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
   options.pem_key_cert_pairs.push_back({*std::move(key), *std::move(cert)});
   return grpc::SslServerCredentials(options);
 }
+
+// Takes a plugin out of a ServerBuilder: linking libgrpc++_reflection
+// registers its plugin for every builder in the process, so turning
+// reflection off means removing it.
+class WithoutPlugin final : public grpc::ServerBuilderOption {
+ public:
+  explicit WithoutPlugin(std::string name) : name_(std::move(name)) {}
+  void UpdateArguments(grpc::ChannelArguments* /*args*/) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [this](const std::unique_ptr<grpc::ServerBuilderPlugin>& plugin) {
+                                    return plugin->name() == name_;
+                                  }),
+                   plugins->end());
+  }
+
+ private:
+  const std::string name_;
+};
 
 int Milliseconds(double seconds) {
   return static_cast<int>(std::min(seconds * 1000.0, static_cast<double>(INT32_MAX)));
@@ -153,8 +174,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = Credentials(config);
   if (!credentials.ok()) return credentials.status();
-  if (config.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  if (!config.reflection) {
+    builder.SetOption(std::make_unique<WithoutPlugin>("proto_server_reflection"));
+  }
   const std::string address = HostPort(config.host, config.port);
   builder.AddListeningPort(address, *credentials, &server->port_);
   builder.RegisterService(server->service_.get());

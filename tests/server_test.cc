@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <limits>
 #include <map>
 #include <memory>
@@ -32,6 +34,20 @@
 #include "tests/server_test_support.h"
 #include "tests/test_model.h"
 #include "tests/test_support.h"
+
+// Allocations of at least this many bytes throw std::bad_alloc while it is
+// non-zero: memory running out at a chosen size, for the test that the
+// server survives it (AllocationFailureFailsOnlyThatCall).
+static std::atomic<size_t> fail_allocations_from{0};
+
+void* operator new(size_t size) {
+  const size_t limit = fail_allocations_from.load(std::memory_order_relaxed);
+  if (limit != 0 && size >= limit) throw std::bad_alloc();
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
 
 namespace emoserve {
 namespace {
@@ -1142,6 +1158,139 @@ TEST(ServerLimitsTest, FullQueueIsResourceExhausted) {
   EXPECT_GE(codes[grpc::StatusCode::OK], 1);
   EXPECT_GE(codes[grpc::StatusCode::RESOURCE_EXHAUSTED], 1);
   EXPECT_EQ(codes[grpc::StatusCode::OK] + codes[grpc::StatusCode::RESOURCE_EXHAUSTED], kCalls);
+}
+
+// The budget of audio in flight: a call whose audio does not fit is refused
+// with RESOURCE_EXHAUSTED naming the flag; one that fits is served; all of
+// it is given back.
+TEST(ServerLimitsTest, AudioBeyondTheMemoryBudgetIsResourceExhausted) {
+  ServerConfig config = TestServerConfig();
+  config.max_audio_memory_mb = 8;
+  config.max_message_bytes = 6 << 20;
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::EmotionService::NewStub(Connect((*server)->port()));
+  const auto classify = [&](double seconds) {
+    v1::ClassifyRequest request;
+    request.set_audio(ToLinear16(testing::Sine(220, 0.3, kRate, seconds)));
+    *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+    v1::ClassifyResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    return stub->Classify(&context, request, &response);
+  };
+  // 150 s: 4.8 MB of request and 9.6 MB decoded.
+  const grpc::Status refused = classify(150);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(refused.error_message(), HasSubstr("--max-audio-memory-mb"));
+  // 30 s: 1.9 MB and 1.9 MB.
+  const grpc::Status served = classify(30);
+  EXPECT_TRUE(served.ok()) << served.error_message();
+  EXPECT_TRUE(Eventually([&] {
+    return MetricValue((*server)->metrics().Render(), "emoserve_audio_memory_bytes") == 0.0;
+  }));
+  EXPECT_EQ(MetricValue((*server)->metrics().Render(), "emoserve_audio_memory_limit_bytes"),
+            8.0 * (1 << 20));
+}
+
+// Memory running out inside one call (std::bad_alloc on a worker) fails
+// that call with RESOURCE_EXHAUSTED; the server lives on and serves the
+// next one.
+TEST(ServerLimitsTest, AllocationFailureFailsOnlyThatCall) {
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(TestServerConfig());
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::EmotionService::NewStub(Connect((*server)->port()));
+  // 500 s of quiet FLAC: a few hundred kilobytes that decode to 32 MB.
+  absl::StatusOr<std::string> flac = testing::EncodeAudio(
+      testing::Sine(220, 0.001, kRate, 500), 1, kRate, testing::AudioFormat::kFlac);
+  ASSERT_TRUE(flac.ok()) << flac.status();
+  v1::ClassifyRequest request;
+  request.set_audio(*flac);
+  v1::ClassifyResponse response;
+  fail_allocations_from = 16 << 20;
+  grpc::Status status;
+  {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    status = stub->Classify(&context, request, &response);
+  }
+  fail_allocations_from = 0;
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("ran out of memory"));
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  status = stub->Classify(&context, request, &response);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_GT(response.window_count(), 300);
+}
+
+TEST(ServerLimitsTest, HealthWatchesBeyondTheLimitAreResourceExhausted) {
+  ServerConfig config = TestServerConfig();
+  config.max_health_watches = 2;
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto health = grpc::health::v1::Health::NewStub(Connect((*server)->port()));
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<HealthStatus>>> watches;
+  for (int i = 0; i < 2; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    contexts.back()->set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    watches.push_back(health->Watch(contexts.back().get(), {}));
+    HealthStatus update;
+    ASSERT_TRUE(watches.back()->Read(&update));
+    EXPECT_EQ(update.status(), HealthStatus::SERVING);
+  }
+  grpc::ClientContext third_context;
+  third_context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  auto third = health->Watch(&third_context, {});
+  HealthStatus update;
+  EXPECT_FALSE(third->Read(&update));
+  const grpc::Status refused = third->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(refused.error_message(), HasSubstr("--max-health-watches"));
+  for (auto& context : contexts) context->TryCancel();
+  for (auto& watch : watches) watch->Finish();
+}
+
+// A stream that sends nothing ends after --stream-idle-seconds; one that
+// keeps sending (silence too) does not.
+TEST(ServerLimitsTest, IdleStreamsEndAfterStreamIdleSeconds) {
+  ServerConfig config = TestServerConfig();
+  config.stream_idle_seconds = 1;
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::EmotionService::NewStub(Connect((*server)->port()));
+  const v1::StreamingConfig stream_config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  HeldStream idle(*stub, stream_config);
+  HeldStream busy(*stub, stream_config);
+  // Half-second messages of silence for three seconds.
+  for (int i = 0; i < 6; ++i) {
+    busy.Send(std::string(kRate, '\0'));
+    absl::SleepFor(absl::Milliseconds(500));
+  }
+  idle.ReleaseHold();
+  const grpc::Status ended = idle.Wait();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_THAT(ended.error_message(), HasSubstr("--stream-idle-seconds"));
+  busy.Close();
+  EXPECT_TRUE(busy.Wait().ok());
+}
+
+// Audio does not compress: compressed requests are refused before they are
+// inflated.
+TEST(ServerLimitsTest, CompressedRequestsAreRefused) {
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(TestServerConfig());
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::EmotionService::NewStub(Connect((*server)->port()));
+  v1::ClassifyRequest request;
+  request.set_audio(std::string(1 << 20, '\0'));  // a megabyte of zeros: a kilobyte of gzip
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  v1::ClassifyResponse response;
+  grpc::ClientContext context;
+  context.set_compression_algorithm(GRPC_COMPRESS_GZIP);
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  const grpc::Status status = stub->Classify(&context, request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED) << status.error_message();
 }
 
 TEST(ServerLifecycleTest, NotServingAndUnavailableUntilTheModelIsLoaded) {

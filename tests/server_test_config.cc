@@ -22,6 +22,7 @@
 #include "server/log.h"
 #include "server/metrics.h"
 #include "server/proto_convert.h"
+#include "server/requests.h"
 #include "server/worker_pool.h"
 
 namespace emoserve {
@@ -65,6 +66,18 @@ TEST(ServerConfigTest, DefaultsAreTheDocumentedOnes) {
   EXPECT_GE(c.max_streams, 1000) << "the server must hold 1000 streams by default";
   EXPECT_EQ(c.log_level, LogLevel::kInfo);
   EXPECT_TRUE(c.tls_cert.empty());
+  // The limits docs/limits.md states.
+  EXPECT_EQ(c.max_audio_memory_mb, 256);
+  EXPECT_EQ(c.grpc_memory_mb, 256);
+  EXPECT_EQ(c.min_hop_seconds, 0.25);
+  EXPECT_EQ(c.max_chunk_bytes, 64 << 10);
+  EXPECT_EQ(c.stream_idle_seconds, 30);
+  EXPECT_EQ(c.max_concurrent_streams, 100);
+  EXPECT_EQ(c.max_health_watches, 256);
+  EXPECT_EQ(c.max_reflection_calls, 8);
+  EXPECT_TRUE(c.reflection);
+  EXPECT_TRUE(c.metrics_host.empty());
+  EXPECT_EQ(c.metrics_threads, 16);
 }
 
 TEST(ServerConfigTest, EveryFlagHasAVariableAndTheFlagWins) {
@@ -101,6 +114,38 @@ TEST(ServerConfigTest, EveryFlagHasAVariableAndTheFlagWins) {
       {"vad-threshold-dbfs", "-40", "-60",
        [](const ServerConfig& c) { return absl::StrCat(c.vad_threshold_dbfs); }},
       {"grace-seconds", "2", "3", [](const ServerConfig& c) { return absl::StrCat(c.grace_seconds); }},
+      {"metrics-host", "127.0.0.1", "10.0.0.1", [](const ServerConfig& c) { return c.metrics_host; }},
+      {"metrics-threads", "2", "3", [](const ServerConfig& c) { return absl::StrCat(c.metrics_threads); }},
+      {"metrics-timeout-ms", "500", "700",
+       [](const ServerConfig& c) { return absl::StrCat(c.metrics_timeout_ms); }},
+      {"reflection", "false", "true",
+       [](const ServerConfig& c) { return std::string(c.reflection ? "true" : "false"); }},
+      {"min-hop-seconds", "0.5", "1", [](const ServerConfig& c) { return absl::StrCat(c.min_hop_seconds); }},
+      {"stream-idle-seconds", "5", "6",
+       [](const ServerConfig& c) { return absl::StrCat(c.stream_idle_seconds); }},
+      {"max-audio-memory-mb", "64", "128",
+       [](const ServerConfig& c) { return absl::StrCat(c.max_audio_memory_mb); }},
+      {"max-health-watches", "5", "6",
+       [](const ServerConfig& c) { return absl::StrCat(c.max_health_watches); }},
+      {"max-reflection-calls", "1", "2",
+       [](const ServerConfig& c) { return absl::StrCat(c.max_reflection_calls); }},
+      {"grpc-memory-mb", "100", "200", [](const ServerConfig& c) { return absl::StrCat(c.grpc_memory_mb); }},
+      {"max-concurrent-streams", "10", "20",
+       [](const ServerConfig& c) { return absl::StrCat(c.max_concurrent_streams); }},
+      {"handshake-timeout-seconds", "2", "3",
+       [](const ServerConfig& c) { return absl::StrCat(c.handshake_timeout_seconds); }},
+      {"keepalive-seconds", "30", "40",
+       [](const ServerConfig& c) { return absl::StrCat(c.keepalive_seconds); }},
+      {"keepalive-timeout-seconds", "5", "6",
+       [](const ServerConfig& c) { return absl::StrCat(c.keepalive_timeout_seconds); }},
+      {"min-ping-interval-seconds", "1", "2",
+       [](const ServerConfig& c) { return absl::StrCat(c.min_ping_interval_seconds); }},
+      {"max-connection-idle-seconds", "60", "70",
+       [](const ServerConfig& c) { return absl::StrCat(c.max_connection_idle_seconds); }},
+      {"max-connection-age-seconds", "100", "200",
+       [](const ServerConfig& c) { return absl::StrCat(c.max_connection_age_seconds); }},
+      {"max-connection-age-grace-seconds", "10", "20",
+       [](const ServerConfig& c) { return absl::StrCat(c.max_connection_age_grace_seconds); }},
       {"log-level", "debug", "error",
        [](const ServerConfig& c) { return std::string(LogLevelName(c.log_level)); }},
   };
@@ -146,6 +191,11 @@ TEST(ServerConfigTest, BadValuesAreOneLineErrorsNamingTheFlag) {
       {{"--tls-key", file}, "--tls-cert"},
       {{"--tls-client-ca", file}, "--tls-client-ca"},
       {{"--max-chunk-bytes", "3000000", "--max-message-bytes", "2000000"}, "--max-chunk-bytes"},
+      {{"--grpc-memory-mb", "40"}, "--grpc-memory-mb"},
+      {{"--max-audio-memory-mb", "16"}, "--max-audio-memory-mb"},
+      {{"--min-hop-seconds", "-1"}, "--min-hop-seconds"},
+      {{"--stream-idle-seconds", "0"}, "--stream-idle-seconds"},
+      {{"--reflection", "maybe"}, "--reflection"},
       {{"--bogus"}, "bogus"},
   };
   for (const auto& [args, flag] : cases) {
@@ -235,9 +285,92 @@ TEST(ProtoConvertTest, AudioFormats) {
   for (const v1::AudioFormat& bad :
        {format(v1::AUDIO_ENCODING_LINEAR16, 0, 1), format(v1::AUDIO_ENCODING_LINEAR16, 7999, 1),
         format(v1::AUDIO_ENCODING_FLOAT32, 16000, -1), format(static_cast<v1::AudioEncoding>(9), 16000, 1),
+        format(v1::AUDIO_ENCODING_LINEAR16, 16000, 65),
+        format(v1::AUDIO_ENCODING_LINEAR16, 16000, 2147483647),
         format(v1::AUDIO_ENCODING_UNSPECIFIED, 16000, 0)}) {
     EXPECT_EQ(RawPcmFormatFromProto(bad).status().code(), absl::StatusCode::kInvalidArgument)
         << bad.DebugString();
+  }
+}
+
+// A stream's audio messages: frames may straddle messages, and what waits
+// for the rest of a frame is always less than one frame.
+TEST(StreamAudioDecoderTest, FramesStraddlingMessagesKeepUnderOneFrameWaiting) {
+  RawPcmFormat format;
+  format.encoding = PcmEncoding::kF32LE;
+  format.sample_rate = 16000;
+  format.channels = 3;  // 12-byte frames
+  StreamAudioDecoder decoder(format);
+  ASSERT_EQ(decoder.frame_bytes(), 12u);
+  std::string pcm;
+  std::vector<float> expected;
+  for (int i = 0; i < 100; ++i) {
+    const float channels[3] = {0.001f * i, 0.002f * i, 0.003f * i};
+    pcm.append(reinterpret_cast<const char*>(channels), sizeof(channels));
+    expected.push_back((channels[0] + channels[1] + channels[2]) / 3);
+  }
+  RequestLimits limits;
+  std::vector<float> decoded;
+  const auto push = [&](absl::Span<const float> samples) {
+    decoded.insert(decoded.end(), samples.begin(), samples.end());
+    return absl::OkStatus();
+  };
+  // Message sizes that cut frames everywhere, including 1-byte messages.
+  size_t pos = 0;
+  for (size_t size : {1, 1, 5, 12, 13, 7, 1, 100, 23, 11, 2000}) {
+    v1::StreamClassifyRequest message;
+    message.set_audio(pcm.substr(pos, size));
+    pos = std::min(pcm.size(), pos + size);
+    ASSERT_TRUE(decoder.Decode(message, limits, push).ok());
+    EXPECT_LT(decoder.pending_bytes(), decoder.frame_bytes());
+  }
+  ASSERT_EQ(decoded.size(), expected.size());
+  for (size_t i = 0; i < expected.size(); ++i) EXPECT_NEAR(decoded[i], expected[i], 1e-7) << i;
+
+  // A message over the limit, a second config: refused.
+  limits.max_chunk_bytes = 10;
+  v1::StreamClassifyRequest big;
+  big.set_audio(std::string(11, '\0'));
+  EXPECT_EQ(decoder.Decode(big, limits, push).code(), absl::StatusCode::kResourceExhausted);
+  v1::StreamClassifyRequest config;
+  config.mutable_config();
+  EXPECT_EQ(decoder.Decode(config, limits, push).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(StreamConfigTest, ChecksTheConfigAsFullyAsAClassifyRequest) {
+  ModelConfig model;
+  model.sample_rate = 16000;
+  model.window_seconds = 3.0;
+  RequestLimits limits;
+  const auto config = [](int channels, int rate, double hop, double vad) {
+    v1::StreamClassifyRequest first;
+    v1::StreamingConfig* c = first.mutable_config();
+    c->mutable_format()->set_encoding(v1::AUDIO_ENCODING_LINEAR16);
+    c->mutable_format()->set_sample_rate_hertz(rate);
+    c->mutable_format()->set_channel_count(channels);
+    c->set_hop_seconds(hop);
+    c->mutable_voice_activity()->set_threshold_dbfs(vad);
+    return first;
+  };
+  absl::StatusOr<StreamSetup> fine = CheckStreamConfig(config(2, 48000, 0.5, -45), model, limits);
+  ASSERT_TRUE(fine.ok()) << fine.status();
+  EXPECT_EQ(fine->format.channels, 2);
+  EXPECT_EQ(fine->options.input_sample_rate, 48000);
+  EXPECT_EQ(fine->options.vad_threshold_dbfs, -45);
+  const struct {
+    v1::StreamClassifyRequest first;
+    const char* says;
+  } kBad[] = {{config(2147483647, 16000, 0, 0), "channel_count is 2147483647"},
+              {config(1, 7999, 0, 0), "sample_rate_hertz"},
+              {config(1, 16000, 0.0000625, 0), "config.hop_seconds is 6.25e-05"},
+              {config(1, 16000, 4, 0), "config.hop_seconds is 4"},
+              {config(1, 16000, std::nan(""), 0), "config.hop_seconds is nan"},
+              {config(1, 16000, 0, std::nan("")), "threshold_dbfs is nan"},
+              {config(1, 16000, 0, 3), "threshold_dbfs is 3"}};
+  for (const auto& bad : kBad) {
+    absl::StatusOr<StreamSetup> refused = CheckStreamConfig(bad.first, model, limits);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << bad.says;
+    EXPECT_THAT(std::string(refused.status().message()), HasSubstr(bad.says));
   }
 }
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <gmock/gmock.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <gtest/gtest.h>
 
 #include "absl/strings/match.h"
@@ -24,6 +25,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "tests/server_test_support.h"
 #include "tests/test_support.h"
@@ -71,13 +73,14 @@ absl::StatusOr<int> WaitUntilServing(ServerProcess& process) {
   return absl::DeadlineExceededError("never SERVING:\n" + process.Log());
 }
 
-// GET http://127.0.0.1:port/path, the body.
-absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
+// GET http://host:port/path (host an IPv4 address), the body.
+absl::StatusOr<std::string> HttpGet(int port, const std::string& path,
+                                    const std::string& host = "127.0.0.1") {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_port = htons(port);
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  inet_pton(AF_INET, host.c_str(), &address.sin_addr);
   if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
     close(fd);
     return absl::UnavailableError(absl::StrCat("cannot connect to port ", port));
@@ -119,10 +122,15 @@ std::optional<double> MetricValue(const std::string& text, const std::string& na
 }
 
 const char* const kFlags[] = {
-    "host", "port", "metrics-port", "model", "device", "max-batch-size", "max-queue-size",
-    "max-queue-delay-ms", "feature-threads", "model-instances", "torch-threads",
-    "max-message-bytes", "max-unary-seconds", "max-stream-seconds", "max-streams",
-    "max-chunk-bytes", "vad-threshold-dbfs", "grace-seconds", "tls-cert", "tls-key",
+    "host", "port", "metrics-host", "metrics-port", "metrics-threads", "metrics-timeout-ms",
+    "reflection", "model", "device", "max-batch-size", "max-queue-size", "max-queue-delay-ms",
+    "feature-threads", "model-instances", "torch-threads", "vad-threshold-dbfs",
+    "max-message-bytes", "max-unary-seconds", "max-stream-seconds", "max-chunk-bytes",
+    "min-hop-seconds", "stream-idle-seconds", "max-audio-memory-mb", "max-streams",
+    "max-health-watches", "max-reflection-calls", "grpc-memory-mb", "max-concurrent-streams",
+    "handshake-timeout-seconds", "keepalive-seconds", "keepalive-timeout-seconds",
+    "min-ping-interval-seconds", "max-connection-idle-seconds", "max-connection-age-seconds",
+    "max-connection-age-grace-seconds", "grace-seconds", "tls-cert", "tls-key",
     "tls-client-ca", "log-level"};
 
 TEST(ServerProcessTest, HelpListsEveryFlagWithItsVariableAndDefault) {
@@ -313,6 +321,39 @@ TEST(ServerProcessTest, MetricsPassPromtoolAndCountWhatHappened) {
   EXPECT_THAT(log, HasSubstr("event=call method=Classify code=INVALID_ARGUMENT"));
   EXPECT_THAT(log, HasSubstr("event=shutdown signal=SIGTERM"));
   EXPECT_THAT(log, HasSubstr("event=stopped"));
+}
+
+// --reflection false leaves reflection out; --metrics-host puts /metrics on
+// its own address (here 127.0.0.2, also loopback on Linux) and not on --host.
+TEST(ServerProcessTest, ReflectionCanBeTurnedOffAndMetricsBindToTheirOwnHost) {
+  const int metrics_port = testing::FreePort();
+  std::vector<std::string> args = ServerArgs(metrics_port);
+  args.insert(args.end(), {"--reflection", "false", "--metrics-host", "127.0.0.2"});
+  absl::StatusOr<std::unique_ptr<ServerProcess>> process = ServerProcess::Start(args);
+  ASSERT_TRUE(process.ok()) << process.status();
+  absl::StatusOr<int> port = WaitUntilServing(**process);
+  ASSERT_TRUE(port.ok()) << port.status();
+
+  grpc::GenericStub generic(Connect(*port));
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  grpc::Slice empty("");  // an empty ServerReflectionRequest
+  const grpc::ByteBuffer request(&empty, 1);
+  grpc::ByteBuffer response;
+  absl::Notification done;
+  grpc::Status status;
+  generic.UnaryCall(&context, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                    grpc::StubOptions(), &request, &response, [&](grpc::Status s) {
+                      status = std::move(s);
+                      done.Notify();
+                    });
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(kPatience));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED) << status.error_message();
+
+  absl::StatusOr<std::string> metrics = HttpGet(metrics_port, "/metrics", "127.0.0.2");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_THAT(*metrics, HasSubstr("emoserve_audio_memory_limit_bytes"));
+  EXPECT_FALSE(HttpGet(metrics_port, "/metrics", "127.0.0.1").ok());
 }
 
 TEST(ServerProcessTest, SigtermLetsCallsInFlightFinishAndExitsZero) {
