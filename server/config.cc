@@ -115,6 +115,17 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   add("max-reflection-calls", c.max_reflection_calls,
       "Concurrent reflection calls (more: RESOURCE_EXHAUSTED)")
       ->check(CLI::Range(1, 1024));
+  add("connection-guard", c.connection_guard,
+      "Plaintext connections go through a relay that closes those that flood HTTP/2 control "
+      "frames or resets (gRPC 1.51 has no defence of its own); off: gRPC listens itself")
+      ->capture_default_str();
+  add("max-connections", c.max_connections,
+      "Open connections (more are closed at once; with --connection-guard)")
+      ->check(CLI::Range(1, 1000000));
+  add("max-resets-per-second", c.max_resets_per_second,
+      "Call cancellations (RST_STREAM) one connection may send per second before it is closed, "
+      "four times that for all together (with --connection-guard)")
+      ->check(CLI::Range(1, 1000000));
   add("grpc-memory-mb", c.grpc_memory_mb,
       "Memory of gRPC's transport (buffers of all connections); past it, new connections are "
       "refused and calls cancelled with RESOURCE_EXHAUSTED")

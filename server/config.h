@@ -44,6 +44,9 @@ struct ServerConfig {
   int max_health_watches = 256;
   int max_reflection_calls = 8;
   // Transport (per connection unless said).
+  bool connection_guard = true;  // plaintext: relay and check every connection
+  int max_connections = 1024;
+  int max_resets_per_second = 1000;
   int grpc_memory_mb = 256;  // the whole transport, all connections
   int max_concurrent_streams = 100;
   double handshake_timeout_seconds = 10.0;

@@ -93,6 +93,16 @@ ServerMetrics::ServerMetrics()
                          .Help("Open StreamClassify calls")
                          .Register(r)
                          .Add({});
+  connections_ = &prometheus::BuildGauge()
+                      .Name("emoserve_connections")
+                      .Help("Open plaintext gRPC connections (through the connection guard)")
+                      .Register(r)
+                      .Add({});
+  connections_refused_ = &prometheus::BuildCounter()
+                              .Name("emoserve_connections_refused_total")
+                              .Help("Connections the guard closed, by reason: rapid_reset, "
+                                    "control_flood, max_connections, no_preface")
+                              .Register(r);
   audio_memory_ = &prometheus::BuildGauge()
                        .Name("emoserve_audio_memory_bytes")
                        .Help("Audio in flight charged to the budget (requests, decoded audio, "
@@ -164,6 +174,12 @@ void ServerMetrics::AddAudioSeconds(double seconds) {
 void ServerMetrics::StreamStarted() { active_streams_->Increment(); }
 
 void ServerMetrics::StreamEnded() { active_streams_->Decrement(); }
+
+void ServerMetrics::SetConnections(int open) { connections_->Set(open); }
+
+void ServerMetrics::ConnectionRefused(absl::string_view reason) {
+  connections_refused_->Add({{"reason", std::string(reason)}}).Increment();
+}
 
 void ServerMetrics::SetAudioMemory(int64_t bytes) {
   audio_memory_->Set(static_cast<double>(bytes));

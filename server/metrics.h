@@ -50,6 +50,9 @@ class ServerMetrics : public EngineObserver {
   void AddAudioSeconds(double seconds);
   void StreamStarted();
   void StreamEnded();
+  // Connections open (through the connection guard), and one it closed.
+  void SetConnections(int open);
+  void ConnectionRefused(absl::string_view reason);
   // The budget of audio in flight: bytes in use, and its size.
   void SetAudioMemory(int64_t bytes);
   void SetAudioMemoryLimit(int64_t bytes);
@@ -74,6 +77,8 @@ class ServerMetrics : public EngineObserver {
   prometheus::Histogram* batch_size_;
   prometheus::Gauge* queue_depth_;
   prometheus::Gauge* active_streams_;
+  prometheus::Gauge* connections_;
+  prometheus::Family<prometheus::Counter>* connections_refused_;
   prometheus::Gauge* audio_memory_;
   prometheus::Gauge* audio_memory_limit_;
   prometheus::Counter* audio_seconds_;

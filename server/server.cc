@@ -5,6 +5,7 @@
 #include <grpcpp/impl/server_builder_plugin.h>
 #include <grpcpp/resource_quota.h>
 #include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_posix.h>
 #include <grpcpp/server_builder.h>
 
 #include <algorithm>
@@ -180,11 +181,37 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     builder.SetOption(std::make_unique<WithoutPlugin>("proto_server_reflection"));
   }
   const std::string address = HostPort(config.host, config.port);
-  builder.AddListeningPort(address, *credentials, &server->port_);
+  // Plaintext connections come through the guard (it listens and hands
+  // gRPC each connection); TLS ones straight to gRPC.
+  const bool guarded = config.connection_guard && config.tls_cert.empty();
+  if (!guarded) builder.AddListeningPort(address, *credentials, &server->port_);
   builder.RegisterService(server->service_.get());
   builder.RegisterService(server->health_.get());
   ApplyTransportLimits(config, builder);
   server->grpc_server_ = builder.BuildAndStart();
+  if (server->grpc_server_ != nullptr && guarded) {
+    ConnectionGuardOptions options;
+    options.max_connections = config.max_connections;
+    options.max_resets_per_second = config.max_resets_per_second;
+    options.max_total_resets_per_second = 4 * config.max_resets_per_second;
+    options.preface_timeout = absl::Seconds(config.handshake_timeout_seconds);
+    ServerMetrics* metrics = server->metrics_.get();
+    grpc::Server* grpc_server = server->grpc_server_.get();
+    absl::StatusOr<std::unique_ptr<ConnectionGuard>> guard = ConnectionGuard::Start(
+        config.host, config.port, options,
+        [grpc_server](int fd) { grpc::AddInsecureChannelFromFd(grpc_server, fd); },
+        {[metrics](int open) { metrics->SetConnections(open); },
+         [metrics](absl::string_view reason) { metrics->ConnectionRefused(reason); }});
+    if (!guard.ok()) {
+      server->grpc_server_->Shutdown();
+      server->grpc_server_.reset();
+      return absl::UnavailableError(
+          absl::StrCat("cannot serve gRPC on ", address, ": ", guard.status().message(),
+                       " (is the port in use?)"));
+    }
+    server->port_ = (*guard)->port();
+    server->guard_ = *std::move(guard);
+  }
   if (server->grpc_server_ == nullptr || server->port_ == 0) {
     server->grpc_server_.reset();
     return absl::UnavailableError(absl::StrCat(
@@ -245,6 +272,7 @@ void Server::Shutdown(absl::Duration grace) {
   // deadline.
   grpc_server_->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
   grpc_server_->Wait();
+  guard_.reset();  // closes whatever connections are left
 }
 
 Server::~Server() {

@@ -13,6 +13,7 @@
 #include "absl/time/time.h"
 #include "core/engine.h"
 #include "server/config.h"
+#include "server/connection_guard.h"
 #include "server/emotion_service.h"
 #include "server/health_service.h"
 #include "server/metrics.h"
@@ -56,6 +57,8 @@ class Server {
   std::unique_ptr<EmotionService> service_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<grpc::Server> grpc_server_;
+  // Plaintext: the listener in front of gRPC (destroyed before gRPC).
+  std::unique_ptr<ConnectionGuard> guard_;
 };
 
 }  // namespace emoserve

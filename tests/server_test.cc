@@ -2,10 +2,16 @@
 // and streaming classification of RAVDESS speech in several formats and
 // rates, health, reflection, every error code, limits, deadlines, draining,
 // concurrent clients and a thousand idle streams.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <limits>
 #include <map>
@@ -1291,6 +1297,63 @@ TEST(ServerLimitsTest, CompressedRequestsAreRefused) {
   context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
   const grpc::Status status = stub->Classify(&context, request, &response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED) << status.error_message();
+}
+
+// A connection that opens calls and resets them at once, as fast as it
+// can, is closed (gRPC 1.51 alone would grow without bound); the server
+// serves everyone else.
+TEST(ServerLimitsTest, RapidResetClosesTheConnection) {
+  ServerConfig config = TestServerConfig();
+  config.metrics_port = 0;
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons((*server)->port());
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  // The preface, empty SETTINGS, then HEADERS (a literal :path, enough for
+  // the frame to count) and RST_STREAM for stream after stream.
+  const auto frame = [](uint8_t type, uint8_t flags, uint32_t stream, const std::string& payload) {
+    std::string f = {static_cast<char>(payload.size() >> 16), static_cast<char>(payload.size() >> 8),
+                     static_cast<char>(payload.size()), static_cast<char>(type),
+                     static_cast<char>(flags), static_cast<char>(stream >> 24),
+                     static_cast<char>(stream >> 16), static_cast<char>(stream >> 8),
+                     static_cast<char>(stream)};
+    return f + payload;
+  };
+  std::string flood = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0x4, 0, 0, "");
+  const std::string header_block = "\x83\x86\x41\x09127.0.0.1\x44\x05/x/yz";
+  for (uint32_t stream = 1; stream < 2 * 5000; stream += 2) {
+    flood += frame(0x1, 0x4, stream, header_block) + frame(0x3, 0, stream, std::string("\0\0\0\x08", 4));
+  }
+  size_t sent = 0;
+  while (sent < flood.size()) {
+    const ssize_t n = send(fd, flood.data() + sent, flood.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) break;
+    sent += static_cast<size_t>(n);
+  }
+  // The server closes it: reads end (EOF or reset) within the patience.
+  timeval timeout{static_cast<time_t>(absl::ToInt64Seconds(kPatience)), 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  char buffer[4096];
+  ssize_t n;
+  while ((n = read(fd, buffer, sizeof(buffer))) > 0) {
+  }
+  EXPECT_TRUE(n == 0 || errno == ECONNRESET) << "read " << n << ": " << std::strerror(errno);
+  close(fd);
+  EXPECT_THAT((*server)->metrics().Render(),
+              HasSubstr("emoserve_connections_refused_total{reason=\"rapid_reset\"} 1"));
+  // Everyone else is served.
+  auto stub = v1::EmotionService::NewStub(Connect((*server)->port()));
+  v1::ClassifyRequest request;
+  request.set_audio(ToLinear16(testing::Sine(220, 0.3, kRate, 1.0)));
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  v1::ClassifyResponse response;
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  EXPECT_TRUE(stub->Classify(&context, request, &response).ok());
 }
 
 TEST(ServerLifecycleTest, NotServingAndUnavailableUntilTheModelIsLoaded) {

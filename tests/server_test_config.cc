@@ -19,6 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "server/config.h"
+#include "server/connection_guard.h"
 #include "server/log.h"
 #include "server/metrics.h"
 #include "server/proto_convert.h"
@@ -372,6 +373,68 @@ TEST(StreamConfigTest, ChecksTheConfigAsFullyAsAClassifyRequest) {
     EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << bad.says;
     EXPECT_THAT(std::string(refused.status().message()), HasSubstr(bad.says));
   }
+}
+
+// What the connection guard reads of a client's bytes: frame headers, in
+// pieces of any size, and the limits on resets and control frames.
+std::string Frame(uint8_t type, uint32_t stream, size_t payload) {
+  std::string frame = {static_cast<char>(payload >> 16), static_cast<char>(payload >> 8),
+                       static_cast<char>(payload), static_cast<char>(type), 0,
+                       static_cast<char>(stream >> 24), static_cast<char>(stream >> 16),
+                       static_cast<char>(stream >> 8), static_cast<char>(stream)};
+  return frame + std::string(payload, 'x');
+}
+
+TEST(ConnectionGuardTest, CountsFramesInPiecesOfAnySizeAndClosesOnRapidResets) {
+  ConnectionGuardOptions options;
+  options.max_resets_per_second = 10;
+  TokenBucket total(1000);
+  Http2FrameCounter counter(options, &total);
+  const absl::Time now = absl::Now();
+  std::string bytes = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + Frame(0x4, 0, 12);
+  for (uint32_t stream = 1; stream < 21; stream += 2) {
+    bytes += Frame(0x1, stream, 40) + Frame(0x0, stream, 1000) + Frame(0x3, stream, 4);
+  }
+  // One byte at a time: a frame header may straddle reads.
+  for (char byte : bytes) {
+    ASSERT_EQ(counter.Feed(absl::string_view(&byte, 1), now), std::nullopt);
+  }
+  EXPECT_TRUE(counter.saw_preface());
+  EXPECT_EQ(counter.frames(), 1 + 3 * 10);
+  // The eleventh reset within the second is one too many.
+  EXPECT_EQ(counter.Feed(Frame(0x1, 21, 40) + Frame(0x3, 21, 4), now), "rapid_reset");
+  // A second later there is room again.
+  Http2FrameCounter later(options, &total);
+  for (int i = 0; i < 10; ++i) ASSERT_EQ(later.Feed(Frame(0x3, 1, 4), now), std::nullopt) << i;
+  EXPECT_EQ(later.Feed(Frame(0x3, 1, 4), now + absl::Seconds(1)), std::nullopt);
+}
+
+TEST(ConnectionGuardTest, ManyConnectionsShareTheTotalResetBudget) {
+  ConnectionGuardOptions options;
+  options.max_resets_per_second = 10;
+  TokenBucket total(15);
+  Http2FrameCounter first(options, &total);
+  Http2FrameCounter second(options, &total);
+  const absl::Time now = absl::Now();
+  const std::string preface(24, 'p');
+  ASSERT_EQ(first.Feed(preface, now), std::nullopt);
+  ASSERT_EQ(second.Feed(preface, now), std::nullopt);
+  for (int i = 0; i < 10; ++i) ASSERT_EQ(first.Feed(Frame(0x3, 1, 4), now), std::nullopt);
+  for (int i = 0; i < 5; ++i) ASSERT_EQ(second.Feed(Frame(0x3, 1, 4), now), std::nullopt);
+  EXPECT_EQ(second.Feed(Frame(0x3, 1, 4), now), "rapid_reset");
+}
+
+TEST(ConnectionGuardTest, ControlFramesFloodingIsClosedButPingsAndWindowUpdatesAreNot) {
+  ConnectionGuardOptions options;
+  options.max_control_frames_per_second = 5;
+  Http2FrameCounter counter(options, nullptr);
+  const absl::Time now = absl::Now();
+  ASSERT_EQ(counter.Feed(std::string(24, 'p'), now), std::nullopt);
+  for (int i = 0; i < 100; ++i) {
+    ASSERT_EQ(counter.Feed(Frame(0x6, 0, 8) + Frame(0x8, 0, 4), now), std::nullopt);
+  }
+  for (int i = 0; i < 5; ++i) ASSERT_EQ(counter.Feed(Frame(0xFA, 0, 100), now), std::nullopt);
+  EXPECT_EQ(counter.Feed(Frame(0x4, 0, 6), now), "control_flood");
 }
 
 TEST(ProtoConvertTest, ScoresAreSortedHighestFirstWithStableTies) {
