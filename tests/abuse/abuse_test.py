@@ -14,9 +14,8 @@ without --shared, with a 1 s deadline, and grpc.health.v1.Health/Check)
 must keep succeeding during the abuse; and the server must still be alive
 and SERVING afterwards.
 
-Exit status: 0 when every case that ran passed (NOT-YET cases, which need
-a server flag that does not exist yet, do not fail the suite), 1 when one
-failed, 77 (ctest's SKIP_RETURN_CODE) when a prerequisite is missing.
+Exit status: 0 when every case passed, 1 when one failed, 77 (ctest's
+SKIP_RETURN_CODE) when a prerequisite is missing.
 Debian's /usr/bin/python3 with python3-grpcio, python3-protobuf and
 python3-numpy; no other packages.
 """
@@ -71,7 +70,7 @@ try:
     import h2
     import harness
     from harness import (SERVING, Context, MemorySampler, Outcome, Prober, Server,
-                         UnsupportedFlag, read_status, supported_flags, timed)
+                         read_status, timed)
 except ImportError as error:
     print(f"SKIP: {error} (python3-grpcio, python3-protobuf, python3-numpy and the generated "
           "stubs are needed)")
@@ -85,43 +84,42 @@ SUITE_TIMEOUT_S = 900  # the whole suite: then every child is killed, exit 1
 
 
 # ==========================================================================
-# SERVER FLAGS: the one place where cases' server flags are switched on.
-#
-#   need(...)  the case tests nothing without it: when the server's --help
-#              does not list the flag, the case reports NOT-YET, unrun.
-#   want(...)  hardening that the fixed server is expected to have: used
-#              when --help lists it, otherwise left out (and noted), and
-#              the case runs anyway.
-#
+# SERVER FLAGS: the one place where cases' server flags are set.
 # COMMON_FLAGS go to every case's server (after --host 127.0.0.1 --port 0
-# --metrics-port <free port>); CASE_FLAGS[case] to that case's.
+# --metrics-port <free port>); CASE_FLAGS[case] to that case's, replacing a
+# common flag of the same name.
 # ==========================================================================
 
-def need(*flag):
-    return ("need",) + flag
+def flag(name, value):
+    return (name, value)
 
 
-def want(*flag):
-    return ("want",) + flag
-
+# The memory the server may hold for calls: gRPC's transport and the budget
+# of audio in flight. A case that fills both may grow the server by their
+# sum plus MODEL_WORKING_MB: the model's working memory at the largest batch
+# and allocator slack, allocated once by the first full batches (the
+# baseline is taken after a warm-up of one window). docs/limits.md states
+# the same bound for the default flags.
+GRPC_MEMORY_MB = 128
+AUDIO_MEMORY_MB = 128
+MODEL_WORKING_MB = 192
+FULL_BOUND_MB = GRPC_MEMORY_MB + AUDIO_MEMORY_MB + MODEL_WORKING_MB
 
 COMMON_FLAGS = [
-    need("--model", ARGS.model),
-    need("--grace-seconds", "3"),
-    want("--metrics-host", "127.0.0.1"),
-    want("--max-concurrent-streams", "100"),  # per connection; the cases stay within it
+    flag("--model", ARGS.model),
+    flag("--grace-seconds", "3"),
+    flag("--metrics-host", "127.0.0.1"),
+    flag("--grpc-memory-mb", str(GRPC_MEMORY_MB)),
+    flag("--max-audio-memory-mb", str(AUDIO_MEMORY_MB)),
 ]
 
 STREAM_IDLE_SECONDS = 2.0
 CASE_FLAGS = {
-    "tiny_hop": [want("--min-hop-seconds", "0.01")],
-    "never_reading_streams": [want("--stream-idle-seconds", str(STREAM_IDLE_SECONDS))],
-    "big_messages": [want("--max-audio-memory-mb", "256")],
-    "reflection_streams": [want("--reflection", "true")],
-    "idle_stream": [need("--stream-idle-seconds", str(STREAM_IDLE_SECONDS))],
-    "sigterm_with_streams": [need("--grace-seconds", "3")],
-    "stream_admission": [need("--max-streams", "16")],
-    "long_silent_flac": [want("--max-audio-memory-mb", "256")],
+    "never_reading_streams": [flag("--stream-idle-seconds", str(STREAM_IDLE_SECONDS))],
+    "reflection_streams": [flag("--reflection", "true")],
+    "idle_stream": [flag("--stream-idle-seconds", str(STREAM_IDLE_SECONDS))],
+    "sigterm_with_streams": [flag("--grace-seconds", "3")],
+    "stream_admission": [flag("--max-streams", "16")],
 }
 
 
@@ -332,7 +330,7 @@ def metrics_slowloris(ctx):
     ctx.number(f"GET /metrics max {max(latencies):.2f}s")
 
 
-@case(5, rss_mb=128)
+@case(5, rss_mb=192)
 def never_reading_streams(ctx):
     """4 StreamClassify calls with interim results and a 0.25 s hop that send
     audio as fast as they can for 5 s and never read: memory bounded, each
@@ -513,7 +511,7 @@ def huge_metadata(ctx):
               summarize_codes(together))
 
 
-@case(10, rss_mb=768)
+@case(10, rss_mb=FULL_BOUND_MB)
 def big_messages(ctx):
     """40 concurrent Classify calls of 32 MiB - 64 KiB of LINEAR16 at 48 kHz
     (349 s each): each answered or refused (RESOURCE_EXHAUSTED) within 30 s,
@@ -828,7 +826,7 @@ def stream_admission(ctx):
     ctx.check("24 refused within 2 s", len(refused) == 24, f"{len(refused)} refused")
 
 
-@case(18, rss_mb=256)
+@case(18, rss_mb=FULL_BOUND_MB)
 def cancel_storm(ctx):
     """8 callers for 4 s: Classify of 60 s of speech with a 100 ms deadline:
     DEADLINE_EXCEEDED (or RESOURCE_EXHAUSTED) promptly, abandoned work
@@ -993,20 +991,10 @@ class Result:
         self.details = []
 
 
-def resolve_flags(case, supported):
-    """(args, missing needed flags, missing wanted flags) for a case."""
-    args, missing_need, missing_want = [], [], []
-    specs = COMMON_FLAGS + CASE_FLAGS.get(case.name, [])
-    # A case's flag replaces a common one of the same name.
-    by_flag = {}
-    for spec in specs:
-        by_flag[spec[1]] = spec
-    for kind, flag, *values in by_flag.values():
-        if supported and flag not in supported:
-            (missing_need if kind == "need" else missing_want).append(flag)
-            continue
-        args += [flag] + values
-    return args, missing_need, missing_want
+def server_args(case):
+    """The server flags of a case (a case's flag replaces a common one)."""
+    by_name = dict(COMMON_FLAGS + CASE_FLAGS.get(case.name, []))
+    return [item for name, value in by_name.items() for item in (name, value)]
 
 
 def normal_clip(scratch):
@@ -1021,20 +1009,11 @@ def normal_clip(scratch):
     return path, 16000, pb.ClassifyRequest(audio=path.read_bytes(), format=raw_format())
 
 
-def run_case(case, supported, scratch, clip):
+def run_case(case, scratch, clip):
     result = Result(case)
-    args, missing_need, missing_want = resolve_flags(case, supported)
-    if missing_need:
-        result.verdict = "NOT-YET"
-        result.line = f"server lacks {', '.join(missing_need)}"
-        return result
     log_path = pathlib.Path(scratch) / f"{case.number:02d}_{case.name}.log"
     try:
-        server = Server(ARGS.server, args, log_path)
-    except UnsupportedFlag as error:
-        result.verdict = "NOT-YET"
-        result.line = str(error)
-        return result
+        server = Server(ARGS.server, server_args(case), log_path)
     except RuntimeError as error:
         result.line = "server did not start"
         result.details = str(error).splitlines()[-5:]
@@ -1133,10 +1112,6 @@ def run_case(case, supported, scratch, clip):
         result.line = " | ".join(parts)
         result.details += [f"FAILED {label}: {detail}" for label, ok, detail in failed]
         result.details += [f"note: {n}" for n in ctx.notes]
-        common = {spec[1] for spec in COMMON_FLAGS}
-        own = [flag for flag in missing_want if flag not in common]
-        if own:
-            result.details.append(f"note: server lacks {', '.join(own)} (ran without)")
     finally:
         prober.stop()
         ctx.stop.set()
@@ -1179,8 +1154,6 @@ def main():
         if unknown:
             print(f"unknown cases: {', '.join(sorted(unknown))} (see --list)")
             return 2
-    supported = supported_flags(ARGS.server)
-    lacking = [spec[1] for spec in COMMON_FLAGS if supported and spec[1] not in supported]
     watchdog = threading.Timer(SUITE_TIMEOUT_S, suite_timed_out)
     watchdog.daemon = True
     watchdog.start()
@@ -1189,22 +1162,18 @@ def main():
     clip = normal_clip(scratch)
     print(f"emoserve abuse suite: {len(selected)} cases against {ARGS.server}; "
           f"normal call: {clip[0]}", flush=True)
-    if lacking:
-        print(f"(the server lacks {', '.join(lacking)}: every case runs without)", flush=True)
     results = []
     start = time.monotonic()
     for c in selected:
-        result = run_case(c, supported, scratch, clip)
+        result = run_case(c, scratch, clip)
         results.append(result)
         print(f"{result.verdict:7s} {c.number:2d} {c.name:22s} {result.line}", flush=True)
         if result.verdict != "PASS":
             for detail in result.details:
                 print(f"{'':11s}{detail}", flush=True)
     failed = [r for r in results if r.verdict == "FAIL"]
-    not_yet = [r for r in results if r.verdict == "NOT-YET"]
-    print(f"\n{len(results) - len(failed) - len(not_yet)} passed, {len(failed)} failed, "
-          f"{len(not_yet)} not yet (server flag missing) in {time.monotonic() - start:.0f}s; "
-          f"server logs in {scratch}")
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed in "
+          f"{time.monotonic() - start:.0f}s; server logs in {scratch}")
     if not failed and not ARGS.logs:
         shutil.rmtree(scratch, ignore_errors=True)
     return 1 if failed else 0
