@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/json_numbers.h"
 
 namespace emoserve {
 namespace {
@@ -26,31 +27,13 @@ absl::Status KeyError(absl::string_view key, absl::string_view why) {
 }
 
 absl::Status GetInt(const Json& json, absl::string_view key, int* out) {
-  const Json& value = json.at(std::string(key));
-  if (!value.is_number_integer()) {
-    return KeyError(key, absl::StrCat("must be an integer, got ", value.dump()));
-  }
-  const bool in_range =
-      value.is_number_unsigned()
-          ? value.get<uint64_t>() <=
-                static_cast<uint64_t>(std::numeric_limits<int>::max())
-          : value.get<int64_t>() >= std::numeric_limits<int>::min() &&
-                value.get<int64_t>() <= std::numeric_limits<int>::max();
-  if (!in_range) {
-    return KeyError(key, absl::StrCat("is out of range: ", value.dump()));
-  }
-  *out = value.get<int>();
-  return absl::OkStatus();
+  return JsonToInt(json.at(std::string(key)),
+                   absl::StrCat("feature params: \"", key, "\""), out);
 }
 
 absl::Status GetDouble(const Json& json, absl::string_view key, double* out) {
-  const Json& value = json.at(std::string(key));
-  if (!value.is_number()) {
-    return KeyError(key, absl::StrCat("must be a number, got ", value.dump()));
-  }
-  *out = value.get<double>();
-  if (!std::isfinite(*out)) return KeyError(key, "must be finite");
-  return absl::OkStatus();
+  return JsonToDouble(json.at(std::string(key)),
+                      absl::StrCat("feature params: \"", key, "\""), out);
 }
 
 // Looks `key` up among `names` (the JSON spellings of an enum, in enum

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "core/json_numbers.h"
 
 namespace emoserve {
 namespace {
@@ -446,35 +447,39 @@ absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(
   }
   try {
     for (const auto& [key, value] : json.items()) {
-      if (key == "num_features") o.num_features = value.get<int>();
-      else if (key == "num_frames") o.num_frames = value.get<int>();
-      else if (key == "num_classes") o.num_classes = value.get<int>();
+      // Numbers through JsonToInt/JsonToDouble: get<int>() of 1e35 is
+      // undefined behaviour.
+      const std::string what = absl::StrCat("architecture: '", key, "'");
+      absl::Status s;
+      if (key == "num_features") s = JsonToInt(value, what, &o.num_features);
+      else if (key == "num_frames") s = JsonToInt(value, what, &o.num_frames);
+      else if (key == "num_classes") s = JsonToInt(value, what, &o.num_classes);
       else if (key == "conv_channels" || key == "conv_pool") {
-        auto v = value.get<std::vector<int>>();
-        if (v.size() != 3) {
+        if (!value.is_array() || value.size() != 3) {
           return absl::InvalidArgumentError(
               absl::StrCat("architecture: ", key, " needs 3 values"));
         }
         int* target = key == "conv_channels" ? o.conv_channels : o.conv_pool;
-        for (int i = 0; i < 3; ++i) target[i] = v[i];
-      } else if (key == "conv_dropout") o.conv_dropout = value.get<double>();
-      else if (key == "time_pool") o.time_pool = value.get<int>();
-      else if (key == "transformer_layers") o.transformer_layers = value.get<int>();
-      else if (key == "transformer_heads") o.transformer_heads = value.get<int>();
-      else if (key == "transformer_feedforward") o.transformer_feedforward = value.get<int>();
-      else if (key == "transformer_dropout") o.transformer_dropout = value.get<double>();
+        for (int i = 0; i < 3 && s.ok(); ++i) s = JsonToInt(value[i], what, &target[i]);
+      } else if (key == "conv_dropout") s = JsonToDouble(value, what, &o.conv_dropout);
+      else if (key == "time_pool") s = JsonToInt(value, what, &o.time_pool);
+      else if (key == "transformer_layers") s = JsonToInt(value, what, &o.transformer_layers);
+      else if (key == "transformer_heads") s = JsonToInt(value, what, &o.transformer_heads);
+      else if (key == "transformer_feedforward") s = JsonToInt(value, what, &o.transformer_feedforward);
+      else if (key == "transformer_dropout") s = JsonToDouble(value, what, &o.transformer_dropout);
       else if (key == "window_mean_normalization") o.window_mean_normalization = value.get<bool>();
       else if (key == "conv_global_pooling") o.conv_global_pooling = value.get<bool>();
-      else if (key == "cepstral_coefficients") o.cepstral_coefficients = value.get<int>();
-      else if (key == "statistics_hidden") o.statistics_hidden = value.get<int>();
-      else if (key == "statistics_range_db") o.statistics_range_db = value.get<double>();
-      else if (key == "statistics_dropout") o.statistics_dropout = value.get<double>();
-      else if (key == "statistics_cepstral") o.statistics_cepstral = value.get<int>();
+      else if (key == "cepstral_coefficients") s = JsonToInt(value, what, &o.cepstral_coefficients);
+      else if (key == "statistics_hidden") s = JsonToInt(value, what, &o.statistics_hidden);
+      else if (key == "statistics_range_db") s = JsonToDouble(value, what, &o.statistics_range_db);
+      else if (key == "statistics_dropout") s = JsonToDouble(value, what, &o.statistics_dropout);
+      else if (key == "statistics_cepstral") s = JsonToInt(value, what, &o.statistics_cepstral);
       else if (key == "parallel_branches") o.parallel_branches = value.get<bool>();
-      else if (key == "pitch_rows") o.pitch_rows = value.get<int>();
-      else if (key == "pitch_row_hz") o.pitch_row_hz = value.get<double>();
+      else if (key == "pitch_rows") s = JsonToInt(value, what, &o.pitch_rows);
+      else if (key == "pitch_row_hz") s = JsonToDouble(value, what, &o.pitch_row_hz);
       else if (key == "name") continue;
       else return absl::InvalidArgumentError(absl::StrCat("architecture: unknown key '", key, "'"));
+      if (!s.ok()) return s;
     }
   } catch (const nlohmann::json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("architecture: ", e.what()));

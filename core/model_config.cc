@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "core/audio.h"
+#include "core/json_numbers.h"
 
 namespace emoserve {
 
@@ -33,8 +34,17 @@ absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& json) {
     config.name = json.at("name").get<std::string>();
     config.version = json.at("version").get<std::string>();
     config.labels = json.at("labels").get<std::vector<std::string>>();
-    config.sample_rate = json.at("sample_rate").get<int>();
-    config.window_seconds = json.at("window_seconds").get<double>();
+    if (absl::Status s = JsonToInt(json.at("sample_rate"), "model.json: 'sample_rate'",
+                                   &config.sample_rate);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = JsonToDouble(json.at("window_seconds"),
+                                      "model.json: 'window_seconds'",
+                                      &config.window_seconds);
+        !s.ok()) {
+      return s;
+    }
     if (json.contains("input_layout")) {
       config.input_layout = json.at("input_layout").get<std::string>();
     }

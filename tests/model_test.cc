@@ -525,6 +525,14 @@ TEST(ModelArchitectureTest, OptionsRoundTripThroughJson) {
   bad = json;
   bad["statistics_hiden"] = 3;
   EXPECT_THAT(ArchitectureOptionsFromJson(bad).status().message(), HasSubstr("unknown key"));
+  bad = json;
+  bad["num_features"] = 1e30;
+  EXPECT_THAT(ArchitectureOptionsFromJson(bad).status().message(),
+              HasSubstr("'num_features' must be an integer"));
+  bad = json;
+  bad["conv_channels"] = {16, 32, 1e30};
+  EXPECT_THAT(ArchitectureOptionsFromJson(bad).status().message(),
+              HasSubstr("'conv_channels' must be an integer"));
 }
 
 TEST(ModelConfigTest, ValidatesFields) {
@@ -545,6 +553,21 @@ TEST(ModelConfigTest, ValidatesFields) {
   bad = json;
   bad.erase("features");
   EXPECT_FALSE(ModelConfigFromJson(bad).ok());
+  // Numbers no int holds (found by model_json_fuzzer: a cast that was
+  // undefined behaviour) and non-integers are refused with their field.
+  bad = json;
+  bad["sample_rate"] = 1.6e35;
+  EXPECT_THAT(ModelConfigFromJson(bad).status().message(),
+              HasSubstr("'sample_rate' must be an integer"));
+  bad["sample_rate"] = 16000.5;
+  EXPECT_FALSE(ModelConfigFromJson(bad).ok());
+  bad["sample_rate"] = 4294967296LL + 16000;
+  EXPECT_THAT(ModelConfigFromJson(bad).status().message(),
+              HasSubstr("'sample_rate' is out of range"));
+  bad = json;
+  bad["window_seconds"] = "3";
+  EXPECT_THAT(ModelConfigFromJson(bad).status().message(),
+              HasSubstr("'window_seconds' must be a number"));
 }
 
 // Python's torch loads what we save and computes the same outputs.
