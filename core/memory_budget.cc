@@ -15,17 +15,23 @@ std::string Mib(int64_t bytes) {
 }  // namespace
 
 MemoryBudget::MemoryBudget(int64_t capacity_bytes,
-                           std::function<void(int64_t)> on_change, std::string name)
-    : capacity_(capacity_bytes), on_change_(std::move(on_change)), name_(std::move(name)) {}
+                           std::function<void(int64_t)> on_change, std::string name,
+                           SmallLeaseReserve reserve)
+    : capacity_(capacity_bytes),
+      on_change_(std::move(on_change)),
+      name_(std::move(name)),
+      reserve_(reserve) {}
 
-absl::Status MemoryBudget::Take(int64_t bytes) {
+absl::Status MemoryBudget::Take(int64_t bytes, int64_t lease_bytes) {
+  const bool small = lease_bytes <= reserve_.small_lease_bytes;
+  const int64_t usable = small ? capacity_ : capacity_ - reserve_.bytes;
   int64_t used = used_.load(std::memory_order_relaxed);
   do {
-    if (bytes > capacity_ - used) {
+    if (bytes > usable - used) {
       return absl::ResourceExhaustedError(absl::StrCat(
-          name_, " is full (", Mib(used), " of ",
-          Mib(capacity_), " in use; this needs ", Mib(bytes),
-          " more); retry with backoff or send shorter audio"));
+          name_, " is full (", Mib(used), " of ", Mib(capacity_), " in use",
+          small || reserve_.bytes == 0 ? "" : absl::StrCat(", the last ", Mib(reserve_.bytes), " kept for small calls"),
+          "; this needs ", Mib(bytes), " more); retry with backoff or send shorter audio"));
     }
   } while (!used_.compare_exchange_weak(used, used + bytes, std::memory_order_relaxed));
   if (on_change_) on_change_(used + bytes);
@@ -42,7 +48,7 @@ BudgetLease::~BudgetLease() { Shrink(bytes()); }
 absl::Status BudgetLease::Grow(int64_t bytes) {
   if (bytes <= 0) return absl::OkStatus();
   if (budget_ != nullptr) {
-    if (absl::Status s = budget_->Take(bytes); !s.ok()) return s;
+    if (absl::Status s = budget_->Take(bytes, this->bytes() + bytes); !s.ok()) return s;
   }
   held_.fetch_add(bytes, std::memory_order_relaxed);
   return absl::OkStatus();

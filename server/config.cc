@@ -127,8 +127,10 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
       "four times that for all together (with --connection-guard)")
       ->check(CLI::Range(1, 1000000));
   add("grpc-memory-mb", c.grpc_memory_mb,
-      "Memory of gRPC's transport (buffers of all connections); past it, new connections are "
-      "refused and calls cancelled with RESOURCE_EXHAUSTED")
+      "Memory of gRPC's transport (buffers of all connections); half of it bounds the messages "
+      "being received (by their declared lengths; a message that does not fit is refused with "
+      "RESOURCE_EXHAUSTED, with --connection-guard); past all of it gRPC refuses new "
+      "connections and cancels calls")
       ->check(CLI::Range(16, 1 << 20));
   add("max-concurrent-streams", c.max_concurrent_streams,
       "Calls open at once on one connection")
@@ -187,16 +189,19 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
     return absl::InvalidArgumentError(
         "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)");
   }
-  if (int64_t{c.grpc_memory_mb} << 20 < 2 * c.max_message_bytes) {
+  // Half of gRPC's memory is for messages being received, and the last
+  // eighth of each budget is kept for small calls: the largest message
+  // must fit in what is left.
+  if ((int64_t{c.grpc_memory_mb} << 20) / 2 * 7 / 8 < c.max_message_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--grpc-memory-mb (", c.grpc_memory_mb,
-        " MiB) must hold at least two of the largest messages (--max-message-bytes ",
-        c.max_message_bytes, ")"));
+        " MiB) is too small for the largest message (--max-message-bytes ", c.max_message_bytes,
+        "): half of it is for messages being received, 7/8 of that for large ones"));
   }
-  if (int64_t{c.max_audio_memory_mb} << 20 < c.max_message_bytes) {
+  if ((int64_t{c.max_audio_memory_mb} << 20) * 7 / 8 < c.max_message_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--max-audio-memory-mb (", c.max_audio_memory_mb,
-        " MiB) must hold at least the largest message (--max-message-bytes ",
+        " MiB) must hold the largest message in its 7/8 for large calls (--max-message-bytes ",
         c.max_message_bytes, ")"));
   }
   if (c.max_chunk_bytes > c.max_message_bytes) {

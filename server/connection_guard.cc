@@ -24,29 +24,23 @@
 namespace emoserve {
 namespace {
 
-// HTTP/2 frame types (RFC 9113, section 6).
-constexpr uint8_t kPriority = 0x2;
-constexpr uint8_t kRstStream = 0x3;
-constexpr uint8_t kSettings = 0x4;
-constexpr uint8_t kContinuation = 0x9;
+// Bytes read at once per direction of a connection (what is buffered is
+// this, plus the guard's own frames).
+constexpr size_t kReadBytes = 32 << 10;
 
-// Bytes buffered per direction of a connection.
-constexpr size_t kBufferBytes = 32 << 10;
-
-// One direction of a relay: bytes read from one socket, not yet written to
-// the other.
+// One direction of a relay: bytes read from one socket (as the guard
+// passes them on), not yet written to the other.
 struct Buffer {
-  std::unique_ptr<char[]> data = std::make_unique<char[]>(kBufferBytes);
+  std::string data;
   size_t begin = 0;
-  size_t end = 0;
-  bool empty() const { return begin == end; }
+  bool empty() const { return begin == data.size(); }
 };
 
 struct Connection {
   int client = -1;
   int backend = -1;  // our end of the socket pair whose other end gRPC has
-  Buffer up;         // client -> gRPC, its frames counted
-  Buffer down;       // gRPC -> client
+  Buffer up;         // client -> gRPC, its frames counted and admitted
+  Buffer down;       // gRPC -> client, with the guard's refusals
   bool client_eof = false;
   bool backend_eof = false;
   bool up_shut = false;
@@ -58,9 +52,11 @@ struct Connection {
   uint32_t backend_events = 0;
   absl::Time opened;
   Http2FrameCounter counter;
+  UploadAdmission uploads;
 
-  Connection(const ConnectionGuardOptions& options, TokenBucket* total_resets)
-      : counter(options, total_resets) {}
+  Connection(const ConnectionGuardOptions& options, TokenBucket* total_resets,
+             MemoryBudget* upload_budget)
+      : counter(options, total_resets), uploads(upload_budget) {}
 };
 
 // kClosed: the destination cannot take bytes any more.
@@ -90,40 +86,23 @@ Http2FrameCounter::Http2FrameCounter(const ConnectionGuardOptions& options,
       total_resets_(total_resets) {}
 
 std::optional<std::string> Http2FrameCounter::Feed(absl::string_view bytes, absl::Time now) {
-  while (!bytes.empty()) {
-    if (preface_left_ > 0) {
-      const size_t n = std::min(preface_left_, bytes.size());
-      preface_left_ -= n;
-      bytes.remove_prefix(n);
-      continue;
-    }
-    if (payload_left_ > 0) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(payload_left_, bytes.size()));
-      payload_left_ -= n;
-      bytes.remove_prefix(n);
-      continue;
-    }
-    const size_t n = std::min(sizeof(header_) - header_have_, bytes.size());
-    std::memcpy(header_ + header_have_, bytes.data(), n);
-    header_have_ += n;
-    bytes.remove_prefix(n);
-    if (header_have_ < sizeof(header_)) break;
-    header_have_ = 0;
-    payload_left_ = (uint64_t{header_[0]} << 16) | (uint64_t{header_[1]} << 8) | header_[2];
+  std::optional<std::string> reason;
+  reader_.Feed(bytes, [&](const Http2FrameReader::Piece& piece) {
+    if (piece.part != Http2FrameReader::Part::kHeader || reason.has_value()) return;
     ++frames_;
-    if (std::optional<std::string> reason = OnFrame(header_[3], now)) return reason;
-  }
-  return std::nullopt;
+    reason = OnFrame(piece.frame->type, now);
+  });
+  return reason;
 }
 
 std::optional<std::string> Http2FrameCounter::OnFrame(uint8_t type, absl::Time now) {
-  if (type == kRstStream) {
+  if (type == kHttp2RstStream) {
     // Both buckets pay: a connection may not take more than its share, and
     // many connections together may not take more than the total.
     const bool own = resets_.Take(now);
     const bool total = total_resets_ == nullptr || total_resets_->Take(now);
     if (!own || !total) return "rapid_reset";
-  } else if (type == kPriority || type == kSettings || type > kContinuation) {
+  } else if (type == kHttp2Priority || type == kHttp2Settings || type > kHttp2Continuation) {
     // Clients send these rarely or never (gRPC's own send no PRIORITY and
     // no unknown types). PING and WINDOW_UPDATE are left alone: clients
     // send them often under load (flow control, bandwidth probes), and
@@ -144,6 +123,8 @@ struct ConnectionGuard::Impl {
   std::atomic<bool> stopping{false};
   std::thread thread;
   TokenBucket total_resets{1};
+  std::unique_ptr<MemoryBudget> upload_budget;  // null: no limit
+  std::unique_ptr<char[]> scratch = std::make_unique<char[]>(kReadBytes);
 
   // Touched by the loop's thread only. Epoll data: 0 the listener, 1 the
   // wake-up, 2 * id + side for a connection's sockets (side 0 the client).
@@ -213,7 +194,8 @@ struct ConnectionGuard::Impl {
       }
       const int one = 1;
       setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-      auto connection = std::make_unique<Connection>(options, &total_resets);
+      auto connection =
+          std::make_unique<Connection>(options, &total_resets, upload_budget.get());
       connection->client = client;
       connection->backend = pair[0];
       connection->opened = now;
@@ -228,9 +210,11 @@ struct ConnectionGuard::Impl {
 
   // Moves what can move both ways, then closes or re-arms the connection.
   void Service(uint64_t id, Connection& c, absl::Time now) {
-    Pumped up = c.backend_gone ? Drop(c.client, &c.client_eof)
-                               : Pump(c.client, c.up, c.backend, &c.client_eof, &c.up_shut,
-                                      &c.counter, now);
+    const int64_t refused_before = c.uploads.refused();
+    Pumped up = c.backend_gone ? Drop(c.client, &c.client_eof) : Pump(c, /*up=*/true, now);
+    if (c.uploads.refused() > refused_before && observer.on_uploads_refused) {
+      observer.on_uploads_refused(static_cast<int>(c.uploads.refused() - refused_before));
+    }
     if (up == Pumped::kRefused) {
       Refused(last_reason);
       Close(id);
@@ -240,11 +224,13 @@ struct ConnectionGuard::Impl {
       // gRPC hung up (it may have said why, e.g. headers too large): let
       // its last bytes reach the client before closing.
       c.backend_gone = true;
-      c.up.begin = c.up.end = 0;
+      c.up.data.clear();
+      c.up.begin = 0;
       up = Drop(c.client, &c.client_eof);
     }
-    const Pumped down =
-        Pump(c.backend, c.down, c.client, &c.backend_eof, &c.down_shut, nullptr, now);
+    // Refusals of uploads go out between gRPC's frames.
+    c.uploads.FlushToClient(&c.down.data);
+    const Pumped down = Pump(c, /*up=*/false, now);
     const bool client_done = c.client_eof || c.backend_gone;
     const bool finished = client_done && c.backend_eof && c.up.empty() && c.down.empty();
     if (up == Pumped::kClosed || down != Pumped::kOk || finished) {
@@ -270,13 +256,18 @@ struct ConnectionGuard::Impl {
     }
   }
 
-  // Relays src -> dst through `buffer` until one side would block.
-  Pumped Pump(int src, Buffer& buffer, int dst, bool* eof, bool* shut,
-              Http2FrameCounter* counter, absl::Time now) {
+  // Relays one way (client -> gRPC when `up`) until a side would block.
+  // What the client sends is counted and admitted; what gRPC sends gets the
+  // guard's refusals between its frames.
+  Pumped Pump(Connection& c, bool up, absl::Time now) {
+    const int src = up ? c.client : c.backend;
+    const int dst = up ? c.backend : c.client;
+    Buffer& buffer = up ? c.up : c.down;
+    bool* eof = up ? &c.client_eof : &c.backend_eof;
     for (;;) {
       while (!buffer.empty()) {
-        const ssize_t n =
-            send(dst, buffer.data.get() + buffer.begin, buffer.end - buffer.begin, MSG_NOSIGNAL);
+        const ssize_t n = send(dst, buffer.data.data() + buffer.begin,
+                               buffer.data.size() - buffer.begin, MSG_NOSIGNAL);
         if (n > 0) {
           buffer.begin += static_cast<size_t>(n);
           continue;
@@ -285,17 +276,23 @@ struct ConnectionGuard::Impl {
         if (n < 0 && errno == EINTR) continue;
         return Pumped::kClosed;
       }
-      buffer.begin = buffer.end = 0;
+      buffer.data.clear();
+      buffer.begin = 0;
       if (*eof) break;
-      const ssize_t n = read(src, buffer.data.get(), kBufferBytes);
+      const ssize_t n = read(src, scratch.get(), kReadBytes);
       if (n > 0) {
-        buffer.end = static_cast<size_t>(n);
-        if (counter != nullptr) {
-          if (std::optional<std::string> reason =
-                  counter->Feed(absl::string_view(buffer.data.get(), buffer.end), now)) {
-            last_reason = *reason;
-            return Pumped::kRefused;
-          }
+        const absl::string_view bytes(scratch.get(), static_cast<size_t>(n));
+        if (!up) {
+          c.uploads.FromServer(bytes, &buffer.data);
+          continue;
+        }
+        if (std::optional<std::string> reason = c.counter.Feed(bytes, now)) {
+          last_reason = *reason;
+          return Pumped::kRefused;
+        }
+        if (!c.uploads.FromClient(bytes, &buffer.data)) {
+          last_reason = "refused_uploads";
+          return Pumped::kRefused;
         }
         continue;
       }
@@ -308,6 +305,7 @@ struct ConnectionGuard::Impl {
       return Pumped::kClosed;
     }
     // The source ended and everything it sent is through: end the other way.
+    bool* shut = up ? &c.up_shut : &c.down_shut;
     if (!*shut) {
       shutdown(dst, SHUT_WR);
       *shut = true;
@@ -384,6 +382,12 @@ absl::StatusOr<std::unique_ptr<ConnectionGuard>> ConnectionGuard::Start(
   impl->attach = std::move(attach);
   impl->observer = std::move(observer);
   impl->total_resets = TokenBucket(options.max_total_resets_per_second);
+  if (options.max_upload_bytes > 0) {
+    impl->upload_budget = std::make_unique<MemoryBudget>(
+        options.max_upload_bytes, impl->observer.on_upload_memory,
+        "the server's memory for messages being received (half of --grpc-memory-mb)",
+        SmallLeaseReserve::EighthOf(options.max_upload_bytes));
+  }
 
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;

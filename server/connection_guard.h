@@ -20,6 +20,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "server/upload_admission.h"
 
 namespace emoserve {
 
@@ -33,6 +34,10 @@ struct ConnectionGuardOptions {
   int max_control_frames_per_second = 256;
   // A connection must send the HTTP/2 preface within this.
   absl::Duration preface_timeout = absl::Seconds(10);
+  // The gRPC messages all clients are sending at once, by their declared
+  // lengths (see upload_admission.h); the last eighth is kept for small
+  // messages. 0: no limit.
+  int64_t max_upload_bytes = 128 << 20;
 };
 
 // A rate of events with a burst as large as a second's worth.
@@ -57,15 +62,12 @@ class Http2FrameCounter {
   // The reason to close the connection, once a limit is broken.
   std::optional<std::string> Feed(absl::string_view bytes, absl::Time now);
   int64_t frames() const { return frames_; }
-  bool saw_preface() const { return preface_left_ == 0; }
+  bool saw_preface() const { return reader_.saw_preface(); }
 
  private:
   std::optional<std::string> OnFrame(uint8_t type, absl::Time now);
 
-  size_t preface_left_ = 24;
-  unsigned char header_[9];
-  size_t header_have_ = 0;
-  uint64_t payload_left_ = 0;
+  Http2FrameReader reader_{true};
   int64_t frames_ = 0;
   TokenBucket resets_;
   TokenBucket control_;
@@ -78,8 +80,12 @@ class ConnectionGuard {
     // Connections open, after each change.
     std::function<void(int)> on_connections;
     // A connection closed by a limit: the reason ("rapid_reset",
-    // "control_flood", "max_connections", "no_preface").
+    // "control_flood", "max_connections", "no_preface", "refused_uploads").
     std::function<void(absl::string_view reason)> on_refused;
+    // Messages refused by max_upload_bytes.
+    std::function<void(int count)> on_uploads_refused;
+    // The bytes of uploads admitted, after each change (any thread).
+    std::function<void(int64_t)> on_upload_memory;
   };
 
   // Listens on host:port (0: any free port) and passes gRPC's end of each

@@ -585,7 +585,8 @@ EmotionService::EmotionService(const ServerConfig& config, ServerMetrics* metric
       metrics_(metrics),
       budget_(int64_t{config.max_audio_memory_mb} << 20,
               [metrics](int64_t used) { metrics->SetAudioMemory(used); },
-              "the server's memory for audio in flight (--max-audio-memory-mb)"),
+              "the server's memory for audio in flight (--max-audio-memory-mb)",
+              SmallLeaseReserve::EighthOf(int64_t{config.max_audio_memory_mb} << 20)),
       workers_(config.feature_threads, config.max_queue_size) {
   metrics_->SetAudioMemoryLimit(budget_.capacity());
   idle_watcher_ = std::thread([this] { WatchIdleStreams(); });

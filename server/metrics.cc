@@ -101,8 +101,21 @@ ServerMetrics::ServerMetrics()
   connections_refused_ = &prometheus::BuildCounter()
                               .Name("emoserve_connections_refused_total")
                               .Help("Connections the guard closed, by reason: rapid_reset, "
-                                    "control_flood, max_connections, no_preface")
+                                    "control_flood, max_connections, no_preface, "
+                                    "refused_uploads")
                               .Register(r);
+  upload_memory_ = &prometheus::BuildGauge()
+                        .Name("emoserve_upload_memory_bytes")
+                        .Help("Declared lengths of the gRPC messages being received "
+                              "(half of --grpc-memory-mb at most)")
+                        .Register(r)
+                        .Add({});
+  uploads_refused_ = &prometheus::BuildCounter()
+                          .Name("emoserve_uploads_refused_total")
+                          .Help("Messages refused (RESOURCE_EXHAUSTED) because the memory for "
+                                "messages being received was full")
+                          .Register(r)
+                          .Add({});
   audio_memory_ = &prometheus::BuildGauge()
                        .Name("emoserve_audio_memory_bytes")
                        .Help("Audio in flight charged to the budget (requests, decoded audio, "
@@ -180,6 +193,12 @@ void ServerMetrics::SetConnections(int open) { connections_->Set(open); }
 void ServerMetrics::ConnectionRefused(absl::string_view reason) {
   connections_refused_->Add({{"reason", std::string(reason)}}).Increment();
 }
+
+void ServerMetrics::SetUploadMemory(int64_t bytes) {
+  upload_memory_->Set(static_cast<double>(bytes));
+}
+
+void ServerMetrics::UploadsRefused(int count) { uploads_refused_->Increment(count); }
 
 void ServerMetrics::SetAudioMemory(int64_t bytes) {
   audio_memory_->Set(static_cast<double>(bytes));

@@ -54,6 +54,8 @@ class ServerMetrics : public EngineObserver {
   void SetConnections(int open);
   void ConnectionRefused(absl::string_view reason);
   // The budget of audio in flight: bytes in use, and its size.
+  void SetUploadMemory(int64_t bytes);
+  void UploadsRefused(int count);
   void SetAudioMemory(int64_t bytes);
   void SetAudioMemoryLimit(int64_t bytes);
 
@@ -79,6 +81,8 @@ class ServerMetrics : public EngineObserver {
   prometheus::Gauge* active_streams_;
   prometheus::Gauge* connections_;
   prometheus::Family<prometheus::Counter>* connections_refused_;
+  prometheus::Gauge* upload_memory_;
+  prometheus::Counter* uploads_refused_;
   prometheus::Gauge* audio_memory_;
   prometheus::Gauge* audio_memory_limit_;
   prometheus::Counter* audio_seconds_;

@@ -195,13 +195,18 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     options.max_resets_per_second = config.max_resets_per_second;
     options.max_total_resets_per_second = 4 * config.max_resets_per_second;
     options.preface_timeout = absl::Seconds(config.handshake_timeout_seconds);
+    // Half of gRPC's memory for messages being received: gRPC's quota
+    // (which cancels streams at random when full) is not reached by them.
+    options.max_upload_bytes = (int64_t{config.grpc_memory_mb} << 20) / 2;
     ServerMetrics* metrics = server->metrics_.get();
     grpc::Server* grpc_server = server->grpc_server_.get();
     absl::StatusOr<std::unique_ptr<ConnectionGuard>> guard = ConnectionGuard::Start(
         config.host, config.port, options,
         [grpc_server](int fd) { grpc::AddInsecureChannelFromFd(grpc_server, fd); },
         {[metrics](int open) { metrics->SetConnections(open); },
-         [metrics](absl::string_view reason) { metrics->ConnectionRefused(reason); }});
+         [metrics](absl::string_view reason) { metrics->ConnectionRefused(reason); },
+         [metrics](int count) { metrics->UploadsRefused(count); },
+         [metrics](int64_t bytes) { metrics->SetUploadMemory(bytes); }});
     if (!guard.ok()) {
       server->grpc_server_->Shutdown();
       server->grpc_server_.reset();

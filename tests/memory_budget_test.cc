@@ -3,6 +3,8 @@
 #include "core/memory_budget.h"
 
 #include <atomic>
+#include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -45,6 +47,34 @@ TEST(MemoryBudgetTest, ALeaseWithoutABudgetGrantsEverything) {
   BudgetLease unlimited;
   EXPECT_TRUE(unlimited.Grow(int64_t{1} << 50).ok());
   EXPECT_EQ(unlimited.bytes(), int64_t{1} << 50);
+}
+
+TEST(MemoryBudgetTest, LargeLeasesLeaveTheReserveToSmallOnes) {
+  // 1000 bytes, the last 200 for leases of at most 50.
+  MemoryBudget budget(1000, nullptr, "the test budget", {200, 50});
+  BudgetLease large(&budget);
+  ASSERT_TRUE(large.Grow(700).ok());
+  BudgetLease other_large(&budget);
+  const absl::Status refused = other_large.Grow(200);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("kept for small calls"));
+  // A large lease growing into the reserve is refused too.
+  EXPECT_FALSE(large.Grow(150).ok());
+  EXPECT_TRUE(large.Grow(100).ok());  // up to 800: still outside the reserve
+  std::vector<std::unique_ptr<BudgetLease>> small;
+  for (int i = 0; i < 4; ++i) {
+    small.push_back(std::make_unique<BudgetLease>(&budget));
+    ASSERT_TRUE(small.back()->Grow(30).ok()) << i;
+    ASSERT_TRUE(small.back()->Grow(20).ok()) << i;  // 50 in all: still small
+  }
+  EXPECT_EQ(budget.used(), 1000);
+  // Small ones cannot overfill it either, and a small lease that grows past
+  // the limit is a large one.
+  BudgetLease one_more(&budget);
+  EXPECT_FALSE(one_more.Grow(1).ok());
+  small.pop_back();
+  EXPECT_FALSE(small.back()->Grow(1).ok());
+  EXPECT_TRUE(one_more.Grow(50).ok());
 }
 
 TEST(MemoryBudgetTest, NeverOverCommittedUnderContention) {

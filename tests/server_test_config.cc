@@ -437,6 +437,163 @@ TEST(ConnectionGuardTest, ControlFramesFloodingIsClosedButPingsAndWindowUpdatesA
   EXPECT_EQ(counter.Feed(Frame(0x4, 0, 6), now), "control_flood");
 }
 
+// A frame with a given payload and flags.
+std::string FrameWith(uint8_t type, uint8_t flags, uint32_t stream, const std::string& payload) {
+  std::string frame = Frame(type, stream, 0);
+  frame[0] = static_cast<char>(payload.size() >> 16);
+  frame[1] = static_cast<char>(payload.size() >> 8);
+  frame[2] = static_cast<char>(payload.size());
+  frame[4] = static_cast<char>(flags);
+  return frame + payload;
+}
+
+// gRPC's framing of one message: a flag byte and the length, big-endian.
+std::string GrpcPrefix(uint32_t length) {
+  return {0, static_cast<char>(length >> 24), static_cast<char>(length >> 16),
+          static_cast<char>(length >> 8), static_cast<char>(length)};
+}
+
+// The frames of a byte stream, as (type, flags, stream, payload).
+struct ParsedFrame {
+  uint8_t type;
+  uint8_t flags;
+  uint32_t stream;
+  std::string payload;
+};
+std::vector<ParsedFrame> ParseFrames(absl::string_view bytes) {
+  std::vector<ParsedFrame> frames;
+  Http2FrameReader reader(/*client_side=*/false);
+  reader.Feed(bytes, [&](const Http2FrameReader::Piece& piece) {
+    if (piece.part == Http2FrameReader::Part::kHeader) {
+      frames.push_back({piece.frame->type, piece.frame->flags, piece.frame->stream, ""});
+    } else {
+      frames.back().payload.append(piece.bytes.data(), piece.bytes.size());
+    }
+  });
+  EXPECT_TRUE(reader.at_boundary());
+  return frames;
+}
+
+constexpr absl::string_view kPreface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+TEST(UploadAdmissionTest, MessagesThatFitPassUnchangedAndAreChargedUntilTheyArrive) {
+  MemoryBudget budget(1 << 20, nullptr, "the upload budget");
+  UploadAdmission uploads(&budget);
+  // Stream 1: two messages of 100 KiB over three DATA frames, one padded.
+  const std::string message(100 << 10, 'a');
+  const std::string body = GrpcPrefix(message.size()) + message + GrpcPrefix(message.size()) +
+                           message;
+  const std::string padded = std::string(1, 7) + body.substr(0, 50000) + std::string(7, 'p');
+  const std::string client =
+      std::string(kPreface) + Frame(kHttp2Settings, 0, 0) +
+      FrameWith(kHttp2Headers, kHttp2EndHeaders, 1, "hpack") +
+      FrameWith(kHttp2Data, kHttp2Padded, 1, padded) +
+      FrameWith(kHttp2Data, 0, 1, body.substr(50000, 100000)) +
+      FrameWith(kHttp2Data, kHttp2EndStream, 1, body.substr(150000));
+  std::string to_server;
+  std::vector<int64_t> held;
+  // In pieces of 1000 bytes: the budget holds the first message's declared
+  // length while it arrives, then the second's.
+  for (size_t at = 0; at < client.size(); at += 1000) {
+    ASSERT_TRUE(uploads.FromClient(absl::string_view(client).substr(at, 1000), &to_server));
+    held.push_back(budget.used());
+  }
+  EXPECT_EQ(to_server, client);
+  EXPECT_THAT(held, testing::Contains(int64_t{100 << 10}));
+  EXPECT_EQ(budget.used(), 0);  // END_STREAM: all arrived
+  EXPECT_EQ(uploads.refused(), 0);
+  std::string to_client;
+  uploads.FromServer(Frame(kHttp2Settings, 0, 0), &to_client);
+  EXPECT_EQ(to_client, Frame(kHttp2Settings, 0, 0));
+}
+
+TEST(UploadAdmissionTest, AMessageThatDoesNotFitIsRefusedWithTrailersAndItsDataDropped) {
+  MemoryBudget budget(1 << 20, nullptr, "the upload budget", SmallLeaseReserve::EighthOf(1 << 20));
+  UploadAdmission uploads(&budget);
+  std::string to_server, to_client;
+  const std::string server_settings = Frame(kHttp2Settings, 0, 0);
+  uploads.FromServer(server_settings, &to_client);
+  to_client.clear();
+  // Stream 1 declares 800 KiB (fits in 7/8 of 1 MiB); stream 3 declares
+  // 200 KiB more, which only the reserve could hold, and it is not small.
+  const std::string first = std::string(kPreface) +
+                            FrameWith(kHttp2Headers, kHttp2EndHeaders, 1, "h1") +
+                            FrameWith(kHttp2Data, 0, 1, GrpcPrefix(800 << 10) + "abc");
+  ASSERT_TRUE(uploads.FromClient(first, &to_server));
+  EXPECT_EQ(to_server, first);
+  EXPECT_EQ(budget.used(), 800 << 10);
+  const std::string refused_frame =
+      FrameWith(kHttp2Headers, kHttp2EndHeaders, 3, "h3") +
+      FrameWith(kHttp2Data, 0, 3, GrpcPrefix(200 << 10) + std::string(1000, 'z'));
+  ASSERT_TRUE(uploads.FromClient(refused_frame, &to_server));
+  EXPECT_EQ(uploads.refused(), 1);
+  EXPECT_EQ(budget.used(), 800 << 10);
+  // gRPC gets the frame that revealed the length, then a reset of stream 3.
+  std::vector<ParsedFrame> upstream = ParseFrames(to_server.substr(first.size()));
+  ASSERT_EQ(upstream.size(), 3u);
+  EXPECT_EQ(upstream[1].type, kHttp2Data);
+  EXPECT_EQ(upstream[2].type, kHttp2RstStream);
+  EXPECT_EQ(upstream[2].stream, 3u);
+  EXPECT_EQ(upstream[2].payload, std::string("\0\0\0\x8", 4));  // CANCEL
+  // The client gets trailers-only RESOURCE_EXHAUSTED and RST_STREAM NO_ERROR.
+  uploads.FlushToClient(&to_client);
+  std::vector<ParsedFrame> downstream = ParseFrames(to_client);
+  ASSERT_EQ(downstream.size(), 2u);
+  EXPECT_EQ(downstream[0].type, kHttp2Headers);
+  EXPECT_EQ(downstream[0].stream, 3u);
+  EXPECT_EQ(downstream[0].flags, kHttp2EndStream | kHttp2EndHeaders);
+  EXPECT_THAT(downstream[0].payload, HasSubstr(":status"));
+  EXPECT_THAT(downstream[0].payload, HasSubstr("grpc-status"));
+  EXPECT_THAT(downstream[0].payload, HasSubstr("the upload budget is full"));
+  EXPECT_EQ(downstream[1].type, kHttp2RstStream);
+  EXPECT_EQ(downstream[1].payload, std::string(4, '\0'));
+  // What the client still sends on stream 3 is dropped, and its connection
+  // window credited; stream 1 goes on. A small message fits the reserve.
+  to_server.clear();
+  to_client.clear();
+  const std::string late = FrameWith(kHttp2Data, 0, 3, std::string(5000, 'z'));
+  const std::string small = FrameWith(kHttp2Headers, kHttp2EndHeaders, 5, "h5") +
+                            FrameWith(kHttp2Data, kHttp2EndStream, 5, GrpcPrefix(4) + "tiny");
+  const std::string more = FrameWith(kHttp2Data, 0, 1, "def");
+  ASSERT_TRUE(uploads.FromClient(late + small + more, &to_server));
+  EXPECT_EQ(to_server, small + more);
+  EXPECT_EQ(budget.used(), 800 << 10);
+  uploads.FlushToClient(&to_client);
+  std::vector<ParsedFrame> credit = ParseFrames(to_client);
+  ASSERT_EQ(credit.size(), 1u);
+  EXPECT_EQ(credit[0].type, kHttp2WindowUpdate);
+  EXPECT_EQ(credit[0].stream, 0u);
+  EXPECT_EQ(credit[0].payload, std::string("\0\0\x13\x88", 4));  // 5000
+  // gRPC's trailers for stream 1 end its charge.
+  to_client.clear();
+  const std::string trailers = FrameWith(kHttp2Headers, kHttp2EndStream | kHttp2EndHeaders, 1, "t");
+  uploads.FromServer(trailers, &to_client);
+  EXPECT_EQ(to_client, trailers);
+  EXPECT_EQ(budget.used(), 0);
+}
+
+TEST(UploadAdmissionTest, RefusalsWaitForABoundaryBetweenGrpcsFrames) {
+  MemoryBudget budget(1000, nullptr, "the upload budget");
+  UploadAdmission uploads(&budget);
+  std::string to_server, to_client;
+  const std::string response = FrameWith(kHttp2Data, 0, 7, std::string(100, 'r'));
+  uploads.FromServer(Frame(kHttp2Settings, 0, 0) + response.substr(0, 50), &to_client);
+  ASSERT_TRUE(uploads.FromClient(std::string(kPreface) +
+                                     FrameWith(kHttp2Headers, kHttp2EndHeaders, 1, "h") +
+                                     FrameWith(kHttp2Data, 0, 1, GrpcPrefix(5000)),
+                                 &to_server));
+  EXPECT_EQ(uploads.refused(), 1);
+  const size_t before = to_client.size();
+  uploads.FlushToClient(&to_client);  // in the middle of gRPC's frame: waits
+  EXPECT_EQ(to_client.size(), before);
+  uploads.FromServer(response.substr(50), &to_client);
+  std::vector<ParsedFrame> frames = ParseFrames(to_client);
+  ASSERT_EQ(frames.size(), 4u);
+  EXPECT_EQ(frames[1].payload, std::string(100, 'r'));
+  EXPECT_EQ(frames[2].type, kHttp2Headers);
+  EXPECT_EQ(frames[3].type, kHttp2RstStream);
+}
+
 TEST(ProtoConvertTest, ScoresAreSortedHighestFirstWithStableTies) {
   google::protobuf::RepeatedPtrField<v1::EmotionScore> scores;
   const std::string top =

@@ -514,8 +514,9 @@ def huge_metadata(ctx):
 @case(10, rss_mb=FULL_BOUND_MB)
 def big_messages(ctx):
     """40 concurrent Classify calls of 32 MiB - 64 KiB of LINEAR16 at 48 kHz
-    (349 s each): each answered or refused (RESOURCE_EXHAUSTED) within 30 s,
-    memory bounded."""
+    (349 s each): each answered or refused (RESOURCE_EXHAUSTED: the memory
+    for messages being received, or for audio in flight, is full) within
+    30 s, memory bounded."""
     size = 32 * MiB - 64 * 1024
     pcm = audio.tiled_bytes(audio.linear16(audio.speech_like(5.0, rate=48000)), size)
     request = pb.ClassifyRequest(audio=pcm, format=raw_format(48000))
@@ -532,9 +533,17 @@ def big_messages(ctx):
             code, details = "NO_ANSWER", ""
         outcomes.append(Outcome(code, details, time.monotonic() - start))
     ctx.number(f"calls {summarize_codes(outcomes)}")
-    bad = [o for o in outcomes if o.code not in ("OK", "RESOURCE_EXHAUSTED")]
-    ctx.check("each answered or refused within 30 s", not bad,
-              f"{len(bad)} of 40 not: {summarize_codes(bad)}")
+    reasons = {}
+    for o in outcomes:
+        if o.code != "OK":
+            reason = o.details.split(" is full")[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    ctx.number("refused by: " + "; ".join(f"{r} x{n}" for r, n in reasons.items()))
+    bad = [o for o in outcomes
+           if o.code not in ("OK", "RESOURCE_EXHAUSTED")
+           or (o.code == "RESOURCE_EXHAUSTED" and "is full" not in o.details)]
+    ctx.check("each answered, or refused with a clear RESOURCE_EXHAUSTED, within 30 s", not bad,
+              f"{len(bad)} of 40 not: {summarize_codes(bad)}, e.g. {bad[0].details if bad else ''}")
 
 
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -829,8 +838,8 @@ def stream_admission(ctx):
 @case(18, rss_mb=FULL_BOUND_MB)
 def cancel_storm(ctx):
     """8 callers for 4 s: Classify of 60 s of speech with a 100 ms deadline:
-    DEADLINE_EXCEEDED (or RESOURCE_EXHAUSTED) promptly, abandoned work
-    dropped (queue empty within 3 s)."""
+    DEADLINE_EXCEEDED (or RESOURCE_EXHAUSTED) promptly, or OK when the
+    engine was that fast, abandoned work dropped (queue empty within 3 s)."""
     request = pb.ClassifyRequest(audio=audio.linear16(audio.speech_like(60.0)), format=raw_format())
     outcomes = []
 
@@ -841,7 +850,7 @@ def cancel_storm(ctx):
 
     ctx.join([ctx.spawn(caller) for _ in range(8)], timeout=15)
     ctx.number(f"calls {summarize_codes(outcomes)}")
-    bad = [o for o in outcomes if o.code not in ("DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+    bad = [o for o in outcomes if o.code not in ("DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "OK")
            or o.seconds > 0.6]
     ctx.check("every call ends by its deadline", outcomes and not bad,
               f"{len(bad)} not: {summarize_codes(bad)}")
