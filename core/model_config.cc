@@ -57,13 +57,6 @@ absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& json) {
     return absl::InvalidArgumentError(
         absl::StrCat("model.json: missing or mistyped field: ", e.what()));
   }
-  absl::StatusOr<FeatureParams> features = FeatureParamsFromJson(json["features"]);
-  if (!features.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "model.json: 'features': ", features.status().message()));
-  }
-  config.features = *features;
-
   if (config.name.empty()) {
     return absl::InvalidArgumentError("model.json: 'name' is empty");
   }
@@ -79,6 +72,18 @@ absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& json) {
     return absl::InvalidArgumentError(
         absl::StrCat("model.json: 'sample_rate': ", s.message()));
   }
+  // The features are checked at the model's rate (fmax and fmin against
+  // its Nyquist frequency) when they do not name a rate of their own.
+  nlohmann::json features_json = json["features"];
+  if (features_json.is_object() && !features_json.contains("sample_rate")) {
+    features_json["sample_rate"] = config.sample_rate;
+  }
+  absl::StatusOr<FeatureParams> features = FeatureParamsFromJson(features_json);
+  if (!features.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model.json: 'features': ", features.status().message()));
+  }
+  config.features = *features;
   if (config.features.sample_rate.has_value() &&
       *config.features.sample_rate != config.sample_rate) {
     return absl::InvalidArgumentError(absl::StrCat(

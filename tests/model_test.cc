@@ -568,6 +568,16 @@ TEST(ModelConfigTest, ValidatesFields) {
   bad["window_seconds"] = "3";
   EXPECT_THAT(ModelConfigFromJson(bad).status().message(),
               HasSubstr("'window_seconds' must be a number"));
+  // Features without a rate of their own are checked at the model's (found
+  // by model_json_fuzzer: fmax above Nyquist was accepted, and the text
+  // written back was refused).
+  bad = json;
+  bad["features"].erase("sample_rate");
+  bad["features"]["fmax"] = bad["sample_rate"].get<int>() / 2 + 24;
+  EXPECT_THAT(ModelConfigFromJson(bad).status().message(),
+              HasSubstr("\"fmax\" must be <= sample_rate/2"));
+  bad["features"]["fmax"] = bad["sample_rate"].get<int>() / 2;
+  EXPECT_TRUE(ModelConfigFromJson(bad).ok());
 }
 
 // Python's torch loads what we save and computes the same outputs.
