@@ -25,8 +25,15 @@ void StartClassify(v1::EmotionService::Stub* stub,
   SetCallDeadline(connection, default_timeout_seconds, &call->context);
   stub->async()->Classify(&call->context, call->request.get(), &call->response,
                           [call](grpc::Status status) {
-                            call->done(status, call->response);
+                            // The call's state goes before `done` runs: once
+                            // it has, the caller may return and the process
+                            // exit (ASan saw a double free of a call freed
+                            // during exit).
+                            ClassifyDone done = std::move(call->done);
+                            const v1::ClassifyResponse response =
+                                std::move(call->response);
                             delete call;
+                            done(status, response);
                           });
 }
 

@@ -1,6 +1,7 @@
 #include "server/emotion_service.h"
 
 #include <algorithm>
+#include <atomic>
 #include <deque>
 #include <memory>
 #include <optional>
@@ -229,8 +230,10 @@ grpc::ServerUnaryReactor* EmotionService::Classify(grpc::CallbackServerContext* 
 // same), or an error, a cancellation or the idle timeout fails it (the
 // session is cancelled; the call ends with that status).
 //
-// Finish() is the last thing a path does, outside mu_: gRPC may run OnDone
-// (which deletes the call) on another thread as soon as it is called.
+// Finish() is called outside mu_: gRPC may run OnDone on another thread as
+// soon as it is. OnDone lets go of gRPC's hold on the call; the paths that
+// go on after a Finish() they may have caused hold it too, and the last
+// hold deletes it (ASan found a worker touching a deleted call).
 
 class EmotionService::StreamCall final
     : public grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>,
@@ -280,6 +283,7 @@ class EmotionService::StreamCall final
   }
 
   void OnWriteDone(bool ok) override {
+    Hold();  // alive until here: the write in flight keeps the call from finishing
     {
       absl::MutexLock lock(&mu_);
       queue_.pop_front();
@@ -296,6 +300,7 @@ class EmotionService::StreamCall final
     }
     if (!ok) Fail(absl::CancelledError("the client stopped receiving"));
     FinishIfDone();
+    Unhold();
   }
 
   void OnCancel() override { Fail(Abandoned(deadline_)); }
@@ -308,7 +313,7 @@ class EmotionService::StreamCall final
     }
     session.reset();  // waits for its callbacks to return
     if (admitted_) service_->Release(this, CallKind::kStream);
-    delete this;
+    Unhold();
   }
 
   void Drain() override {
@@ -385,24 +390,40 @@ class EmotionService::StreamCall final
     DoneProcessing(status);
   }
 
+  // The message is processed (or refused). Until processing_ is cleared
+  // the call cannot finish, so the session is still there; after that
+  // another thread may finish it at once, hence the hold.
   void DoneProcessing(const absl::Status& status) {
+    Hold();
     StreamSession* flush = nullptr;
     {
       absl::MutexLock lock(&mu_);
-      processing_ = false;
       last_activity_ = absl::Now();
       if (status.ok() && drain_after_processing_ && !input_closed_) {
         input_closed_ = true;
         flush = session_.get();
       }
-      if (status.ok()) ReadIfReadyLocked();
     }
     if (!status.ok()) {
       Fail(status);
     } else if (flush != nullptr) {
       flush->Finish();
     }
+    {
+      absl::MutexLock lock(&mu_);
+      processing_ = false;
+      if (status.ok()) ReadIfReadyLocked();
+    }
     FinishIfDone();
+    Unhold();
+  }
+
+  // gRPC's OnDone and the paths that may run on after Finish() (a worker
+  // done with a message, a write completing) each hold the call; the last
+  // to let go deletes it.
+  void Hold() { holds_.fetch_add(1, std::memory_order_relaxed); }
+  void Unhold() {
+    if (holds_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
 
   absl::Status Configure() {
@@ -517,6 +538,7 @@ class EmotionService::StreamCall final
   grpc::CallbackServerContext* const context_;
   const absl::Time start_ = absl::Now();
   const absl::Time deadline_;
+  std::atomic<int> holds_{1};  // gRPC's, given back by OnDone
   BudgetLease lease_;  // the base, plus the message being processed
   bool admitted_ = false;
   Engine* engine_ = nullptr;
