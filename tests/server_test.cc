@@ -216,6 +216,9 @@ class HeldStream final
     StartWrite(&config_);
     StartRead(&response_);
     AddHold();  // Close() writes from outside the reactions
+    // What the constructor wrote reaches the reactions' threads through
+    // gRPC core, which TSan cannot see; through mu_ it can.
+    { absl::MutexLock lock(&mu_); }
     StartCall();
   }
 
