@@ -432,6 +432,16 @@ int Run(const Options& options) {
   std::thread sampler([&] {
     while (sampling) {
       rss.emplace_back(absl::ToDoubleSeconds(absl::Now() - start), (*server)->RssMib());
+      if (rss.size() % 10 == 0) {  // progress, every 10 s
+        int64_t ended = 0;
+        {
+          absl::MutexLock lock(&tally.mu);
+          ended = tally.ended;
+        }
+        std::fprintf(stderr, "soak: %lld of %lld operations, %.0f s, server RSS %.0f MiB\n",
+                     static_cast<long long>(ended), static_cast<long long>(options.requests),
+                     rss.back().first, rss.back().second);
+      }
       absl::SleepFor(absl::Seconds(1));
     }
   });
