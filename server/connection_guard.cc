@@ -102,11 +102,14 @@ std::optional<std::string> Http2FrameCounter::OnFrame(uint8_t type, absl::Time n
     const bool own = resets_.Take(now);
     const bool total = total_resets_ == nullptr || total_resets_->Take(now);
     if (!own || !total) return "rapid_reset";
-  } else if (type == kHttp2Priority || type == kHttp2Settings || type > kHttp2Continuation) {
-    // Clients send these rarely or never (gRPC's own send no PRIORITY and
-    // no unknown types). PING and WINDOW_UPDATE are left alone: clients
-    // send them often under load (flow control, bandwidth probes), and
-    // gRPC closes connections that ping too often itself.
+  } else if (type == kHttp2Priority || type == kHttp2Settings || type == kHttp2Ping ||
+             type > kHttp2Continuation) {
+    // Clients send these rarely: gRPC's send no PRIORITY and no unknown
+    // types, and ping for keepalive (seconds apart) and bandwidth probes
+    // (one at a time, each a round trip). Each PING or SETTINGS makes gRPC
+    // queue an answer, and gRPC 1.51 reads a whole buffer of them before
+    // its own ping policy closes the connection (a flood grew it by
+    // 300-1700 MB). WINDOW_UPDATE is left alone: flow control sends many.
     if (!control_.Take(now)) return "control_flood";
   }
   return std::nullopt;
@@ -279,6 +282,10 @@ struct ConnectionGuard::Impl {
       buffer.data.clear();
       buffer.begin = 0;
       if (*eof) break;
+      // A client that does not read what it is sent is not read either:
+      // what it sends may make gRPC answer (PING, SETTINGS), and the
+      // answers would pile up in gRPC's buffers.
+      if (up && !c.down.empty()) return Pumped::kOk;
       const ssize_t n = read(src, scratch.get(), kReadBytes);
       if (n > 0) {
         const absl::string_view bytes(scratch.get(), static_cast<size_t>(n));
@@ -315,8 +322,9 @@ struct ConnectionGuard::Impl {
 
   void UpdateInterest(uint64_t id, Connection& c) {
     // Read a side only while what it sent before is through (the buffer is
-    // empty): a side that does not read stops the other side's reads.
-    const uint32_t client = (!c.client_eof && c.up.empty() ? EPOLLIN : 0u) |
+    // empty): a side that does not read stops the other side's reads. The
+    // client is read only while it also takes what gRPC sends.
+    const uint32_t client = (!c.client_eof && c.up.empty() && c.down.empty() ? EPOLLIN : 0u) |
                             (!c.down.empty() ? EPOLLOUT : 0u);
     const uint32_t backend = (!c.backend_eof && c.down.empty() ? EPOLLIN : 0u) |
                              (!c.up.empty() && !c.backend_gone ? EPOLLOUT : 0u);

@@ -30,7 +30,7 @@ struct ConnectionGuardOptions {
   // and all connections together.
   int max_resets_per_second = 1000;
   int max_total_resets_per_second = 4000;
-  // SETTINGS, PRIORITY and frames of unknown types per second.
+  // SETTINGS, PRIORITY, PING and frames of unknown types per second.
   int max_control_frames_per_second = 256;
   // A connection must send the HTTP/2 preface within this.
   absl::Duration preface_timeout = absl::Seconds(10);

@@ -33,6 +33,7 @@ inline constexpr uint8_t kHttp2Headers = 0x1;
 inline constexpr uint8_t kHttp2Priority = 0x2;
 inline constexpr uint8_t kHttp2RstStream = 0x3;
 inline constexpr uint8_t kHttp2Settings = 0x4;
+inline constexpr uint8_t kHttp2Ping = 0x6;
 inline constexpr uint8_t kHttp2WindowUpdate = 0x8;
 inline constexpr uint8_t kHttp2Continuation = 0x9;
 inline constexpr uint8_t kHttp2EndStream = 0x1;

@@ -424,17 +424,23 @@ TEST(ConnectionGuardTest, ManyConnectionsShareTheTotalResetBudget) {
   EXPECT_EQ(second.Feed(Frame(0x3, 1, 4), now), "rapid_reset");
 }
 
-TEST(ConnectionGuardTest, ControlFramesFloodingIsClosedButPingsAndWindowUpdatesAreNot) {
+TEST(ConnectionGuardTest, ControlFramesFloodingIsClosedButWindowUpdatesAreNot) {
   ConnectionGuardOptions options;
   options.max_control_frames_per_second = 5;
   Http2FrameCounter counter(options, nullptr);
   const absl::Time now = absl::Now();
   ASSERT_EQ(counter.Feed(std::string(24, 'p'), now), std::nullopt);
-  for (int i = 0; i < 100; ++i) {
-    ASSERT_EQ(counter.Feed(Frame(0x6, 0, 8) + Frame(0x8, 0, 4), now), std::nullopt);
+  for (int i = 0; i < 100; ++i) ASSERT_EQ(counter.Feed(Frame(0x8, 0, 4), now), std::nullopt);
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(counter.Feed(Frame(0xFA, 0, 100), now), std::nullopt);
+  ASSERT_EQ(counter.Feed(Frame(0x6, 0, 8) + Frame(0x4, 0, 6), now), std::nullopt);
+  // The sixth within the second: a PING counts like the others.
+  EXPECT_EQ(counter.Feed(Frame(0x6, 0, 8), now), "control_flood");
+  // Pings a second apart are fine.
+  Http2FrameCounter keepalive(options, nullptr);
+  ASSERT_EQ(keepalive.Feed(std::string(24, 'p'), now), std::nullopt);
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_EQ(keepalive.Feed(Frame(0x6, 0, 8), now + absl::Seconds(i)), std::nullopt) << i;
   }
-  for (int i = 0; i < 5; ++i) ASSERT_EQ(counter.Feed(Frame(0xFA, 0, 100), now), std::nullopt);
-  EXPECT_EQ(counter.Feed(Frame(0x4, 0, 6), now), "control_flood");
 }
 
 // A frame with a given payload and flags.
