@@ -83,6 +83,38 @@ std::string StreamInput(const std::vector<v1::StreamClassifyRequest>& messages) 
   return out;
 }
 
+// http2_guard_fuzzer's chunks: a byte (bit 7: from gRPC; bits 0-6: length)
+// before each piece of at most 127 bytes.
+std::string Chunks(bool from_grpc, const std::string& bytes) {
+  std::string out;
+  for (size_t i = 0; i < bytes.size(); i += 127) {
+    const std::string piece = bytes.substr(i, 127);
+    out.push_back(static_cast<char>((from_grpc ? 0x80 : 0) | piece.size()));
+    out += piece;
+  }
+  return out;
+}
+
+std::string Http2Frame(uint8_t type, uint8_t flags, uint32_t stream, const std::string& payload) {
+  std::string frame = {static_cast<char>(payload.size() >> 16),
+                       static_cast<char>(payload.size() >> 8),
+                       static_cast<char>(payload.size()),
+                       static_cast<char>(type),
+                       static_cast<char>(flags),
+                       static_cast<char>(stream >> 24),
+                       static_cast<char>(stream >> 16),
+                       static_cast<char>(stream >> 8),
+                       static_cast<char>(stream)};
+  return frame + payload;
+}
+
+// A gRPC message: no compression, its length, its bytes.
+std::string GrpcMessage(uint32_t declared, const std::string& bytes) {
+  return std::string{0, static_cast<char>(declared >> 24), static_cast<char>(declared >> 16),
+                     static_cast<char>(declared >> 8), static_cast<char>(declared)} +
+         bytes;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -168,5 +200,28 @@ int main(int argc, char** argv) {
   small.window_seconds = 0.5;
   small.features = emoserve::FeatureParams();
   Write(root / "model_json_fuzzer" / "small", emoserve::ModelConfigToJson(small).dump());
+
+  // http2_guard_fuzzer: a Classify call (HEADERS, a padded DATA frame and
+  // one that ends the stream) and its answer; a call whose message is too
+  // large for the budget, with data after the refusal.
+  const std::string preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+  const std::string settings = Http2Frame(0x4, 0, 0, "");
+  const std::string request = GrpcMessage(300, std::string(300, 'a'));
+  const std::string call =
+      Http2Frame(0x1, 0x4, 1, "hpack-block") +
+      Http2Frame(0x0, 0x8, 1, std::string(1, 4) + request.substr(0, 100) + "pppp") +
+      Http2Frame(0x0, 0x1, 1, request.substr(100));
+  const std::string answer = Http2Frame(0x1, 0x4, 1, "response-headers") +
+                             Http2Frame(0x0, 0, 1, GrpcMessage(20, std::string(20, 'r'))) +
+                             Http2Frame(0x1, 0x5, 1, "trailers");
+  Write(root / "http2_guard_fuzzer" / "classify",
+        Chunks(false, preface + settings) + Chunks(true, settings) + Chunks(false, call) +
+            Chunks(true, answer));
+  const std::string big = Http2Frame(0x1, 0x4, 3, "hpack-block") +
+                          Http2Frame(0x0, 0, 3, GrpcMessage(1 << 20, std::string(100, 'b'))) +
+                          Http2Frame(0x0, 0x1, 3, std::string(200, 'b'));
+  Write(root / "http2_guard_fuzzer" / "refused",
+        Chunks(false, preface + settings) + Chunks(true, settings) + Chunks(false, big) +
+            Chunks(true, Http2Frame(0x6, 0x1, 0, std::string(8, 0))));
   return 0;
 }
