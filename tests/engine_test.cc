@@ -13,6 +13,7 @@
 #include <memory>
 #include <random>
 #include <thread>
+#include <numeric>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -293,8 +294,9 @@ TEST_F(EngineTest, BatchedResultsEqualUnbatchedResults) {
       unbatched.push_back(*done.result(i));
     }
   }
-  // Batched: the runner waits (max_queue_delay) until all 24 are ready, so
-  // they run as one batch.
+  // Batched: windows whose features are ready while the model is busy wait
+  // (max_queue_delay) to run together; usually all 24 in one batch, but a
+  // slow machine (TSan in CI) may run the first alone.
   TestObserver observer;
   EngineOptions options;
   options.max_batch_size = static_cast<int>(windows.size());
@@ -305,7 +307,9 @@ TEST_F(EngineTest, BatchedResultsEqualUnbatchedResults) {
     engine->Submit(Request(windows[i], done.Callback(i)));
   }
   ASSERT_TRUE(done.WaitAll());
-  EXPECT_THAT(observer.batches(), ::testing::ElementsAre(static_cast<int>(windows.size())));
+  const std::vector<int> batches = observer.batches();
+  EXPECT_THAT(batches, ::testing::Contains(::testing::Gt(1)));
+  EXPECT_EQ(std::accumulate(batches.begin(), batches.end(), 0), static_cast<int>(windows.size()));
   for (size_t i = 0; i < windows.size(); ++i) {
     ASSERT_TRUE(done.result(i).ok()) << done.result(i).status();
     ExpectNear(*done.result(i), unbatched[i]);
