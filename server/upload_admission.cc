@@ -104,12 +104,6 @@ struct UploadAdmission::Upload {
 UploadAdmission::UploadAdmission(MemoryBudget* budget) : budget_(budget) {}
 UploadAdmission::~UploadAdmission() = default;
 
-int64_t UploadAdmission::bytes_held() const {
-  int64_t held = 0;
-  for (const auto& [stream, upload] : uploads_) held += upload->lease.bytes();
-  return held;
-}
-
 bool UploadAdmission::FromClient(absl::string_view bytes, std::string* to_server) {
   from_client_.Feed(bytes, [&](const Http2FrameReader::Piece& piece) {
     OnClientPiece(piece, to_server);

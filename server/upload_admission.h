@@ -103,7 +103,6 @@ class UploadAdmission {
   void FlushToClient(std::string* to_client);
 
   int64_t refused() const { return refused_; }
-  int64_t bytes_held() const;
 
  private:
   struct Upload;  // one open stream's message being received
