@@ -578,6 +578,25 @@ TEST(UploadAdmissionTest, AMessageThatDoesNotFitIsRefusedWithTrailersAndItsDataD
   EXPECT_EQ(budget.used(), 0);
 }
 
+TEST(UploadAdmissionTest, AClientThatKeepsOpeningRefusedStreamsIsClosed) {
+  MemoryBudget budget(1000, nullptr, "the upload budget");
+  UploadAdmission uploads(&budget);
+  std::string to_server;
+  ASSERT_TRUE(uploads.FromClient(kPreface, &to_server));
+  uint32_t stream = 1;
+  for (size_t i = 0; i < UploadAdmission::kMaxRefusedStreams; ++i, stream += 2) {
+    ASSERT_TRUE(uploads.FromClient(FrameWith(kHttp2Headers, kHttp2EndHeaders, stream, "h") +
+                                       FrameWith(kHttp2Data, 0, stream, GrpcPrefix(5000)),
+                                   &to_server))
+        << i;
+  }
+  EXPECT_EQ(uploads.refused(), static_cast<int64_t>(UploadAdmission::kMaxRefusedStreams));
+  EXPECT_FALSE(uploads.FromClient(FrameWith(kHttp2Headers, kHttp2EndHeaders, stream, "h") +
+                                      FrameWith(kHttp2Data, 0, stream, GrpcPrefix(5000)),
+                                  &to_server));
+  EXPECT_EQ(budget.used(), 0);
+}
+
 TEST(UploadAdmissionTest, RefusalsWaitForABoundaryBetweenGrpcsFrames) {
   MemoryBudget budget(1000, nullptr, "the upload budget");
   UploadAdmission uploads(&budget);
