@@ -736,6 +736,11 @@ TEST_F(EngineTest, AShortClipBehindALongOneWaitsForAboutOneBatch) {
   TestObserver observer(/*hold_first_batch=*/true);
   EngineOptions options;
   options.max_batch_size = 4;
+  // One feature worker takes windows strictly in turn order, so the count
+  // below does not depend on how the threads are scheduled (with two, a
+  // starved worker holding the short clip's window lets the other prepare
+  // more of the long clip's).
+  options.feature_threads = 1;
   std::unique_ptr<Engine> engine = MakeEngine(options, &observer);
   WindowCompletions blocker(1);
   engine->Submit(Request(SpeechWindows(1)[0], blocker.Callback(0)));
