@@ -853,5 +853,18 @@ TEST(AudioDurationTest, InvalidLimit) {
   }
 }
 
+// The comparison helper the decoder tests rely on: outputs of another size
+// fail every comparison instead of being compared on their common prefix.
+TEST(TestSupportTest, MaxAbsDifferenceOfDifferentSizesFailsEveryComparison) {
+  const std::vector<float> signal = {0.5f, -0.25f};
+  EXPECT_EQ(emoserve::testing::MaxAbsDifference(signal, signal), 0.0);
+  EXPECT_EQ(emoserve::testing::MaxAbsDifference(signal, {0.5f, 0.25f}), 0.5);
+  const double empty = emoserve::testing::MaxAbsDifference({}, signal);
+  EXPECT_TRUE(std::isnan(empty));
+  EXPECT_FALSE(empty < 1.0);
+  EXPECT_FALSE(empty > 0.0);
+  EXPECT_TRUE(std::isnan(emoserve::testing::MaxAbsDifference({0.5f}, signal)));
+}
+
 }  // namespace
 }  // namespace emoserve

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -158,8 +159,9 @@ absl::StatusOr<std::string> EncodeAudio(absl::Span<const float> interleaved,
 }
 
 double MaxAbsDifference(absl::Span<const float> a, absl::Span<const float> b) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::quiet_NaN();
   double largest = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+  for (size_t i = 0; i < a.size(); ++i) {
     largest = std::max(largest, std::abs(double{a[i]} - b[i]));
   }
   return largest;

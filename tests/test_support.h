@@ -51,7 +51,8 @@ absl::StatusOr<std::string> EncodeAudio(absl::Span<const float> interleaved,
                                         int channels, int sample_rate,
                                         AudioFormat format);
 
-// The largest |a[i] - b[i]| (a and b of the same size).
+// The largest |a[i] - b[i]|; NaN when the sizes differ, so that every
+// comparison with it fails (an empty output never "equals" a signal).
 double MaxAbsDifference(absl::Span<const float> a, absl::Span<const float> b);
 
 // Root mean square of `x` (0 when empty).
