@@ -11,10 +11,7 @@
 //
 //   engine_bench [--model models/default] [--out bench/results/engine.md]
 //                [--rounds 3] [--seconds 5]
-// Without a model directory it builds a fresh default-architecture model
-// (same compute as a trained one); without the shared RAVDESS folder it uses
-// synthetic audio.
-#include <malloc.h>
+// Without the shared RAVDESS folder it uses synthetic audio.
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -40,7 +37,7 @@
 #include "core/model.h"
 #include "core/windowing.h"
 #include "nlohmann/json.hpp"
-#include "tests/test_model.h"
+#include "train/ravdess.h"
 
 namespace emoserve {
 namespace {
@@ -89,24 +86,6 @@ struct Setup {
   int cores = 1;
 };
 
-absl::StatusOr<std::shared_ptr<const Model>> LoadOrBuildModel(const std::string& dir,
-                                                             std::string* source) {
-  if (fs::exists(fs::path(dir) / "model.pt")) {
-    absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir);
-    if (!model.ok()) return model.status();
-    *source = dir;
-    return std::shared_ptr<const Model>(*std::move(model));
-  }
-  const fs::path temp = fs::temp_directory_path() /
-                        absl::StrCat("emoserve_engine_bench_", ::getpid());
-  *source = absl::StrCat("fresh default architecture (", dir, " has no model.pt)");
-  absl::StatusOr<std::shared_ptr<const Model>> model =
-      testing::MakeTestModel(testing::DefaultModelConfig(), temp.string());
-  std::error_code ignored;
-  fs::remove_all(temp, ignored);
-  return model;
-}
-
 // The first window of each clip: real RAVDESS speech when the shared folder
 // is there, else deterministic noise bursts.
 std::vector<std::vector<float>> BenchWindows(const Model& model, const std::string& shared,
@@ -115,7 +94,7 @@ std::vector<std::vector<float>> BenchWindows(const Model& model, const std::stri
   std::vector<std::vector<float>> windows;
   absl::StatusOr<std::vector<std::vector<float>>> clips =
       model.config().sample_rate == 16000 && fs::is_directory(shared)
-          ? testing::LoadRavdessClips(shared, 64)
+          ? LoadRavdessClips(shared + "/datasets/ravdess", 64)
           : absl::NotFoundError("no shared folder");
   if (clips.ok()) {
     *source = absl::StrCat(clips->size(), " RAVDESS clips from ", shared);
@@ -279,10 +258,6 @@ EngineRun RunEngine(const Setup& setup, int submitters, double seconds) {
 }
 
 int Main(int argc, char** argv) {
-  // glibc malloc makes LibTorch several times slower.
-  mallopt(M_MMAP_MAX, 0);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-
   CLI::App app("Engine throughput and latency against the offline ceiling");
   std::string model_dir = std::string(EMOSERVE_SOURCE_DIR) + "/models/default";
   std::string out = std::string(EMOSERVE_SOURCE_DIR) + "/bench/results/engine.md";
@@ -290,7 +265,7 @@ int Main(int argc, char** argv) {
   int rounds = 3;
   double seconds = 5;
   int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  app.add_option("--model", model_dir, "model directory (fresh model if it has no model.pt)");
+  app.add_option("--model", model_dir, "model directory (model.json and model.pt)");
   app.add_option("--out", out, "markdown report (a .json beside it)");
   app.add_option("--shared", shared, "the shared folder (RAVDESS); synthetic audio if absent");
   app.add_option("--rounds", rounds, "rounds of all measurements (medians are reported)")
@@ -313,9 +288,9 @@ int Main(int argc, char** argv) {
   if (options.feature_threads == 0) options.feature_threads = cores;
   if (options.intra_op_threads == 0) options.intra_op_threads = cores;
   setup.cores = cores;
-  SetModelThreads(cores);
-  absl::StatusOr<std::shared_ptr<const Model>> model =
-      LoadOrBuildModel(model_dir, &setup.model_source);
+  SetUpModelRuntime(cores);
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(model_dir);
+  setup.model_source = model_dir;
   if (!model.ok()) {
     std::fprintf(stderr, "model: %s\n", model.status().ToString().c_str());
     return 1;
@@ -350,9 +325,9 @@ int Main(int argc, char** argv) {
   for (int round = 0; round < rounds; ++round) {
     // Direct calls run as the engine's model does; the offline ceiling's
     // batches use every core.
-    SetModelThreads(options.intra_op_threads);
+    SetUpModelRuntime(options.intra_op_threads);
     direct.push_back(OnNewThread([&] { return DirectMs(setup, features, 30); }));
-    SetModelThreads(cores);
+    SetUpModelRuntime(cores);
     for (size_t b = 0; b < batch_sizes.size(); ++b) {
       ceiling[b].push_back(OnNewThread([&] {
         return Ceiling(setup, features, batch_sizes[b], std::max(4, 128 / batch_sizes[b]));

@@ -87,18 +87,6 @@ absl::Status CheckProbabilities(absl::Span<const float> row) {
   return absl::OkStatus();
 }
 
-// RMS level in dBFS of source[start, start + window), counting the zero
-// padding past the end of the audio: the same value RmsDbfs gives for the
-// padded copy of the window (zeros add nothing to the sum).
-double WindowDbfs(absl::Span<const float> source, size_t start, size_t window) {
-  if (window == 0) return -std::numeric_limits<double>::infinity();
-  const size_t end = std::min(source.size(), start + window);
-  double sum = 0.0;
-  for (size_t i = start; i < end; ++i) sum += static_cast<double>(source[i]) * source[i];
-  if (sum <= 0.0) return -std::numeric_limits<double>::infinity();
-  return 10.0 * std::log10(sum / static_cast<double>(window));
-}
-
 int DefaultThreads(int requested) {
   if (requested > 0) return requested;
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -492,7 +480,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   impl->options = options;
   impl->observer = observer;
   impl->lookahead = static_cast<size_t>(options.max_batch_size) * options.model_instances;
-  SetModelThreads(options.intra_op_threads);
+  SetUpModelRuntime(options.intra_op_threads);
 
   Impl* raw_impl = impl.get();
   const int feature_threads = DefaultThreads(options.feature_threads);
@@ -572,22 +560,18 @@ void Engine::Classify(ClipRequest request) {
   std::shared_ptr<ClipState> state;
   try {
     const double rate = config.sample_rate;
-    const std::vector<size_t> starts = WindowStarts(num_samples, window, hop);
+    const ClipPlan plan = PlanClip(request.samples, window, hop, threshold);
+    const std::vector<size_t>& starts = plan.starts;
+    const std::vector<size_t>& to_model = plan.to_model;
     ClipResult result;
     result.duration_seconds = num_samples / rate;
+    result.speech_windows = plan.speech_windows;
     result.windows.resize(starts.size());
     for (size_t i = 0; i < starts.size(); ++i) {
       WindowResult& w = result.windows[i];
       w.start_seconds = starts[i] / rate;
       w.end_seconds = std::min(starts[i] + window, num_samples) / rate;
-      w.speech = WindowDbfs(request.samples, starts[i], window) >= threshold;
-      result.speech_windows += w.speech ? 1 : 0;
-    }
-    // Silent windows skip the model, unless no window holds speech: then all
-    // go, so that a quiet clip still gets a result.
-    std::vector<size_t> to_model;
-    for (size_t i = 0; i < starts.size(); ++i) {
-      if (result.windows[i].speech || result.speech_windows == 0) to_model.push_back(i);
+      w.speech = plan.speech[i];
     }
     // The clip's audio and its charge go together, with the last window.
     auto source = std::shared_ptr<const std::vector<float>>(

@@ -16,6 +16,7 @@
 #include "absl/types/span.h"
 #include "core/memory_budget.h"
 #include "core/model.h"
+#include "core/windowing.h"
 
 namespace emoserve {
 
@@ -41,7 +42,7 @@ struct EngineOptions {
   // features). More cores than the features need want more runners.
   int model_instances = 1;
   // LibTorch intra-op threads; 0 = one per core. LibTorch's setting is
-  // process-wide: Engine::Create applies it (SetModelThreads). One thread
+  // process-wide: Engine::Create applies it (SetUpModelRuntime). One thread
   // leaves the other cores to the feature workers; a model that splits
   // each op over cores pays OpenMP's hand-offs between its many small ops
   // (the bundled model at batch 1: 2.9 ms a window on two threads, 1.2 ms
@@ -49,7 +50,7 @@ struct EngineOptions {
   int intra_op_threads = 1;
   // Default voice-activity threshold: windows whose RMS level (dBFS) is
   // below it are silence and skip the model.
-  double vad_threshold_dbfs = -50.0;
+  double vad_threshold_dbfs = kDefaultVadThresholdDbfs;
   // The smallest hop a clip or stream may ask for: the model's cost per
   // second of audio is proportional to 1 / hop.
   double min_hop_seconds = 0.25;

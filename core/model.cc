@@ -1,5 +1,7 @@
 #include "core/model.h"
 
+#include <malloc.h>
+
 #include <cmath>
 #include <filesystem>
 #include <new>
@@ -51,7 +53,9 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
 
 }  // namespace
 
-void SetModelThreads(int threads) {
+void SetUpModelRuntime(int threads) {
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   if (threads <= 0) {
     threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   }

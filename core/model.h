@@ -18,9 +18,13 @@ struct ModelOptions {
   std::string device = "cpu";
 };
 
-// Sets LibTorch's intra-op thread count for the process (it defaults to 1
-// here). threads <= 0 means one per hardware core.
-void SetModelThreads(int threads);
+// Sets the process up for running models: glibc malloc keeps the memory
+// it frees (handing LibTorch's large buffers back to the kernel after every
+// forward makes inference several times slower), and LibTorch runs each op
+// on `intra_op_threads` threads (process-wide; it defaults to one here;
+// <= 0: one per core). Every binary that runs a model calls it before
+// loading one; a later call changes the thread count.
+void SetUpModelRuntime(int intra_op_threads);
 
 class Model {
  public:

@@ -18,7 +18,7 @@ struct StreamOptions {
   int input_sample_rate = 16000;  // resampled to the model's rate inside
   double hop_seconds = 0;         // 0 = half the model's window
   bool vad_enabled = true;
-  double vad_threshold_dbfs = -50.0;
+  double vad_threshold_dbfs = EngineOptions().vad_threshold_dbfs;
   // The stream fails with kOutOfRange past this much audio.
   double max_seconds = 3600.0;
   absl::Time deadline = absl::InfiniteFuture();

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -42,6 +43,30 @@ void CopyWindow(absl::Span<const float> samples, size_t start, size_t window,
       start < samples.size() ? std::min(window, samples.size() - start) : 0;
   if (available > 0) std::memcpy(out, samples.data() + start, available * sizeof(float));
   std::fill(out + available, out + window, 0.0f);
+}
+
+double WindowDbfs(absl::Span<const float> samples, size_t start, size_t window) {
+  if (window == 0) return -std::numeric_limits<double>::infinity();
+  const size_t end = std::min(samples.size(), start + window);
+  double sum = 0.0;
+  for (size_t i = start; i < end; ++i) sum += static_cast<double>(samples[i]) * samples[i];
+  if (sum <= 0.0) return -std::numeric_limits<double>::infinity();
+  return 10.0 * std::log10(sum / static_cast<double>(window));
+}
+
+ClipPlan PlanClip(absl::Span<const float> samples, size_t window, size_t hop,
+                  double vad_threshold_dbfs) {
+  ClipPlan plan;
+  plan.starts = WindowStarts(samples.size(), window, hop);
+  plan.speech.resize(plan.starts.size());
+  for (size_t i = 0; i < plan.starts.size(); ++i) {
+    plan.speech[i] = WindowDbfs(samples, plan.starts[i], window) >= vad_threshold_dbfs;
+    plan.speech_windows += plan.speech[i] ? 1 : 0;
+  }
+  for (size_t i = 0; i < plan.starts.size(); ++i) {
+    if (plan.speech[i] || plan.speech_windows == 0) plan.to_model.push_back(i);
+  }
+  return plan;
 }
 
 std::vector<float> MeanProbabilities(absl::Span<const float> probabilities,

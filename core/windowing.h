@@ -34,6 +34,28 @@ void CopyWindow(absl::Span<const float> samples, size_t start, size_t window,
 std::vector<float> MeanProbabilities(absl::Span<const float> probabilities,
                                      int num_classes);
 
+// RMS level in dBFS of samples[start, start + window), counting the zero
+// padding past the end of the audio (-inf for silence).
+double WindowDbfs(absl::Span<const float> samples, size_t start, size_t window);
+
+// Windows quieter than this (RMS, dBFS) are silence unless a call sets
+// another threshold.
+inline constexpr double kDefaultVadThresholdDbfs = -50.0;
+
+// How a clip is classified, shared by the service and the evaluator: its
+// windows (WindowStarts), which of them are speech (level at least the
+// voice-activity threshold), and which go to the model: the speech windows,
+// or all of them when none is speech, so that a quiet clip still gets a
+// result. The clip's probabilities are the mean of those windows' results.
+struct ClipPlan {
+  std::vector<size_t> starts;
+  std::vector<bool> speech;       // per window
+  std::vector<size_t> to_model;   // indices into `starts`
+  int speech_windows = 0;
+};
+ClipPlan PlanClip(absl::Span<const float> samples, size_t window, size_t hop,
+                  double vad_threshold_dbfs);
+
 }  // namespace emoserve
 
 #endif  // EMOSERVE_CORE_WINDOWING_H_

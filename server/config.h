@@ -8,6 +8,9 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "core/engine.h"
+#include "core/stream.h"
 #include "server/log.h"
 
 namespace emoserve {
@@ -24,19 +27,22 @@ struct ServerConfig {
   // Model and engine.
   std::string model = "models/default";
   std::string device = "cpu";
-  int max_batch_size = 32;
-  int max_queue_size = 2048;
-  int max_queue_delay_ms = 0;
-  int feature_threads = 0;   // 0: one per core
-  int model_instances = 1;
-  int torch_threads = 1;     // 0: one per core
-  double vad_threshold_dbfs = -50.0;
+  // The engine's and the streams' own defaults (core/engine.h,
+  // core/stream.h) are the flags' defaults.
+  int max_batch_size = EngineOptions().max_batch_size;
+  int max_queue_size = EngineOptions().max_queue_size;
+  int max_queue_delay_ms =
+      static_cast<int>(absl::ToInt64Milliseconds(EngineOptions().max_queue_delay));
+  int feature_threads = EngineOptions().feature_threads;  // 0: one per core
+  int model_instances = EngineOptions().model_instances;
+  int torch_threads = EngineOptions().intra_op_threads;   // 0: one per core
+  double vad_threshold_dbfs = EngineOptions().vad_threshold_dbfs;
   // Limits of a call.
   int64_t max_message_bytes = 32 << 20;
   double max_unary_seconds = 600.0;
-  double max_stream_seconds = 3600.0;
+  double max_stream_seconds = StreamOptions().max_seconds;
   int64_t max_chunk_bytes = 64 << 10;
-  double min_hop_seconds = 0.25;
+  double min_hop_seconds = EngineOptions().min_hop_seconds;
   double stream_idle_seconds = 30.0;
   // Limits of the server.
   int max_audio_memory_mb = 256;

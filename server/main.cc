@@ -1,5 +1,4 @@
 // emoserve-server: the gRPC service. See `emoserve-server --help`.
-#include <malloc.h>
 #include <signal.h>
 #include <sys/resource.h>
 
@@ -13,10 +12,6 @@
 #include "server/server.h"
 
 int main(int argc, char** argv) {
-  // glibc's default malloc hands LibTorch's large buffers back to the kernel
-  // after every forward, which makes inference 3-10x slower.
-  mallopt(M_MMAP_MAX, 0);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   // SIGTERM/SIGINT are taken by sigwait below; blocked before any thread
   // starts so that every thread inherits the mask.
   sigset_t stop_signals;
@@ -44,6 +39,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   const emoserve::ServerConfig& config = command_line->config;
+  emoserve::SetUpModelRuntime(config.torch_threads);
   using emoserve::Log;
   using emoserve::LogLevel;
   emoserve::SetLogLevel(config.log_level);

@@ -20,16 +20,19 @@
 #include "core/model_config.h"
 #include "core/stream.h"
 #include "emoserve/v1/emoserve.pb.h"
+#include "server/config.h"
 
 namespace emoserve {
 
-// The limits a request is checked against (from ServerConfig).
+// The limits a request is checked against: the server's flags (their
+// defaults by default).
 struct RequestLimits {
-  double max_unary_seconds = 600.0;
-  double max_stream_seconds = 3600.0;
-  int64_t max_chunk_bytes = 64 << 10;
-  double min_hop_seconds = 0.25;
-  double vad_threshold_dbfs = -50.0;  // the server's default
+  double max_unary_seconds = ServerConfig().max_unary_seconds;
+  double max_stream_seconds = ServerConfig().max_stream_seconds;
+  int64_t max_chunk_bytes = ServerConfig().max_chunk_bytes;
+  double min_hop_seconds = ServerConfig().min_hop_seconds;
+  // The threshold of calls that set none.
+  double vad_threshold_dbfs = ServerConfig().vad_threshold_dbfs;
 };
 
 // The raw PCM format of a Classify request (nullopt: a container file),

@@ -229,7 +229,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
 }
 
 absl::Status Server::LoadModel() {
-  SetModelThreads(config_.torch_threads);
   ModelOptions model_options;
   model_options.device = config_.device;
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(config_.model, model_options);

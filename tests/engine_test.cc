@@ -25,6 +25,7 @@
 #include "core/windowing.h"
 #include "tests/test_model.h"
 #include "tests/test_support.h"
+#include "train/ravdess.h"
 
 namespace emoserve {
 namespace {
@@ -141,7 +142,7 @@ using WindowCompletions = Completions<std::vector<float>>;
 class EngineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    testing::TuneMallocForTorch();
+    SetUpModelRuntime(1);
     absl::StatusOr<std::shared_ptr<const Model>> model = testing::MakeTestModel(
         testing::SmallModelConfig(),
         (std::filesystem::path(::testing::TempDir()) / "engine_test_model").string());
@@ -161,7 +162,7 @@ class EngineTest : public ::testing::Test {
                       "engine tests run on RAVDESS speech";
     }
     absl::StatusOr<std::vector<std::vector<float>>> clips =
-        testing::LoadRavdessClips(*shared, 6);
+        LoadRavdessClips(*shared + "/datasets/ravdess", 6);
     ASSERT_TRUE(clips.ok()) << clips.status();
     clips_ = *std::move(clips);
   }

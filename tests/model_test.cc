@@ -15,12 +15,13 @@
 
 #include "core/features.h"
 #include "core/model.h"
-#include "core/model_architecture.h"
+#include "train/architectures.h"
 #include "core/model_config.h"
 #include "core/windowing.h"
 #include "absl/strings/str_cat.h"
 #include "tests/test_model.h"
 #include "tests/test_support.h"
+#include "train/ravdess.h"
 
 namespace emoserve {
 namespace {
@@ -158,7 +159,8 @@ TEST(ModelArchitectureTest, GlobalPoolingIgnoresWhereInTheWindowASoundIs) {
 TEST(ModelArchitectureTest, CepstralBranchesSeeTheExtractorsMfccs) {
   std::optional<std::string> shared = testing::SharedDir();
   if (!shared) GTEST_SKIP() << "../shared is absent: this test uses a RAVDESS clip";
-  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::LoadRavdessClips(*shared, 1);
+  absl::StatusOr<std::vector<std::vector<float>>> clips =
+      LoadRavdessClips(*shared + "/datasets/ravdess", 1);
   ASSERT_TRUE(clips.ok()) << clips.status();
   const ModelConfig mfcc_config = testing::DefaultModelConfig();  // 40 MFCCs of 64 mels
   ModelConfig mel_config = mfcc_config;

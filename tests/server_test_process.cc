@@ -8,10 +8,13 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -433,6 +436,54 @@ TEST(ServerProcessTest, SigtermLetsCallsInFlightFinishAndExitsZero) {
   late.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
   v1::ClassifyResponse late_response;
   EXPECT_EQ(stub->Classify(&late, request, &late_response).error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
+// `emoserve-train eval` reports what users get: for every clip of the test
+// actors, the label it gives is the label the real server gives (the same
+// windows, voice activity and averaging).
+TEST(ServerProcessTest, EvalAndTheServiceGiveTheSameLabelForEveryTestClip) {
+  const std::optional<std::string> shared = testing::SharedDir();
+  if (!shared.has_value()) GTEST_SKIP() << "../shared is absent: the check needs RAVDESS";
+  const std::string model = std::string(EMOSERVE_SOURCE_DIR) + "/models/default";
+  const std::string predictions = testing::ScratchDir() + "/eval_predictions.csv";
+  const std::pair<int, std::string> eval = testing::RunCommand(absl::StrCat(
+      EMOSERVE_BINARY_DIR, "/train/emoserve-train eval --model ", model, " --data ", *shared,
+      "/datasets/ravdess --actors 21-24 --threads 1 --predictions ", predictions));
+  ASSERT_EQ(eval.first, 0) << eval.second;
+
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(
+      {"--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--model", model,
+       "--torch-threads", "1"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  absl::StatusOr<int> port = WaitUntilServing(**server);
+  ASSERT_TRUE(port.ok()) << port.status();
+  std::unique_ptr<v1::EmotionService::Stub> stub = v1::EmotionService::NewStub(Connect(*port));
+
+  std::ifstream csv(predictions);
+  std::string line;
+  std::getline(csv, line);
+  ASSERT_EQ(line, "path,label,predicted");
+  int clips = 0;
+  int differ = 0;
+  while (std::getline(csv, line)) {
+    const std::vector<std::string> fields = absl::StrSplit(line, ',');
+    ASSERT_EQ(fields.size(), 3u) << line;
+    std::ifstream file(fields[0], std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(file)),
+                            std::istreambuf_iterator<char>());
+    v1::ClassifyRequest request;
+    request.set_audio(bytes);
+    v1::ClassifyResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    const grpc::Status status = stub->Classify(&context, request, &response);
+    ASSERT_TRUE(status.ok()) << fields[0] << ": " << status.error_message();
+    EXPECT_EQ(response.top_label(), fields[2]) << fields[0];
+    differ += response.top_label() != fields[2] ? 1 : 0;
+    ++clips;
+  }
+  EXPECT_EQ(clips, 240);
+  EXPECT_EQ(differ, 0);
 }
 
 }  // namespace

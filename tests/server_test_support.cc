@@ -29,6 +29,7 @@
 #include "core/audio.h"
 #include "tests/test_model.h"
 #include "tests/test_support.h"
+#include "train/ravdess.h"
 
 extern char** environ;
 
@@ -72,7 +73,7 @@ ServerConfig TestServerConfig() {
 
 absl::StatusOr<std::unique_ptr<Server>> StartServer(const ServerConfig& config,
                                                     bool load_model) {
-  TuneMallocForTorch();
+  SetUpModelRuntime(config.torch_threads);
   SetLogLevel(config.log_level);
   absl::StatusOr<std::unique_ptr<Server>> server = Server::Start(config);
   if (!server.ok() || !load_model) return server;
@@ -95,7 +96,7 @@ std::shared_ptr<grpc::Channel> Connect(int port,
 absl::StatusOr<std::vector<std::vector<float>>> RavdessClips(int count) {
   const std::optional<std::string> shared = SharedDir();
   if (!shared.has_value()) return absl::NotFoundError("no shared folder");
-  return LoadRavdessClips(*shared, count);
+  return LoadRavdessClips(*shared + "/datasets/ravdess", count);
 }
 
 absl::StatusOr<std::string> FirstRavdessFlac() {

@@ -21,6 +21,7 @@
 #include "core/windowing.h"
 #include "tests/test_model.h"
 #include "tests/test_support.h"
+#include "train/ravdess.h"
 
 namespace emoserve {
 namespace {
@@ -102,7 +103,7 @@ class Recorder {
 class StreamTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    testing::TuneMallocForTorch();
+    SetUpModelRuntime(1);
     absl::StatusOr<std::shared_ptr<const Model>> model = testing::MakeTestModel(
         testing::SmallModelConfig(),
         (std::filesystem::path(::testing::TempDir()) / "stream_test_model").string());
@@ -128,7 +129,7 @@ class StreamTest : public ::testing::Test {
                       "stream tests run on RAVDESS speech";
     }
     absl::StatusOr<std::vector<std::vector<float>>> clips =
-        testing::LoadRavdessClips(*shared, 3);
+        LoadRavdessClips(*shared + "/datasets/ravdess", 3);
     ASSERT_TRUE(clips.ok()) << clips.status();
     clips_ = *std::move(clips);
   }

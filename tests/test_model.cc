@@ -1,14 +1,11 @@
 #include "tests/test_model.h"
 
-#include <malloc.h>
-
 #include <filesystem>
 
 #include <torch/script.h>
 
 #include "absl/strings/str_cat.h"
-#include "core/audio.h"
-#include "core/model_architecture.h"
+#include "train/architectures.h"
 #include "train/ravdess.h"
 
 namespace emoserve::testing {
@@ -90,32 +87,6 @@ absl::StatusOr<std::shared_ptr<const Model>> MakeTestModel(const ModelConfig& co
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir);
   if (!model.ok()) return model.status();
   return std::shared_ptr<const Model>(*std::move(model));
-}
-
-absl::StatusOr<std::vector<std::vector<float>>> LoadRavdessClips(
-    const std::string& shared_dir, int count) {
-  absl::StatusOr<std::vector<RavdessClip>> listed =
-      ListRavdess(shared_dir + "/datasets/ravdess");
-  if (!listed.ok()) return listed.status();
-  if (static_cast<int>(listed->size()) < count) {
-    return absl::NotFoundError(absl::StrCat("only ", listed->size(), " RAVDESS clips"));
-  }
-  std::vector<std::vector<float>> clips;
-  for (int i = 0; i < count; ++i) {
-    absl::StatusOr<Audio> audio = DecodeAudioFile((*listed)[i].path);
-    if (!audio.ok()) return audio.status();
-    if (audio->sample_rate != 16000) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          (*listed)[i].path, " is at ", audio->sample_rate, " Hz, expected 16000"));
-    }
-    clips.push_back(std::move(audio->samples));
-  }
-  return clips;
-}
-
-void TuneMallocForTorch() {
-  mallopt(M_MMAP_MAX, 0);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
 
 }  // namespace emoserve::testing

@@ -40,16 +40,6 @@ absl::StatusOr<std::shared_ptr<const Model>> MakeTestModel(const ModelConfig& co
                                                           const std::string& dir,
                                                           uint64_t seed = 7);
 
-// The first `count` RAVDESS speech clips (sorted by path) under
-// <shared_dir>/datasets/ravdess, decoded: 16 kHz mono.
-absl::StatusOr<std::vector<std::vector<float>>> LoadRavdessClips(
-    const std::string& shared_dir, int count);
-
-// glibc malloc returns LibTorch's large buffers to the kernel after every
-// forward, which makes inference several times slower; binaries that run
-// the model call this first.
-void TuneMallocForTorch();
-
 }  // namespace emoserve::testing
 
 #endif  // EMOSERVE_TESTS_TEST_MODEL_H_

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -446,7 +447,8 @@ TEST(EnsembleTest, AveragesItsMembersAndRecordsThem) {
   ASSERT_TRUE(ensemble.ok()) << ensemble.status();
 
   // Real speech through the three models.
-  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::LoadRavdessClips(*shared, 2);
+  absl::StatusOr<std::vector<std::vector<float>>> clips =
+      LoadRavdessClips(*shared + "/datasets/ravdess", 2);
   ASSERT_TRUE(clips.ok()) << clips.status();
   const std::vector<float> batch = FirstWindowFeatures(*clips, config);
   absl::StatusOr<std::vector<float>> mean = (*ensemble)->Predict(batch, 2);
@@ -563,7 +565,8 @@ TEST(EnsembleTest, MfccMemberJoinsALogMelEnsemble) {
   EXPECT_EQ((*ensemble)->config().features.kind, FeatureKind::kLogMel);
   EXPECT_EQ((*ensemble)->config().provenance["members"][0]["features"], "mfcc");
 
-  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::LoadRavdessClips(*shared, 2);
+  absl::StatusOr<std::vector<std::vector<float>>> clips =
+      LoadRavdessClips(*shared + "/datasets/ravdess", 2);
   ASSERT_TRUE(clips.ok()) << clips.status();
   absl::StatusOr<std::unique_ptr<Model>> mfcc_model = Model::Load((root / "mfcc").string());
   absl::StatusOr<std::unique_ptr<Model>> mel_model = Model::Load((root / "mel").string());
@@ -611,7 +614,8 @@ TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
           windows += batch;
           return std::vector<float>(static_cast<size_t>(batch) * 8, 1.0f / 8);
         },
-        hop_seconds);
+        {.hop_seconds = hop_seconds,
+         .vad_threshold_dbfs = -std::numeric_limits<double>::infinity()});
     ASSERT_TRUE(matrix.ok()) << matrix.status();
     EXPECT_EQ(matrix->total(), 6);
     EXPECT_EQ(windows, expected) << "hop " << hop_seconds;
@@ -623,7 +627,7 @@ TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
         [](absl::Span<const float>, int) -> absl::StatusOr<std::vector<float>> {
           return absl::InternalError("must not be called");
         },
-        bad);
+        {.hop_seconds = bad});
     EXPECT_EQ(matrix.status().code(), absl::StatusCode::kInvalidArgument) << bad;
   }
 }
@@ -633,7 +637,7 @@ TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
 TEST(BundledModelTest, KeepsItsRecordedTestAccuracy) {
   std::optional<std::string> shared = testing::SharedDir();
   if (!shared) GTEST_SKIP() << "../shared is absent: the accuracy test needs RAVDESS";
-  SetModelThreads(0);
+  SetUpModelRuntime(0);
   absl::StatusOr<std::unique_ptr<Model>> model =
       Model::Load(std::string(EMOSERVE_SOURCE_DIR) + "/models/default");
   ASSERT_TRUE(model.ok()) << model.status();

@@ -1,4 +1,4 @@
-#include "core/model_architecture.h"
+#include "train/architectures.h"
 
 #include <cmath>
 #include <map>

@@ -1,8 +1,8 @@
 // The trainable parallel CNN + Transformer, built as a TorchScript module from
 // C++ so that the trainer's module is the very module that model.pt stores:
 // no Python needed to export it, and Python can torch.jit.load it.
-#ifndef EMOSERVE_CORE_MODEL_ARCHITECTURE_H_
-#define EMOSERVE_CORE_MODEL_ARCHITECTURE_H_
+#ifndef EMOSERVE_TRAIN_ARCHITECTURES_H_
+#define EMOSERVE_TRAIN_ARCHITECTURES_H_
 
 #include <cstdint>
 #include <string>
@@ -134,4 +134,4 @@ absl::StatusOr<torch::jit::Module> BuildEnsemble(
 
 }  // namespace emoserve
 
-#endif  // EMOSERVE_CORE_MODEL_ARCHITECTURE_H_
+#endif  // EMOSERVE_TRAIN_ARCHITECTURES_H_

@@ -42,7 +42,8 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
                                               const ModelConfig& config,
                                               const FeatureExtractor& extractor,
                                               const BatchPredictor& predict,
-                                              double hop_seconds, int batch_size) {
+                                              const EvaluateOptions& options,
+                                              std::vector<int>* predicted) {
   // RAVDESS emotion index -> the model's output index.
   const std::vector<std::string>& names = RavdessLabels();
   std::vector<int> to_model(names.size(), -1);
@@ -52,7 +53,7 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
   }
   ConfusionMatrix matrix(config.labels);
   const size_t window = config.window_samples();
-  absl::StatusOr<size_t> hop_or = HopSamples(hop_seconds, window, config.sample_rate);
+  absl::StatusOr<size_t> hop_or = HopSamples(options.hop_seconds, window, config.sample_rate);
   if (!hop_or.ok()) return hop_or.status();
   const size_t hop = *hop_or;
   const size_t input_size =
@@ -85,25 +86,28 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
       return absl::InvalidArgumentError(absl::StrCat(
           "the model has no label '", names[clips[c].clip.emotion], "'"));
     }
-    for (size_t start : WindowStarts(clips[c].samples.size(), window, hop)) {
-      CopyWindow(clips[c].samples, start, window, window_samples.data());
+    const ClipPlan plan = PlanClip(clips[c].samples, window, hop, options.vad_threshold_dbfs);
+    for (size_t index : plan.to_model) {
+      CopyWindow(clips[c].samples, plan.starts[index], window, window_samples.data());
       if (absl::Status s = extractor.Compute(window_samples, &features); !s.ok()) return s;
       if (features.data.size() != input_size) {
         return absl::InternalError("feature shape differs from the model's input");
       }
       batch.insert(batch.end(), features.data.begin(), features.data.end());
       batch_clip.push_back(c);
-      if (static_cast<int>(batch_clip.size()) == batch_size) {
+      if (static_cast<int>(batch_clip.size()) == options.batch_size) {
         if (absl::Status s = flush(); !s.ok()) return s;
       }
     }
   }
   if (absl::Status s = flush(); !s.ok()) return s;
+  if (predicted != nullptr) predicted->clear();
   for (size_t c = 0; c < clips.size(); ++c) {
     const std::vector<float> mean = MeanProbabilities(clip_probabilities[c], classes);
-    const int predicted =
+    const int label =
         static_cast<int>(std::max_element(mean.begin(), mean.end()) - mean.begin());
-    matrix.Add(to_model[clips[c].clip.emotion], predicted);
+    matrix.Add(to_model[clips[c].clip.emotion], label);
+    if (predicted != nullptr) predicted->push_back(label);
   }
   return matrix;
 }

@@ -12,6 +12,7 @@
 #include "absl/types/span.h"
 #include "core/features.h"
 #include "core/model_config.h"
+#include "core/windowing.h"
 #include "train/metrics.h"
 #include "train/ravdess.h"
 
@@ -34,15 +35,24 @@ absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessAudio(
 using BatchPredictor = std::function<absl::StatusOr<std::vector<float>>(
     absl::Span<const float> features, int batch_size)>;
 
-// Classifies each clip as the service does (windows of config.window_seconds
-// every hop_seconds, 0 = half a window, as a request's hop_seconds;
+struct EvaluateOptions {
+  double hop_seconds = 0;  // as a request's: 0 = half a window
+  double vad_threshold_dbfs = kDefaultVadThresholdDbfs;
+  int batch_size = 32;
+};
+
+// Classifies each clip as the service does (PlanClip: windows of
+// config.window_seconds every hop, the speech windows to the model, their
 // probabilities averaged) and counts the results against the clip's label.
-// The model's labels must include every RAVDESS label present.
+// `predicted`, when given, gets each clip's label (an index into
+// config.labels). The model's labels must include every RAVDESS label
+// present.
 absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& clips,
                                               const ModelConfig& config,
                                               const FeatureExtractor& extractor,
                                               const BatchPredictor& predict,
-                                              double hop_seconds = 0, int batch_size = 32);
+                                              const EvaluateOptions& options = {},
+                                              std::vector<int>* predicted = nullptr);
 
 }  // namespace emoserve
 

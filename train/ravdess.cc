@@ -9,6 +9,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "core/audio.h"
 
 namespace emoserve {
 
@@ -67,6 +68,27 @@ absl::StatusOr<std::vector<RavdessClip>> ListRavdess(const std::string& dir,
   }
   std::sort(clips.begin(), clips.end(),
             [](const RavdessClip& a, const RavdessClip& b) { return a.path < b.path; });
+  return clips;
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> LoadRavdessClips(const std::string& dir,
+                                                                 int count, int sample_rate) {
+  absl::StatusOr<std::vector<RavdessClip>> listed = ListRavdess(dir);
+  if (!listed.ok()) return listed.status();
+  if (static_cast<int>(listed->size()) < count) {
+    return absl::NotFoundError(
+        absl::StrCat("only ", listed->size(), " RAVDESS clips under ", dir));
+  }
+  std::vector<std::vector<float>> clips;
+  for (int i = 0; i < count; ++i) {
+    absl::StatusOr<Audio> audio = DecodeAudioFile((*listed)[i].path);
+    if (!audio.ok()) return audio.status();
+    if (audio->sample_rate != sample_rate) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          (*listed)[i].path, " is at ", audio->sample_rate, " Hz, expected ", sample_rate));
+    }
+    clips.push_back(std::move(audio->samples));
+  }
   return clips;
 }
 

@@ -5,10 +5,10 @@
 
 #include <set>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace emoserve {
 
@@ -26,6 +26,12 @@ struct RavdessClip {
 // folder is missing or holds no clip.
 absl::StatusOr<std::vector<RavdessClip>> ListRavdess(const std::string& dir,
                                                      const std::set<int>& actors = {});
+
+// The first `count` clips of ListRavdess(dir), decoded; each must be at
+// `sample_rate` Hz. Real speech for tests and benchmarks.
+absl::StatusOr<std::vector<std::vector<float>>> LoadRavdessClips(const std::string& dir,
+                                                                 int count,
+                                                                 int sample_rate = 16000);
 
 // Loss weights that make every class count alike: clips / (classes * clips
 // of the class), 0 for a class without clips.

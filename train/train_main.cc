@@ -1,13 +1,16 @@
 // emoserve-train: trains the bundled model on RAVDESS and evaluates models.
 //   emoserve-train train --data DIR --out DIR [--epochs N --seed S ...]
 //   emoserve-train eval --model DIR --data DIR [--actors 21-24] [--json]
-#include <malloc.h>
 
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <string>
+#include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/features.h"
 #include "core/model.h"
@@ -23,41 +26,74 @@ int Fail(const absl::Status& status) {
   return 1;
 }
 
-int RunEval(const std::string& model_dir, const std::string& data_dir,
-            const std::string& actors_text, const std::string& device, int threads,
-            double hop_seconds, double gain_db, bool json) {
-  SetModelThreads(threads);
-  absl::StatusOr<std::set<int>> actors = ParseActorSet(actors_text);
+struct EvalCommand {
+  std::string model_dir;
+  std::string data_dir;
+  std::string actors = "21-24";
+  std::string device = "cpu";
+  int threads = 0;
+  EvaluateOptions options;
+  double gain_db = 0;
+  bool json = false;
+  std::string predictions;  // CSV of each clip's label; "": none
+};
+
+// path,label,predicted for each clip, in the order of `audio`.
+absl::Status WritePredictions(const std::string& path, const std::vector<LabeledAudio>& audio,
+                              const std::vector<int>& predicted, const ModelConfig& config) {
+  std::ofstream out(path);
+  out << "path,label,predicted\n";
+  for (size_t i = 0; i < audio.size(); ++i) {
+    out << audio[i].clip.path << "," << RavdessLabels()[audio[i].clip.emotion] << ","
+        << config.labels[predicted[i]] << "\n";
+  }
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
+  return absl::OkStatus();
+}
+
+int RunEval(const EvalCommand& command) {
+  SetUpModelRuntime(command.threads);
+  absl::StatusOr<std::set<int>> actors = ParseActorSet(command.actors);
   if (!actors.ok()) return Fail(actors.status());
-  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(model_dir, {device});
+  absl::StatusOr<std::unique_ptr<Model>> model =
+      Model::Load(command.model_dir, {command.device});
   if (!model.ok()) return Fail(model.status());
   const ModelConfig& config = (*model)->config();
   absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
       FeatureExtractor::Create(config.features, config.sample_rate);
   if (!extractor.ok()) return Fail(extractor.status());
-  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(data_dir, *actors);
+  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(command.data_dir, *actors);
   if (!clips.ok()) return Fail(clips.status());
   absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
   if (!audio.ok()) return Fail(audio.status());
   // A recording's level depends on the microphone and its gain, not on the
   // voice: --gain-db measures how much the model's answers depend on it.
-  if (gain_db != 0) {
-    for (LabeledAudio& clip : *audio) ApplyGainDb(gain_db, absl::MakeSpan(clip.samples));
+  if (command.gain_db != 0) {
+    for (LabeledAudio& clip : *audio) ApplyGainDb(command.gain_db, absl::MakeSpan(clip.samples));
   }
+  std::vector<int> predicted;
   absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
       *audio, config, **extractor,
       [&](absl::Span<const float> features, int batch) {
         return (*model)->Predict(features, batch);
       },
-      hop_seconds);
+      command.options, &predicted);
   if (!matrix.ok()) return Fail(matrix.status());
-  if (json) {
+  if (!command.predictions.empty()) {
+    if (absl::Status s = WritePredictions(command.predictions, *audio, predicted, config);
+        !s.ok()) {
+      return Fail(s);
+    }
+  }
+  if (command.json) {
     nlohmann::json out = matrix->ToJson();
     out["model"] = config.name;
     out["version"] = config.version;
     out["actors"] = std::vector<int>(actors->begin(), actors->end());
-    out["hop_seconds"] = hop_seconds;
-    out["gain_db"] = gain_db;
+    out["hop_seconds"] = command.options.hop_seconds;
+    out["vad_threshold_dbfs"] = command.options.vad_threshold_dbfs;
+    out["gain_db"] = command.gain_db;
     std::cout << out.dump(1) << "\n";
   } else {
     std::cout << "model " << config.name << " " << config.version << ", actors "
@@ -71,9 +107,6 @@ int RunEval(const std::string& model_dir, const std::string& data_dir,
 }  // namespace emoserve
 
 int main(int argc, char** argv) {
-  // glibc's default malloc makes LibTorch several times slower here.
-  mallopt(M_MMAP_MAX, 0);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   using emoserve::TrainOptions;
 
   CLI::App app{"emoserve-train: train and evaluate emoserve's emotion model on RAVDESS"};
@@ -189,35 +222,38 @@ int main(int argc, char** argv) {
   int ensemble_threads = 0;
   ensemble->add_option("--threads", ensemble_threads, "LibTorch threads (0 = all cores)");
 
-  std::string model_dir, data_dir, actors = "21-24", device = "cpu";
-  int threads = 0;
-  double hop_seconds = 0, gain_db = 0;
-  bool json = false;
-  CLI::App* eval = app.add_subcommand("eval", "evaluate a model directory on RAVDESS actors");
-  eval->add_option("--model", model_dir, "model directory")->required();
-  eval->add_option("--data", data_dir, "RAVDESS folder")->required();
-  eval->add_option("--actors", actors, "actors to evaluate on")->capture_default_str();
-  eval->add_option("--device", device, "cpu, cuda or cuda:N")->capture_default_str();
-  eval->add_option("--threads", threads, "LibTorch threads (0 = all cores)");
-  eval->add_option("--hop-seconds", hop_seconds,
+  emoserve::EvalCommand eval_command;
+  CLI::App* eval = app.add_subcommand(
+      "eval", "evaluate a model directory on RAVDESS actors, each clip as the service does");
+  eval->add_option("--model", eval_command.model_dir, "model directory")->required();
+  eval->add_option("--data", eval_command.data_dir, "RAVDESS folder")->required();
+  eval->add_option("--actors", eval_command.actors, "actors to evaluate on")
+      ->capture_default_str();
+  eval->add_option("--device", eval_command.device, "cpu, cuda or cuda:N")->capture_default_str();
+  eval->add_option("--threads", eval_command.threads, "LibTorch threads (0 = all cores)");
+  eval->add_option("--hop-seconds", eval_command.options.hop_seconds,
                    "seconds between a clip's windows (0 = half a window, the service's default)")
       ->capture_default_str();
-  eval->add_option("--gain-db", gain_db,
+  eval->add_option("--vad-threshold-dbfs", eval_command.options.vad_threshold_dbfs,
+                   "windows quieter than this skip the model (the service's default)")
+      ->capture_default_str();
+  eval->add_option("--gain-db", eval_command.gain_db,
                    "scale every clip by this gain first (dB; not clipped), as a quieter or "
                    "louder recording of the same voice")
       ->capture_default_str();
-  eval->add_flag("--json", json, "print JSON");
+  eval->add_option("--predictions", eval_command.predictions,
+                   "write each clip's label to this CSV (path,label,predicted)");
+  eval->add_flag("--json", eval_command.json, "print JSON");
 
   CLI11_PARSE(app, argc, argv);
 
   if (eval->parsed()) {
-    return emoserve::RunEval(model_dir, data_dir, actors, device, threads, hop_seconds, gain_db,
-                             json);
+    return emoserve::RunEval(eval_command);
   }
   std::string command_line = "emoserve-train";
   for (int i = 1; i < argc; ++i) command_line += std::string(" ") + argv[i];
   if (ensemble->parsed()) {
-    emoserve::SetModelThreads(ensemble_threads);
+    emoserve::SetUpModelRuntime(ensemble_threads);
     ensemble_options.command_line = command_line;
     if (absl::Status s = emoserve::Ensemble(ensemble_options); !s.ok()) {
       return emoserve::Fail(s);

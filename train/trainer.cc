@@ -319,7 +319,7 @@ absl::Status Train(const TrainOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("--ema-decay ", options.ema_decay, " must be in [0, 1)"));
   }
-  SetModelThreads(options.threads);
+  SetUpModelRuntime(options.threads);
   torch::manual_seed(options.seed);
   std::mt19937_64 rng(options.seed);
 

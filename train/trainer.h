@@ -10,7 +10,7 @@
 
 #include "absl/status/status.h"
 #include "core/feature_params.h"
-#include "core/model_architecture.h"
+#include "train/architectures.h"
 
 namespace emoserve {
 

@@ -15,7 +15,7 @@ namespace emoserve {
 
 struct Model::Module {};
 
-void SetModelThreads(int /*threads*/) {}
+void SetUpModelRuntime(int /*intra_op_threads*/) {}
 
 Model::Model(ModelConfig config, std::string device, std::unique_ptr<Module> module)
     : config_(std::move(config)), device_(std::move(device)), module_(std::move(module)) {}
