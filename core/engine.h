@@ -45,8 +45,7 @@ struct EngineOptions {
   // process-wide: Engine::Create applies it (SetUpModelRuntime). One thread
   // leaves the other cores to the feature workers; a model that splits
   // each op over cores pays OpenMP's hand-offs between its many small ops
-  // (the bundled model at batch 1: 2.9 ms a window on two threads, 1.2 ms
-  // on one; engine_bench).
+  // (engine_bench measures both).
   int intra_op_threads = 1;
   // Default voice-activity threshold: windows whose RMS level (dBFS) is
   // below it are silence and skip the model.

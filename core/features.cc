@@ -461,8 +461,8 @@ absl::Status FeatureExtractor::Impl::Init() {
     // FFTW_ESTIMATE, not FFTW_MEASURE: a measured plan depends on timings,
     // so two processes may pick different algorithms whose results differ
     // in the last bits, and training with the same seed would not give the
-    // same model (runs diverged after 23 epochs). Estimated plans cost 2-8%
-    // more here (README, Benchmarks), under 1% of a window's model time.
+    // same model. Estimated plans cost a little more, a small share of a
+    // window's model time (bench/README.md).
     absl::MutexLock lock(&g_fftw_planner_mu);
     if (half_complex) {
       plan = fftwf_plan_dft_1d(n_fft / 2,

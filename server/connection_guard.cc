@@ -108,8 +108,9 @@ std::optional<std::string> Http2FrameCounter::OnFrame(uint8_t type, absl::Time n
     // types, and ping for keepalive (seconds apart) and bandwidth probes
     // (one at a time, each a round trip). Each PING or SETTINGS makes gRPC
     // queue an answer, and gRPC 1.51 reads a whole buffer of them before
-    // its own ping policy closes the connection (a flood grew it by
-    // 300-1700 MB). WINDOW_UPDATE is left alone: flow control sends many.
+    // its own ping policy closes the connection (a flood grows its memory
+    // by hundreds of MB). WINDOW_UPDATE is left alone: flow control sends
+    // many.
     if (!control_.Take(now)) return "control_flood";
   }
   return std::nullopt;

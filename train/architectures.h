@@ -72,7 +72,7 @@ struct ArchitectureOptions {
   // loudest, the mean and deviation of that normalised periodicity spectrum
   // (F0 from 75 to 450 Hz) and the mean, deviation and delta RMS of the log
   // F0 at its peak. Pitch is what the band statistics miss most: it adds
-  // about 0.05 of cross-validated UAR on RAVDESS (README). Rows must be at
+  // about 0.05 of cross-validated UAR on RAVDESS (docs/training.md). Rows must be at
   // most 37.5 Hz apart (two rows per harmonic at 75 Hz): e.g. 128 mel bands
   // of a 1024-sample window at 16 kHz (23.4 Hz).
   int pitch_rows = 0;
