@@ -1062,15 +1062,20 @@ def run_case(case, scratch, clip):
         sampler.stop()
         elapsed = t1 - t0
         probes = prober.since(t0, min(t1, ctx.probing_stopped_at or t1))
-        if not probes and ctx.probing_stopped_at is None:
-            # A case over before the prober's next round: take the rounds
-            # that follow it at once (the server has had the abuse).
+
+        def probed_both(records):
+            kinds = {p["kind"] for p in records}
+            return "classify" in kinds and bool(kinds & {"health", "fresh_health"})
+
+        if not probed_both(probes) and ctx.probing_stopped_at is None:
+            # A case over before the prober's round was through (a Classify
+            # and a health check): take the rounds that follow it at once
+            # (the server has had the abuse).
             until = time.monotonic() + 2
-            while not any(p["kind"] == "classify" for p in prober.since(t0)) \
-                    and time.monotonic() < until:
+            while not probed_both(prober.since(t0)) and time.monotonic() < until:
                 time.sleep(0.02)
             probes = prober.since(t0, t1 + 2)
-            ctx.note("the case ended before the prober's next round: "
+            ctx.note("the case ended before the prober's round was through: "
                      "counted the rounds just after it")
         prober.stop()
         final = None if ctx.expects_exit else server.health()
