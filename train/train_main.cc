@@ -1,6 +1,6 @@
 // emoserve-train: trains the bundled model on RAVDESS and evaluates models.
 //   emoserve-train train --data DIR --out DIR [--epochs N --seed S ...]
-//   emoserve-train eval --model DIR --data DIR [--actors 21-24] [--json]
+//   emoserve-train eval --model DIR --data DIR [--actors 21-24] [--json] [--predictions CSV]
 
 #include <cstdio>
 #include <fstream>
