@@ -278,7 +278,8 @@ int Main(int argc, char** argv) {
   EngineOptions& options = setup.engine_options;
   options.feature_threads = 0;  // 0: as --cores
   app.add_option("--feature-threads", options.feature_threads, "engine feature workers");
-  app.add_option("--intra-op-threads", options.intra_op_threads,
+  int intra_op_threads = kDefaultIntraOpThreads;
+  app.add_option("--intra-op-threads", intra_op_threads,
                  "engine LibTorch threads (0: as --cores)")
       ->capture_default_str();
   app.add_option("--max-batch", options.max_batch_size, "engine max_batch_size");
@@ -286,7 +287,7 @@ int Main(int argc, char** argv) {
       ->check(CLI::Range(0, 19));
   CLI11_PARSE(app, argc, argv);
   if (options.feature_threads == 0) options.feature_threads = cores;
-  if (options.intra_op_threads == 0) options.intra_op_threads = cores;
+  if (intra_op_threads == 0) intra_op_threads = cores;
   setup.cores = cores;
   SetUpModelRuntime(cores);
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(model_dir);
@@ -308,7 +309,7 @@ int Main(int argc, char** argv) {
   const std::string engine_setup = absl::StrFormat(
       "engine: %d feature threads (nice %d), %d LibTorch threads, max batch %d; "
       "OMP_WAIT_POLICY=%s",
-      options.feature_threads, options.feature_thread_nice, options.intra_op_threads,
+      options.feature_threads, options.feature_thread_nice, intra_op_threads,
       options.max_batch_size, wait_policy != nullptr ? wait_policy : "(unset)");
   std::printf("model: %s (%d x %d input, %d classes)\naudio: %s\ncores: %d\n%s\n",
               setup.model_source.c_str(), config.num_features(), config.num_frames(),
@@ -323,9 +324,9 @@ int Main(int argc, char** argv) {
   const FeatureExtractor& features = **extractor;
   OnNewThread([&] { return DirectMs(setup, features, 5); });  // warm-up
   for (int round = 0; round < rounds; ++round) {
-    // Direct calls run as the engine's model does; the offline ceiling's
-    // batches use every core.
-    SetUpModelRuntime(options.intra_op_threads);
+    // Direct calls and the engine run the model on the engine's threads;
+    // the offline ceiling's batches use every core.
+    SetUpModelRuntime(intra_op_threads);
     direct.push_back(OnNewThread([&] { return DirectMs(setup, features, 30); }));
     SetUpModelRuntime(cores);
     for (size_t b = 0; b < batch_sizes.size(); ++b) {
@@ -333,6 +334,7 @@ int Main(int argc, char** argv) {
         return Ceiling(setup, features, batch_sizes[b], std::max(4, 128 / batch_sizes[b]));
       }));
     }
+    SetUpModelRuntime(intra_op_threads);
     for (size_t n = 0; n < submitters.size(); ++n) {
       engine[n].push_back(RunEngine(setup, submitters[n], seconds));
     }

@@ -456,7 +456,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   if (model == nullptr) return absl::InvalidArgumentError("Engine: no model");
   if (options.max_batch_size < 1 || options.max_queue_size < 1 ||
       options.model_instances < 1 || options.feature_threads < 0 ||
-      options.intra_op_threads < 0 || options.max_queue_delay < absl::ZeroDuration() ||
+      options.max_queue_delay < absl::ZeroDuration() ||
       options.feature_thread_nice < 0 || options.feature_thread_nice > 19 ||
       std::isnan(options.vad_threshold_dbfs) || !(options.min_hop_seconds >= 0) ||
       !std::isfinite(options.min_hop_seconds)) {
@@ -464,7 +464,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
         "Engine: bad options (max_batch_size ", options.max_batch_size,
         ", max_queue_size ", options.max_queue_size, ", model_instances ",
         options.model_instances, ", feature_threads ", options.feature_threads,
-        ", intra_op_threads ", options.intra_op_threads, ", feature_thread_nice ",
+        ", feature_thread_nice ",
         options.feature_thread_nice, ", max_queue_delay ",
         absl::FormatDuration(options.max_queue_delay), ", vad_threshold_dbfs ",
         options.vad_threshold_dbfs, ", min_hop_seconds ", options.min_hop_seconds, ")"));
@@ -480,7 +480,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   impl->options = options;
   impl->observer = observer;
   impl->lookahead = static_cast<size_t>(options.max_batch_size) * options.model_instances;
-  SetUpModelRuntime(options.intra_op_threads);
 
   Impl* raw_impl = impl.get();
   const int feature_threads = DefaultThreads(options.feature_threads);

@@ -37,16 +37,11 @@ struct EngineOptions {
   // every barrier whenever one of its threads is preempted. 0 = same
   // priority as the rest of the process.
   int feature_thread_nice = 19;
-  // Model runner threads, each running whole batches on intra_op_threads
-  // LibTorch threads; 1 suits two cores (one for the model, one for the
-  // features). More cores than the features need want more runners.
+  // Model runner threads, each running whole batches on LibTorch's
+  // intra-op threads (process-wide: SetUpModelRuntime); 1 suits two cores
+  // (one for the model, one for the features). More cores than the
+  // features need want more runners.
   int model_instances = 1;
-  // LibTorch intra-op threads; 0 = one per core. LibTorch's setting is
-  // process-wide: Engine::Create applies it (SetUpModelRuntime). One thread
-  // leaves the other cores to the feature workers; a model that splits
-  // each op over cores pays OpenMP's hand-offs between its many small ops
-  // (engine_bench measures both).
-  int intra_op_threads = 1;
   // Default voice-activity threshold: windows whose RMS level (dBFS) is
   // below it are silence and skip the model.
   double vad_threshold_dbfs = kDefaultVadThresholdDbfs;

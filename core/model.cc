@@ -53,13 +53,13 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
 
 }  // namespace
 
-void SetUpModelRuntime(int threads) {
+void SetUpModelRuntime(int intra_op_threads) {
   mallopt(M_MMAP_MAX, 0);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
-  if (threads <= 0) {
-    threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (intra_op_threads <= 0) {
+    intra_op_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   }
-  at::set_num_threads(threads);
+  at::set_num_threads(intra_op_threads);
 }
 
 Model::Model(ModelConfig config, std::string device,

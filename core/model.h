@@ -18,12 +18,19 @@ struct ModelOptions {
   std::string device = "cpu";
 };
 
+// LibTorch intra-op threads a server runs the model on. One leaves the
+// other cores to the feature workers; a model that splits each op over
+// cores pays OpenMP's hand-offs between its many small ops (engine_bench
+// measures both).
+inline constexpr int kDefaultIntraOpThreads = 1;
+
 // Sets the process up for running models: glibc malloc keeps the memory
 // it frees (handing LibTorch's large buffers back to the kernel after every
 // forward makes inference several times slower), and LibTorch runs each op
-// on `intra_op_threads` threads (process-wide; it defaults to one here;
-// <= 0: one per core). Every binary that runs a model calls it before
-// loading one; a later call changes the thread count.
+// on `intra_op_threads` threads (<= 0: one per core). Both settings are
+// process-wide, so this is the one place that makes them: every binary
+// that runs a model calls it before loading one; a later call changes the
+// thread count.
 void SetUpModelRuntime(int intra_op_threads);
 
 class Model {

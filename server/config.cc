@@ -82,7 +82,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
       ->check(CLI::Range(0, 1024));
   add("model-instances", c.model_instances, "Model runner threads")
       ->check(CLI::Range(1, 64));
-  add("torch-threads", c.torch_threads,
+  add("torch-threads", c.intra_op_threads,
       "LibTorch intra-op threads per model runner (0: one per core)")
       ->check(CLI::Range(0, 1024));
   add("vad-threshold-dbfs", c.vad_threshold_dbfs,

@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/engine.h"
+#include "core/model.h"
 #include "core/stream.h"
 #include "server/log.h"
 
@@ -35,7 +36,7 @@ struct ServerConfig {
       static_cast<int>(absl::ToInt64Milliseconds(EngineOptions().max_queue_delay));
   int feature_threads = EngineOptions().feature_threads;  // 0: one per core
   int model_instances = EngineOptions().model_instances;
-  int torch_threads = EngineOptions().intra_op_threads;   // 0: one per core
+  int intra_op_threads = kDefaultIntraOpThreads;  // LibTorch's; 0: one per core
   double vad_threshold_dbfs = EngineOptions().vad_threshold_dbfs;
   // Limits of a call.
   int64_t max_message_bytes = 32 << 20;

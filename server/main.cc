@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   const emoserve::ServerConfig& config = command_line->config;
-  emoserve::SetUpModelRuntime(config.torch_threads);
+  emoserve::SetUpModelRuntime(config.intra_op_threads);
   using emoserve::Log;
   using emoserve::LogLevel;
   emoserve::SetLogLevel(config.log_level);
@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
        {"max_queue_delay_ms", config.max_queue_delay_ms},
        {"feature_threads", config.feature_threads},
        {"model_instances", config.model_instances},
-       {"torch_threads", config.torch_threads},
+       {"intra_op_threads", config.intra_op_threads},
        {"max_message_bytes", config.max_message_bytes},
        {"max_unary_seconds", config.max_unary_seconds},
        {"max_stream_seconds", config.max_stream_seconds},

@@ -239,7 +239,6 @@ absl::Status Server::LoadModel() {
   options.max_queue_delay = absl::Milliseconds(config_.max_queue_delay_ms);
   options.feature_threads = config_.feature_threads;
   options.model_instances = config_.model_instances;
-  options.intra_op_threads = config_.torch_threads;
   options.vad_threshold_dbfs = config_.vad_threshold_dbfs;
   options.min_hop_seconds = config_.min_hop_seconds;
   absl::StatusOr<std::unique_ptr<Engine>> engine =

@@ -142,7 +142,7 @@ using WindowCompletions = Completions<std::vector<float>>;
 class EngineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    SetUpModelRuntime(1);
+    SetUpModelRuntime(2);
     absl::StatusOr<std::shared_ptr<const Model>> model = testing::MakeTestModel(
         testing::SmallModelConfig(),
         (std::filesystem::path(::testing::TempDir()) / "engine_test_model").string());
@@ -172,7 +172,6 @@ class EngineTest : public ::testing::Test {
 
   std::unique_ptr<Engine> MakeEngine(EngineOptions options, EngineObserver* observer) {
     if (options.feature_threads == 0) options.feature_threads = 2;
-    if (options.intra_op_threads == 0) options.intra_op_threads = 2;
     absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(model(), options, observer);
     EXPECT_TRUE(engine.ok()) << engine.status();
     return engine.ok() ? *std::move(engine) : nullptr;

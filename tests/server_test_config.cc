@@ -62,7 +62,7 @@ TEST(ServerConfigTest, DefaultsAreTheDocumentedOnes) {
   EXPECT_EQ(c.max_queue_delay_ms, 0);
   EXPECT_EQ(c.feature_threads, 0);
   EXPECT_EQ(c.model_instances, 1);
-  EXPECT_EQ(c.torch_threads, 1);
+  EXPECT_EQ(c.intra_op_threads, 1);
   EXPECT_EQ(c.grace_seconds, 10);
   EXPECT_GE(c.max_streams, 1000) << "the server must hold 1000 streams by default";
   EXPECT_EQ(c.log_level, LogLevel::kInfo);
@@ -104,7 +104,7 @@ TEST(ServerConfigTest, EveryFlagHasAVariableAndTheFlagWins) {
        [](const ServerConfig& c) { return absl::StrCat(c.max_queue_delay_ms); }},
       {"feature-threads", "3", "4", [](const ServerConfig& c) { return absl::StrCat(c.feature_threads); }},
       {"model-instances", "2", "3", [](const ServerConfig& c) { return absl::StrCat(c.model_instances); }},
-      {"torch-threads", "2", "5", [](const ServerConfig& c) { return absl::StrCat(c.torch_threads); }},
+      {"torch-threads", "2", "5", [](const ServerConfig& c) { return absl::StrCat(c.intra_op_threads); }},
       {"max-message-bytes", "4096000", "5000000",
        [](const ServerConfig& c) { return absl::StrCat(c.max_message_bytes); }},
       {"max-unary-seconds", "30", "40", [](const ServerConfig& c) { return absl::StrCat(c.max_unary_seconds); }},

@@ -64,7 +64,7 @@ ServerConfig TestServerConfig() {
   config.port = 0;
   config.metrics_port = 0;
   config.model = TestModelDir();
-  config.torch_threads = 1;
+  config.intra_op_threads = 1;
   config.feature_threads = 2;
   config.grace_seconds = 5;
   config.log_level = LogLevel::kWarning;
@@ -73,7 +73,7 @@ ServerConfig TestServerConfig() {
 
 absl::StatusOr<std::unique_ptr<Server>> StartServer(const ServerConfig& config,
                                                     bool load_model) {
-  SetUpModelRuntime(config.torch_threads);
+  SetUpModelRuntime(config.intra_op_threads);
   SetLogLevel(config.log_level);
   absl::StatusOr<std::unique_ptr<Server>> server = Server::Start(config);
   if (!server.ok() || !load_model) return server;

@@ -103,14 +103,13 @@ class Recorder {
 class StreamTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    SetUpModelRuntime(1);
+    SetUpModelRuntime(2);
     absl::StatusOr<std::shared_ptr<const Model>> model = testing::MakeTestModel(
         testing::SmallModelConfig(),
         (std::filesystem::path(::testing::TempDir()) / "stream_test_model").string());
     ASSERT_TRUE(model.ok()) << model.status();
     EngineOptions options;
     options.feature_threads = 2;
-    options.intra_op_threads = 2;
     absl::StatusOr<std::unique_ptr<Engine>> engine =
         Engine::Create(*std::move(model), options, &observer_);
     ASSERT_TRUE(engine.ok()) << engine.status();
