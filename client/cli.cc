@@ -13,6 +13,9 @@ namespace {
 
 constexpr char kVersion[] = "emoserve 0.1.0";
 
+constexpr char kTableFormats[] = "table|json|csv";
+constexpr char kTextFormats[] = "text|json";
+
 // --output for a command that knows the formats in `names`; the first of
 // `choices` ("table|json|csv") is the default.
 void AddOutputOption(CLI::App* command, const std::string& choices,
@@ -31,6 +34,38 @@ void AddOutputOption(CLI::App* command, const std::string& choices,
           CLI::CheckedTransformer(names, CLI::ignore_case).description(""))
       ->type_name(choices)
       ->default_str(choices.substr(0, choices.find('|')));
+}
+
+// Options that several sub-commands have, each declared once so that it
+// reads the same in every sub-command's --help.
+
+// The required FILE positional: one path (stream) or several.
+template <typename Files>
+void AddFileArgument(CLI::App* command, const std::string& description,
+                     Files* files) {
+  command->add_option("FILE", *files, description)->required();
+}
+
+CLI::Option* AddConcurrencyOption(CLI::App* command,
+                                  const std::string& description, int most,
+                                  int* concurrency) {
+  return command->add_option("-j,--concurrency", *concurrency, description)
+      ->check(CLI::Range(1, most))
+      ->capture_default_str();
+}
+
+void AddHopOption(CLI::App* command, double* hop_seconds) {
+  command
+      ->add_option("--hop", *hop_seconds,
+                   "Seconds between windows (0: the server's default)")
+      ->check(CLI::NonNegativeNumber);
+}
+
+void AddChunkMsOption(CLI::App* command, const std::string& description,
+                      double* chunk_ms) {
+  command->add_option("--chunk-ms", *chunk_ms, description)
+      ->check(CLI::Range(1.0, 10000.0))
+      ->capture_default_str();
 }
 
 }  // namespace
@@ -71,36 +106,25 @@ ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
   app.add_option("--key", connection.key_path,
                  "PEM client private key for mutual TLS (implies --tls)");
 
-  const std::string table_formats = "table|json|csv";
-  const std::string text_formats = "text|json";
-
   // classify
   ClassifyCommandOptions& classify = options.classify;
   CLI::App* classify_command = app.add_subcommand(
       "classify",
       "Classify audio files (WAV, FLAC, OGG, MP3: the server decodes them)");
-  classify_command->add_option("FILE", classify.files, "Audio files")
-      ->required();
-  classify_command
-      ->add_option("-j,--concurrency", classify.concurrency,
-                   "Files classified in parallel")
-      ->check(CLI::Range(1, 1024))
-      ->capture_default_str();
-  AddOutputOption(classify_command, table_formats, &classify.output);
+  AddFileArgument(classify_command, "Audio files", &classify.files);
+  AddConcurrencyOption(classify_command, "Files classified in parallel", 1024,
+                       &classify.concurrency);
+  AddOutputOption(classify_command, kTableFormats, &classify.output);
   classify_command->add_flag("--timeline", classify.timeline,
                              "Also print each window's result (long audio)");
-  classify_command
-      ->add_option("--hop", classify.hop_seconds,
-                   "Seconds between windows (0: the server's default)")
-      ->check(CLI::NonNegativeNumber);
+  AddHopOption(classify_command, &classify.hop_seconds);
 
   // stream
   StreamCommandOptions& stream = options.stream;
   CLI::App* stream_command = app.add_subcommand(
       "stream",
       "Stream audio live: a file (decoded here) or raw PCM on stdin (\"-\")");
-  stream_command->add_option("FILE", stream.input, "Audio file, or - for stdin")
-      ->required();
+  AddFileArgument(stream_command, "Audio file, or - for stdin", &stream.input);
   CLI::Option* rate_option =
       stream_command
           ->add_option("-r,--rate", stream.rate,
@@ -124,20 +148,14 @@ ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
                        "stdin: interleaved channels (mixed to mono)")
           ->check(CLI::Range(1, 64))
           ->capture_default_str();
-  stream_command
-      ->add_option("--chunk-ms", stream.chunk_ms,
-                   "Milliseconds of audio per message")
-      ->check(CLI::Range(1.0, 10000.0))
-      ->capture_default_str();
+  AddChunkMsOption(stream_command, "Milliseconds of audio per message",
+                   &stream.chunk_ms);
   stream_command->add_flag("--fast", stream.fast,
                            "Send as fast as possible instead of real time");
   stream_command->add_flag("--interim,!--no-interim", stream.interim,
                            "Print every window's result as it comes "
                            "(default) or only speech events and finals");
-  stream_command
-      ->add_option("--hop", stream.hop_seconds,
-                   "Seconds between windows (0: the server's default)")
-      ->check(CLI::NonNegativeNumber);
+  AddHopOption(stream_command, &stream.hop_seconds);
   double vad_threshold = 0;
   CLI::Option* vad_option =
       stream_command
@@ -149,12 +167,12 @@ ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
       ->add_flag("--no-vad", stream.vad_disabled,
                  "Classify every window, silence included")
       ->excludes(vad_option);
-  AddOutputOption(stream_command, text_formats, &stream.output);
+  AddOutputOption(stream_command, kTextFormats, &stream.output);
 
   // info, health
   CLI::App* info_command =
       app.add_subcommand("info", "Describe the served model");
-  AddOutputOption(info_command, text_formats, &options.info.output);
+  AddOutputOption(info_command, kTextFormats, &options.info.output);
   CLI::App* health_command = app.add_subcommand(
       "health",
       "Check the server's health (exit status 0 only when SERVING); fit for "
@@ -170,14 +188,10 @@ ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
       "bench",
       "Load-test the server with audio files: closed loop (--concurrency), "
       "open loop (--rps) or real-time streams (--streams)");
-  bench_command->add_option("FILE", bench.files, "Audio files to send")
-      ->required();
+  AddFileArgument(bench_command, "Audio files to send", &bench.files);
   CLI::Option* concurrency_option =
-      bench_command
-          ->add_option("-j,--concurrency", bench.concurrency,
-                       "Closed loop: calls kept in flight")
-          ->check(CLI::Range(1, 100000))
-          ->capture_default_str();
+      AddConcurrencyOption(bench_command, "Closed loop: calls kept in flight",
+                           100000, &bench.concurrency);
   CLI::Option* rps_option =
       bench_command
           ->add_option("--rps", bench.rps,
@@ -202,11 +216,8 @@ ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
                    "Seconds of load before measuring")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  bench_command
-      ->add_option("--chunk-ms", bench.chunk_ms,
-                   "Streams: milliseconds of audio per message")
-      ->check(CLI::Range(1.0, 10000.0))
-      ->capture_default_str();
+  AddChunkMsOption(bench_command, "Streams: milliseconds of audio per message",
+                   &bench.chunk_ms);
   bench_command->add_flag("--timeline", bench.timeline,
                           "Unary: ask for per-window results too");
   bench_command
@@ -220,7 +231,7 @@ ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
                    "Seconds between progress lines (default: 1 on a "
                    "terminal, 5 otherwise)")
       ->check(CLI::NonNegativeNumber);
-  AddOutputOption(bench_command, text_formats, &bench.output);
+  AddOutputOption(bench_command, kTextFormats, &bench.output);
 
   app.require_subcommand(1);
 
