@@ -1,6 +1,5 @@
 #include "client/cli.h"
 
-#include <algorithm>
 #include <map>
 #include <sstream>
 
@@ -271,8 +270,61 @@ void AddBenchCommand(CLI::App* app, BenchCommandOptions* bench) {
   AddOutputOption(command, kTextFormats, &bench->output);
 }
 
+// Runs CLI11 on `args`. False when that ends the command line: help and
+// --version (exit status 0) or a usage error, with the text in `parsed`.
+bool RunParser(CLI::App* app, const std::vector<std::string>& args,
+               ParsedCommandLine* parsed) {
+  std::vector<const char*> argv;
+  argv.reserve(args.size());
+  for (const std::string& arg : args) argv.push_back(arg.c_str());
+  std::ostringstream out;
+  std::ostringstream err;
+  try {
+    app->parse(static_cast<int>(argv.size()), argv.data());
+  } catch (const CLI::ParseError& e) {
+    // Help and --version are "errors" with exit code 0.
+    const int code = app->exit(e, out, err);
+    parsed->exit_code = code == 0 ? kExitOk : kExitUsage;
+    parsed->out = out.str();
+    parsed->err = err.str();
+    return false;
+  }
+  return true;
+}
+
+ParsedCommandLine UsageError(const std::string& message) {
+  ParsedCommandLine parsed;
+  parsed.exit_code = kExitUsage;
+  parsed.err =
+      "emoserve: " + message + "\nRun with --help for more information.\n";
+  return parsed;
+}
+
 void CopyIfGiven(const GivenDouble& given, std::optional<double>* target) {
   if (given.option->count() > 0) *target = given.value;
+}
+
+// The sub-command that ran; require_subcommand(1) makes it exactly one.
+Command ParsedCommand(const Declarations& declared) {
+  if (declared.classify->parsed()) return Command::kClassify;
+  if (declared.stream->parsed()) return Command::kStream;
+  if (declared.info->parsed()) return Command::kInfo;
+  if (declared.health->parsed()) return Command::kHealth;
+  return Command::kBench;
+}
+
+// A file's own header gives its format, so the raw PCM options go only with
+// stdin. Empty when the input and its options agree.
+std::string CheckStreamInput(const StreamCommandOptions& stream,
+                             const StreamGiven& given) {
+  if (stream.input == "-") return "";
+  for (const CLI::Option* option : given.raw_pcm) {
+    if (option->count() > 0) {
+      return "--rate, --format and --channels describe raw PCM on stdin "
+             "(FILE \"-\"); a file's own header gives its format";
+    }
+  }
+  return "";
 }
 
 }  // namespace
@@ -293,49 +345,15 @@ ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
   app.require_subcommand(1);
 
   ParsedCommandLine parsed;
-  std::vector<const char*> argv;
-  argv.reserve(args.size());
-  for (const std::string& arg : args) argv.push_back(arg.c_str());
-  std::ostringstream out;
-  std::ostringstream err;
-  try {
-    app.parse(static_cast<int>(argv.size()), argv.data());
-  } catch (const CLI::ParseError& e) {
-    // Help and --version are "errors" with exit code 0.
-    const int code = app.exit(e, out, err);
-    parsed.exit_code = code == 0 ? kExitOk : kExitUsage;
-    parsed.out = out.str();
-    parsed.err = err.str();
-    return parsed;
-  }
-
-  auto usage_error = [&](const std::string& message) {
-    parsed.exit_code = kExitUsage;
-    parsed.err =
-        "emoserve: " + message + "\nRun with --help for more information.\n";
-    return parsed;
-  };
+  if (!RunParser(&app, args, &parsed)) return parsed;
   CopyIfGiven(declared.timeout, &options.connection.timeout_seconds);
-  if (declared.classify->parsed()) {
-    options.command = Command::kClassify;
-  } else if (declared.stream->parsed()) {
-    options.command = Command::kStream;
-    const StreamGiven& stream_given = declared.stream_given;
-    CopyIfGiven(stream_given.vad_threshold, &options.stream.vad_threshold_dbfs);
-    const bool raw_format_given = std::any_of(
-        stream_given.raw_pcm.begin(), stream_given.raw_pcm.end(),
-        [](const CLI::Option* option) { return option->count() > 0; });
-    if (options.stream.input != "-" && raw_format_given) {
-      return usage_error(
-          "--rate, --format and --channels describe raw PCM on stdin (FILE "
-          "\"-\"); a file's own header gives its format");
-    }
-  } else if (declared.info->parsed()) {
-    options.command = Command::kInfo;
-  } else if (declared.health->parsed()) {
-    options.command = Command::kHealth;
-  } else {
-    options.command = Command::kBench;
+  options.command = ParsedCommand(declared);
+  if (options.command == Command::kStream) {
+    CopyIfGiven(declared.stream_given.vad_threshold,
+                &options.stream.vad_threshold_dbfs);
+    const std::string error =
+        CheckStreamInput(options.stream, declared.stream_given);
+    if (!error.empty()) return UsageError(error);
   }
   parsed.options = std::move(options);
   return parsed;
