@@ -222,18 +222,27 @@ grpc::ServerUnaryReactor* EmotionService::Classify(grpc::CallbackServerContext* 
 // starts only when that is done, fewer than kMaxQueuedResponses responses
 // wait to be written and fewer than kMaxStreamWindowsInFlight windows wait
 // for the model. The session's results arrive on engine threads and are
-// written in order. The call finishes once the session is done, no message
-// is being processed and every response is written.
+// written in order.
 //
-// How a stream ends: the client half-closes (the session flushes: last
-// window, open utterance; then OK), the server drains for shutdown (the
-// same), or an error, a cancellation or the idle timeout fails it (the
-// session is cancelled; the call ends with that status).
+// The call's life is one State, under mu_, that only moves forward:
 //
-// Finish() is called outside mu_: gRPC may run OnDone on another thread as
-// soon as it is. OnDone lets go of gRPC's hold on the call; the paths that
-// go on after a Finish() they may have caused hold it too, and the last
-// hold deletes it (ASan found a worker touching a deleted call).
+//   kOpen ──(shutdown while a message is processed)──> kFlushPending
+//     │  └─(half-close, or shutdown)──> kFlushing ──(session done)──┐
+//     └──(error, cancellation, idle, client gone)──> kFailing ──────┤
+//                                                                    v
+//   (session failed, or no session to flush or cancel) ───────> kEnding
+//   kEnding ──(no message in process, no write in flight)──> kFinished
+//
+// Flushing lets the session close its last window and utterance and ends
+// with the session's outcome; failing cancels the session and ends with the
+// failure. FinishIfDone is the one place that finishes the call.
+//
+// Locking: the session may call back (OnEvent, OnSessionDone) from inside
+// Finish/Cancel, so it is told outside mu_, through a shared_ptr copy taken
+// under mu_ (OnDone drops the call's own copy). Finish() is called outside
+// mu_: gRPC may run OnDone on another thread as soon as it is. OnDone lets
+// go of gRPC's hold on the call; the paths that go on after a Finish() they
+// may have caused hold it too, and the last hold deletes it.
 
 class EmotionService::StreamCall final
     : public grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>,
@@ -246,13 +255,13 @@ class EmotionService::StreamCall final
         lease_(&service->budget_) {
     absl::StatusOr<Engine*> engine = service_->Admit(this, CallKind::kStream);
     if (!engine.ok()) {
-      Complete(engine.status());
+      End(engine.status());
       return;
     }
     admitted_ = true;
     engine_ = *engine;
     if (absl::Status charged = lease_.Grow(kStreamBaseBytes); !charged.ok()) {
-      Complete(charged);
+      End(charged);
       return;
     }
     absl::MutexLock lock(&mu_);
@@ -268,7 +277,7 @@ class EmotionService::StreamCall final
       absl::MutexLock lock(&mu_);
       reading_ = false;
       last_activity_ = absl::Now();
-      if (input_closed_) return;  // flushed or failed meanwhile: not processed
+      if (state_ != State::kOpen) return;  // flushing or ending: not processed
       processing_ = true;
     }
     message_bytes_ = static_cast<int64_t>(request_.audio().size());
@@ -284,6 +293,7 @@ class EmotionService::StreamCall final
 
   void OnWriteDone(bool ok) override {
     Hold();  // alive until here: the write in flight keeps the call from finishing
+    SessionOrder order;
     {
       absl::MutexLock lock(&mu_);
       queue_.pop_front();
@@ -292,13 +302,13 @@ class EmotionService::StreamCall final
       if (!ok) {
         // The client is gone: nobody reads what is left.
         queue_.clear();
-        client_gone_ = true;
+        order = FailLocked(absl::CancelledError("the client stopped receiving"));
       } else if (!queue_.empty()) {
         StartWriteLocked();
       }
       ReadIfReadyLocked();
     }
-    if (!ok) Fail(absl::CancelledError("the client stopped receiving"));
+    Tell(order);
     FinishIfDone();
     Unhold();
   }
@@ -306,34 +316,32 @@ class EmotionService::StreamCall final
   void OnCancel() override { Fail(Abandoned(deadline_)); }
 
   void OnDone() override {
-    std::unique_ptr<StreamSession> session;
+    std::shared_ptr<StreamSession> session;
     {
       absl::MutexLock lock(&mu_);
       session = std::move(session_);
     }
     session.reset();  // waits for its callbacks to return
+    // After the session: the server's shutdown waits for the last Release
+    // before it stops the engine the session runs on.
     if (admitted_) service_->Release(this, CallKind::kStream);
     Unhold();
   }
 
   void Drain() override {
-    StreamSession* session = nullptr;
+    SessionOrder order;
     {
       absl::MutexLock lock(&mu_);
-      if (input_closed_) return;
+      if (state_ != State::kOpen) return;
       if (processing_) {
-        drain_after_processing_ = true;  // the worker flushes when done
+        state_ = State::kFlushPending;  // DoneProcessing flushes
         return;
       }
-      input_closed_ = true;
-      session = session_.get();
-    }
-    if (session != nullptr) {
-      session->Finish();
-    } else {
-      SetOutcome(absl::UnavailableError(
+      order = FlushLocked(absl::UnavailableError(
           "the server is shutting down; reconnect (to another instance) and resend"));
     }
+    Tell(order);
+    FinishIfDone();
   }
 
   void Cancel() override { context_->TryCancel(); }
@@ -342,7 +350,7 @@ class EmotionService::StreamCall final
     bool write_stuck = false;
     {
       absl::MutexLock lock(&mu_);
-      if (finishing_ || processing_ || last_activity_ > idle_since) return;
+      if (state_ == State::kFinished || processing_ || last_activity_ > idle_since) return;
       write_stuck = write_in_flight_;
     }
     if (write_stuck) {
@@ -356,25 +364,94 @@ class EmotionService::StreamCall final
   }
 
  private:
-  // The client half-closed (flush and finish) or the call broke (abandon).
+  // See the diagram above the class.
+  enum class State { kOpen, kFlushPending, kFlushing, kFailing, kEnding, kFinished };
+
+  // What the session is to be told once mu_ is released.
+  struct SessionOrder {
+    enum class Verb { kNone, kFlush, kCancel } verb = Verb::kNone;
+    std::shared_ptr<StreamSession> session;
+  };
+
+  // No more messages; the session flushes and its outcome ends the call.
+  // Without a session yet, the call ends with `without_session`.
+  SessionOrder FlushLocked(const absl::Status& without_session)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (session_ == nullptr) {
+      EndLocked(without_session);
+      return {};
+    }
+    state_ = State::kFlushing;
+    return {SessionOrder::Verb::kFlush, session_};
+  }
+
+  // No more messages; the call ends with `failure`, whatever the session
+  // says. The first failure wins; a call already ending keeps its outcome.
+  SessionOrder FailLocked(const absl::Status& failure) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (state_ >= State::kFailing) return {};
+    if (session_ == nullptr) {
+      EndLocked(failure);
+      return {};
+    }
+    state_ = State::kFailing;
+    outcome_ = failure;
+    return {SessionOrder::Verb::kCancel, session_};
+  }
+
+  void EndLocked(const absl::Status& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    state_ = State::kEnding;
+    outcome_ = outcome;
+  }
+
+  // Outside mu_: the session may call OnEvent / OnSessionDone inline.
+  static void Tell(const SessionOrder& order) {
+    switch (order.verb) {
+      case SessionOrder::Verb::kNone:
+        break;
+      case SessionOrder::Verb::kFlush:
+        order.session->Finish();
+        break;
+      case SessionOrder::Verb::kCancel:
+        order.session->Cancel();  // its on_done (OnSessionDone) follows
+        break;
+    }
+  }
+
+  void Fail(const absl::Status& failure) {
+    SessionOrder order;
+    {
+      absl::MutexLock lock(&mu_);
+      order = FailLocked(failure);
+    }
+    Tell(order);
+    FinishIfDone();
+  }
+
+  // Ends the call before it has read anything.
+  void End(const absl::Status& outcome) {
+    {
+      absl::MutexLock lock(&mu_);
+      EndLocked(outcome);
+    }
+    FinishIfDone();
+  }
+
+  // The client half-closed (flush) or the call broke (fail).
   void ClientDone() {
     if (context_->IsCancelled()) {
       Fail(Abandoned(deadline_));
       return;
     }
-    StreamSession* session = nullptr;
+    SessionOrder order;
     {
       absl::MutexLock lock(&mu_);
       reading_ = false;
-      input_closed_ = true;
-      session = session_.get();
-    }
-    if (session != nullptr) {
-      session->Finish();
-    } else {
-      SetOutcome(absl::InvalidArgumentError(
+      if (state_ != State::kOpen) return;
+      order = FlushLocked(absl::InvalidArgumentError(
           "the stream ended before its config: the first message carries only `config`"));
     }
+    Tell(order);
+    FinishIfDone();
   }
 
   // On a worker: the message in request_.
@@ -391,28 +468,26 @@ class EmotionService::StreamCall final
   }
 
   // The message is processed (or refused). Until processing_ is cleared
-  // the call cannot finish, so the session is still there; after that
-  // another thread may finish it at once, hence the hold.
+  // the call cannot finish; after that another thread may finish it at
+  // once, hence the hold.
   void DoneProcessing(const absl::Status& status) {
     Hold();
-    StreamSession* flush = nullptr;
+    SessionOrder order;
     {
       absl::MutexLock lock(&mu_);
       last_activity_ = absl::Now();
-      if (status.ok() && drain_after_processing_ && !input_closed_) {
-        input_closed_ = true;
-        flush = session_.get();
+      if (!status.ok()) {
+        order = FailLocked(status);
+      } else if (state_ == State::kFlushPending) {
+        order = FlushLocked(absl::UnavailableError(
+            "the server is shutting down; reconnect (to another instance) and resend"));
       }
     }
-    if (!status.ok()) {
-      Fail(status);
-    } else if (flush != nullptr) {
-      flush->Finish();
-    }
+    Tell(order);
     {
       absl::MutexLock lock(&mu_);
       processing_ = false;
-      if (status.ok()) ReadIfReadyLocked();
+      ReadIfReadyLocked();
     }
     FinishIfDone();
     Unhold();
@@ -437,7 +512,7 @@ class EmotionService::StreamCall final
     decoder_.emplace(setup->format);
     absl::StatusOr<std::unique_ptr<StreamSession>> session = StreamSession::Create(
         engine_, setup->options, [this](const StreamEvent& event) { OnEvent(event); },
-        [this](absl::Status status) { SetOutcome(std::move(status)); });
+        [this](absl::Status status) { OnSessionDone(status); });
     if (!session.ok()) {
       return absl::Status(session.status().code(),
                           absl::StrCat("config: ", session.status().message()));
@@ -449,9 +524,13 @@ class EmotionService::StreamCall final
   }
 
   absl::Status FeedAudio() {
-    // session_ changes only in Configure (this worker, earlier) and OnDone
-    // (after the last message).
-    StreamSession* session = session_.get();
+    // The session outlives this message: the call cannot finish while it
+    // is processed.
+    StreamSession* session = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      session = session_.get();
+    }
     return decoder_->Decode(request_, service_->limits_,
                             [&](absl::Span<const float> samples) {
                               service_->metrics_->AddAudioSeconds(
@@ -463,57 +542,60 @@ class EmotionService::StreamCall final
   // Session events, in order, on engine threads (or inline in Push/Finish).
   void OnEvent(const StreamEvent& event) {
     std::optional<v1::StreamClassifyResponse> response;
+    absl::Status failed;
     try {
       response = StreamResponse(event, engine_->model().config(), interim_results_);
     } catch (...) {
-      Fail(StatusFromCurrentException("building a stream response"));
-      return;
+      failed = StatusFromCurrentException("building a stream response");
     }
-    absl::MutexLock lock(&mu_);
-    last_activity_ = absl::Now();
-    if (event.type == StreamEvent::Type::kWindow) ReadIfReadyLocked();  // a window came back
-    if (!response.has_value() || finishing_ || client_gone_) return;
-    queue_.push_back(*std::move(response));
-    if (!write_in_flight_) StartWriteLocked();
-  }
-
-  // Ends the stream with `status` instead of the session's own outcome.
-  void Fail(const absl::Status& status) {
-    StreamSession* session = nullptr;
+    SessionOrder order;
     {
       absl::MutexLock lock(&mu_);
-      if (!failure_.has_value()) failure_ = status;
-      input_closed_ = true;
-      session = session_.get();
+      last_activity_ = absl::Now();
+      if (!failed.ok()) {
+        order = FailLocked(failed);
+      } else {
+        if (event.type == StreamEvent::Type::kWindow) ReadIfReadyLocked();  // a window came back
+        // Failing or ending: the session's last results go nowhere.
+        if (!response.has_value() || state_ >= State::kFailing) return;
+        queue_.push_back(*std::move(response));
+        if (!write_in_flight_) StartWriteLocked();
+      }
     }
-    if (session != nullptr) {
-      session->Cancel();  // its on_done (SetOutcome) follows
-    } else {
-      SetOutcome(status);
-    }
+    // Inside the session's callback: the session may be cancelled here, and
+    // it cannot report done meanwhile, so the call's own copy outlives this.
+    Tell(order);
   }
 
-  void SetOutcome(absl::Status status) {
+  // The session's on_done: once, after its last event.
+  void OnSessionDone(const absl::Status& status) {
     {
       absl::MutexLock lock(&mu_);
-      if (!outcome_.has_value()) outcome_ = failure_.value_or(std::move(status));
+      if (state_ == State::kFailing) {
+        state_ = State::kEnding;  // with the failure as the outcome
+      } else if (state_ < State::kFailing) {
+        EndLocked(status);
+      }
     }
     FinishIfDone();
   }
 
+  // The one way the call ends: once its outcome is known, no message is
+  // processed and no write is in flight. The last thing a path does.
   void FinishIfDone() {
-    absl::Status status;
+    absl::Status outcome;
     {
       absl::MutexLock lock(&mu_);
-      if (finishing_ || !outcome_.has_value() || processing_ || write_in_flight_) return;
-      finishing_ = true;
-      status = *outcome_;
+      if (state_ != State::kEnding || processing_ || write_in_flight_) return;
+      state_ = State::kFinished;
+      outcome = Outcome(outcome_, context_, deadline_);
     }
-    Complete(status);
+    service_->RecordCall(kStreamClassify, outcome, start_);
+    Finish(ToGrpcStatus(outcome));
   }
 
   void ReadIfReadyLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (reading_ || processing_ || input_closed_ || finishing_) return;
+    if (reading_ || processing_ || state_ != State::kOpen) return;
     if (queue_.size() >= kMaxQueuedResponses) return;  // OnWriteDone resumes
     if (session_ != nullptr && session_->windows_in_flight() >= kMaxStreamWindowsInFlight) {
       return;  // OnEvent resumes
@@ -525,13 +607,6 @@ class EmotionService::StreamCall final
   void StartWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     write_in_flight_ = true;
     StartWrite(&queue_.front());
-  }
-
-  // See the comment above the class: the last thing a path does.
-  void Complete(const absl::Status& status) {
-    const absl::Status outcome = Outcome(status, context_, deadline_);
-    service_->RecordCall(kStreamClassify, outcome, start_);
-    Finish(ToGrpcStatus(outcome));
   }
 
   EmotionService* const service_;
@@ -552,22 +627,17 @@ class EmotionService::StreamCall final
   int input_rate_ = 1;
 
   absl::Mutex mu_;
-  std::unique_ptr<StreamSession> session_ ABSL_GUARDED_BY(mu_);
+  State state_ ABSL_GUARDED_BY(mu_) = State::kOpen;
+  // Set when the state reaches kFailing or kEnding.
+  absl::Status outcome_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<StreamSession> session_ ABSL_GUARDED_BY(mu_);
+  // The three operations that may be under way at once, one of each kind.
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
   bool processing_ ABSL_GUARDED_BY(mu_) = false;
-  // No more messages are processed: the client half-closed, the stream is
-  // being drained, or it failed.
-  bool input_closed_ ABSL_GUARDED_BY(mu_) = false;
-  bool drain_after_processing_ ABSL_GUARDED_BY(mu_) = false;
+  bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time last_activity_ ABSL_GUARDED_BY(mu_) = absl::Now();
   // The front is being written; deque keeps it in place as others are added.
   std::deque<v1::StreamClassifyResponse> queue_ ABSL_GUARDED_BY(mu_);
-  bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
-  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
-  // The first failure (it replaces the session's outcome), and the outcome.
-  std::optional<absl::Status> failure_ ABSL_GUARDED_BY(mu_);
-  std::optional<absl::Status> outcome_ ABSL_GUARDED_BY(mu_);
-  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>*
