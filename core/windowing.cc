@@ -21,6 +21,8 @@ size_t WindowCount(size_t num_samples, size_t window, size_t hop) {
   return (num_samples - window + hop - 1) / hop + 1;
 }
 
+size_t DefaultHopSamples(size_t window) { return std::max<size_t>(1, window / 2); }
+
 absl::StatusOr<size_t> HopSamples(double hop_seconds, size_t window, int sample_rate,
                                   double min_hop_seconds, const char* field) {
   const double window_seconds = static_cast<double>(window) / sample_rate;
@@ -30,7 +32,7 @@ absl::StatusOr<size_t> HopSamples(double hop_seconds, size_t window, int sample_
         std::max(min_hop_seconds, 1.0 / sample_rate), ", ", window_seconds, "] seconds"));
   };
   if (!std::isfinite(hop_seconds) || hop_seconds < 0) return bad();
-  if (hop_seconds == 0) return std::max<size_t>(1, window / 2);
+  if (hop_seconds == 0) return DefaultHopSamples(window);
   if (hop_seconds < min_hop_seconds || hop_seconds > window_seconds) return bad();
   const long long hop = std::llround(hop_seconds * sample_rate);
   if (hop < 1 || static_cast<size_t>(hop) > window) return bad();

@@ -18,7 +18,10 @@ std::vector<size_t> WindowStarts(size_t num_samples, size_t window, size_t hop);
 // WindowStarts(...).size(), without the vector.
 size_t WindowCount(size_t num_samples, size_t window, size_t hop);
 
-// The hop in samples for a request's hop_seconds: 0 means half a window;
+// The hop a request gets when it asks for none: half a window.
+size_t DefaultHopSamples(size_t window);
+
+// The hop in samples for a request's hop_seconds: 0 means the default;
 // anything else must be finite, at least min_hop_seconds, and give a hop
 // within (0, window]. `field` names the hop in the error.
 absl::StatusOr<size_t> HopSamples(double hop_seconds, size_t window, int sample_rate,

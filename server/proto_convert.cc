@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/feature_params.h"
+#include "core/windowing.h"
 
 namespace emoserve {
 
@@ -88,9 +89,9 @@ absl::StatusOr<v1::ModelInfo> ModelInfoFromConfig(const ModelConfig& config,
   for (const std::string& label : config.labels) info.add_labels(label);
   info.set_sample_rate_hertz(config.sample_rate);
   info.set_window_seconds(config.window_seconds);
-  // The engine's default hop: half a window, in whole samples.
-  info.set_default_hop_seconds(static_cast<double>(std::max(1, config.window_samples() / 2)) /
-                               config.sample_rate);
+  info.set_default_hop_seconds(
+      static_cast<double>(DefaultHopSamples(static_cast<size_t>(config.window_samples()))) /
+      config.sample_rate);
   const std::string features = FeatureParamsToJson(config.features).dump();
   const auto parsed =
       google::protobuf::util::JsonStringToMessage(features, info.mutable_features());
