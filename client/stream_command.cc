@@ -51,7 +51,7 @@ int BytesPerSample(PcmEncoding format) {
   return format == PcmEncoding::kS16LE ? 2 : 4;
 }
 
-size_t FramesPerChunk(int rate, double chunk_ms) {
+size_t SamplesPerChunk(int rate, double chunk_ms) {
   return std::max<size_t>(1, static_cast<size_t>(rate * chunk_ms / 1000.0));
 }
 
@@ -66,7 +66,7 @@ absl::StatusOr<PcmInput> FileInput(const StreamCommandOptions& options) {
   input.format.set_encoding(v1::AUDIO_ENCODING_FLOAT32);
   input.format.set_sample_rate_hertz(audio->sample_rate);
   input.format.set_channel_count(1);
-  const size_t frames = FramesPerChunk(audio->sample_rate, options.chunk_ms);
+  const size_t frames = SamplesPerChunk(audio->sample_rate, options.chunk_ms);
   auto samples = std::make_shared<std::vector<float>>(
       std::move(audio->samples));
   input.next_chunk = [samples, frames,
@@ -89,11 +89,11 @@ PcmInput StdinInput(const StreamCommandOptions& options) {
                                 : v1::AUDIO_ENCODING_FLOAT32);
   input.format.set_sample_rate_hertz(options.rate);
   input.format.set_channel_count(options.channels);
-  const size_t frame_bytes =
+  const size_t pcm_frame_bytes =
       static_cast<size_t>(options.channels) * BytesPerSample(options.format);
   const size_t chunk_bytes =
-      FramesPerChunk(options.rate, options.chunk_ms) * frame_bytes;
-  input.next_chunk = [chunk_bytes, frame_bytes](std::string* chunk) {
+      SamplesPerChunk(options.rate, options.chunk_ms) * pcm_frame_bytes;
+  input.next_chunk = [chunk_bytes, pcm_frame_bytes](std::string* chunk) {
     chunk->resize(chunk_bytes);
     size_t filled = 0;
     while (filled < chunk_bytes && !interrupted.load()) {
@@ -108,7 +108,7 @@ PcmInput StdinInput(const StreamCommandOptions& options) {
       }
       filled += n;
     }
-    chunk->resize(filled - filled % frame_bytes);  // whole frames only
+    chunk->resize(filled - filled % pcm_frame_bytes);  // whole PCM frames only
     return !chunk->empty();
   };
   return input;

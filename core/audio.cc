@@ -22,6 +22,9 @@
 #include "absl/types/span.h"
 #include "core/resampler.h"
 
+// Here a frame is a PCM frame, libsndfile's term: one sample of every
+// channel (an MP3 frame is named as such). Features' frames are STFT frames.
+
 namespace emoserve {
 namespace {
 
@@ -190,7 +193,7 @@ class AudioBuilder {
       if (absl::Status s = resampler_->Flush(&resampled_); !s.ok()) return s;
       if (absl::Status s = Put(resampled_); !s.ok()) return s;
     }
-    audio_.source_frames = static_cast<int64_t>(frames_);
+    audio_.source_samples = static_cast<int64_t>(frames_);
     if (audio_.samples.empty() && frames_ > 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the audio is too short: ", frames_, " samples at ", audio_.source_sample_rate,

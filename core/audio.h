@@ -30,14 +30,15 @@ inline constexpr float kMaxSampleMagnitude = 1000.0f;
 struct Audio {
   std::vector<float> samples;
   int sample_rate = 0;
-  // The source's length before any resampling (0 when not decoded).
-  int64_t source_frames = 0;
+  // The source's length in samples per channel (PCM frames), before any
+  // resampling (0 when not decoded).
+  int64_t source_samples = 0;
   int source_sample_rate = 0;
 
   // The source's duration; resampling may round the sample count by one.
   double duration_seconds() const {
     if (source_sample_rate > 0) {
-      return static_cast<double>(source_frames) / source_sample_rate;
+      return static_cast<double>(source_samples) / source_sample_rate;
     }
     return sample_rate > 0 ? static_cast<double>(samples.size()) / sample_rate
                            : 0.0;

@@ -12,7 +12,7 @@
 
 namespace emoserve {
 
-// Row-major [feature][frame].
+// Row-major [feature][frame], a frame being one STFT frame (a hop).
 struct FeatureMatrix {
   int rows = 0;  // features
   int cols = 0;  // frames

@@ -116,7 +116,7 @@ absl::StatusOr<StreamSetup> CheckStreamConfig(const v1::StreamClassifyRequest& f
 
 StreamAudioDecoder::StreamAudioDecoder(const RawPcmFormat& format)
     : format_(format),
-      frame_bytes_(static_cast<size_t>(format.encoding == PcmEncoding::kS16LE ? 2 : 4) *
+      pcm_frame_bytes_(static_cast<size_t>(format.encoding == PcmEncoding::kS16LE ? 2 : 4) *
                    format.channels) {}
 
 absl::Status StreamAudioDecoder::Decode(
@@ -134,21 +134,21 @@ absl::Status StreamAudioDecoder::Decode(
   }
   absl::string_view rest = chunk;
   if (!partial_.empty()) {
-    const size_t take = std::min(frame_bytes_ - partial_.size(), rest.size());
+    const size_t take = std::min(pcm_frame_bytes_ - partial_.size(), rest.size());
     partial_.append(rest.data(), take);
     rest.remove_prefix(take);
-    if (partial_.size() < frame_bytes_) return absl::OkStatus();
-    const std::string frame = std::move(partial_);
+    if (partial_.size() < pcm_frame_bytes_) return absl::OkStatus();
+    const std::string completed = std::move(partial_);
     partial_.clear();
-    if (absl::Status s = DecodeFrames(frame, push); !s.ok()) return s;
+    if (absl::Status s = DecodeWholeFrames(completed, push); !s.ok()) return s;
   }
-  const size_t whole = rest.size() / frame_bytes_ * frame_bytes_;
+  const size_t whole = rest.size() / pcm_frame_bytes_ * pcm_frame_bytes_;
   partial_.assign(rest.data() + whole, rest.size() - whole);
   if (whole == 0) return absl::OkStatus();
-  return DecodeFrames(rest.substr(0, whole), push);
+  return DecodeWholeFrames(rest.substr(0, whole), push);
 }
 
-absl::Status StreamAudioDecoder::DecodeFrames(
+absl::Status StreamAudioDecoder::DecodeWholeFrames(
     absl::string_view bytes, const std::function<absl::Status(absl::Span<const float>)>& push) {
   DecodeOptions options;
   options.raw = format_;

@@ -69,29 +69,30 @@ absl::StatusOr<StreamSetup> CheckStreamConfig(const v1::StreamClassifyRequest& f
                                               const ModelConfig& model,
                                               const RequestLimits& limits);
 
-// A stream's audio messages to samples. A frame may straddle two messages:
-// the bytes of an incomplete frame wait for the next message, and never
-// more than one frame's worth is kept.
+// A stream's audio messages to samples. A PCM frame (one sample of every
+// channel) may straddle two messages: the bytes of an incomplete PCM frame
+// wait for the next message, and never more than one PCM frame's worth is
+// kept.
 class StreamAudioDecoder {
  public:
   explicit StreamAudioDecoder(const RawPcmFormat& format);
 
   // Checks an audio message (not a config, not over the chunk limit) and
-  // passes its whole frames, as mono samples, to `push` (at most twice:
-  // the frame completed from the previous message, then the rest).
+  // passes its whole PCM frames, as mono samples, to `push` (at most twice:
+  // the PCM frame completed from the previous message, then the rest).
   absl::Status Decode(const v1::StreamClassifyRequest& message, const RequestLimits& limits,
                       const std::function<absl::Status(absl::Span<const float>)>& push);
 
   size_t pending_bytes() const { return partial_.size(); }
-  size_t frame_bytes() const { return frame_bytes_; }
+  size_t pcm_frame_bytes() const { return pcm_frame_bytes_; }
 
  private:
-  absl::Status DecodeFrames(absl::string_view bytes,
-                            const std::function<absl::Status(absl::Span<const float>)>& push);
+  absl::Status DecodeWholeFrames(absl::string_view bytes,
+                                 const std::function<absl::Status(absl::Span<const float>)>& push);
 
   RawPcmFormat format_;
-  size_t frame_bytes_;
-  std::string partial_;  // under one frame
+  size_t pcm_frame_bytes_;
+  std::string partial_;  // under one PCM frame
 };
 
 // The response for a session event, or nullopt for a window event when

@@ -22,7 +22,7 @@
 namespace emoserve {
 namespace {
 
-using ::emoserve::testing::AudioFormat;
+using ::emoserve::testing::FileFormat;
 using ::emoserve::testing::EncodeAudio;
 using ::emoserve::testing::Rms;
 using ::emoserve::testing::Sine;
@@ -32,7 +32,7 @@ using ::testing::HasSubstr;
 // --- Helpers ---------------------------------------------------------------
 
 std::string Encode(const std::vector<float>& interleaved, int channels,
-                   int rate, AudioFormat format) {
+                   int rate, FileFormat format) {
   absl::StatusOr<std::string> bytes =
       EncodeAudio(interleaved, channels, rate, format);
   EXPECT_TRUE(bytes.ok()) << bytes.status();
@@ -172,7 +172,7 @@ TEST(AudioValidateSampleRateTest, AcceptsTheInclusiveRange) {
 // --- Decoding each container ------------------------------------------------
 
 struct LosslessCase {
-  AudioFormat format;
+  FileFormat format;
   double tolerance;  // Quantisation step of the stored samples.
 };
 
@@ -205,13 +205,13 @@ TEST_P(AudioLosslessTest, StereoIsAveragedToMono) {
 
 INSTANTIATE_TEST_SUITE_P(
     Formats, AudioLosslessTest,
-    ::testing::Values(LosslessCase{AudioFormat::kWavPcm16, 1.0 / 32768},
-                      LosslessCase{AudioFormat::kWavPcm24, 1.0 / (1 << 23)},
-                      LosslessCase{AudioFormat::kWavPcm32, 1e-7},
-                      LosslessCase{AudioFormat::kWavFloat, 1e-7},
-                      LosslessCase{AudioFormat::kFlac, 1.0 / 32768}));
+    ::testing::Values(LosslessCase{FileFormat::kWavPcm16, 1.0 / 32768},
+                      LosslessCase{FileFormat::kWavPcm24, 1.0 / (1 << 23)},
+                      LosslessCase{FileFormat::kWavPcm32, 1e-7},
+                      LosslessCase{FileFormat::kWavFloat, 1e-7},
+                      LosslessCase{FileFormat::kFlac, 1.0 / 32768}));
 
-class AudioLossyTest : public ::testing::TestWithParam<AudioFormat> {};
+class AudioLossyTest : public ::testing::TestWithParam<FileFormat> {};
 
 TEST_P(AudioLossyTest, KeepsASinesFrequencyAndLevel) {
   constexpr int kLossyRate = 44100;
@@ -233,8 +233,8 @@ TEST_P(AudioLossyTest, KeepsASinesFrequencyAndLevel) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, AudioLossyTest,
-                         ::testing::Values(AudioFormat::kOggVorbis,
-                                           AudioFormat::kMp3));
+                         ::testing::Values(FileFormat::kOggVorbis,
+                                           FileFormat::kMp3));
 
 TEST(AudioRawPcmTest, S16leMonoIsScaledBy32768) {
   const Audio audio = DecodeOk(S16le({0, 16384, -32768, 32767, -1}),
@@ -269,14 +269,14 @@ TEST(AudioRawPcmTest, F32leThreeChannelsAreAveraged) {
 
 TEST(AudioDecodeTest, WavWithStreamingDataSizeDecodesToEndOfFile) {
   // 0xFFFFFFFF is what encoders that cannot seek write: "until the end".
-  std::string wav = Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16);
+  std::string wav = Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   PutLe(wav, WavChunkSizeOffset(wav, "data"), 0xFFFFFFFF, 4);
   EXPECT_EQ(DecodeOk(wav).samples.size(), TestSignal().size());
 }
 
 TEST(AudioDecodeTest, FlacWithUnknownLengthDecodes) {
   // A STREAMINFO total of 0 means "unknown" (e.g. a streamed encode).
-  std::string flac = Encode(TestSignal(), 1, kRate, AudioFormat::kFlac);
+  std::string flac = Encode(TestSignal(), 1, kRate, FileFormat::kFlac);
   SetFlacTotalSamples(flac, 0);
   EXPECT_EQ(DecodeOk(flac).samples.size(), TestSignal().size());
 }
@@ -284,7 +284,7 @@ TEST(AudioDecodeTest, FlacWithUnknownLengthDecodes) {
 TEST(AudioDecodeTest, AcceptsTheRateLimits) {
   for (int rate : {kMinSampleRate, kMaxSampleRate}) {
     const Audio audio =
-        DecodeOk(Encode(TestSignal(), 1, rate, AudioFormat::kWavPcm16));
+        DecodeOk(Encode(TestSignal(), 1, rate, FileFormat::kWavPcm16));
     EXPECT_EQ(audio.sample_rate, rate);
   }
 }
@@ -324,7 +324,7 @@ class AudioFileTest : public ::testing::Test {
 
 TEST_F(AudioFileTest, ReadsBytesAndDecodes) {
   const std::string wav =
-      Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16);
+      Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   const std::string path = dir_ / "tone.wav";
   {
     std::FILE* f = std::fopen(path.c_str(), "wb");
@@ -384,7 +384,7 @@ TEST(AudioBadInputTest, TextIsNotAudio) {
 
 TEST(AudioBadInputTest, TruncatedWavReportsDeclaredAndPresentFrames) {
   const std::string wav =
-      Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16);
+      Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   const size_t header = WavChunkSizeOffset(wav, "data") + 4;
   const std::string half = wav.substr(0, wav.size() / 2);
   const size_t present = (half.size() - header) / 2;
@@ -394,8 +394,8 @@ TEST(AudioBadInputTest, TruncatedWavReportsDeclaredAndPresentFrames) {
 }
 
 TEST(AudioBadInputTest, TruncatedWavOfEveryWidth) {
-  for (AudioFormat format : {AudioFormat::kWavPcm24, AudioFormat::kWavPcm32,
-                             AudioFormat::kWavFloat}) {
+  for (FileFormat format : {FileFormat::kWavPcm24, FileFormat::kWavPcm32,
+                             FileFormat::kWavFloat}) {
     const std::string wav = Encode(TestSignal(), 2 /*channels*/, kRate, format);
     ExpectDecodeError(wav.substr(0, wav.size() - 1), kInvalid,
                       "header declares 8000 frames but only 7999 are present");
@@ -404,26 +404,26 @@ TEST(AudioBadInputTest, TruncatedWavOfEveryWidth) {
 
 TEST(AudioBadInputTest, WavHeaderOnly) {
   const std::string wav =
-      Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16);
+      Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   ExpectDecodeError(wav.substr(0, WavChunkSizeOffset(wav, "data") + 4),
                     kInvalid, "declares 16000 frames but only 0 are present");
 }
 
 TEST(AudioBadInputTest, WavDataSizeLargerThanTheData) {
   // Complete data, but the header claims twice as much.
-  std::string wav = Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16);
+  std::string wav = Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   PutLe(wav, WavChunkSizeOffset(wav, "data"), 64000, 4);
   ExpectDecodeError(wav, kInvalid,
                     "declares 32000 frames but only 16000 are present");
 }
 
 TEST(AudioBadInputTest, WavWithNoSamples) {
-  const std::string wav = Encode({}, 1, kRate, AudioFormat::kWavPcm16);
+  const std::string wav = Encode({}, 1, kRate, FileFormat::kWavPcm16);
   ExpectDecodeError(wav, kInvalid, "no samples");
 }
 
 TEST(AudioBadInputTest, TruncatedFlac) {
-  const std::string flac = Encode(TestSignal(), 1, kRate, AudioFormat::kFlac);
+  const std::string flac = Encode(TestSignal(), 1, kRate, FileFormat::kFlac);
   ExpectDecodeError(flac.substr(0, flac.size() / 2), kInvalid,
                     "header declares 16000 frames but only");
   ExpectDecodeError(flac.substr(0, flac.size() - 1), kInvalid,
@@ -431,7 +431,7 @@ TEST(AudioBadInputTest, TruncatedFlac) {
 }
 
 TEST(AudioBadInputTest, FlacHeaderClaimsMoreSamplesThanItHas) {
-  std::string flac = Encode(TestSignal(), 1, kRate, AudioFormat::kFlac);
+  std::string flac = Encode(TestSignal(), 1, kRate, FileFormat::kFlac);
   SetFlacTotalSamples(flac, 20000);
   ExpectDecodeError(flac, kInvalid,
                     "header declares 20000 frames but only 16000 are present");
@@ -439,7 +439,7 @@ TEST(AudioBadInputTest, FlacHeaderClaimsMoreSamplesThanItHas) {
 
 TEST(AudioBadInputTest, TruncatedOgg) {
   const std::string ogg =
-      Encode(TestSignal(), 1, kRate, AudioFormat::kOggVorbis);
+      Encode(TestSignal(), 1, kRate, FileFormat::kOggVorbis);
   ExpectDecodeError(ogg.substr(0, ogg.size() / 2), kInvalid, "truncated");
   ExpectDecodeError(ogg.substr(0, ogg.size() - 1), kInvalid, "truncated");
 }
@@ -447,7 +447,7 @@ TEST(AudioBadInputTest, TruncatedOgg) {
 TEST(AudioBadInputTest, OggCutInsideItsHeaderPages) {
   // libsndfile would leak memory on these; DecodeAudio refuses them first.
   const std::string ogg =
-      Encode(TestSignal(), 1, kRate, AudioFormat::kOggVorbis);
+      Encode(TestSignal(), 1, kRate, FileFormat::kOggVorbis);
   for (size_t size : {28, 58, 100, 1000, 3000}) {
     ExpectDecodeError(ogg.substr(0, size), kInvalid,
                       "the file ends inside the header pages");
@@ -455,7 +455,7 @@ TEST(AudioBadInputTest, OggCutInsideItsHeaderPages) {
 }
 
 TEST(AudioBadInputTest, OggHeaderPageWithAFlippedByte) {
-  std::string ogg = Encode(TestSignal(), 1, kRate, AudioFormat::kOggVorbis);
+  std::string ogg = Encode(TestSignal(), 1, kRate, FileFormat::kOggVorbis);
   ogg[200] ^= 0x10;  // Inside the comment/setup header page.
   ExpectDecodeError(ogg, kInvalid, "a header page fails its checksum");
 }
@@ -465,16 +465,16 @@ TEST(AudioBadInputTest, TruncatedMp3DecodesTheCompleteFrames) {
   // size), so a cut stream decodes to the frames that survive, like a
   // player would, instead of failing.
   const std::vector<float> tone = Sine(1000.0, 0.5, 44100, 1.0);
-  const std::string mp3 = Encode(tone, 1, 44100, AudioFormat::kMp3);
+  const std::string mp3 = Encode(tone, 1, 44100, FileFormat::kMp3);
   const Audio audio = DecodeOk(mp3.substr(0, mp3.size() / 2));
   EXPECT_GT(audio.samples.size(), tone.size() / 4);
   EXPECT_LT(audio.samples.size(), tone.size() * 3 / 4);
 }
 
 TEST(AudioBadInputTest, EveryFormatCutToAFewBytes) {
-  for (AudioFormat format :
-       {AudioFormat::kWavPcm16, AudioFormat::kWavFloat, AudioFormat::kFlac,
-        AudioFormat::kOggVorbis, AudioFormat::kMp3}) {
+  for (FileFormat format :
+       {FileFormat::kWavPcm16, FileFormat::kWavFloat, FileFormat::kFlac,
+        FileFormat::kOggVorbis, FileFormat::kMp3}) {
     const std::string bytes = Encode(TestSignal(), 1, kRate, format);
     for (size_t size : {1, 4, 12, 40, 100}) {
       SCOPED_TRACE(::testing::Message() << "format " << static_cast<int>(format)
@@ -488,14 +488,14 @@ TEST(AudioBadInputTest, EveryFormatCutToAFewBytes) {
 TEST(AudioBadInputTest, NanInFloatWavNamesTheSample) {
   std::vector<float> signal = TestSignal();
   signal[1234] = std::numeric_limits<float>::quiet_NaN();
-  ExpectDecodeError(Encode(signal, 1, kRate, AudioFormat::kWavFloat), kInvalid,
+  ExpectDecodeError(Encode(signal, 1, kRate, FileFormat::kWavFloat), kInvalid,
                     "NaN) at sample index 1234 (channel 0)");
 }
 
 TEST(AudioBadInputTest, InfInStereoFloatWavNamesTheSampleAndChannel) {
   std::vector<float> signal = Interleave(TestSignal(), TestSignal());
   signal[2 * 5000 + 1] = -std::numeric_limits<float>::infinity();
-  ExpectDecodeError(Encode(signal, 2, kRate, AudioFormat::kWavFloat), kInvalid,
+  ExpectDecodeError(Encode(signal, 2, kRate, FileFormat::kWavFloat), kInvalid,
                     "Inf) at sample index 5000 (channel 1)");
 }
 
@@ -510,10 +510,10 @@ TEST(AudioBadInputTest, NanInRawF32le) {
 TEST(AudioBadInputTest, SampleRateOutOfRange) {
   for (int rate : {4000, 7999, 192001, 384000}) {
     // From our WAV header check.
-    ExpectDecodeError(Encode(TestSignal(), 1, rate, AudioFormat::kWavPcm16),
+    ExpectDecodeError(Encode(TestSignal(), 1, rate, FileFormat::kWavPcm16),
                       kInvalid, "sample rate " + std::to_string(rate) + " Hz");
     // From the rate libsndfile reports for other containers.
-    std::string flac = Encode(TestSignal(), 1, kRate, AudioFormat::kFlac);
+    std::string flac = Encode(TestSignal(), 1, kRate, FileFormat::kFlac);
     SetFlacSampleRate(flac, rate);
     ExpectDecodeError(flac, kInvalid,
                       "sample rate " + std::to_string(rate) + " Hz");
@@ -521,13 +521,13 @@ TEST(AudioBadInputTest, SampleRateOutOfRange) {
 }
 
 TEST(AudioBadInputTest, WavHeaderWithZeroSampleRate) {
-  std::string wav = Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16);
+  std::string wav = Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   PutLe(wav, WavChunkSizeOffset(wav, "fmt ") + kFmtSampleRate, 0, 4);
   ExpectDecodeError(wav, kInvalid, "sample rate 0 Hz");
 }
 
 TEST(AudioBadInputTest, WavHeaderWithZeroOrTooManyChannels) {
-  std::string wav = Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16);
+  std::string wav = Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   PutLe(wav, WavChunkSizeOffset(wav, "fmt ") + kFmtChannels, 0, 2);
   ExpectDecodeError(wav, kInvalid, "0 channels");
   PutLe(wav, WavChunkSizeOffset(wav, "fmt ") + kFmtChannels, 65535, 2);
@@ -537,7 +537,7 @@ TEST(AudioBadInputTest, WavHeaderWithZeroOrTooManyChannels) {
 TEST(AudioBadInputTest, OggWithTooManyChannels) {
   // A genuine 65-channel file, rejected after libsndfile opens it.
   const std::vector<float> frames(65 * 100, 0.1f);
-  ExpectDecodeError(Encode(frames, 65, kRate, AudioFormat::kOggVorbis),
+  ExpectDecodeError(Encode(frames, 65, kRate, FileFormat::kOggVorbis),
                     kInvalid, "65 channels");
 }
 
@@ -569,9 +569,9 @@ TEST(AudioBadInputTest, DamagedFilesGiveAnErrorOrAudioNeverACrash) {
   // Random cuts and byte flips of every format; run under the sanitizers
   // this also catches out-of-bounds reads and leaks in the decode paths.
   std::mt19937 rng(2024);
-  for (AudioFormat format :
-       {AudioFormat::kWavPcm16, AudioFormat::kWavFloat, AudioFormat::kFlac,
-        AudioFormat::kOggVorbis, AudioFormat::kMp3}) {
+  for (FileFormat format :
+       {FileFormat::kWavPcm16, FileFormat::kWavFloat, FileFormat::kFlac,
+        FileFormat::kOggVorbis, FileFormat::kMp3}) {
     const std::string original = Encode(TestSignal(), 1, kRate, format);
     for (int trial = 0; trial < 40; ++trial) {
       std::string bytes = original.substr(0, rng() % original.size() + 1);
@@ -600,7 +600,7 @@ TEST(AudioBadInputTest, AbsurdFiniteSamplesAreRefused) {
   ExpectDecodeError(F32le(signal), kInvalid,
                     "sample of 1e+30 at sample index 777 (channel 0), beyond +-1000",
                     Raw(PcmEncoding::kF32LE, kRate, 1));
-  ExpectDecodeError(Encode(signal, 1, kRate, AudioFormat::kWavFloat), kInvalid,
+  ExpectDecodeError(Encode(signal, 1, kRate, FileFormat::kWavFloat), kInvalid,
                     "at sample index 777 (channel 0), beyond +-1000");
   // Loud but plausible float audio (+20 dB over full scale) is accepted.
   signal[777] = 10.0f;
@@ -617,12 +617,12 @@ TEST(AudioBadInputTest, AbsurdFiniteSamplesAreRefused) {
 
 TEST(AudioAllowListTest, OtherContainersLibsndfileKnowsAreRefusedByName) {
   const struct {
-    AudioFormat format;
+    FileFormat format;
     const char* name;
-  } kRefused[] = {{AudioFormat::kAu, "AU (Sun/NeXT) files are not accepted"},
-                  {AudioFormat::kAiff, "AIFF files are not accepted"},
-                  {AudioFormat::kCaf, "CAF files are not accepted"},
-                  {AudioFormat::kW64, "Sony Wave64 files are not accepted"}};
+  } kRefused[] = {{FileFormat::kAu, "AU (Sun/NeXT) files are not accepted"},
+                  {FileFormat::kAiff, "AIFF files are not accepted"},
+                  {FileFormat::kCaf, "CAF files are not accepted"},
+                  {FileFormat::kW64, "Sony Wave64 files are not accepted"}};
   for (const auto& refused : kRefused) {
     SCOPED_TRACE(refused.name);
     ExpectDecodeError(Encode(TestSignal(), 1, kRate, refused.format), kInvalid,
@@ -632,16 +632,16 @@ TEST(AudioAllowListTest, OtherContainersLibsndfileKnowsAreRefusedByName) {
 
 TEST(AudioAllowListTest, OggOfAnotherCodecIsRefused) {
   const std::vector<float> tone = Sine(440.0, 0.5, 48000, 1.0);
-  ExpectDecodeError(Encode(tone, 1, 48000, AudioFormat::kOggOpus), kInvalid,
+  ExpectDecodeError(Encode(tone, 1, 48000, FileFormat::kOggOpus), kInvalid,
                     "holds another codec than Vorbis");
 }
 
 TEST(AudioAllowListTest, WavCodecsOtherThanPcmFloatAndG711AreRefused) {
-  ExpectDecodeError(Encode(TestSignal(), 1, kRate, AudioFormat::kWavImaAdpcm),
+  ExpectDecodeError(Encode(TestSignal(), 1, kRate, FileFormat::kWavImaAdpcm),
                     kInvalid, "WAV encoding 0x0011 is not supported");
   // mu-law (telephony) is accepted.
   const Audio audio =
-      DecodeOk(Encode(TestSignal(), 1, kRate, AudioFormat::kWavMuLaw));
+      DecodeOk(Encode(TestSignal(), 1, kRate, FileFormat::kWavMuLaw));
   EXPECT_EQ(audio.samples.size(), TestSignal().size());
   EXPECT_LT(emoserve::testing::MaxAbsDifference(audio.samples, TestSignal()),
             0.02);
@@ -652,10 +652,10 @@ TEST(AudioAllowListTest, Id3TaggedFlacAndMp3AreAccepted) {
   const std::string tag =
       std::string("ID3\x04\x00\x00\x00\x00\x00\x14", 10) + std::string(20, '\0');
   const Audio flac =
-      DecodeOk(tag + Encode(TestSignal(), 1, kRate, AudioFormat::kFlac));
+      DecodeOk(tag + Encode(TestSignal(), 1, kRate, FileFormat::kFlac));
   EXPECT_EQ(flac.samples.size(), TestSignal().size());
   const std::vector<float> tone = Sine(1000.0, 0.5, 44100, 1.0);
-  const Audio mp3 = DecodeOk(tag + Encode(tone, 1, 44100, AudioFormat::kMp3));
+  const Audio mp3 = DecodeOk(tag + Encode(tone, 1, 44100, FileFormat::kMp3));
   EXPECT_NEAR(static_cast<double>(mp3.samples.size()), tone.size(), 1152);
   // A tag in front of anything else is not enough.
   ExpectDecodeError(tag + "not audio at all", kInvalid, "unrecognised format");
@@ -667,14 +667,14 @@ TEST(AudioAllowListTest, Id3TaggedFlacAndMp3AreAccepted) {
 // the whole signal, gives.
 TEST(AudioResampleTest, DecodingToTheModelRateMatchesResamplingAfterwards) {
   const struct {
-    AudioFormat format;
+    FileFormat format;
     int rate;
     int channels;
-  } kCases[] = {{AudioFormat::kWavPcm16, 48000, 2},
-                {AudioFormat::kFlac, 44100, 1},
-                {AudioFormat::kWavFloat, 192000, 1},
-                {AudioFormat::kWavPcm16, 8000, 1},
-                {AudioFormat::kOggVorbis, 22050, 1}};
+  } kCases[] = {{FileFormat::kWavPcm16, 48000, 2},
+                {FileFormat::kFlac, 44100, 1},
+                {FileFormat::kWavFloat, 192000, 1},
+                {FileFormat::kWavPcm16, 8000, 1},
+                {FileFormat::kOggVorbis, 22050, 1}};
   for (const auto& c : kCases) {
     SCOPED_TRACE(::testing::Message() << c.rate << " Hz, format "
                                       << static_cast<int>(c.format));
@@ -692,7 +692,7 @@ TEST(AudioResampleTest, DecodingToTheModelRateMatchesResamplingAfterwards) {
     const Audio audio = DecodeOk(bytes, options);
     EXPECT_EQ(audio.sample_rate, kRate);
     EXPECT_EQ(audio.source_sample_rate, c.rate);
-    EXPECT_EQ(audio.source_frames, static_cast<int64_t>(source.samples.size()));
+    EXPECT_EQ(audio.source_samples, static_cast<int64_t>(source.samples.size()));
     EXPECT_DOUBLE_EQ(audio.duration_seconds(), source.duration_seconds());
     ASSERT_EQ(audio.samples.size(), expected->size());
     EXPECT_LT(emoserve::testing::MaxAbsDifference(audio.samples, *expected), 1e-6);
@@ -713,7 +713,7 @@ TEST(AudioResampleTest, DecodingToTheModelRateMatchesResamplingAfterwards) {
 // more than its 16 kHz result plus a little.
 TEST(AudioResampleTest, ReservesOnlyTheResultAtTheOutputRate) {
   const std::vector<float> tone = Sine(330.0, 0.4, 192000, 20.0);
-  for (AudioFormat format : {AudioFormat::kWavPcm16, AudioFormat::kFlac}) {
+  for (FileFormat format : {FileFormat::kWavPcm16, FileFormat::kFlac}) {
     SCOPED_TRACE(static_cast<int>(format));
     const std::string bytes = Encode(tone, 1, 192000, format);
     std::vector<size_t> reserved;
@@ -735,7 +735,7 @@ TEST(AudioResampleTest, ReservesOnlyTheResultAtTheOutputRate) {
 
 TEST(AudioResampleTest, UnknownLengthsGrowByHalvesWithinTheLimit) {
   std::string flac =
-      Encode(Sine(330.0, 0.4, kRate, 10.0), 1, kRate, AudioFormat::kFlac);
+      Encode(Sine(330.0, 0.4, kRate, 10.0), 1, kRate, FileFormat::kFlac);
   SetFlacTotalSamples(flac, 0);
   std::vector<size_t> reserved;
   DecodeOptions options = MaxDuration(12.0);
@@ -763,14 +763,14 @@ TEST(AudioResampleTest, AReservationRefusedStopsTheDecode) {
     return absl::ResourceExhaustedError(absl::StrCat("no room for ", capacity));
   };
   // A third of a second at 48 kHz: 5334 samples at 16 kHz, plus slack.
-  ExpectDecodeError(Encode(TestSignal(), 1, 48000, AudioFormat::kWavPcm16),
+  ExpectDecodeError(Encode(TestSignal(), 1, 48000, FileFormat::kWavPcm16),
                     absl::StatusCode::kResourceExhausted, "no room for 5398",
                     options);
 }
 
 TEST(AudioResampleTest, KeepGoingIsAskedBetweenBlocks) {
   const std::string wav =
-      Encode(Sine(330.0, 0.4, 48000, 5.0), 1, 48000, AudioFormat::kWavPcm16);
+      Encode(Sine(330.0, 0.4, 48000, 5.0), 1, 48000, FileFormat::kWavPcm16);
   int calls = 0;
   DecodeOptions options;
   options.keep_going = [&] {
@@ -800,7 +800,7 @@ TEST(AudioResampleTest, AudioTooShortToMakeASampleIsRefused) {
 TEST(AudioResampleTest, BadOutputRateIsRefused) {
   DecodeOptions options;
   options.output_sample_rate = 1000;
-  ExpectDecodeError(Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16),
+  ExpectDecodeError(Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16),
                     kInvalid, "sample rate 1000 Hz", options);
 }
 
@@ -808,8 +808,8 @@ TEST(AudioResampleTest, BadOutputRateIsRefused) {
 
 TEST(AudioDurationTest, LongerThanTheLimitIsOutOfRange) {
   const std::vector<float> two_seconds = Sine(440.0, 0.5, kRate, 2.0);
-  for (AudioFormat format : {AudioFormat::kWavPcm16, AudioFormat::kFlac,
-                             AudioFormat::kOggVorbis, AudioFormat::kMp3}) {
+  for (FileFormat format : {FileFormat::kWavPcm16, FileFormat::kFlac,
+                             FileFormat::kOggVorbis, FileFormat::kMp3}) {
     ExpectDecodeError(Encode(two_seconds, 1, kRate, format), kOutOfRange,
                       "the limit is 1.5 s", MaxDuration(1.5));
   }
@@ -824,21 +824,21 @@ TEST(AudioDurationTest, LongerThanTheLimitIsOutOfRange) {
 
 TEST(AudioDurationTest, ExactlyTheLimitIsAccepted) {
   const Audio audio = DecodeOk(
-      Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16), MaxDuration(1.0));
+      Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16), MaxDuration(1.0));
   EXPECT_DOUBLE_EQ(audio.duration_seconds(), 1.0);
 }
 
 TEST(AudioDurationTest, CheckedFromTheHeaderBeforeDecoding) {
   // One second of data whose STREAMINFO claims ten hours: rejected as too
   // long from the header alone.
-  std::string flac = Encode(TestSignal(), 1, kRate, AudioFormat::kFlac);
+  std::string flac = Encode(TestSignal(), 1, kRate, FileFormat::kFlac);
   SetFlacTotalSamples(flac, uint64_t{10} * 3600 * kRate);
   ExpectDecodeError(flac, kOutOfRange, "audio is 36000 s long");
 }
 
 TEST(AudioDurationTest, EnforcedWhileDecodingWhenTheLengthIsUnknown) {
   std::string flac =
-      Encode(Sine(440.0, 0.5, kRate, 2.0), 1, kRate, AudioFormat::kFlac);
+      Encode(Sine(440.0, 0.5, kRate, 2.0), 1, kRate, FileFormat::kFlac);
   SetFlacTotalSamples(flac, 0);
   ExpectDecodeError(flac, kOutOfRange, "longer than the limit of 1.5 s",
                     MaxDuration(1.5));
@@ -846,7 +846,7 @@ TEST(AudioDurationTest, EnforcedWhileDecodingWhenTheLengthIsUnknown) {
 
 TEST(AudioDurationTest, InvalidLimit) {
   const std::string wav =
-      Encode(TestSignal(), 1, kRate, AudioFormat::kWavPcm16);
+      Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   for (double limit : {0.0, -1.0, std::nan("")}) {
     ExpectDecodeError(wav, kInvalid, "max_duration_seconds",
                       MaxDuration(limit));

@@ -302,7 +302,7 @@ TEST(StreamAudioDecoderTest, FramesStraddlingMessagesKeepUnderOneFrameWaiting) {
   format.sample_rate = 16000;
   format.channels = 3;  // 12-byte frames
   StreamAudioDecoder decoder(format);
-  ASSERT_EQ(decoder.frame_bytes(), 12u);
+  ASSERT_EQ(decoder.pcm_frame_bytes(), 12u);
   std::string pcm;
   std::vector<float> expected;
   for (int i = 0; i < 100; ++i) {
@@ -323,7 +323,7 @@ TEST(StreamAudioDecoderTest, FramesStraddlingMessagesKeepUnderOneFrameWaiting) {
     message.set_audio(pcm.substr(pos, size));
     pos = std::min(pcm.size(), pos + size);
     ASSERT_TRUE(decoder.Decode(message, limits, push).ok());
-    EXPECT_LT(decoder.pending_bytes(), decoder.frame_bytes());
+    EXPECT_LT(decoder.pending_bytes(), decoder.pcm_frame_bytes());
   }
   ASSERT_EQ(decoded.size(), expected.size());
   for (size_t i = 0; i < expected.size(); ++i) EXPECT_NEAR(decoded[i], expected[i], 1e-7) << i;

@@ -64,7 +64,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           messages[i], limits, [&](absl::Span<const float> samples) {
             return (*session)->Push(samples);
           });
-      if (decoder.pending_bytes() >= decoder.frame_bytes()) std::abort();
+      if (decoder.pending_bytes() >= decoder.pcm_frame_bytes()) std::abort();
       failed = !status.ok();
     }
     if (failed) {
