@@ -445,7 +445,7 @@ TEST_F(ServerTest, SameClipGivesTheSameResultInEveryFormatAndRate) {
     cases.push_back(std::move(c));
   };
   // 16-bit PCM at the model's rate: exactly the FLAC file's samples.
-  absl::StatusOr<std::string> flac = testing::EncodeAudio(clip, 1, kRate, testing::AudioFormat::kFlac);
+  absl::StatusOr<std::string> flac = testing::EncodeAudio(clip, 1, kRate, testing::FileFormat::kFlac);
   ASSERT_TRUE(flac.ok()) << flac.status();
   add("FLAC 16 kHz", *flac, v1::AudioFormat(), kSameSignal);
   add("LINEAR16 16 kHz stereo", ToLinear16(clip, 2), Format(v1::AUDIO_ENCODING_LINEAR16, kRate, 2),
@@ -455,7 +455,7 @@ TEST_F(ServerTest, SameClipGivesTheSameResultInEveryFormatAndRate) {
   absl::StatusOr<std::vector<float>> at48k = Resample(clip, kRate, 48000);
   ASSERT_TRUE(at48k.ok()) << at48k.status();
   absl::StatusOr<std::string> wav48k =
-      testing::EncodeAudio(*at48k, 1, 48000, testing::AudioFormat::kWavPcm16);
+      testing::EncodeAudio(*at48k, 1, 48000, testing::FileFormat::kWavPcm16);
   ASSERT_TRUE(wav48k.ok()) << wav48k.status();
   const float resampled = kResampledSignal;
   add("WAV 48 kHz", *wav48k, v1::AudioFormat(), resampled);
@@ -817,7 +817,7 @@ TEST_F(ServerTest, ReflectionListsAndDescribesTheServices) {
 
 TEST_F(ServerTest, BadAudioIsInvalidArgumentWithAHint) {
   const std::vector<float> tone = testing::Sine(220, 0.3, kRate, 1.0);
-  absl::StatusOr<std::string> wav = testing::EncodeAudio(tone, 1, kRate, testing::AudioFormat::kWavPcm16);
+  absl::StatusOr<std::string> wav = testing::EncodeAudio(tone, 1, kRate, testing::FileFormat::kWavPcm16);
   ASSERT_TRUE(wav.ok());
   struct Case {
     std::string name;
@@ -975,7 +975,7 @@ TEST_F(ServerTest, HonoursClientDeadlines) {
   // Two minutes of tone: 79 windows, far more than 100 ms of work. FLAC
   // keeps the message small, so that it reaches the server in time.
   absl::StatusOr<std::string> flac = testing::EncodeAudio(
-      testing::Sine(220, 0.3, kRate, kMaxUnarySeconds), 1, kRate, testing::AudioFormat::kFlac);
+      testing::Sine(220, 0.3, kRate, kMaxUnarySeconds), 1, kRate, testing::FileFormat::kFlac);
   ASSERT_TRUE(flac.ok()) << flac.status();
   v1::ClassifyRequest request;
   request.set_audio(*flac);
@@ -1228,7 +1228,7 @@ TEST(ServerLimitsTest, AllocationFailureFailsOnlyThatCall) {
   auto stub = v1::EmotionService::NewStub(Connect((*server)->port()));
   // 500 s of quiet FLAC: a few hundred kilobytes that decode to 32 MB.
   absl::StatusOr<std::string> flac = testing::EncodeAudio(
-      testing::Sine(220, 0.001, kRate, 500), 1, kRate, testing::AudioFormat::kFlac);
+      testing::Sine(220, 0.001, kRate, 500), 1, kRate, testing::FileFormat::kFlac);
   ASSERT_TRUE(flac.ok()) << flac.status();
   v1::ClassifyRequest request;
   request.set_audio(*flac);

@@ -10,10 +10,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <random>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/audio.h"
 
 namespace emoserve::testing {
 
@@ -22,6 +24,28 @@ std::optional<std::string> SharedDir() {
   std::string dir = env != nullptr && *env != '\0' ? env : EMOSERVE_DEFAULT_SHARED_DIR;
   if (!std::filesystem::is_directory(dir)) return std::nullopt;
   return dir;
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> SyntheticSpeechClips(size_t count) {
+  constexpr int kRate = 16000;
+  DecodeOptions options;
+  options.output_sample_rate = kRate;
+  absl::StatusOr<Audio> speech =
+      DecodeAudioFile(std::string(EMOSERVE_SOURCE_DIR) + "/examples/hello.wav", options);
+  if (!speech.ok()) return speech.status();
+  std::mt19937 rng(7);
+  std::normal_distribution<float> noise(0.0f, 1e-4f);  // about -80 dBFS
+  const auto faint = [&](double seconds, std::vector<float>* out) {
+    for (long i = std::lround(seconds * kRate); i > 0; --i) out->push_back(noise(rng));
+  };
+  std::vector<std::vector<float>> clips(count);
+  for (size_t i = 0; i < count; ++i) {
+    const float gain = std::pow(10.0f, -static_cast<float>(i % 4) * 3.0f / 20.0f);
+    faint(0.1 * static_cast<double>(i), &clips[i]);
+    for (float sample : speech->samples) clips[i].push_back(gain * sample + noise(rng));
+    faint(0.5, &clips[i]);
+  }
+  return clips;
 }
 
 std::pair<int, std::string> RunCommand(const std::string& command) {
@@ -97,35 +121,35 @@ sf_count_t SinkTell(void* user) {
   return static_cast<MemorySink*>(user)->position;
 }
 
-int SndfileFormat(AudioFormat format) {
+int SndfileFormat(FileFormat format) {
   switch (format) {
-    case AudioFormat::kWavPcm16:
+    case FileFormat::kWavPcm16:
       return SF_FORMAT_WAV | SF_FORMAT_PCM_16;
-    case AudioFormat::kWavPcm24:
+    case FileFormat::kWavPcm24:
       return SF_FORMAT_WAV | SF_FORMAT_PCM_24;
-    case AudioFormat::kWavPcm32:
+    case FileFormat::kWavPcm32:
       return SF_FORMAT_WAV | SF_FORMAT_PCM_32;
-    case AudioFormat::kWavFloat:
+    case FileFormat::kWavFloat:
       return SF_FORMAT_WAV | SF_FORMAT_FLOAT;
-    case AudioFormat::kFlac:
+    case FileFormat::kFlac:
       return SF_FORMAT_FLAC | SF_FORMAT_PCM_16;
-    case AudioFormat::kOggVorbis:
+    case FileFormat::kOggVorbis:
       return SF_FORMAT_OGG | SF_FORMAT_VORBIS;
-    case AudioFormat::kMp3:
+    case FileFormat::kMp3:
       return SF_FORMAT_MPEG | SF_FORMAT_MPEG_LAYER_III;
-    case AudioFormat::kWavMuLaw:
+    case FileFormat::kWavMuLaw:
       return SF_FORMAT_WAV | SF_FORMAT_ULAW;
-    case AudioFormat::kWavImaAdpcm:
+    case FileFormat::kWavImaAdpcm:
       return SF_FORMAT_WAV | SF_FORMAT_IMA_ADPCM;
-    case AudioFormat::kAu:
+    case FileFormat::kAu:
       return SF_FORMAT_AU | SF_FORMAT_PCM_16;
-    case AudioFormat::kAiff:
+    case FileFormat::kAiff:
       return SF_FORMAT_AIFF | SF_FORMAT_PCM_16;
-    case AudioFormat::kCaf:
+    case FileFormat::kCaf:
       return SF_FORMAT_CAF | SF_FORMAT_PCM_16;
-    case AudioFormat::kW64:
+    case FileFormat::kW64:
       return SF_FORMAT_W64 | SF_FORMAT_PCM_16;
-    case AudioFormat::kOggOpus:
+    case FileFormat::kOggOpus:
       return SF_FORMAT_OGG | SF_FORMAT_OPUS;
   }
   return 0;
@@ -135,7 +159,7 @@ int SndfileFormat(AudioFormat format) {
 
 absl::StatusOr<std::string> EncodeAudio(absl::Span<const float> interleaved,
                                         int channels, int sample_rate,
-                                        AudioFormat format) {
+                                        FileFormat format) {
   MemorySink sink;
   SF_VIRTUAL_IO io{SinkLength, SinkSeek, SinkRead, SinkWrite, SinkTell};
   SF_INFO info{};

@@ -18,6 +18,13 @@ namespace emoserve::testing {
 // files inside are failures.
 std::optional<std::string> SharedDir();
 
+// Speech-like clips at 16 kHz for tests that must run without ../shared:
+// the repository's examples/hello.wav (espeak-ng speech, 2.8 s), clip i
+// louder or quieter (0 to -9 dB), starting later (i * 0.1 s of faint noise
+// first) and with 0.5 s of faint noise after, so that clips differ and
+// windows at their edges are silence, as in RAVDESS.
+absl::StatusOr<std::vector<std::vector<float>>> SyntheticSpeechClips(size_t count);
+
 // Runs a shell command, returning its exit status (-1 if it did not exit)
 // and its stdout and stderr together.
 std::pair<int, std::string> RunCommand(const std::string& command);
@@ -26,8 +33,9 @@ std::pair<int, std::string> RunCommand(const std::string& command);
 std::vector<float> Sine(double frequency, double amplitude, int rate,
                         double seconds);
 
-// Containers/encodings that EncodeAudio can write.
-enum class AudioFormat {
+// Audio file formats (container and encoding) that EncodeAudio can write;
+// raw PCM is described by the proto's v1::AudioFormat instead.
+enum class FileFormat {
   kWavPcm16,
   kWavPcm24,
   kWavPcm32,
@@ -49,7 +57,7 @@ enum class AudioFormat {
 // (virtual I/O), so that decoder tests need no fixture files.
 absl::StatusOr<std::string> EncodeAudio(absl::Span<const float> interleaved,
                                         int channels, int sample_rate,
-                                        AudioFormat format);
+                                        FileFormat format);
 
 // The largest |a[i] - b[i]|; NaN when the sizes differ, so that every
 // comparison with it fails (an empty output never "equals" a signal).

@@ -16,7 +16,7 @@
 
 namespace {
 
-using emoserve::testing::AudioFormat;
+using emoserve::testing::FileFormat;
 namespace v1 = emoserve::v1;
 
 // Speech-like: a wandering tone with noise, and a quiet stretch.
@@ -53,7 +53,7 @@ void Write(const std::filesystem::path& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
 }
 
-std::string Encode(int rate, double seconds, int channels, AudioFormat format) {
+std::string Encode(int rate, double seconds, int channels, FileFormat format) {
   absl::StatusOr<std::string> bytes =
       emoserve::testing::EncodeAudio(Signal(rate, seconds, channels), channels, rate, format);
   if (!bytes.ok()) {
@@ -127,17 +127,17 @@ int main(int argc, char** argv) {
   // decode_fuzzer: a mode byte, then the bytes.
   const struct {
     const char* name;
-    AudioFormat format;
+    FileFormat format;
     int rate;
     int channels;
-  } kFiles[] = {{"wav16", AudioFormat::kWavPcm16, 16000, 1},
-                {"wav24_stereo", AudioFormat::kWavPcm24, 48000, 2},
-                {"wavfloat", AudioFormat::kWavFloat, 22050, 1},
-                {"wav_mulaw", AudioFormat::kWavMuLaw, 8000, 1},
-                {"flac", AudioFormat::kFlac, 44100, 1},
-                {"ogg", AudioFormat::kOggVorbis, 16000, 1},
-                {"mp3", AudioFormat::kMp3, 16000, 1},
-                {"au", AudioFormat::kAu, 16000, 1}};
+  } kFiles[] = {{"wav16", FileFormat::kWavPcm16, 16000, 1},
+                {"wav24_stereo", FileFormat::kWavPcm24, 48000, 2},
+                {"wavfloat", FileFormat::kWavFloat, 22050, 1},
+                {"wav_mulaw", FileFormat::kWavMuLaw, 8000, 1},
+                {"flac", FileFormat::kFlac, 44100, 1},
+                {"ogg", FileFormat::kOggVorbis, 16000, 1},
+                {"mp3", FileFormat::kMp3, 16000, 1},
+                {"au", FileFormat::kAu, 16000, 1}};
   for (const auto& file : kFiles) {
     const std::string bytes = Encode(file.rate, 0.25, file.channels, file.format);
     Write(root / "decode_fuzzer" / file.name, std::string(1, '\x00') + bytes);
@@ -158,9 +158,9 @@ int main(int argc, char** argv) {
     request.set_hop_seconds(hop);
     Write(root / "classify_fuzzer" / name, request.SerializeAsString());
   };
-  classify("wav", Encode(16000, 1.5, 1, AudioFormat::kWavPcm16), nullptr, true, 0);
-  classify("flac_48k", Encode(48000, 1.2, 1, AudioFormat::kFlac), nullptr, false, 1.0);
-  classify("mp3", Encode(16000, 1.2, 1, AudioFormat::kMp3), nullptr, true, 0);
+  classify("wav", Encode(16000, 1.5, 1, FileFormat::kWavPcm16), nullptr, true, 0);
+  classify("flac_48k", Encode(48000, 1.2, 1, FileFormat::kFlac), nullptr, false, 1.0);
+  classify("mp3", Encode(16000, 1.2, 1, FileFormat::kMp3), nullptr, true, 0);
   const v1::AudioFormat s16 = Raw(v1::AUDIO_ENCODING_LINEAR16, 16000, 1);
   classify("raw_s16", S16(Signal(16000, 2.0, 1)), &s16, true, 0.5);
   const v1::AudioFormat f32 = Raw(v1::AUDIO_ENCODING_FLOAT32, 8000, 2);
