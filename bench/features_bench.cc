@@ -2,8 +2,7 @@
 // librosa comparison) and the bundled model's own features. Run with
 //   features_bench --benchmark_repetitions=10
 //                  --benchmark_report_aggregates_only=true
-// librosa 0.10.2 takes a median 1.9 ms (16 kHz) and 12.4 ms (48 kHz) on the
-// same clips and machine.
+// bench/README.md compares its medians with librosa's on the same clips.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
