@@ -39,7 +39,7 @@ absl::Status MemoryBudget::Take(int64_t bytes, int64_t lease_bytes) {
 }
 
 void MemoryBudget::Give(int64_t bytes) {
-  const int64_t used = used_.fetch_sub(bytes, std::memory_order_relaxed) - bytes;
+  const int64_t used = used_.fetch_sub(bytes, std::memory_order_release) - bytes;
   if (on_change_) on_change_(used);
 }
 

@@ -41,7 +41,9 @@ class MemoryBudget {
   MemoryBudget& operator=(const MemoryBudget&) = delete;
 
   int64_t capacity() const { return capacity_; }
-  int64_t used() const { return used_.load(std::memory_order_relaxed); }
+  // Acquire, paired with Give's release: whoever sees the budget drained
+  // may destroy it, whichever thread gave the last bytes back.
+  int64_t used() const { return used_.load(std::memory_order_acquire); }
 
  private:
   friend class BudgetLease;

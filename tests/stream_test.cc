@@ -59,12 +59,12 @@ class Recorder {
   std::function<void(absl::Status)> OnDone() {
     return [this](absl::Status status) {
       EXPECT_FALSE(inside_.exchange(true)) << "concurrent callbacks";
-      {
-        absl::MutexLock lock(&mu_);
-        ++done_calls_;
-        status_ = status;
-      }
+      // Cleared under mu_: a test whose WaitDone returned may destroy the
+      // recorder at once.
+      absl::MutexLock lock(&mu_);
       inside_.store(false);
+      ++done_calls_;
+      status_ = status;
     };
   }
 
