@@ -383,7 +383,7 @@ absl::Status Train(const TrainOptions& options) {
   }
   config.architecture = ArchitectureOptionsToJson(architecture);
 
-  absl::StatusOr<torch::jit::Module> built = BuildParallelCnnTransformer(architecture);
+  absl::StatusOr<torch::jit::Module> built = BuildArchitecture(architecture);
   if (!built.ok()) return built.status();
   torch::jit::Module module = *std::move(built);
   // The input's row means fill SpecAugment's masks; the module normalises
