@@ -63,9 +63,8 @@ int RunEval(const EvalCommand& command) {
   absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
       FeatureExtractor::Create(config.features, config.sample_rate);
   if (!extractor.ok()) return Fail(extractor.status());
-  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(command.data_dir, *actors);
-  if (!clips.ok()) return Fail(clips.status());
-  absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
+  absl::StatusOr<std::vector<LabeledAudio>> audio =
+      LoadRavdessActors(command.data_dir, *actors, config.sample_rate);
   if (!audio.ok()) return Fail(audio.status());
   // A recording's level depends on the microphone and its gain, not on the
   // voice: --gain-db measures how much the model's answers depend on it.

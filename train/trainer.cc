@@ -863,6 +863,236 @@ absl::Status WriteTrainedModel(const TrainOptions& options, const TrainingData& 
                                 options.val_actors, options.test_actors, config);
 }
 
+// The features' JSON without what only MFCCs have.
+nlohmann::json SpectrogramJson(FeatureParams p) {
+  p.kind = FeatureKind::kLogMel;
+  nlohmann::json json = FeatureParamsToJson(p);
+  json.erase("n_mfcc");
+  return json;
+}
+
+// An ensemble's members, in the order given.
+struct Members {
+  std::vector<ModelConfig> configs;
+  // The ensemble's input: the members' features, or the log-mel spectrogram
+  // when some members take it and the others its MFCCs (they join through a
+  // cepstral adapter).
+  FeatureParams input;
+  std::vector<torch::jit::Module> modules;  // each taking `input`
+  std::vector<MemberSplit> splits;
+};
+
+absl::StatusOr<torch::jit::Module> LoadModule(const std::string& dir) {
+  try {
+    return torch::jit::load((fs::path(dir) / "model.pt").string());
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot load ", dir, "/model.pt: ", e.what()));
+  }
+}
+
+// Checks that member i (its config loaded) shares the first member's
+// labels, input and test actors, then adds its split and its module (behind
+// a cepstral adapter when it takes the MFCCs of the ensemble's input).
+absl::Status AddMember(const EnsembleOptions& options, size_t i, Members* members) {
+  const std::string& dir = options.member_dirs[i];
+  const ModelConfig& config = members->configs[i];
+  const ModelConfig& first = members->configs.front();
+  const FeatureParams& input = members->input;
+  const auto differs = [&](absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, " differs from ", options.member_dirs.front(), " in its ", what,
+        ": ensemble members must share input, labels and split"));
+  };
+  if (config.labels != first.labels) return differs("labels");
+  const bool same_features = FeatureParamsToJson(config.features) == FeatureParamsToJson(input);
+  const bool cepstra_of_input = config.features.kind == FeatureKind::kMfcc &&
+                                input.kind == FeatureKind::kLogMel &&
+                                SpectrogramJson(config.features) == SpectrogramJson(input);
+  if (config.sample_rate != first.sample_rate ||
+      config.window_seconds != first.window_seconds ||
+      config.input_layout != first.input_layout || !(same_features || cepstra_of_input)) {
+    return differs("input (rate, window or features)");
+  }
+  absl::StatusOr<MemberSplit> split = ReadSplit(config, dir);
+  if (!split.ok()) return split.status();
+  if (!members->splits.empty() && split->test != members->splits.front().test) {
+    return differs("test actors");
+  }
+  members->splits.push_back(*std::move(split));
+  absl::StatusOr<torch::jit::Module> module = LoadModule(dir);
+  if (!module.ok()) return module.status();
+  if (!same_features) {
+    module = BuildCepstralAdapter(*module, config.features.n_mfcc, input.n_mels);
+    if (!module.ok()) return module.status();
+  }
+  members->modules.push_back(*std::move(module));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Members> LoadMembers(const EnsembleOptions& options) {
+  if (options.member_dirs.size() < 2) {
+    return absl::InvalidArgumentError("an ensemble needs at least two member directories");
+  }
+  Members members;
+  for (const std::string& dir : options.member_dirs) {
+    absl::StatusOr<ModelConfig> config =
+        LoadModelConfig((fs::path(dir) / "model.json").string());
+    if (!config.ok()) return config.status();
+    members.configs.push_back(*std::move(config));
+  }
+  members.input = members.configs.front().features;
+  for (const ModelConfig& config : members.configs) {
+    if (config.features.kind == FeatureKind::kLogMel) members.input = config.features;
+  }
+  for (size_t i = 0; i < members.configs.size(); ++i) {
+    if (absl::Status s = AddMember(options, i, &members); !s.ok()) return s;
+  }
+  return members;
+}
+
+// A member's entry in the ensemble's provenance: where it is, its features'
+// kind, how it was trained and its metrics.
+nlohmann::json MemberJson(const std::string& dir, const ModelConfig& config) {
+  const nlohmann::json& p = config.provenance;
+  nlohmann::json member = {{"dir", dir},
+                           {"features", FeatureParamsToJson(config.features)["kind"]}};
+  for (const char* key : {"command", "seed", "best_epoch", "kept_epoch", "train_seconds"}) {
+    if (p.contains(key)) member[key] = p[key];
+  }
+  for (const char* key : {"validation", "test"}) {
+    if (p.contains(key)) {
+      member[key] = {{"accuracy", p[key].value("accuracy", 0.0)},
+                     {"uar", p[key].value("uar", 0.0)}};
+    }
+  }
+  return member;
+}
+
+// Copies a member's training curves into out_dir as
+// training_curve_member<number>.
+absl::Status CopyTrainingCurves(const std::string& member_dir, size_t number,
+                                const std::string& out_dir) {
+  for (const char* ext : {".csv", ".svg"}) {
+    const fs::path curve = fs::path(member_dir) / (std::string("training_curve") + ext);
+    if (!fs::exists(curve)) continue;
+    std::error_code error;
+    fs::copy_file(curve, fs::path(out_dir) / absl::StrCat("training_curve_member", number, ext),
+                  fs::copy_options::overwrite_existing, error);
+    if (error) {
+      return absl::InternalError(absl::StrCat("cannot copy ", curve.string(), ": ",
+                                              error.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The first member's config on the ensemble's input, with every member's
+// architecture and, in its provenance, every member's entry (MemberJson).
+// The members' training curves travel with the ensemble: they are copied
+// into out_dir.
+absl::StatusOr<ModelConfig> EnsembleConfig(const EnsembleOptions& options,
+                                           const Members& members) {
+  ModelConfig config = members.configs.front();
+  config.features = members.input;
+  if (!options.model_name.empty()) config.name = options.model_name;
+  if (!options.model_version.empty()) config.version = options.model_version;
+  nlohmann::json architectures = nlohmann::json::array();
+  nlohmann::json entries = nlohmann::json::array();
+  int64_t parameters = 0;
+  for (size_t i = 0; i < members.configs.size(); ++i) {
+    const ModelConfig& member = members.configs[i];
+    architectures.push_back(member.architecture);
+    entries.push_back(MemberJson(options.member_dirs[i], member));
+    parameters += member.provenance.value("parameters", int64_t{0});
+    if (absl::Status s = CopyTrainingCurves(options.member_dirs[i], i + 1, options.out_dir);
+        !s.ok()) {
+      return s;
+    }
+  }
+  config.architecture = {{"name", "ensemble"}, {"members", architectures}};
+  config.provenance = {{"command", options.command_line},
+                       {"data", options.data_dir},
+                       {"members", entries},
+                       {"parameters", parameters}};
+  return config;
+}
+
+// The ensemble's split: the union of the members' training and validation
+// actors, and their test actors.
+struct EnsembleSplit {
+  MemberSplit actors;
+  bool same = true;  // every member trained and validated on the same actors
+};
+
+EnsembleSplit JoinSplits(const std::vector<MemberSplit>& splits) {
+  EnsembleSplit joined;
+  for (const MemberSplit& split : splits) {
+    joined.actors.train.insert(split.train.begin(), split.train.end());
+    joined.actors.val.insert(split.val.begin(), split.val.end());
+    joined.same =
+        joined.same && split.train == splits.front().train && split.val == splits.front().val;
+  }
+  joined.actors.test = splits.front().test;
+  return joined;
+}
+
+// Validation actors grouped by the members blind to them (that did not
+// train on them); actors that every member trained on are in no group.
+std::map<std::vector<size_t>, std::set<int>> BlindGroups(const std::vector<MemberSplit>& splits,
+                                                         const std::set<int>& val_actors) {
+  std::map<std::vector<size_t>, std::set<int>> groups;
+  for (int actor : val_actors) {
+    std::vector<size_t> blind;
+    for (size_t i = 0; i < splits.size(); ++i) {
+      if (!splits[i].train.count(actor)) blind.push_back(i);
+    }
+    if (!blind.empty()) groups[blind].insert(actor);
+  }
+  return groups;
+}
+
+// Out-of-fold validation, for members that differ in their validation
+// actors (cross-validation folds, each selected on its own): each validation
+// actor's clips scored by the members that never trained on that actor.
+// `validated` gets the actors scored; none is an error.
+absl::StatusOr<ConfusionMatrix> ValidateOutOfFold(const Members& members,
+                                                  const ModelConfig& config,
+                                                  const std::vector<LabeledAudio>& val_audio,
+                                                  const std::set<int>& val_actors,
+                                                  std::set<int>* validated) {
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  if (!extractor.ok()) return extractor.status();
+  ConfusionMatrix out_of_fold(config.labels);
+  validated->clear();
+  for (const auto& [blind, actors] : BlindGroups(members.splits, val_actors)) {
+    std::vector<torch::jit::Module> blind_modules;
+    for (size_t i : blind) blind_modules.push_back(members.modules[i]);
+    torch::jit::Module scorer = blind_modules.front();
+    if (blind_modules.size() > 1) {
+      absl::StatusOr<torch::jit::Module> built = BuildEnsemble(blind_modules);
+      if (!built.ok()) return built.status();
+      scorer = *std::move(built);
+    }
+    scorer.eval();
+    std::vector<LabeledAudio> audio;
+    for (const LabeledAudio& clip : val_audio) {
+      if (actors.count(clip.clip.actor)) audio.push_back(clip);
+    }
+    absl::StatusOr<ConfusionMatrix> matrix =
+        EvaluateClips(audio, config, **extractor,
+                      TorchPredictor(scorer, config.num_features(), config.num_frames()));
+    if (!matrix.ok()) return matrix.status();
+    out_of_fold.Merge(*matrix);
+    validated->insert(actors.begin(), actors.end());
+  }
+  if (validated->empty()) {
+    return absl::InvalidArgumentError(
+        "no validation actor is unseen by any member: nothing to validate the ensemble on");
+  }
+  return out_of_fold;
+}
+
 }  // namespace
 
 absl::Status Train(const TrainOptions& options) {
@@ -894,194 +1124,45 @@ absl::Status Train(const TrainOptions& options) {
 }
 
 absl::Status Ensemble(const EnsembleOptions& options) {
-  if (options.member_dirs.size() < 2) {
-    return absl::InvalidArgumentError("an ensemble needs at least two member directories");
-  }
-  std::vector<ModelConfig> configs;
-  for (const std::string& dir : options.member_dirs) {
-    absl::StatusOr<ModelConfig> config =
-        LoadModelConfig((fs::path(dir) / "model.json").string());
-    if (!config.ok()) return config.status();
-    configs.push_back(*std::move(config));
-  }
-  // The ensemble's input: the members' features, or the log-mel spectrogram
-  // when some members take it and the others its MFCCs (they join through a
-  // cepstral adapter).
-  FeatureParams input = configs.front().features;
-  for (const ModelConfig& config : configs) {
-    if (config.features.kind == FeatureKind::kLogMel) input = config.features;
-  }
-  // The features' JSON without what only MFCCs have.
-  const auto spectrogram = [](FeatureParams p) {
-    p.kind = FeatureKind::kLogMel;
-    nlohmann::json json = FeatureParamsToJson(p);
-    json.erase("n_mfcc");
-    return json;
-  };
-  std::vector<torch::jit::Module> modules;
-  std::vector<MemberSplit> splits;
-  for (size_t i = 0; i < configs.size(); ++i) {
-    const std::string& dir = options.member_dirs[i];
-    const ModelConfig& config = configs[i];
-    const ModelConfig& first = configs.front();
-    const auto differs = [&](absl::string_view what) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          dir, " differs from ", options.member_dirs.front(), " in its ", what,
-          ": ensemble members must share input, labels and split"));
-    };
-    if (config.labels != first.labels) return differs("labels");
-    const bool same_features = FeatureParamsToJson(config.features) == FeatureParamsToJson(input);
-    const bool cepstra_of_input = config.features.kind == FeatureKind::kMfcc &&
-                                  input.kind == FeatureKind::kLogMel &&
-                                  spectrogram(config.features) == spectrogram(input);
-    if (config.sample_rate != first.sample_rate ||
-        config.window_seconds != first.window_seconds ||
-        config.input_layout != first.input_layout || !(same_features || cepstra_of_input)) {
-      return differs("input (rate, window or features)");
-    }
-    absl::StatusOr<MemberSplit> split = ReadSplit(config, dir);
-    if (!split.ok()) return split.status();
-    if (!splits.empty() && split->test != splits.front().test) return differs("test actors");
-    splits.push_back(*std::move(split));
-    try {
-      modules.push_back(torch::jit::load((fs::path(dir) / "model.pt").string()));
-    } catch (const std::exception& e) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("cannot load ", dir, "/model.pt: ", e.what()));
-    }
-    if (!same_features) {
-      absl::StatusOr<torch::jit::Module> adapted =
-          BuildCepstralAdapter(modules.back(), config.features.n_mfcc, input.n_mels);
-      if (!adapted.ok()) return adapted.status();
-      modules.back() = *std::move(adapted);
-    }
-  }
-  absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(modules);
+  absl::StatusOr<Members> members = LoadMembers(options);
+  if (!members.ok()) return members.status();
+  absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(members->modules);
   if (!ensemble.ok()) return ensemble.status();
 
   if (absl::Status s = CreateDirectory(options.out_dir); !s.ok()) return s;
-  ModelConfig config = configs.front();
-  config.features = input;
-  if (!options.model_name.empty()) config.name = options.model_name;
-  if (!options.model_version.empty()) config.version = options.model_version;
-  nlohmann::json architectures = nlohmann::json::array();
-  nlohmann::json members = nlohmann::json::array();
-  int64_t parameters = 0;
-  for (size_t i = 0; i < configs.size(); ++i) {
-    const nlohmann::json& p = configs[i].provenance;
-    architectures.push_back(configs[i].architecture);
-    nlohmann::json member = {{"dir", options.member_dirs[i]},
-                             {"features", FeatureParamsToJson(configs[i].features)["kind"]}};
-    for (const char* key : {"command", "seed", "best_epoch", "kept_epoch", "train_seconds"}) {
-      if (p.contains(key)) member[key] = p[key];
-    }
-    for (const char* key : {"validation", "test"}) {
-      if (p.contains(key)) {
-        member[key] = {{"accuracy", p[key].value("accuracy", 0.0)},
-                       {"uar", p[key].value("uar", 0.0)}};
-      }
-    }
-    members.push_back(member);
-    parameters += p.value("parameters", int64_t{0});
-    // The members' training curves travel with the ensemble.
-    for (const char* ext : {".csv", ".svg"}) {
-      const fs::path curve = fs::path(options.member_dirs[i]) / (std::string("training_curve") + ext);
-      if (!fs::exists(curve)) continue;
-      std::error_code error;
-      fs::copy_file(curve,
-                    fs::path(options.out_dir) / absl::StrCat("training_curve_member", i + 1, ext),
-                    fs::copy_options::overwrite_existing, error);
-      if (error) {
-        return absl::InternalError(absl::StrCat("cannot copy ", curve.string(), ": ",
-                                                error.message()));
-      }
-    }
-  }
-  config.architecture = {{"name", "ensemble"}, {"members", architectures}};
-  // The ensemble's split: the union of the members' training and validation
-  // actors. Members may differ in their validation actors (cross-validation
-  // folds, each selected on its own): then the ensemble is validated out of
-  // fold, each validation actor's clips scored by the members that never
-  // trained on that actor, and actors that every member trained on are left
-  // out of validation.
-  std::set<int> train_actors, val_actors;
-  bool same_split = true;
-  for (const MemberSplit& split : splits) {
-    train_actors.insert(split.train.begin(), split.train.end());
-    val_actors.insert(split.val.begin(), split.val.end());
-    same_split = same_split && split.train == splits.front().train && split.val == splits.front().val;
-  }
-  const std::set<int>& test_actors = splits.front().test;
-  nlohmann::json split_json = SplitJson(train_actors, val_actors, test_actors);
-  config.provenance = {{"command", options.command_line},
-                       {"data", options.data_dir},
-                       {"members", members},
-                       {"parameters", parameters}};
+  absl::StatusOr<ModelConfig> config = EnsembleConfig(options, *members);
+  if (!config.ok()) return config.status();
+  const EnsembleSplit split = JoinSplits(members->splits);
   try {
     ensemble->save((fs::path(options.out_dir) / "model.pt").string());
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("cannot save the ensemble: ", e.what()));
   }
 
-  absl::StatusOr<std::vector<RavdessClip>> val_list = ListRavdess(options.data_dir, val_actors);
-  if (!val_list.ok()) return val_list.status();
   absl::StatusOr<std::vector<LabeledAudio>> val_audio =
-      LoadRavdessAudio(*val_list, config.sample_rate);
+      LoadRavdessActors(options.data_dir, split.actors.val, config->sample_rate);
   if (!val_audio.ok()) return val_audio.status();
+  nlohmann::json split_json = SplitJson(split.actors.train, split.actors.val, split.actors.test);
   std::optional<ConfusionMatrix> out_of_fold;
-  std::set<int> validated = val_actors;
-  if (!same_split) {
-    absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
-        FeatureExtractor::Create(config.features, config.sample_rate);
-    if (!extractor.ok()) return extractor.status();
-    // Validation actors grouped by the members blind to them.
-    std::map<std::vector<size_t>, std::set<int>> groups;
-    for (int actor : val_actors) {
-      std::vector<size_t> blind;
-      for (size_t i = 0; i < splits.size(); ++i) {
-        if (!splits[i].train.count(actor)) blind.push_back(i);
-      }
-      if (!blind.empty()) groups[blind].insert(actor);
-    }
-    out_of_fold.emplace(config.labels);
-    validated.clear();
-    for (const auto& [blind, actors] : groups) {
-      std::vector<torch::jit::Module> blind_modules;
-      for (size_t i : blind) blind_modules.push_back(modules[i]);
-      torch::jit::Module scorer = blind_modules.front();
-      if (blind_modules.size() > 1) {
-        absl::StatusOr<torch::jit::Module> built = BuildEnsemble(blind_modules);
-        if (!built.ok()) return built.status();
-        scorer = *std::move(built);
-      }
-      scorer.eval();
-      std::vector<LabeledAudio> audio;
-      for (const LabeledAudio& clip : *val_audio) {
-        if (actors.count(clip.clip.actor)) audio.push_back(clip);
-      }
-      absl::StatusOr<ConfusionMatrix> matrix =
-          EvaluateClips(audio, config, **extractor,
-                        TorchPredictor(scorer, config.num_features(), config.num_frames()));
-      if (!matrix.ok()) return matrix.status();
-      out_of_fold->Merge(*matrix);
-      validated.insert(actors.begin(), actors.end());
-    }
-    if (validated.empty()) {
-      return absl::InvalidArgumentError(
-          "no validation actor is unseen by any member: nothing to validate the ensemble on");
-    }
+  std::set<int> validated = split.actors.val;
+  if (!split.same) {
+    absl::StatusOr<ConfusionMatrix> matrix =
+        ValidateOutOfFold(*members, *config, *val_audio, split.actors.val, &validated);
+    if (!matrix.ok()) return matrix.status();
+    out_of_fold = *std::move(matrix);
     split_json["validation"] =
         absl::StrCat("out of fold: each of actors ", ActorList(validated),
                      " scored by the members that did not train on it");
   }
-  config.provenance["split"] = split_json;
+  config->provenance["split"] = split_json;
   if (absl::Status s = EvaluateModelDirectory(options.out_dir, options.data_dir, *val_audio,
-                                              validated, test_actors, &config, out_of_fold);
+                                              validated, split.actors.test, &*config,
+                                              out_of_fold);
       !s.ok()) {
     return s;
   }
   std::fprintf(stderr, "wrote %s: an ensemble of %zu models\n", options.out_dir.c_str(),
-               configs.size());
+               members->configs.size());
   return absl::OkStatus();
 }
 
