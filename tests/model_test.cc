@@ -131,7 +131,7 @@ TEST(ModelArchitectureTest, GlobalPoolingIgnoresWhereInTheWindowASoundIs) {
     ArchitectureOptions options;  // 40 x 301, 8 classes
     options.conv_global_pooling = global;
     torch::manual_seed(3);
-    absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+    absl::StatusOr<torch::jit::Module> module = BuildArchitecture(options);
     ASSERT_TRUE(module.ok()) << module.status();
     module->eval();
     EXPECT_EQ(module->attr("fc_weight").toTensor().size(1), global ? 2 * 64 + 40 : 64 * 9 + 40);
@@ -183,7 +183,7 @@ TEST(ModelArchitectureTest, CepstralBranchesSeeTheExtractorsMfccs) {
   ArchitectureOptions options;
   options.num_features = 64;
   options.cepstral_coefficients = 40;
-  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  absl::StatusOr<torch::jit::Module> module = BuildArchitecture(options);
   ASSERT_TRUE(module.ok()) << module.status();
   EXPECT_EQ(module->attr("feature_mean").toTensor().numel(), 40);
   torch::NoGradGuard no_grad;
@@ -206,7 +206,7 @@ TEST(ModelArchitectureTest, CepstralBranchesSeeTheExtractorsMfccs) {
   EXPECT_NEAR(p.sum().item<double>(), 1.0, 1e-5);
   // More coefficients than input rows is refused.
   options.cepstral_coefficients = 65;
-  EXPECT_THAT(BuildParallelCnnTransformer(options).status().message(),
+  EXPECT_THAT(BuildArchitecture(options).status().message(),
               HasSubstr("cepstral_coefficients"));
 }
 
@@ -222,7 +222,7 @@ TEST(ModelArchitectureTest, StatisticsBranchSummarisesTheFramesNearTheLoudest) {
   options.num_frames = 64;
   options.statistics_hidden = 4 * rows + 1;
   options.statistics_range_db = 30.0;
-  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  absl::StatusOr<torch::jit::Module> module = BuildArchitecture(options);
   ASSERT_TRUE(module.ok()) << module.status();
   torch::jit::Module statistics = module->attr("statistics").toModule();
   statistics.eval();
@@ -288,7 +288,7 @@ TEST(ModelArchitectureTest, StatisticsBranchAddsCepstralDeviations) {
   options.parallel_branches = false;
   options.statistics_hidden = 4;
   options.statistics_cepstral = cepstra;
-  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  absl::StatusOr<torch::jit::Module> module = BuildArchitecture(options);
   ASSERT_TRUE(module.ok()) << module.status();
   torch::jit::Module statistics = module->attr("statistics").toModule();
   statistics.eval();
@@ -319,7 +319,7 @@ TEST(ModelArchitectureTest, StatisticsBranchAddsCepstralDeviations) {
   EXPECT_NEAR(out[first + 2].item<double>(), 0.0, 1e-2);
   EXPECT_GT(out[first + 3].item<double>(), 0.1);
   options.statistics_cepstral = rows + 1;
-  EXPECT_THAT(BuildParallelCnnTransformer(options).status().message(),
+  EXPECT_THAT(BuildArchitecture(options).status().message(),
               HasSubstr("statistics_cepstral"));
 }
 
@@ -346,7 +346,7 @@ TEST(ModelArchitectureTest, PitchStatisticsFindTheFundamentalOfHarmonicTones) {
   options.statistics_hidden = 16;
   options.pitch_rows = pitch_rows->rows;
   options.pitch_row_hz = pitch_rows->row_hz;
-  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  absl::StatusOr<torch::jit::Module> module = BuildArchitecture(options);
   ASSERT_TRUE(module.ok()) << module.status();
   torch::jit::Module statistics = module->attr("statistics").toModule();
   torch::NoGradGuard no_grad;
@@ -390,11 +390,11 @@ TEST(ModelArchitectureTest, PitchStatisticsFindTheFundamentalOfHarmonicTones) {
   EXPECT_THAT(PitchRowsOf(MelFrequencies(params, 16000)).status().message(),
               HasSubstr("use more mel bands"));
   options.pitch_row_hz = 46.4;
-  EXPECT_THAT(BuildParallelCnnTransformer(options).status().message(),
+  EXPECT_THAT(BuildArchitecture(options).status().message(),
               HasSubstr("pitch_row_hz"));
   options.pitch_row_hz = pitch_rows->row_hz;
   options.statistics_hidden = 0;
-  EXPECT_FALSE(BuildParallelCnnTransformer(options).ok());
+  EXPECT_FALSE(BuildArchitecture(options).ok());
 }
 
 // Without the parallel branches the model is the statistics branch and the
@@ -404,7 +404,7 @@ TEST(ModelArchitectureTest, StatisticsOnlyModelHasNeitherCnnNorTransformer) {
   options.num_features = 64;
   options.parallel_branches = false;
   options.statistics_hidden = 24;
-  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  absl::StatusOr<torch::jit::Module> module = BuildArchitecture(options);
   ASSERT_TRUE(module.ok()) << module.status();
   EXPECT_EQ(module->attr("fc_weight").toTensor().size(1), 24);
   EXPECT_FALSE(module->hasattr("conv0"));
@@ -415,9 +415,9 @@ TEST(ModelArchitectureTest, StatisticsOnlyModelHasNeitherCnnNorTransformer) {
   EXPECT_TRUE(torch::allclose(p.sum(1), torch::ones({2})));
   // The CNN's pooling does not constrain it: 13 rows are enough.
   options.num_features = 13;
-  ASSERT_TRUE(BuildParallelCnnTransformer(options).ok());
+  ASSERT_TRUE(BuildArchitecture(options).ok());
   options.statistics_hidden = 0;
-  EXPECT_THAT(BuildParallelCnnTransformer(options).status().message(),
+  EXPECT_THAT(BuildArchitecture(options).status().message(),
               HasSubstr("statistics branch is needed"));
 }
 
@@ -437,7 +437,7 @@ TEST(ModelArchitectureTest, EnsembleSharesTheSummaryOfLikeStatisticsMembers) {
   std::vector<torch::jit::Module> members;
   for (const ArchitectureOptions* options : {&statistics, &statistics, &cepstral, &parallel}) {
     torch::manual_seed(members.size() + 1);
-    absl::StatusOr<torch::jit::Module> member = BuildParallelCnnTransformer(*options);
+    absl::StatusOr<torch::jit::Module> member = BuildArchitecture(*options);
     ASSERT_TRUE(member.ok()) << member.status();
     member->eval();
     members.push_back(*std::move(member));
@@ -482,7 +482,7 @@ TEST(ModelArchitectureTest, EnsembleOfManyLikeFoldsNamesTheirClassesApart) {
   std::vector<torch::jit::Module> members;
   for (int i = 0; i < kMembers; ++i) {
     torch::manual_seed(i + 1);
-    absl::StatusOr<torch::jit::Module> member = BuildParallelCnnTransformer(options);
+    absl::StatusOr<torch::jit::Module> member = BuildArchitecture(options);
     ASSERT_TRUE(member.ok()) << member.status();
     member->eval();
     members.push_back(*std::move(member));

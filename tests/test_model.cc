@@ -64,7 +64,7 @@ absl::Status WriteTestModel(const ModelConfig& config, const std::string& dir,
   options.num_frames = config.num_frames();
   options.num_classes = static_cast<int>(config.labels.size());
   torch::manual_seed(seed);
-  absl::StatusOr<torch::jit::Module> module = BuildParallelCnnTransformer(options);
+  absl::StatusOr<torch::jit::Module> module = BuildArchitecture(options);
   if (!module.ok()) return module.status();
   return SaveModelDirectory(*module, config, dir);
 }

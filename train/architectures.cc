@@ -513,8 +513,7 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& o) {
           {"pitch_row_hz", o.pitch_row_hz}};
 }
 
-absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
-    const ArchitectureOptions& o) {
+absl::StatusOr<torch::jit::Module> BuildArchitecture(const ArchitectureOptions& o) {
   if (absl::Status s = Validate(o); !s.ok()) return s;
   try {
     auto unit = std::make_shared<torch::jit::CompilationUnit>();

@@ -1,6 +1,8 @@
-// The trainable parallel CNN + Transformer, built as a TorchScript module from
-// C++ so that the trainer's module is the very module that model.pt stores:
-// no Python needed to export it, and Python can torch.jit.load it.
+// The trainable architectures (the parallel CNN + Transformer, the
+// statistics branch alone) and the modules that combine trained models,
+// built as TorchScript modules from C++ so that the trainer's module is the
+// very module that model.pt stores: no Python needed to export it, and
+// Python can torch.jit.load it.
 #ifndef EMOSERVE_TRAIN_ARCHITECTURES_H_
 #define EMOSERVE_TRAIN_ARCHITECTURES_H_
 
@@ -96,9 +98,11 @@ absl::StatusOr<ArchitectureOptions> ArchitectureOptionsFromJson(
     const nlohmann::json& json);
 nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& options);
 
-// Builds a freshly initialised module (PyTorch's default initialisations,
-// from torch's global generator: seed it first for reproducibility).
-// Methods:
+// Builds a freshly initialised module of the architecture `options`
+// describe: the parallel CNN + Transformer (with the statistics branch when
+// statistics_hidden is positive), or the statistics branch alone
+// (parallel_branches false). PyTorch's default initialisations, from
+// torch's global generator: seed it first for reproducibility. Methods:
 //   forward(x: [B,1,F,T]) -> probabilities [B, num_classes]
 //   branch_input(x)       -> what the CNN and Transformer branches see
 //                            before normalisation ([B,1,D,T]: the cepstra
@@ -112,8 +116,7 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& options);
 //   summary_key           -> a string attribute naming what summary computes
 // Buffers feature_mean / feature_std ([D]) normalise branch_input inside
 // the module; the trainer fills them from the training data.
-absl::StatusOr<torch::jit::Module> BuildParallelCnnTransformer(
-    const ArchitectureOptions& options);
+absl::StatusOr<torch::jit::Module> BuildArchitecture(const ArchitectureOptions& options);
 
 // A model trained on MFCCs, served on the log-mel spectrogram they were
 // computed from: forward(x) = member.forward(DCT(x)) (and logits alike),

@@ -38,6 +38,14 @@ absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessAudio(
   return loaded;
 }
 
+absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessActors(const std::string& dir,
+                                                            const std::set<int>& actors,
+                                                            int sample_rate) {
+  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(dir, actors);
+  if (!clips.ok()) return clips.status();
+  return LoadRavdessAudio(*clips, sample_rate);
+}
+
 absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& clips,
                                               const ModelConfig& config,
                                               const FeatureExtractor& extractor,

@@ -5,6 +5,7 @@
 #define EMOSERVE_TRAIN_EVALUATE_H_
 
 #include <functional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,12 @@ void ApplyGainDb(double gain_db, absl::Span<float> samples);
 // Decodes and resamples every clip to `sample_rate`, with a progress bar.
 absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessAudio(
     const std::vector<RavdessClip>& clips, int sample_rate);
+
+// The clips of `actors` in the RAVDESS folder `dir` (ListRavdess), loaded
+// as LoadRavdessAudio does.
+absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessActors(const std::string& dir,
+                                                            const std::set<int>& actors,
+                                                            int sample_rate);
 
 // Features of batch_size windows ([B][F][T]) -> probabilities ([B][C]).
 using BatchPredictor = std::function<absl::StatusOr<std::vector<float>>(

@@ -5,7 +5,9 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -38,6 +40,30 @@ struct EvalCommand {
   std::string predictions;  // CSV of each clip's label; "": none
 };
 
+CLI::App* AddEvalCommand(CLI::App& app, EvalCommand& command) {
+  CLI::App* eval = app.add_subcommand(
+      "eval", "evaluate a model directory on RAVDESS actors, each clip as the service does");
+  eval->add_option("--model", command.model_dir, "model directory")->required();
+  eval->add_option("--data", command.data_dir, "RAVDESS folder")->required();
+  eval->add_option("--actors", command.actors, "actors to evaluate on")->capture_default_str();
+  eval->add_option("--device", command.device, "cpu, cuda or cuda:N")->capture_default_str();
+  eval->add_option("--threads", command.threads, "LibTorch threads (0 = all cores)");
+  eval->add_option("--hop-seconds", command.options.hop_seconds,
+                   "seconds between a clip's windows (0 = half a window, the service's default)")
+      ->capture_default_str();
+  eval->add_option("--vad-threshold-dbfs", command.options.vad_threshold_dbfs,
+                   "windows quieter than this skip the model (the service's default)")
+      ->capture_default_str();
+  eval->add_option("--gain-db", command.gain_db,
+                   "scale every clip by this gain first (dB; not clipped), as a quieter or "
+                   "louder recording of the same voice")
+      ->capture_default_str();
+  eval->add_option("--predictions", command.predictions,
+                   "write each clip's label to this CSV (path,label,predicted)");
+  eval->add_flag("--json", command.json, "print JSON");
+  return eval;
+}
+
 // path,label,predicted for each clip, in the order of `audio`.
 absl::Status WritePredictions(const std::string& path, const std::vector<LabeledAudio>& audio,
                               const std::vector<int>& predicted, const ModelConfig& config) {
@@ -63,9 +89,8 @@ int RunEval(const EvalCommand& command) {
   absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
       FeatureExtractor::Create(config.features, config.sample_rate);
   if (!extractor.ok()) return Fail(extractor.status());
-  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(command.data_dir, *actors);
-  if (!clips.ok()) return Fail(clips.status());
-  absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
+  absl::StatusOr<std::vector<LabeledAudio>> audio =
+      LoadRavdessActors(command.data_dir, *actors, config.sample_rate);
   if (!audio.ok()) return Fail(audio.status());
   // A recording's level depends on the microphone and its gain, not on the
   // voice: --gain-db measures how much the model's answers depend on it.
@@ -103,46 +128,46 @@ int RunEval(const EvalCommand& command) {
   return 0;
 }
 
-}  // namespace
-}  // namespace emoserve
+// Exit status 1 with the message on stderr, or 0.
+int ExitCode(const absl::Status& status) { return status.ok() ? 0 : Fail(status); }
 
-int main(int argc, char** argv) {
-  using emoserve::TrainOptions;
+// The command as typed, for model.json's provenance.
+std::string CommandLine(int argc, char** argv) {
+  std::string command_line = "emoserve-train";
+  for (int i = 1; i < argc; ++i) command_line += std::string(" ") + argv[i];
+  return command_line;
+}
 
-  CLI::App app{"emoserve-train: train and evaluate emoserve's emotion model on RAVDESS"};
-  app.require_subcommand(1);
-
+// `train`'s options, with the choices given as text until RunTrain parses
+// them.
+struct TrainCommand {
   TrainOptions options;
-  options.features = emoserve::DefaultTrainFeatures();
-  std::string train_actors, val_actors = "19-20", test_actors = "21-24", feature_kind = "mfcc",
-              db_ref = "one", keep_epoch = "best";
-  CLI::App* train = app.add_subcommand("train", "train a model and write a model directory");
-  train->add_option("--data", options.data_dir, "RAVDESS folder (Actor_NN/...flac|wav)")
-      ->required();
-  train->add_option("--out", options.out_dir, "output model directory")->required();
-  train->add_option("--epochs", options.epochs, "epochs")->capture_default_str();
-  train->add_option("--seed", options.seed, "random seed")->capture_default_str();
-  train->add_option("--batch-size", options.batch_size)->capture_default_str();
-  train->add_option("--lr", options.learning_rate, "peak learning rate (one-cycle AdamW)")
-      ->capture_default_str();
-  train->add_option("--weight-decay", options.weight_decay)->capture_default_str();
-  train->add_option("--threads", options.threads, "LibTorch threads (0 = all cores)")
-      ->capture_default_str();
-  train->add_option("--train-actors", train_actors,
-                    "training actors (default: all but validation and test)");
-  train->add_option("--val-actors", val_actors)->capture_default_str();
-  train->add_option("--test-actors", test_actors)->capture_default_str();
-  train->add_option("--features", feature_kind, "mfcc or log_mel")->capture_default_str();
-  train->add_option("--n-mfcc", options.features.n_mfcc)->capture_default_str();
-  train->add_option("--n-mels", options.features.n_mels)->capture_default_str();
-  train->add_option("--n-fft", options.features.n_fft, "FFT size (samples)")->capture_default_str();
-  train->add_option("--db-ref", db_ref,
+  std::string train_actors;
+  std::string val_actors = "19-20";
+  std::string test_actors = "21-24";
+  std::string feature_kind = "mfcc";
+  std::string db_ref = "one";
+  std::string keep_epoch = "best";
+};
+
+void AddFeatureOptions(CLI::App* train, TrainCommand& command) {
+  FeatureParams& features = command.options.features;
+  train->add_option("--features", command.feature_kind, "mfcc or log_mel")->capture_default_str();
+  train->add_option("--n-mfcc", features.n_mfcc)->capture_default_str();
+  train->add_option("--n-mels", features.n_mels)->capture_default_str();
+  train->add_option("--n-fft", features.n_fft, "FFT size (samples)")->capture_default_str();
+  train->add_option("--db-ref", command.db_ref,
                     "decibels relative to full scale (one) or to each window's loudest cell "
                     "(max, with amin 1e-20: the features ignore the recording's level)")
       ->capture_default_str();
-  train->add_option("--win-length", options.features.win_length,
+  train->add_option("--win-length", features.win_length,
                     "analysis window (samples, at most --n-fft)")
       ->capture_default_str();
+}
+
+// Augmentation, loss and model selection.
+void AddRecipeOptions(CLI::App* train, TrainCommand& command) {
+  TrainOptions& options = command.options;
   train->add_option("--mixup", options.mixup_alpha, "mixup alpha (0 = off)")
       ->capture_default_str();
   train->add_option("--noise-prob", options.noise_probability)->capture_default_str();
@@ -166,127 +191,158 @@ int main(int argc, char** argv) {
   train->add_option("--ema-decay", options.ema_decay,
                     "evaluate and save a moving average of the weights (0 = off)")
       ->capture_default_str();
-  train->add_option("--keep", keep_epoch,
+  train->add_option("--keep", command.keep_epoch,
                     "the epoch model.pt keeps: best (validation UAR) or last (validation "
                     "only reports: unbiased cross-validation folds)")
       ->check(CLI::IsMember({"best", "last"}))
       ->capture_default_str();
   train->add_flag("--balance-classes,!--no-balance-classes", options.balance_classes,
                   "weigh the loss by inverse class frequency (default on)");
-  train->add_option("--conv-dropout", options.architecture.conv_dropout)->capture_default_str();
-  train->add_option("--transformer-dropout", options.architecture.transformer_dropout)
+}
+
+void AddArchitectureOptions(CLI::App* train, TrainCommand& command) {
+  ArchitectureOptions& architecture = command.options.architecture;
+  train->add_option("--conv-dropout", architecture.conv_dropout)->capture_default_str();
+  train->add_option("--transformer-dropout", architecture.transformer_dropout)
       ->capture_default_str();
-  train->add_option("--heads", options.architecture.transformer_heads)->capture_default_str();
-  train->add_flag("--conv-global-pooling", options.architecture.conv_global_pooling,
+  train->add_option("--heads", architecture.transformer_heads)->capture_default_str();
+  train->add_flag("--conv-global-pooling", architecture.conv_global_pooling,
                   "mean and max of each CNN channel instead of flattening its cells");
-  train->add_flag("--window-mean-norm", options.architecture.window_mean_normalization,
+  train->add_flag("--window-mean-norm", architecture.window_mean_normalization,
                   "subtract each window's mean over time from every feature row");
-  train->add_option("--cepstral", options.architecture.cepstral_coefficients,
+  train->add_option("--cepstral", architecture.cepstral_coefficients,
                     "CNN and Transformer branches see this many DCT coefficients of each "
                     "frame (with --features log_mel: MFCCs computed inside the model; 0 = off)")
       ->capture_default_str();
-  train->add_option("--statistics-hidden", options.architecture.statistics_hidden,
+  train->add_option("--statistics-hidden", architecture.statistics_hidden,
                     "width of the utterance-statistics branch (0 = off)")
       ->capture_default_str();
-  train->add_option("--statistics-cepstral", options.architecture.statistics_cepstral,
+  train->add_option("--statistics-cepstral", architecture.statistics_cepstral,
                     "statistics branch: add the deviation and delta RMS of this many DCT "
                     "coefficients of each frame (0 = off)")
       ->capture_default_str();
-  train->add_option("--statistics-range-db", options.architecture.statistics_range_db,
+  train->add_option("--statistics-range-db", architecture.statistics_range_db,
                     "statistics branch: frames within this many dB of the loudest count")
       ->capture_default_str();
-  train->add_flag("--pitch", options.pitch,
+  train->add_flag("--pitch", command.options.pitch,
                   "statistics branch: add pitch statistics (log-mel input with mel bands at "
                   "most 37.5 Hz apart below 1 kHz, e.g. --n-mels 128 --n-fft 1024)");
-  train->add_flag("--parallel-branches,!--statistics-only",
-                  options.architecture.parallel_branches,
+  train->add_flag("--parallel-branches,!--statistics-only", architecture.parallel_branches,
                   "--statistics-only: the statistics branch alone, without the CNN and "
                   "Transformer branches");
+}
+
+CLI::App* AddTrainCommand(CLI::App& app, TrainCommand& command) {
+  TrainOptions& options = command.options;
+  options.features = DefaultTrainFeatures();
+  CLI::App* train = app.add_subcommand("train", "train a model and write a model directory");
+  train->add_option("--data", options.data_dir, "RAVDESS folder (Actor_NN/...flac|wav)")
+      ->required();
+  train->add_option("--out", options.out_dir, "output model directory")->required();
+  train->add_option("--epochs", options.epochs, "epochs")->capture_default_str();
+  train->add_option("--seed", options.seed, "random seed")->capture_default_str();
+  train->add_option("--batch-size", options.batch_size)->capture_default_str();
+  train->add_option("--lr", options.learning_rate, "peak learning rate (one-cycle AdamW)")
+      ->capture_default_str();
+  train->add_option("--weight-decay", options.weight_decay)->capture_default_str();
+  train->add_option("--threads", options.threads, "LibTorch threads (0 = all cores)")
+      ->capture_default_str();
+  train->add_option("--train-actors", command.train_actors,
+                    "training actors (default: all but validation and test)");
+  train->add_option("--val-actors", command.val_actors)->capture_default_str();
+  train->add_option("--test-actors", command.test_actors)->capture_default_str();
+  AddFeatureOptions(train, command);
+  AddRecipeOptions(train, command);
+  AddArchitectureOptions(train, command);
   train->add_option("--name", options.model_name)->capture_default_str();
   train->add_option("--version", options.model_version)->capture_default_str();
+  return train;
+}
 
-  emoserve::EnsembleOptions ensemble_options;
+// Sets the options that `train` takes as text: features, decibel
+// reference, kept epoch, actors.
+absl::Status ParseTrainChoices(TrainCommand& command) {
+  TrainOptions& options = command.options;
+  if (command.feature_kind == "mfcc") {
+    options.features.kind = FeatureKind::kMfcc;
+  } else if (command.feature_kind == "log_mel") {
+    options.features.kind = FeatureKind::kLogMel;
+  } else {
+    return absl::InvalidArgumentError("--features must be mfcc or log_mel");
+  }
+  if (command.db_ref == "one") {
+    options.features.db_ref = DbRef::kOne;
+  } else if (command.db_ref == "max") {
+    // librosa's amin (-100 dB full scale) would floor a quiet recording's
+    // weak cells where a loud one's are not: far below any signal instead.
+    options.features.db_ref = DbRef::kMax;
+    options.features.amin = 1e-20;
+  } else {
+    return absl::InvalidArgumentError("--db-ref must be one or max");
+  }
+  options.keep_best_epoch = command.keep_epoch == "best";
+  for (auto [text, target] : {std::pair{&command.train_actors, &options.train_actors},
+                              std::pair{&command.val_actors, &options.val_actors},
+                              std::pair{&command.test_actors, &options.test_actors}}) {
+    if (text->empty()) continue;
+    absl::StatusOr<std::set<int>> parsed = ParseActorSet(*text);
+    if (!parsed.ok()) return parsed.status();
+    *target = *parsed;
+  }
+  return absl::OkStatus();
+}
+
+int RunTrain(TrainCommand& command, const std::string& command_line) {
+  command.options.command_line = command_line;
+  if (absl::Status s = ParseTrainChoices(command); !s.ok()) return Fail(s);
+  return ExitCode(Train(command.options));
+}
+
+struct EnsembleCommand {
+  EnsembleOptions options;
+  int threads = 0;
+};
+
+CLI::App* AddEnsembleCommand(CLI::App& app, EnsembleCommand& command) {
   CLI::App* ensemble = app.add_subcommand(
       "ensemble",
       "average models trained with the same features and test actors into one model (folds "
       "that differ in validation actors are validated out of fold)");
-  ensemble->add_option("--members", ensemble_options.member_dirs, "model directories (2 or more)")
+  ensemble->add_option("--members", command.options.member_dirs, "model directories (2 or more)")
       ->required()
       ->expected(2, 64);
-  ensemble->add_option("--data", ensemble_options.data_dir, "RAVDESS folder, for evaluation")
+  ensemble->add_option("--data", command.options.data_dir, "RAVDESS folder, for evaluation")
       ->required();
-  ensemble->add_option("--out", ensemble_options.out_dir, "output model directory")->required();
-  ensemble->add_option("--name", ensemble_options.model_name, "default: the first member's");
-  ensemble->add_option("--version", ensemble_options.model_version,
+  ensemble->add_option("--out", command.options.out_dir, "output model directory")->required();
+  ensemble->add_option("--name", command.options.model_name, "default: the first member's");
+  ensemble->add_option("--version", command.options.model_version,
                        "default: the first member's");
-  int ensemble_threads = 0;
-  ensemble->add_option("--threads", ensemble_threads, "LibTorch threads (0 = all cores)");
+  ensemble->add_option("--threads", command.threads, "LibTorch threads (0 = all cores)");
+  return ensemble;
+}
 
+int RunEnsemble(EnsembleCommand& command, const std::string& command_line) {
+  SetUpModelRuntime(command.threads);
+  command.options.command_line = command_line;
+  return ExitCode(Ensemble(command.options));
+}
+
+}  // namespace
+}  // namespace emoserve
+
+int main(int argc, char** argv) {
+  CLI::App app{"emoserve-train: train and evaluate emoserve's emotion model on RAVDESS"};
+  app.require_subcommand(1);
+  emoserve::TrainCommand train_command;
+  emoserve::EnsembleCommand ensemble_command;
   emoserve::EvalCommand eval_command;
-  CLI::App* eval = app.add_subcommand(
-      "eval", "evaluate a model directory on RAVDESS actors, each clip as the service does");
-  eval->add_option("--model", eval_command.model_dir, "model directory")->required();
-  eval->add_option("--data", eval_command.data_dir, "RAVDESS folder")->required();
-  eval->add_option("--actors", eval_command.actors, "actors to evaluate on")
-      ->capture_default_str();
-  eval->add_option("--device", eval_command.device, "cpu, cuda or cuda:N")->capture_default_str();
-  eval->add_option("--threads", eval_command.threads, "LibTorch threads (0 = all cores)");
-  eval->add_option("--hop-seconds", eval_command.options.hop_seconds,
-                   "seconds between a clip's windows (0 = half a window, the service's default)")
-      ->capture_default_str();
-  eval->add_option("--vad-threshold-dbfs", eval_command.options.vad_threshold_dbfs,
-                   "windows quieter than this skip the model (the service's default)")
-      ->capture_default_str();
-  eval->add_option("--gain-db", eval_command.gain_db,
-                   "scale every clip by this gain first (dB; not clipped), as a quieter or "
-                   "louder recording of the same voice")
-      ->capture_default_str();
-  eval->add_option("--predictions", eval_command.predictions,
-                   "write each clip's label to this CSV (path,label,predicted)");
-  eval->add_flag("--json", eval_command.json, "print JSON");
-
+  emoserve::AddTrainCommand(app, train_command);
+  CLI::App* ensemble = emoserve::AddEnsembleCommand(app, ensemble_command);
+  CLI::App* eval = emoserve::AddEvalCommand(app, eval_command);
   CLI11_PARSE(app, argc, argv);
 
-  if (eval->parsed()) {
-    return emoserve::RunEval(eval_command);
-  }
-  std::string command_line = "emoserve-train";
-  for (int i = 1; i < argc; ++i) command_line += std::string(" ") + argv[i];
-  if (ensemble->parsed()) {
-    emoserve::SetUpModelRuntime(ensemble_threads);
-    ensemble_options.command_line = command_line;
-    if (absl::Status s = emoserve::Ensemble(ensemble_options); !s.ok()) {
-      return emoserve::Fail(s);
-    }
-    return 0;
-  }
-  options.command_line = command_line;
-  if (feature_kind == "mfcc") {
-    options.features.kind = emoserve::FeatureKind::kMfcc;
-  } else if (feature_kind == "log_mel") {
-    options.features.kind = emoserve::FeatureKind::kLogMel;
-  } else {
-    return emoserve::Fail(absl::InvalidArgumentError("--features must be mfcc or log_mel"));
-  }
-  if (db_ref == "one") {
-    options.features.db_ref = emoserve::DbRef::kOne;
-  } else if (db_ref == "max") {
-    // librosa's amin (-100 dB full scale) would floor a quiet recording's
-    // weak cells where a loud one's are not: far below any signal instead.
-    options.features.db_ref = emoserve::DbRef::kMax;
-    options.features.amin = 1e-20;
-  } else {
-    return emoserve::Fail(absl::InvalidArgumentError("--db-ref must be one or max"));
-  }
-  options.keep_best_epoch = keep_epoch == "best";
-  for (auto [text, target] : {std::pair{&train_actors, &options.train_actors},
-                              std::pair{&val_actors, &options.val_actors},
-                              std::pair{&test_actors, &options.test_actors}}) {
-    if (text->empty()) continue;
-    absl::StatusOr<std::set<int>> parsed = emoserve::ParseActorSet(*text);
-    if (!parsed.ok()) return emoserve::Fail(parsed.status());
-    *target = *parsed;
-  }
-  if (absl::Status s = emoserve::Train(options); !s.ok()) return emoserve::Fail(s);
-  return 0;
+  if (eval->parsed()) return emoserve::RunEval(eval_command);
+  const std::string command_line = emoserve::CommandLine(argc, argv);
+  if (ensemble->parsed()) return emoserve::RunEnsemble(ensemble_command, command_line);
+  return emoserve::RunTrain(train_command, command_line);
 }

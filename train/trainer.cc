@@ -6,13 +6,18 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <optional>
 #include <random>
+#include <set>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include <torch/torch.h>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -303,9 +308,9 @@ FeatureParams DefaultTrainFeatures() {
   return p;
 }
 
-absl::Status Train(const TrainOptions& options) {
-  const auto start = Clock::now();
-  if (absl::Status s = CreateDirectory(options.out_dir); !s.ok()) return s;
+namespace {
+
+absl::Status CheckTrainOptions(const TrainOptions& options) {
   if (!(options.speed_min > 0 && options.speed_min <= options.speed_max)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "speed perturbation range [", options.speed_min, ", ", options.speed_max,
@@ -319,11 +324,12 @@ absl::Status Train(const TrainOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("--ema-decay ", options.ema_decay, " must be in [0, 1)"));
   }
-  SetUpModelRuntime(options.threads);
-  torch::manual_seed(options.seed);
-  std::mt19937_64 rng(options.seed);
+  return absl::OkStatus();
+}
 
-  // The split.
+// The given training actors, or every actor in neither the validation nor
+// the test set; none of them may be in either.
+absl::StatusOr<std::set<int>> TrainActors(const TrainOptions& options) {
   std::set<int> train_actors = options.train_actors;
   if (train_actors.empty()) {
     for (int a = 1; a <= 24; ++a) {
@@ -336,14 +342,29 @@ absl::Status Train(const TrainOptions& options) {
           "actor ", a, " is in the training set and in the validation or test set"));
     }
   }
+  return train_actors;
+}
+
+// The training and validation clips of the split. The test actors' clips
+// are read only by the final evaluation.
+struct TrainingData {
+  std::set<int> train_actors;
+  std::vector<RavdessClip> train_clips;
+  std::vector<LabeledAudio> train_audio;
+  std::vector<LabeledAudio> val_audio;
+};
+
+absl::StatusOr<TrainingData> LoadTrainingData(const TrainOptions& options) {
+  absl::StatusOr<std::set<int>> train_actors = TrainActors(options);
+  if (!train_actors.ok()) return train_actors.status();
   absl::StatusOr<std::vector<RavdessClip>> train_list =
-      ListRavdess(options.data_dir, train_actors);
+      ListRavdess(options.data_dir, *train_actors);
   if (!train_list.ok()) return train_list.status();
   absl::StatusOr<std::vector<RavdessClip>> val_list =
       ListRavdess(options.data_dir, options.val_actors);
   if (!val_list.ok()) return val_list.status();
   std::fprintf(stderr, "train: actors %s (%zu clips); validation: actors %s (%zu clips)\n",
-               ActorList(train_actors).c_str(), train_list->size(),
+               ActorList(*train_actors).c_str(), train_list->size(),
                ActorList(options.val_actors).c_str(), val_list->size());
   absl::StatusOr<std::vector<LabeledAudio>> train_audio =
       LoadRavdessAudio(*train_list, options.sample_rate);
@@ -351,25 +372,28 @@ absl::Status Train(const TrainOptions& options) {
   absl::StatusOr<std::vector<LabeledAudio>> val_audio =
       LoadRavdessAudio(*val_list, options.sample_rate);
   if (!val_audio.ok()) return val_audio.status();
+  return TrainingData{*std::move(train_actors), *std::move(train_list),
+                      *std::move(train_audio), *std::move(val_audio)};
+}
 
-  // The model's config: the one source of truth for features from here on.
+// What the model is and sees. The config is the one source of truth for
+// features from here on.
+struct ModelSetup {
   ModelConfig config;
-  config.name = options.model_name;
-  config.version = options.model_version;
-  config.labels = RavdessLabels();
-  config.sample_rate = options.sample_rate;
-  config.window_seconds = options.window_seconds;
-  config.features = options.features;
-  config.features.sample_rate = options.sample_rate;
-  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
-      FeatureExtractor::Create(config.features, config.sample_rate);
-  if (!extractor.ok()) return extractor.status();
-  const int rows = config.num_features();
-  const int cols = config.num_frames();
-  const size_t window = config.window_samples();
+  std::unique_ptr<FeatureExtractor> extractor;
+  ArchitectureOptions architecture;
+  int rows = 0;  // one window's features are [rows, cols]
+  int cols = 0;
+  size_t window = 0;  // samples
+};
+
+// The architecture options completed with what the input and the labels
+// fix: the input's size, the classes and, with pitch, the pitch rows.
+absl::StatusOr<ArchitectureOptions> TrainArchitecture(const TrainOptions& options,
+                                                      const ModelConfig& config) {
   ArchitectureOptions architecture = options.architecture;
-  architecture.num_features = rows;
-  architecture.num_frames = cols;
+  architecture.num_features = config.num_features();
+  architecture.num_frames = config.num_frames();
   architecture.num_classes = static_cast<int>(config.labels.size());
   if (options.pitch) {
     if (config.features.kind != FeatureKind::kLogMel) {
@@ -381,439 +405,764 @@ absl::Status Train(const TrainOptions& options) {
     architecture.pitch_rows = pitch->rows;
     architecture.pitch_row_hz = pitch->row_hz;
   }
-  config.architecture = ArchitectureOptionsToJson(architecture);
+  return architecture;
+}
 
-  absl::StatusOr<torch::jit::Module> built = BuildParallelCnnTransformer(architecture);
-  if (!built.ok()) return built.status();
-  torch::jit::Module module = *std::move(built);
-  // The input's row means fill SpecAugment's masks; the module normalises
-  // what its CNN and Transformer branches see (the input, or its cepstra).
+absl::StatusOr<ModelSetup> SetUpModel(const TrainOptions& options) {
+  ModelSetup setup;
+  ModelConfig& config = setup.config;
+  config.name = options.model_name;
+  config.version = options.model_version;
+  config.labels = RavdessLabels();
+  config.sample_rate = options.sample_rate;
+  config.window_seconds = options.window_seconds;
+  config.features = options.features;
+  config.features.sample_rate = options.sample_rate;
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  if (!extractor.ok()) return extractor.status();
+  setup.extractor = *std::move(extractor);
+  setup.rows = config.num_features();
+  setup.cols = config.num_frames();
+  setup.window = config.window_samples();
+  absl::StatusOr<ArchitectureOptions> architecture = TrainArchitecture(options, config);
+  if (!architecture.ok()) return architecture.status();
+  setup.architecture = *architecture;
+  config.architecture = ArchitectureOptionsToJson(setup.architecture);
+  return setup;
+}
+
+// Sets the module's feature_mean / feature_std to the statistics of what
+// its CNN and Transformer branches see (the input, or its cepstra) over the
+// first window of every training clip. Returns the input's row means.
+absl::StatusOr<std::vector<float>> NormaliseFeatures(const ModelSetup& setup,
+                                                     const std::vector<LabeledAudio>& train_audio,
+                                                     torch::jit::Module& module) {
+  absl::StatusOr<torch::Tensor> first =
+      FirstWindows(train_audio, *setup.extractor, setup.window, setup.rows, setup.cols);
+  if (!first.ok()) return first.status();
   std::vector<float> mean, stddev;
-  {
-    absl::StatusOr<torch::Tensor> first =
-        FirstWindows(*train_audio, **extractor, window, rows, cols);
-    if (!first.ok()) return first.status();
-    RowStatistics(*first, &mean, &stddev);
-    std::vector<float> branch_mean = mean, branch_stddev = stddev;
-    if (architecture.cepstral_coefficients > 0) {
-      torch::NoGradGuard no_grad;
-      RowStatistics(module.run_method("branch_input", *first).toTensor(), &branch_mean,
-                    &branch_stddev);
-    }
-    module.attr("feature_mean").toTensor().copy_(torch::tensor(branch_mean));
-    module.attr("feature_std").toTensor().copy_(torch::tensor(branch_stddev));
+  RowStatistics(*first, &mean, &stddev);
+  std::vector<float> branch_mean = mean, branch_stddev = stddev;
+  if (setup.architecture.cepstral_coefficients > 0) {
+    torch::NoGradGuard no_grad;
+    RowStatistics(module.run_method("branch_input", *first).toTensor(), &branch_mean,
+                  &branch_stddev);
   }
-  std::vector<torch::Tensor> parameters;
-  int64_t parameter_count = 0;
-  for (torch::Tensor p : module.parameters()) {
-    p.set_requires_grad(true);
-    parameters.push_back(p);
-    parameter_count += p.numel();
+  module.attr("feature_mean").toTensor().copy_(torch::tensor(branch_mean));
+  module.attr("feature_std").toTensor().copy_(torch::tensor(branch_stddev));
+  return mean;
+}
+
+// The moving average of a module's weights that validation, selection and
+// model.pt use (with a positive decay): a copy of the module whose
+// parameters follow the trained ones and whose buffers (batch norm
+// statistics, feature normalisation) are copied from them. With decay 0 it
+// is the trained module itself.
+class WeightAverage {
+ public:
+  WeightAverage() = default;
+  WeightAverage(const torch::jit::Module& trained, double decay);
+
+  // After each optimiser step; `step` counts the steps taken.
+  void Update(int64_t step);
+  // Before evaluating the average.
+  void CopyBuffers();
+  torch::jit::Module& module() { return average_; }
+
+ private:
+  double decay_ = 0;
+  torch::jit::Module average_;
+  std::vector<torch::Tensor> trained_parameters_, parameters_, trained_buffers_, buffers_;
+};
+
+WeightAverage::WeightAverage(const torch::jit::Module& trained, double decay)
+    : decay_(decay), average_(decay > 0 ? trained.deepcopy() : trained) {
+  if (decay_ <= 0) return;
+  average_.eval();
+  for (torch::Tensor p : trained.parameters()) trained_parameters_.push_back(p);
+  for (torch::Tensor p : average_.parameters()) {
+    p.set_requires_grad(false);
+    parameters_.push_back(p);
   }
-  // The moving average of the weights (when on) is a copy of the module
-  // whose parameters follow the trained ones and whose buffers (batch norm
-  // statistics, feature normalisation) are copied from them.
-  const bool averaged = options.ema_decay > 0;
-  torch::jit::Module average = averaged ? module.deepcopy() : module;
-  std::vector<torch::Tensor> average_parameters, buffers, average_buffers;
-  if (averaged) {
-    average.eval();
-    for (torch::Tensor p : average.parameters()) {
-      p.set_requires_grad(false);
-      average_parameters.push_back(p);
-    }
-    for (torch::Tensor b : module.buffers()) buffers.push_back(b);
-    for (torch::Tensor b : average.buffers()) average_buffers.push_back(b);
+  for (torch::Tensor b : trained.buffers()) trained_buffers_.push_back(b);
+  for (torch::Tensor b : average_.buffers()) buffers_.push_back(b);
+}
+
+void WeightAverage::Update(int64_t step) {
+  if (decay_ <= 0) return;
+  torch::NoGradGuard no_grad;
+  // Early on the average follows the weights closely (warm-up).
+  const double decay = std::min(decay_, (1.0 + step) / (10.0 + step));
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    parameters_[i].mul_(decay).add_(trained_parameters_[i].detach(), 1.0 - decay);
   }
-  std::fprintf(stderr, "model: %lld parameters, input [B, 1, %d, %d]\n",
-               static_cast<long long>(parameter_count), rows, cols);
-  // The adversarial speaker classifier lives outside the module: serving
-  // never sees it.
-  const bool adversarial = options.speaker_adversarial_weight > 0;
-  std::map<int, int64_t> speaker_index;
-  for (int actor : train_actors) speaker_index.emplace(actor, speaker_index.size());
-  torch::Tensor speaker_weight, speaker_bias;
-  std::vector<torch::Tensor> trainable = parameters;
-  if (adversarial) {
-    const int64_t width = module.attr("fc_weight").toTensor().size(1);
-    const double bound = 1.0 / std::sqrt(static_cast<double>(width));
-    speaker_weight = torch::empty({static_cast<int64_t>(speaker_index.size()), width})
-                         .uniform_(-bound, bound)
-                         .requires_grad_(true);
-    speaker_bias = torch::zeros({static_cast<int64_t>(speaker_index.size())}).requires_grad_(true);
-    trainable.push_back(speaker_weight);
-    trainable.push_back(speaker_bias);
-  }
-  torch::optim::AdamW optimizer(trainable, torch::optim::AdamWOptions(options.learning_rate)
-                                               .weight_decay(options.weight_decay));
+}
+
+void WeightAverage::CopyBuffers() {
+  if (decay_ <= 0) return;
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < buffers_.size(); ++i) buffers_[i].copy_(trained_buffers_[i]);
+}
+
+// Speaker-adversarial training's speaker classifier, on the module's
+// embedding behind a gradient reversal. It lives outside the module:
+// serving never sees it.
+struct SpeakerAdversary {
+  double weight = 0;  // the reversal's strength; 0: no adversary
+  std::map<int, int64_t> speaker_index;  // training actor -> speaker class
+  torch::Tensor classifier_weight;
+  torch::Tensor classifier_bias;
+
+  bool on() const { return weight > 0; }
+};
+
+SpeakerAdversary MakeSpeakerAdversary(double weight, const std::set<int>& train_actors,
+                                      const torch::jit::Module& module) {
+  SpeakerAdversary adversary;
+  adversary.weight = weight;
+  std::map<int, int64_t>& index = adversary.speaker_index;
+  for (int actor : train_actors) index.emplace(actor, index.size());
+  if (!adversary.on()) return adversary;
+  const int64_t speakers = static_cast<int64_t>(index.size());
+  const int64_t width = module.attr("fc_weight").toTensor().size(1);
+  const double bound = 1.0 / std::sqrt(static_cast<double>(width));
+  adversary.classifier_weight =
+      torch::empty({speakers, width}).uniform_(-bound, bound).requires_grad_(true);
+  adversary.classifier_bias = torch::zeros({speakers}).requires_grad_(true);
+  return adversary;
+}
+
+// Label smoothing and, with balance_classes, each class's weight.
+torch::nn::functional::CrossEntropyFuncOptions TrainingLoss(
+    const TrainOptions& options, const std::vector<RavdessClip>& train_clips, size_t classes) {
   auto cross_entropy = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(
       options.label_smoothing);
   if (options.balance_classes) {
-    std::vector<float> weights = BalancedClassWeights(*train_list, config.labels.size());
+    std::vector<float> weights = BalancedClassWeights(train_clips, classes);
     cross_entropy.weight(torch::tensor(weights));
     std::fprintf(stderr, "class weights: %s\n", absl::StrJoin(weights, " ").c_str());
   }
+  return cross_entropy;
+}
 
-  Augmenter augmenter(options, **extractor, window, mean);
-  const int64_t examples = static_cast<int64_t>(train_audio->size());
-  const int64_t batches_per_epoch = (examples + options.batch_size - 1) / options.batch_size;
-  const int64_t total_steps = batches_per_epoch * options.epochs;
-  const std::string model_path = (fs::path(options.out_dir) / "model.pt").string();
+// The module in training and what trains it.
+struct Learner {
+  torch::jit::Module module;
+  int64_t parameter_count = 0;
+  std::vector<float> input_mean;  // of each input row: what SpecAugment's masks hold
+  WeightAverage average;
+  SpeakerAdversary adversary;
+  std::vector<torch::Tensor> trainable;  // the module's parameters, then the adversary's
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+  torch::nn::functional::CrossEntropyFuncOptions loss;
+};
+
+// A freshly initialised module, normalised to the training clips, and what
+// trains it. Draws from torch's global generator in a fixed order: the
+// module's weights, then the adversary's.
+absl::StatusOr<Learner> BuildLearner(const TrainOptions& options, const ModelSetup& setup,
+                                     const TrainingData& data) {
+  absl::StatusOr<torch::jit::Module> built = BuildArchitecture(setup.architecture);
+  if (!built.ok()) return built.status();
+  Learner learner;
+  learner.module = *std::move(built);
+  absl::StatusOr<std::vector<float>> input_mean =
+      NormaliseFeatures(setup, data.train_audio, learner.module);
+  if (!input_mean.ok()) return input_mean.status();
+  learner.input_mean = *std::move(input_mean);
+  for (torch::Tensor p : learner.module.parameters()) {
+    p.set_requires_grad(true);
+    learner.trainable.push_back(p);
+    learner.parameter_count += p.numel();
+  }
+  learner.average = WeightAverage(learner.module, options.ema_decay);
+  std::fprintf(stderr, "model: %lld parameters, input [B, 1, %d, %d]\n",
+               static_cast<long long>(learner.parameter_count), setup.rows, setup.cols);
+  learner.adversary =
+      MakeSpeakerAdversary(options.speaker_adversarial_weight, data.train_actors, learner.module);
+  if (learner.adversary.on()) {
+    learner.trainable.push_back(learner.adversary.classifier_weight);
+    learner.trainable.push_back(learner.adversary.classifier_bias);
+  }
+  learner.optimizer = std::make_unique<torch::optim::AdamW>(
+      learner.trainable,
+      torch::optim::AdamWOptions(options.learning_rate).weight_decay(options.weight_decay));
+  learner.loss = TrainingLoss(options, data.train_clips, setup.config.labels.size());
+  return learner;
+}
+
+// A batch of augmented training examples.
+struct Batch {
+  torch::Tensor x;  // [count, 1, rows, cols]
+  torch::Tensor emotions;
+  std::vector<int64_t> speakers;  // SpeakerAdversary classes
+  // Mixup blends example i with example permutation[i] in the shares
+  // lambda and 1 - lambda.
+  double lambda = 1.0;
+  torch::Tensor permutation;
+};
+
+// Mixup: blends each example with another of the batch.
+void MixUp(double alpha, std::mt19937_64& rng, Batch* batch) {
+  const int64_t count = batch->x.size(0);
+  batch->permutation = torch::arange(count, torch::kLong);
+  if (!(alpha > 0 && count > 1)) return;
+  batch->lambda = SampleBeta(alpha, rng);
+  std::vector<int64_t> perm(count);
+  for (int64_t i = 0; i < count; ++i) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  batch->permutation = torch::tensor(perm, torch::kLong);
+  batch->x = batch->lambda * batch->x +
+             (1 - batch->lambda) * batch->x.index_select(0, batch->permutation);
+}
+
+// Mixup's loss: both labels of each blended example, weighted alike.
+torch::Tensor MixupCrossEntropy(const Batch& batch, const torch::Tensor& predicted,
+                                const torch::Tensor& labels,
+                                const torch::nn::functional::CrossEntropyFuncOptions& options) {
+  return batch.lambda * torch::nn::functional::cross_entropy(predicted, labels, options) +
+         (1 - batch.lambda) * torch::nn::functional::cross_entropy(
+                                  predicted, labels.index_select(0, batch.permutation), options);
+}
+
+struct ForwardPass {
+  torch::Tensor logits;
+  torch::Tensor loss;
+};
+
+// The batch's logits and loss: the emotion loss plus, with the adversary,
+// its speaker loss.
+ForwardPass Forward(Learner& learner, const Batch& batch) {
+  torch::jit::Module& module = learner.module;
+  const SpeakerAdversary& adversary = learner.adversary;
+  torch::Tensor embedding, logits;
+  if (!adversary.on()) {
+    logits = module.run_method("logits", batch.x).toTensor();
+  } else {
+    embedding = module.run_method("embedding", batch.x).toTensor();
+    logits = torch::linear(embedding, module.attr("fc_weight").toTensor(),
+                           module.attr("fc_bias").toTensor());
+  }
+  torch::Tensor loss = MixupCrossEntropy(batch, logits, batch.emotions, learner.loss);
+  if (adversary.on()) {
+    // Gradient reversal: the value of the embedding, the negated (and
+    // scaled) gradient of the speaker loss.
+    torch::Tensor reversed =
+        embedding.detach() - adversary.weight * (embedding - embedding.detach());
+    torch::Tensor speaker_logits =
+        torch::linear(reversed, adversary.classifier_weight, adversary.classifier_bias);
+    const torch::Tensor speakers = torch::tensor(batch.speakers, torch::kLong);
+    loss = MixupCrossEntropy(batch, speaker_logits, speakers, {}) + loss;
+  }
+  return {logits, loss};
+}
+
+// The epoch loop's result.
+struct TrainingOutcome {
   std::vector<EpochRecord> curve;
+  int best_epoch = 0;  // of the best validation UAR
+  double seconds = 0;  // training, validation and reports
+};
+
+// The epochs. Each trains on every training clip once, in a fresh order and
+// with fresh augmentation, then validates the (averaged) module, saves it
+// as model.pt when the selection rule keeps the epoch, and writes the
+// training curve so far.
+class EpochLoop {
+ public:
+  EpochLoop(const TrainOptions& options, const ModelSetup& setup, const TrainingData& data,
+            Learner& learner);
+
+  absl::StatusOr<TrainingOutcome> Run(std::mt19937_64& rng);
+
+ private:
+  // A batch's loss and how many of its examples the module got right.
+  struct StepResult {
+    double loss;
+    int64_t correct;
+  };
+
+  // Sets the record's learning rate, training loss and accuracy.
+  absl::Status TrainEpoch(ProgressBar& progress, std::mt19937_64& rng, EpochRecord* record);
+  // The clips order_[first, first + count), augmented and mixed up.
+  absl::StatusOr<Batch> MakeBatch(int64_t first, int64_t count, std::mt19937_64& rng);
+  // One optimiser step, at the schedule's next learning rate.
+  StepResult Step(const Batch& batch);
+  // Sets the record's validation accuracy and UAR.
+  absl::Status Validate(EpochRecord* record);
+
+  const TrainOptions& options_;
+  const ModelSetup& setup_;
+  const TrainingData& data_;
+  Learner& learner_;
+  Augmenter augmenter_;
+  const int64_t examples_;
+  const int64_t batches_per_epoch_;
+  const int64_t total_steps_;
+  int64_t step_ = 0;
+  std::vector<size_t> order_;  // of the training clips, this epoch
+  std::vector<float> inputs_;  // the batch's features, before mixup
+};
+
+EpochLoop::EpochLoop(const TrainOptions& options, const ModelSetup& setup,
+                     const TrainingData& data, Learner& learner)
+    : options_(options),
+      setup_(setup),
+      data_(data),
+      learner_(learner),
+      augmenter_(options, *setup.extractor, setup.window, learner.input_mean),
+      examples_(static_cast<int64_t>(data.train_audio.size())),
+      batches_per_epoch_((examples_ + options.batch_size - 1) / options.batch_size),
+      total_steps_(batches_per_epoch_ * options.epochs),
+      order_(examples_) {}
+
+absl::StatusOr<TrainingOutcome> EpochLoop::Run(std::mt19937_64& rng) {
+  const std::string model_path = (fs::path(options_.out_dir) / "model.pt").string();
+  TrainingOutcome outcome;
   double best_uar = -1.0;
-  int best_epoch = 0;
-  int64_t step = 0;
-  std::vector<size_t> order(examples);
-  std::vector<float> inputs;
   const auto train_start = Clock::now();
-
-  for (int epoch = 1; epoch <= options.epochs; ++epoch) {
+  for (int epoch = 1; epoch <= options_.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
-    module.train();
-    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::shuffle(order.begin(), order.end(), rng);
-    double loss_sum = 0.0;
-    int64_t correct = 0;
-    ProgressBar progress(absl::StrFormat("epoch %d/%d", epoch, options.epochs),
-                         static_cast<int>(batches_per_epoch));
-    for (int64_t b = 0; b < batches_per_epoch; ++b) {
-      const int64_t first = b * options.batch_size;
-      const int64_t count = std::min<int64_t>(options.batch_size, examples - first);
-      inputs.resize(static_cast<size_t>(count) * rows * cols);
-      std::vector<int64_t> targets(count), speakers(count);
-      for (int64_t i = 0; i < count; ++i) {
-        const LabeledAudio& clip = (*train_audio)[order[first + i]];
-        targets[i] = clip.clip.emotion;
-        speakers[i] = speaker_index.at(clip.clip.actor);
-        if (absl::Status s = augmenter.Make(clip.samples, rng,
-                                            inputs.data() + static_cast<size_t>(i) * rows * cols);
-            !s.ok()) {
-          return s;
-        }
-      }
-      torch::Tensor x = torch::from_blob(inputs.data(), {count, 1, rows, cols});
-      torch::Tensor y = torch::tensor(targets, torch::kLong);
-      // Mixup: blend each example with another of the batch.
-      double lambda = 1.0;
-      torch::Tensor permutation = torch::arange(count, torch::kLong);
-      if (options.mixup_alpha > 0 && count > 1) {
-        lambda = SampleBeta(options.mixup_alpha, rng);
-        std::vector<int64_t> perm(count);
-        for (int64_t i = 0; i < count; ++i) perm[i] = i;
-        std::shuffle(perm.begin(), perm.end(), rng);
-        permutation = torch::tensor(perm, torch::kLong);
-        x = lambda * x + (1 - lambda) * x.index_select(0, permutation);
-      }
-      const double lr = OneCycleLearningRate(options.learning_rate, step++, total_steps);
-      for (auto& group : optimizer.param_groups()) {
-        static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-      }
-      // Mixup's loss: both labels of each blended example, weighted alike.
-      const auto mixup_cross_entropy =
-          [&](const torch::Tensor& predicted, const torch::Tensor& labels,
-              const torch::nn::functional::CrossEntropyFuncOptions& ce) {
-            return lambda * torch::nn::functional::cross_entropy(predicted, labels, ce) +
-                   (1 - lambda) * torch::nn::functional::cross_entropy(
-                                      predicted, labels.index_select(0, permutation), ce);
-          };
-      torch::Tensor embedding, logits;
-      if (!adversarial) {
-        logits = module.run_method("logits", x).toTensor();
-      } else {
-        embedding = module.run_method("embedding", x).toTensor();
-        logits = torch::linear(embedding, module.attr("fc_weight").toTensor(),
-                               module.attr("fc_bias").toTensor());
-      }
-      torch::Tensor loss = mixup_cross_entropy(logits, y, cross_entropy);
-      if (adversarial) {
-        // Gradient reversal: the value of the embedding, the negated (and
-        // scaled) gradient of the speaker loss.
-        torch::Tensor reversed = embedding.detach() - options.speaker_adversarial_weight *
-                                                          (embedding - embedding.detach());
-        torch::Tensor speaker_logits = torch::linear(reversed, speaker_weight, speaker_bias);
-        loss = mixup_cross_entropy(speaker_logits, torch::tensor(speakers, torch::kLong), {}) +
-               loss;
-      }
-      optimizer.zero_grad();
-      loss.backward();
-      torch::nn::utils::clip_grad_norm_(trainable, 5.0);
-      optimizer.step();
-      if (averaged) {
-        torch::NoGradGuard no_grad;
-        // Early on the average follows the weights closely (warm-up).
-        const double decay =
-            std::min(options.ema_decay, (1.0 + step) / (10.0 + step));
-        for (size_t i = 0; i < parameters.size(); ++i) {
-          average_parameters[i].mul_(decay).add_(parameters[i].detach(), 1.0 - decay);
-        }
-      }
-      loss_sum += loss.item<double>() * count;
-      correct += logits.argmax(1).eq(y).sum().item<int64_t>();
-      progress.Update(static_cast<int>(b + 1),
-                      absl::StrFormat("loss %.3f", loss_sum / (first + count)));
-    }
-
-    module.eval();
-    if (averaged) {
-      torch::NoGradGuard no_grad;
-      for (size_t i = 0; i < buffers.size(); ++i) average_buffers[i].copy_(buffers[i]);
-    }
-    absl::StatusOr<ConfusionMatrix> val =
-        EvaluateClips(*val_audio, config, **extractor, TorchPredictor(average, rows, cols));
-    if (!val.ok()) return val.status();
+    ProgressBar progress(absl::StrFormat("epoch %d/%d", epoch, options_.epochs),
+                         static_cast<int>(batches_per_epoch_));
     EpochRecord record;
     record.epoch = epoch;
-    record.learning_rate = OneCycleLearningRate(options.learning_rate, step - 1, total_steps);
-    record.train_loss = loss_sum / examples;
-    record.train_accuracy = static_cast<double>(correct) / examples;
-    record.val_accuracy = val->accuracy();
-    record.val_uar = val->uar();
+    if (absl::Status s = TrainEpoch(progress, rng, &record); !s.ok()) return s;
+    if (absl::Status s = Validate(&record); !s.ok()) return s;
     record.seconds = Seconds(epoch_start);
-    curve.push_back(record);
+    outcome.curve.push_back(record);
     // Model selection on validation UAR only; ties keep the earlier epoch.
     const bool best = record.val_uar > best_uar;
     if (best) {
       best_uar = record.val_uar;
-      best_epoch = epoch;
+      outcome.best_epoch = epoch;
     }
-    if (options.keep_best_epoch ? best : epoch == options.epochs) average.save(model_path);
+    if (options_.keep_best_epoch ? best : epoch == options_.epochs) {
+      learner_.average.module().save(model_path);
+    }
     const double per_epoch = Seconds(train_start) / epoch;
     progress.Finish(absl::StrFormat(
         "loss %.3f train acc %.3f | val acc %.3f UAR %.3f%s | %.1f s/epoch, %.0f clips/s, "
         "total ETA %s",
         record.train_loss, record.train_accuracy, record.val_accuracy, record.val_uar,
-        best ? " *" : "", per_epoch, examples / record.seconds,
-        FormatDuration(per_epoch * (options.epochs - epoch)).c_str()));
+        best ? " *" : "", per_epoch, examples_ / record.seconds,
+        FormatDuration(per_epoch * (options_.epochs - epoch)).c_str()));
     if (absl::Status s = WriteTrainingCurveCsv(
-            curve, (fs::path(options.out_dir) / "training_curve.csv").string());
+            outcome.curve, (fs::path(options_.out_dir) / "training_curve.csv").string());
         !s.ok()) {
       return s;
     }
   }
   if (absl::Status s = WriteTrainingCurveSvg(
-          curve, (fs::path(options.out_dir) / "training_curve.svg").string());
+          outcome.curve, (fs::path(options_.out_dir) / "training_curve.svg").string());
       !s.ok()) {
     return s;
   }
-  const double train_seconds = Seconds(train_start);
+  outcome.seconds = Seconds(train_start);
+  return outcome;
+}
 
+absl::Status EpochLoop::TrainEpoch(ProgressBar& progress, std::mt19937_64& rng,
+                                   EpochRecord* record) {
+  learner_.module.train();
+  for (size_t i = 0; i < order_.size(); ++i) order_[i] = i;
+  std::shuffle(order_.begin(), order_.end(), rng);
+  double loss_sum = 0.0;
+  int64_t correct = 0;
+  for (int64_t b = 0; b < batches_per_epoch_; ++b) {
+    const int64_t first = b * options_.batch_size;
+    const int64_t count = std::min<int64_t>(options_.batch_size, examples_ - first);
+    absl::StatusOr<Batch> batch = MakeBatch(first, count, rng);
+    if (!batch.ok()) return batch.status();
+    const StepResult result = Step(*batch);
+    loss_sum += result.loss * count;
+    correct += result.correct;
+    progress.Update(static_cast<int>(b + 1),
+                    absl::StrFormat("loss %.3f", loss_sum / (first + count)));
+  }
+  record->learning_rate = OneCycleLearningRate(options_.learning_rate, step_ - 1, total_steps_);
+  record->train_loss = loss_sum / examples_;
+  record->train_accuracy = static_cast<double>(correct) / examples_;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Batch> EpochLoop::MakeBatch(int64_t first, int64_t count, std::mt19937_64& rng) {
+  const int rows = setup_.rows;
+  const int cols = setup_.cols;
+  inputs_.resize(static_cast<size_t>(count) * rows * cols);
+  std::vector<int64_t> emotions(count);
+  Batch batch;
+  batch.speakers.resize(count);
+  for (int64_t i = 0; i < count; ++i) {
+    const LabeledAudio& clip = data_.train_audio[order_[first + i]];
+    emotions[i] = clip.clip.emotion;
+    batch.speakers[i] = learner_.adversary.speaker_index.at(clip.clip.actor);
+    if (absl::Status s = augmenter_.Make(clip.samples, rng,
+                                         inputs_.data() + static_cast<size_t>(i) * rows * cols);
+        !s.ok()) {
+      return s;
+    }
+  }
+  batch.x = torch::from_blob(inputs_.data(), {count, 1, rows, cols});
+  batch.emotions = torch::tensor(emotions, torch::kLong);
+  MixUp(options_.mixup_alpha, rng, &batch);
+  return batch;
+}
+
+EpochLoop::StepResult EpochLoop::Step(const Batch& batch) {
+  const double lr = OneCycleLearningRate(options_.learning_rate, step_++, total_steps_);
+  for (auto& group : learner_.optimizer->param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  }
+  const ForwardPass pass = Forward(learner_, batch);
+  learner_.optimizer->zero_grad();
+  pass.loss.backward();
+  torch::nn::utils::clip_grad_norm_(learner_.trainable, 5.0);
+  learner_.optimizer->step();
+  learner_.average.Update(step_);
+  return {pass.loss.item<double>(), pass.logits.argmax(1).eq(batch.emotions).sum().item<int64_t>()};
+}
+
+absl::Status EpochLoop::Validate(EpochRecord* record) {
+  learner_.module.eval();
+  learner_.average.CopyBuffers();
+  absl::StatusOr<ConfusionMatrix> val =
+      EvaluateClips(data_.val_audio, setup_.config, *setup_.extractor,
+                    TorchPredictor(learner_.average.module(), setup_.rows, setup_.cols));
+  if (!val.ok()) return val.status();
+  record->val_accuracy = val->accuracy();
+  record->val_uar = val->uar();
+  return absl::OkStatus();
+}
+
+// Records the run in config's provenance, then writes model.json and the
+// final reports (EvaluateModelDirectory).
+absl::Status WriteTrainedModel(const TrainOptions& options, const TrainingData& data,
+                               const TrainingOutcome& outcome, int64_t parameter_count,
+                               ModelConfig* config) {
+  const int64_t examples = static_cast<int64_t>(data.train_audio.size());
   // Provenance first, metrics after: the final numbers come from loading
   // the written directory exactly as the server does.
-  config.provenance = {
+  config->provenance = {
       {"command", options.command_line},
       {"data", options.data_dir},
-      {"split", SplitJson(train_actors, options.val_actors, options.test_actors)},
+      {"split", SplitJson(data.train_actors, options.val_actors, options.test_actors)},
       {"seed", options.seed},
       {"balance_classes", options.balance_classes},
       {"speaker_adversarial_weight", options.speaker_adversarial_weight},
       {"ema_decay", options.ema_decay},
       {"epochs", options.epochs},
-      {"best_epoch", best_epoch},
-      {"kept_epoch", options.keep_best_epoch ? best_epoch : options.epochs},
+      {"best_epoch", outcome.best_epoch},
+      {"kept_epoch", options.keep_best_epoch ? outcome.best_epoch : options.epochs},
       {"train_clips", examples},
-      {"train_seconds", std::round(train_seconds)},
-      {"train_clips_per_second", std::round(examples * options.epochs / train_seconds)},
+      {"train_seconds", std::round(outcome.seconds)},
+      {"train_clips_per_second", std::round(examples * options.epochs / outcome.seconds)},
       {"parameters", parameter_count}};
-  if (absl::Status s = EvaluateModelDirectory(options.out_dir, options.data_dir, *val_audio,
-                                              options.val_actors, options.test_actors, &config);
-      !s.ok()) {
-    return s;
+  return EvaluateModelDirectory(options.out_dir, options.data_dir, data.val_audio,
+                                options.val_actors, options.test_actors, config);
+}
+
+// The features' JSON without what only MFCCs have.
+nlohmann::json SpectrogramJson(FeatureParams p) {
+  p.kind = FeatureKind::kLogMel;
+  nlohmann::json json = FeatureParamsToJson(p);
+  json.erase("n_mfcc");
+  return json;
+}
+
+// An ensemble's members, in the order given.
+struct Members {
+  std::vector<ModelConfig> configs;
+  // The ensemble's input: the members' features, or the log-mel spectrogram
+  // when some members take it and the others its MFCCs (they join through a
+  // cepstral adapter).
+  FeatureParams input;
+  std::vector<torch::jit::Module> modules;  // each taking `input`
+  std::vector<MemberSplit> splits;
+};
+
+absl::StatusOr<torch::jit::Module> LoadModule(const std::string& dir) {
+  try {
+    return torch::jit::load((fs::path(dir) / "model.pt").string());
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot load ", dir, "/model.pt: ", e.what()));
   }
-  std::fprintf(stderr, "wrote %s in %s (training %s, %.0f clips/s)\n", options.out_dir.c_str(),
-               FormatDuration(Seconds(start)).c_str(), FormatDuration(train_seconds).c_str(),
-               examples * options.epochs / train_seconds);
+}
+
+// Checks that member i (its config loaded) shares the first member's
+// labels, input and test actors, then adds its split and its module (behind
+// a cepstral adapter when it takes the MFCCs of the ensemble's input).
+absl::Status AddMember(const EnsembleOptions& options, size_t i, Members* members) {
+  const std::string& dir = options.member_dirs[i];
+  const ModelConfig& config = members->configs[i];
+  const ModelConfig& first = members->configs.front();
+  const FeatureParams& input = members->input;
+  const auto differs = [&](absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, " differs from ", options.member_dirs.front(), " in its ", what,
+        ": ensemble members must share input, labels and split"));
+  };
+  if (config.labels != first.labels) return differs("labels");
+  const bool same_features = FeatureParamsToJson(config.features) == FeatureParamsToJson(input);
+  const bool cepstra_of_input = config.features.kind == FeatureKind::kMfcc &&
+                                input.kind == FeatureKind::kLogMel &&
+                                SpectrogramJson(config.features) == SpectrogramJson(input);
+  if (config.sample_rate != first.sample_rate ||
+      config.window_seconds != first.window_seconds ||
+      config.input_layout != first.input_layout || !(same_features || cepstra_of_input)) {
+    return differs("input (rate, window or features)");
+  }
+  absl::StatusOr<MemberSplit> split = ReadSplit(config, dir);
+  if (!split.ok()) return split.status();
+  if (!members->splits.empty() && split->test != members->splits.front().test) {
+    return differs("test actors");
+  }
+  members->splits.push_back(*std::move(split));
+  absl::StatusOr<torch::jit::Module> module = LoadModule(dir);
+  if (!module.ok()) return module.status();
+  if (!same_features) {
+    module = BuildCepstralAdapter(*module, config.features.n_mfcc, input.n_mels);
+    if (!module.ok()) return module.status();
+  }
+  members->modules.push_back(*std::move(module));
   return absl::OkStatus();
 }
 
-absl::Status Ensemble(const EnsembleOptions& options) {
+absl::StatusOr<Members> LoadMembers(const EnsembleOptions& options) {
   if (options.member_dirs.size() < 2) {
     return absl::InvalidArgumentError("an ensemble needs at least two member directories");
   }
-  std::vector<ModelConfig> configs;
+  Members members;
   for (const std::string& dir : options.member_dirs) {
     absl::StatusOr<ModelConfig> config =
         LoadModelConfig((fs::path(dir) / "model.json").string());
     if (!config.ok()) return config.status();
-    configs.push_back(*std::move(config));
+    members.configs.push_back(*std::move(config));
   }
-  // The ensemble's input: the members' features, or the log-mel spectrogram
-  // when some members take it and the others its MFCCs (they join through a
-  // cepstral adapter).
-  FeatureParams input = configs.front().features;
-  for (const ModelConfig& config : configs) {
-    if (config.features.kind == FeatureKind::kLogMel) input = config.features;
+  members.input = members.configs.front().features;
+  for (const ModelConfig& config : members.configs) {
+    if (config.features.kind == FeatureKind::kLogMel) members.input = config.features;
   }
-  // The features' JSON without what only MFCCs have.
-  const auto spectrogram = [](FeatureParams p) {
-    p.kind = FeatureKind::kLogMel;
-    nlohmann::json json = FeatureParamsToJson(p);
-    json.erase("n_mfcc");
-    return json;
-  };
-  std::vector<torch::jit::Module> modules;
-  std::vector<MemberSplit> splits;
-  for (size_t i = 0; i < configs.size(); ++i) {
-    const std::string& dir = options.member_dirs[i];
-    const ModelConfig& config = configs[i];
-    const ModelConfig& first = configs.front();
-    const auto differs = [&](absl::string_view what) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          dir, " differs from ", options.member_dirs.front(), " in its ", what,
-          ": ensemble members must share input, labels and split"));
-    };
-    if (config.labels != first.labels) return differs("labels");
-    const bool same_features = FeatureParamsToJson(config.features) == FeatureParamsToJson(input);
-    const bool cepstra_of_input = config.features.kind == FeatureKind::kMfcc &&
-                                  input.kind == FeatureKind::kLogMel &&
-                                  spectrogram(config.features) == spectrogram(input);
-    if (config.sample_rate != first.sample_rate ||
-        config.window_seconds != first.window_seconds ||
-        config.input_layout != first.input_layout || !(same_features || cepstra_of_input)) {
-      return differs("input (rate, window or features)");
-    }
-    absl::StatusOr<MemberSplit> split = ReadSplit(config, dir);
-    if (!split.ok()) return split.status();
-    if (!splits.empty() && split->test != splits.front().test) return differs("test actors");
-    splits.push_back(*std::move(split));
-    try {
-      modules.push_back(torch::jit::load((fs::path(dir) / "model.pt").string()));
-    } catch (const std::exception& e) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("cannot load ", dir, "/model.pt: ", e.what()));
-    }
-    if (!same_features) {
-      absl::StatusOr<torch::jit::Module> adapted =
-          BuildCepstralAdapter(modules.back(), config.features.n_mfcc, input.n_mels);
-      if (!adapted.ok()) return adapted.status();
-      modules.back() = *std::move(adapted);
-    }
+  for (size_t i = 0; i < members.configs.size(); ++i) {
+    if (absl::Status s = AddMember(options, i, &members); !s.ok()) return s;
   }
-  absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(modules);
-  if (!ensemble.ok()) return ensemble.status();
+  return members;
+}
 
-  if (absl::Status s = CreateDirectory(options.out_dir); !s.ok()) return s;
-  ModelConfig config = configs.front();
-  config.features = input;
+// A member's entry in the ensemble's provenance: where it is, its features'
+// kind, how it was trained and its metrics.
+nlohmann::json MemberJson(const std::string& dir, const ModelConfig& config) {
+  const nlohmann::json& p = config.provenance;
+  nlohmann::json member = {{"dir", dir},
+                           {"features", FeatureParamsToJson(config.features)["kind"]}};
+  for (const char* key : {"command", "seed", "best_epoch", "kept_epoch", "train_seconds"}) {
+    if (p.contains(key)) member[key] = p[key];
+  }
+  for (const char* key : {"validation", "test"}) {
+    if (p.contains(key)) {
+      member[key] = {{"accuracy", p[key].value("accuracy", 0.0)},
+                     {"uar", p[key].value("uar", 0.0)}};
+    }
+  }
+  return member;
+}
+
+// Copies a member's training curves into out_dir as
+// training_curve_member<number>.
+absl::Status CopyTrainingCurves(const std::string& member_dir, size_t number,
+                                const std::string& out_dir) {
+  for (const char* ext : {".csv", ".svg"}) {
+    const fs::path curve = fs::path(member_dir) / (std::string("training_curve") + ext);
+    if (!fs::exists(curve)) continue;
+    std::error_code error;
+    fs::copy_file(curve, fs::path(out_dir) / absl::StrCat("training_curve_member", number, ext),
+                  fs::copy_options::overwrite_existing, error);
+    if (error) {
+      return absl::InternalError(absl::StrCat("cannot copy ", curve.string(), ": ",
+                                              error.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The first member's config on the ensemble's input, with every member's
+// architecture and, in its provenance, every member's entry (MemberJson).
+// The members' training curves travel with the ensemble: they are copied
+// into out_dir.
+absl::StatusOr<ModelConfig> EnsembleConfig(const EnsembleOptions& options,
+                                           const Members& members) {
+  ModelConfig config = members.configs.front();
+  config.features = members.input;
   if (!options.model_name.empty()) config.name = options.model_name;
   if (!options.model_version.empty()) config.version = options.model_version;
   nlohmann::json architectures = nlohmann::json::array();
-  nlohmann::json members = nlohmann::json::array();
+  nlohmann::json entries = nlohmann::json::array();
   int64_t parameters = 0;
-  for (size_t i = 0; i < configs.size(); ++i) {
-    const nlohmann::json& p = configs[i].provenance;
-    architectures.push_back(configs[i].architecture);
-    nlohmann::json member = {{"dir", options.member_dirs[i]},
-                             {"features", FeatureParamsToJson(configs[i].features)["kind"]}};
-    for (const char* key : {"command", "seed", "best_epoch", "kept_epoch", "train_seconds"}) {
-      if (p.contains(key)) member[key] = p[key];
-    }
-    for (const char* key : {"validation", "test"}) {
-      if (p.contains(key)) {
-        member[key] = {{"accuracy", p[key].value("accuracy", 0.0)},
-                       {"uar", p[key].value("uar", 0.0)}};
-      }
-    }
-    members.push_back(member);
-    parameters += p.value("parameters", int64_t{0});
-    // The members' training curves travel with the ensemble.
-    for (const char* ext : {".csv", ".svg"}) {
-      const fs::path curve = fs::path(options.member_dirs[i]) / (std::string("training_curve") + ext);
-      if (!fs::exists(curve)) continue;
-      std::error_code error;
-      fs::copy_file(curve,
-                    fs::path(options.out_dir) / absl::StrCat("training_curve_member", i + 1, ext),
-                    fs::copy_options::overwrite_existing, error);
-      if (error) {
-        return absl::InternalError(absl::StrCat("cannot copy ", curve.string(), ": ",
-                                                error.message()));
-      }
+  for (size_t i = 0; i < members.configs.size(); ++i) {
+    const ModelConfig& member = members.configs[i];
+    architectures.push_back(member.architecture);
+    entries.push_back(MemberJson(options.member_dirs[i], member));
+    parameters += member.provenance.value("parameters", int64_t{0});
+    if (absl::Status s = CopyTrainingCurves(options.member_dirs[i], i + 1, options.out_dir);
+        !s.ok()) {
+      return s;
     }
   }
   config.architecture = {{"name", "ensemble"}, {"members", architectures}};
-  // The ensemble's split: the union of the members' training and validation
-  // actors. Members may differ in their validation actors (cross-validation
-  // folds, each selected on its own): then the ensemble is validated out of
-  // fold, each validation actor's clips scored by the members that never
-  // trained on that actor, and actors that every member trained on are left
-  // out of validation.
-  std::set<int> train_actors, val_actors;
-  bool same_split = true;
-  for (const MemberSplit& split : splits) {
-    train_actors.insert(split.train.begin(), split.train.end());
-    val_actors.insert(split.val.begin(), split.val.end());
-    same_split = same_split && split.train == splits.front().train && split.val == splits.front().val;
-  }
-  const std::set<int>& test_actors = splits.front().test;
-  nlohmann::json split_json = SplitJson(train_actors, val_actors, test_actors);
   config.provenance = {{"command", options.command_line},
                        {"data", options.data_dir},
-                       {"members", members},
+                       {"members", entries},
                        {"parameters", parameters}};
+  return config;
+}
+
+// The ensemble's split: the union of the members' training and validation
+// actors, and their test actors.
+struct EnsembleSplit {
+  MemberSplit actors;
+  bool same = true;  // every member trained and validated on the same actors
+};
+
+EnsembleSplit JoinSplits(const std::vector<MemberSplit>& splits) {
+  EnsembleSplit joined;
+  for (const MemberSplit& split : splits) {
+    joined.actors.train.insert(split.train.begin(), split.train.end());
+    joined.actors.val.insert(split.val.begin(), split.val.end());
+    joined.same =
+        joined.same && split.train == splits.front().train && split.val == splits.front().val;
+  }
+  joined.actors.test = splits.front().test;
+  return joined;
+}
+
+// Validation actors grouped by the members blind to them (that did not
+// train on them); actors that every member trained on are in no group.
+std::map<std::vector<size_t>, std::set<int>> BlindGroups(const std::vector<MemberSplit>& splits,
+                                                         const std::set<int>& val_actors) {
+  std::map<std::vector<size_t>, std::set<int>> groups;
+  for (int actor : val_actors) {
+    std::vector<size_t> blind;
+    for (size_t i = 0; i < splits.size(); ++i) {
+      if (!splits[i].train.count(actor)) blind.push_back(i);
+    }
+    if (!blind.empty()) groups[blind].insert(actor);
+  }
+  return groups;
+}
+
+// Out-of-fold validation, for members that differ in their validation
+// actors (cross-validation folds, each selected on its own): each validation
+// actor's clips scored by the members that never trained on that actor.
+// `validated` gets the actors scored; none is an error.
+absl::StatusOr<ConfusionMatrix> ValidateOutOfFold(const Members& members,
+                                                  const ModelConfig& config,
+                                                  const std::vector<LabeledAudio>& val_audio,
+                                                  const std::set<int>& val_actors,
+                                                  std::set<int>* validated) {
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  if (!extractor.ok()) return extractor.status();
+  ConfusionMatrix out_of_fold(config.labels);
+  validated->clear();
+  for (const auto& [blind, actors] : BlindGroups(members.splits, val_actors)) {
+    std::vector<torch::jit::Module> blind_modules;
+    for (size_t i : blind) blind_modules.push_back(members.modules[i]);
+    torch::jit::Module scorer = blind_modules.front();
+    if (blind_modules.size() > 1) {
+      absl::StatusOr<torch::jit::Module> built = BuildEnsemble(blind_modules);
+      if (!built.ok()) return built.status();
+      scorer = *std::move(built);
+    }
+    scorer.eval();
+    std::vector<LabeledAudio> audio;
+    for (const LabeledAudio& clip : val_audio) {
+      if (actors.count(clip.clip.actor)) audio.push_back(clip);
+    }
+    absl::StatusOr<ConfusionMatrix> matrix =
+        EvaluateClips(audio, config, **extractor,
+                      TorchPredictor(scorer, config.num_features(), config.num_frames()));
+    if (!matrix.ok()) return matrix.status();
+    out_of_fold.Merge(*matrix);
+    validated->insert(actors.begin(), actors.end());
+  }
+  if (validated->empty()) {
+    return absl::InvalidArgumentError(
+        "no validation actor is unseen by any member: nothing to validate the ensemble on");
+  }
+  return out_of_fold;
+}
+
+}  // namespace
+
+absl::Status Train(const TrainOptions& options) {
+  const auto start = Clock::now();
+  if (absl::Status s = CreateDirectory(options.out_dir); !s.ok()) return s;
+  if (absl::Status s = CheckTrainOptions(options); !s.ok()) return s;
+  SetUpModelRuntime(options.threads);
+  torch::manual_seed(options.seed);
+  std::mt19937_64 rng(options.seed);
+
+  absl::StatusOr<TrainingData> data = LoadTrainingData(options);
+  if (!data.ok()) return data.status();
+  absl::StatusOr<ModelSetup> setup = SetUpModel(options);
+  if (!setup.ok()) return setup.status();
+  absl::StatusOr<Learner> learner = BuildLearner(options, *setup, *data);
+  if (!learner.ok()) return learner.status();
+  absl::StatusOr<TrainingOutcome> outcome = EpochLoop(options, *setup, *data, *learner).Run(rng);
+  if (!outcome.ok()) return outcome.status();
+  if (absl::Status s = WriteTrainedModel(options, *data, *outcome, learner->parameter_count,
+                                         &setup->config);
+      !s.ok()) {
+    return s;
+  }
+  const int64_t examples = static_cast<int64_t>(data->train_audio.size());
+  std::fprintf(stderr, "wrote %s in %s (training %s, %.0f clips/s)\n", options.out_dir.c_str(),
+               FormatDuration(Seconds(start)).c_str(), FormatDuration(outcome->seconds).c_str(),
+               examples * options.epochs / outcome->seconds);
+  return absl::OkStatus();
+}
+
+absl::Status Ensemble(const EnsembleOptions& options) {
+  absl::StatusOr<Members> members = LoadMembers(options);
+  if (!members.ok()) return members.status();
+  absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(members->modules);
+  if (!ensemble.ok()) return ensemble.status();
+
+  if (absl::Status s = CreateDirectory(options.out_dir); !s.ok()) return s;
+  absl::StatusOr<ModelConfig> config = EnsembleConfig(options, *members);
+  if (!config.ok()) return config.status();
+  const EnsembleSplit split = JoinSplits(members->splits);
   try {
     ensemble->save((fs::path(options.out_dir) / "model.pt").string());
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("cannot save the ensemble: ", e.what()));
   }
 
-  absl::StatusOr<std::vector<RavdessClip>> val_list = ListRavdess(options.data_dir, val_actors);
-  if (!val_list.ok()) return val_list.status();
   absl::StatusOr<std::vector<LabeledAudio>> val_audio =
-      LoadRavdessAudio(*val_list, config.sample_rate);
+      LoadRavdessActors(options.data_dir, split.actors.val, config->sample_rate);
   if (!val_audio.ok()) return val_audio.status();
+  nlohmann::json split_json = SplitJson(split.actors.train, split.actors.val, split.actors.test);
   std::optional<ConfusionMatrix> out_of_fold;
-  std::set<int> validated = val_actors;
-  if (!same_split) {
-    absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
-        FeatureExtractor::Create(config.features, config.sample_rate);
-    if (!extractor.ok()) return extractor.status();
-    // Validation actors grouped by the members blind to them.
-    std::map<std::vector<size_t>, std::set<int>> groups;
-    for (int actor : val_actors) {
-      std::vector<size_t> blind;
-      for (size_t i = 0; i < splits.size(); ++i) {
-        if (!splits[i].train.count(actor)) blind.push_back(i);
-      }
-      if (!blind.empty()) groups[blind].insert(actor);
-    }
-    out_of_fold.emplace(config.labels);
-    validated.clear();
-    for (const auto& [blind, actors] : groups) {
-      std::vector<torch::jit::Module> blind_modules;
-      for (size_t i : blind) blind_modules.push_back(modules[i]);
-      torch::jit::Module scorer = blind_modules.front();
-      if (blind_modules.size() > 1) {
-        absl::StatusOr<torch::jit::Module> built = BuildEnsemble(blind_modules);
-        if (!built.ok()) return built.status();
-        scorer = *std::move(built);
-      }
-      scorer.eval();
-      std::vector<LabeledAudio> audio;
-      for (const LabeledAudio& clip : *val_audio) {
-        if (actors.count(clip.clip.actor)) audio.push_back(clip);
-      }
-      absl::StatusOr<ConfusionMatrix> matrix =
-          EvaluateClips(audio, config, **extractor,
-                        TorchPredictor(scorer, config.num_features(), config.num_frames()));
-      if (!matrix.ok()) return matrix.status();
-      out_of_fold->Merge(*matrix);
-      validated.insert(actors.begin(), actors.end());
-    }
-    if (validated.empty()) {
-      return absl::InvalidArgumentError(
-          "no validation actor is unseen by any member: nothing to validate the ensemble on");
-    }
+  std::set<int> validated = split.actors.val;
+  if (!split.same) {
+    absl::StatusOr<ConfusionMatrix> matrix =
+        ValidateOutOfFold(*members, *config, *val_audio, split.actors.val, &validated);
+    if (!matrix.ok()) return matrix.status();
+    out_of_fold = *std::move(matrix);
     split_json["validation"] =
         absl::StrCat("out of fold: each of actors ", ActorList(validated),
                      " scored by the members that did not train on it");
   }
-  config.provenance["split"] = split_json;
+  config->provenance["split"] = split_json;
   if (absl::Status s = EvaluateModelDirectory(options.out_dir, options.data_dir, *val_audio,
-                                              validated, test_actors, &config, out_of_fold);
+                                              validated, split.actors.test, &*config,
+                                              out_of_fold);
       !s.ok()) {
     return s;
   }
   std::fprintf(stderr, "wrote %s: an ensemble of %zu models\n", options.out_dir.c_str(),
-               configs.size());
+               members->configs.size());
   return absl::OkStatus();
 }
 
