@@ -144,7 +144,7 @@ std::vector<float> TestSignal() { return Sine(440.0, 0.5, kRate, 1.0); }
 
 // --- Small functions -------------------------------------------------------
 
-TEST(AudioParsePcmEncodingTest, KnownNames) {
+TEST(AudioParsePcmEncodingTest, KnownNamesParseInAnyCase) {
   EXPECT_EQ(*ParsePcmEncoding("s16le"), PcmEncoding::kS16LE);
   EXPECT_EQ(*ParsePcmEncoding("f32le"), PcmEncoding::kF32LE);
   EXPECT_EQ(*ParsePcmEncoding("S16LE"), PcmEncoding::kS16LE);
@@ -364,12 +364,12 @@ TEST_F(AudioFileTest, DecodeErrorNamesTheFile) {
 constexpr absl::StatusCode kInvalid = absl::StatusCode::kInvalidArgument;
 constexpr absl::StatusCode kOutOfRange = absl::StatusCode::kOutOfRange;
 
-TEST(AudioBadInputTest, EmptyBytes) {
+TEST(AudioBadInputTest, EmptyBytesAreInvalidArgument) {
   ExpectDecodeError("", kInvalid, "empty");
   ExpectDecodeError("", kInvalid, "empty", Raw(PcmEncoding::kS16LE, 16000, 1));
 }
 
-TEST(AudioBadInputTest, RandomBytes) {
+TEST(AudioBadInputTest, RandomBytesAreRefusedAsUndecodable) {
   std::mt19937 rng(42);
   for (size_t size : {1, 3, 64, 1000, 100000}) {
     std::string bytes(size, '\0');
@@ -378,7 +378,7 @@ TEST(AudioBadInputTest, RandomBytes) {
   }
 }
 
-TEST(AudioBadInputTest, TextIsNotAudio) {
+TEST(AudioBadInputTest, TextIsRefusedNamingTheExpectedFormats) {
   ExpectDecodeError("{\"audio\": \"hello\"}", kInvalid, "expected WAV, FLAC");
 }
 
@@ -393,7 +393,7 @@ TEST(AudioBadInputTest, TruncatedWavReportsDeclaredAndPresentFrames) {
                         std::to_string(present) + " are present");
 }
 
-TEST(AudioBadInputTest, TruncatedWavOfEveryWidth) {
+TEST(AudioBadInputTest, TruncatedWavOfEverySampleWidthReportsTheMissingFrame) {
   for (FileFormat format : {FileFormat::kWavPcm24, FileFormat::kWavPcm32,
                              FileFormat::kWavFloat}) {
     const std::string wav = Encode(TestSignal(), 2 /*channels*/, kRate, format);
@@ -402,14 +402,14 @@ TEST(AudioBadInputTest, TruncatedWavOfEveryWidth) {
   }
 }
 
-TEST(AudioBadInputTest, WavHeaderOnly) {
+TEST(AudioBadInputTest, WavHeaderWithoutDataReportsNoFramesPresent) {
   const std::string wav =
       Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   ExpectDecodeError(wav.substr(0, WavChunkSizeOffset(wav, "data") + 4),
                     kInvalid, "declares 16000 frames but only 0 are present");
 }
 
-TEST(AudioBadInputTest, WavDataSizeLargerThanTheData) {
+TEST(AudioBadInputTest, WavDataSizeLargerThanTheDataReportsBothFrameCounts) {
   // Complete data, but the header claims twice as much.
   std::string wav = Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   PutLe(wav, WavChunkSizeOffset(wav, "data"), 64000, 4);
@@ -417,12 +417,12 @@ TEST(AudioBadInputTest, WavDataSizeLargerThanTheData) {
                     "declares 32000 frames but only 16000 are present");
 }
 
-TEST(AudioBadInputTest, WavWithNoSamples) {
+TEST(AudioBadInputTest, WavWithNoSamplesIsRefused) {
   const std::string wav = Encode({}, 1, kRate, FileFormat::kWavPcm16);
   ExpectDecodeError(wav, kInvalid, "no samples");
 }
 
-TEST(AudioBadInputTest, TruncatedFlac) {
+TEST(AudioBadInputTest, TruncatedFlacReportsTheDeclaredFrames) {
   const std::string flac = Encode(TestSignal(), 1, kRate, FileFormat::kFlac);
   ExpectDecodeError(flac.substr(0, flac.size() / 2), kInvalid,
                     "header declares 16000 frames but only");
@@ -430,21 +430,21 @@ TEST(AudioBadInputTest, TruncatedFlac) {
                     "header declares 16000 frames but only");
 }
 
-TEST(AudioBadInputTest, FlacHeaderClaimsMoreSamplesThanItHas) {
+TEST(AudioBadInputTest, FlacClaimingMoreSamplesThanItHasReportsBothCounts) {
   std::string flac = Encode(TestSignal(), 1, kRate, FileFormat::kFlac);
   SetFlacTotalSamples(flac, 20000);
   ExpectDecodeError(flac, kInvalid,
                     "header declares 20000 frames but only 16000 are present");
 }
 
-TEST(AudioBadInputTest, TruncatedOgg) {
+TEST(AudioBadInputTest, TruncatedOggIsRefusedAsTruncated) {
   const std::string ogg =
       Encode(TestSignal(), 1, kRate, FileFormat::kOggVorbis);
   ExpectDecodeError(ogg.substr(0, ogg.size() / 2), kInvalid, "truncated");
   ExpectDecodeError(ogg.substr(0, ogg.size() - 1), kInvalid, "truncated");
 }
 
-TEST(AudioBadInputTest, OggCutInsideItsHeaderPages) {
+TEST(AudioBadInputTest, OggCutInsideItsHeaderPagesIsRefused) {
   // libsndfile would leak memory on these; DecodeAudio refuses them first.
   const std::string ogg =
       Encode(TestSignal(), 1, kRate, FileFormat::kOggVorbis);
@@ -454,7 +454,7 @@ TEST(AudioBadInputTest, OggCutInsideItsHeaderPages) {
   }
 }
 
-TEST(AudioBadInputTest, OggHeaderPageWithAFlippedByte) {
+TEST(AudioBadInputTest, OggHeaderPageWithAFlippedByteFailsItsChecksum) {
   std::string ogg = Encode(TestSignal(), 1, kRate, FileFormat::kOggVorbis);
   ogg[200] ^= 0x10;  // Inside the comment/setup header page.
   ExpectDecodeError(ogg, kInvalid, "a header page fails its checksum");
@@ -471,7 +471,7 @@ TEST(AudioBadInputTest, TruncatedMp3DecodesTheCompleteFrames) {
   EXPECT_LT(audio.samples.size(), tone.size() * 3 / 4);
 }
 
-TEST(AudioBadInputTest, EveryFormatCutToAFewBytes) {
+TEST(AudioBadInputTest, EveryFormatCutToAFewBytesIsInvalidArgument) {
   for (FileFormat format :
        {FileFormat::kWavPcm16, FileFormat::kWavFloat, FileFormat::kFlac,
         FileFormat::kOggVorbis, FileFormat::kMp3}) {
@@ -499,7 +499,7 @@ TEST(AudioBadInputTest, InfInStereoFloatWavNamesTheSampleAndChannel) {
                     "Inf) at sample index 5000 (channel 1)");
 }
 
-TEST(AudioBadInputTest, NanInRawF32le) {
+TEST(AudioBadInputTest, NanInRawF32leNamesTheSample) {
   // Past the first chunk of the decoder, so the index is not chunk-relative.
   std::vector<float> signal = TestSignal();
   signal[9000] = std::numeric_limits<float>::quiet_NaN();
@@ -507,7 +507,7 @@ TEST(AudioBadInputTest, NanInRawF32le) {
                     Raw(PcmEncoding::kF32LE, kRate, 1));
 }
 
-TEST(AudioBadInputTest, SampleRateOutOfRange) {
+TEST(AudioBadInputTest, SampleRateOutOfRangeIsRefusedInWavAndFlac) {
   for (int rate : {4000, 7999, 192001, 384000}) {
     // From our WAV header check.
     ExpectDecodeError(Encode(TestSignal(), 1, rate, FileFormat::kWavPcm16),
@@ -520,13 +520,13 @@ TEST(AudioBadInputTest, SampleRateOutOfRange) {
   }
 }
 
-TEST(AudioBadInputTest, WavHeaderWithZeroSampleRate) {
+TEST(AudioBadInputTest, WavHeaderWithZeroSampleRateIsRefused) {
   std::string wav = Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   PutLe(wav, WavChunkSizeOffset(wav, "fmt ") + kFmtSampleRate, 0, 4);
   ExpectDecodeError(wav, kInvalid, "sample rate 0 Hz");
 }
 
-TEST(AudioBadInputTest, WavHeaderWithZeroOrTooManyChannels) {
+TEST(AudioBadInputTest, WavHeaderWithZeroOrTooManyChannelsIsRefused) {
   std::string wav = Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   PutLe(wav, WavChunkSizeOffset(wav, "fmt ") + kFmtChannels, 0, 2);
   ExpectDecodeError(wav, kInvalid, "0 channels");
@@ -534,14 +534,14 @@ TEST(AudioBadInputTest, WavHeaderWithZeroOrTooManyChannels) {
   ExpectDecodeError(wav, kInvalid, "65535 channels");
 }
 
-TEST(AudioBadInputTest, OggWithTooManyChannels) {
+TEST(AudioBadInputTest, OggWithTooManyChannelsIsRefused) {
   // A genuine 65-channel file, rejected after libsndfile opens it.
   const std::vector<float> frames(65 * 100, 0.1f);
   ExpectDecodeError(Encode(frames, 65, kRate, FileFormat::kOggVorbis),
                     kInvalid, "65 channels");
 }
 
-TEST(AudioBadInputTest, RawFormatErrors) {
+TEST(AudioBadInputTest, RawPcmWithBadChannelCountOrRateIsRefused) {
   const std::string bytes = S16le(std::vector<int16_t>(100, 0));
   ExpectDecodeError(bytes, kInvalid, "0 channels",
                     Raw(PcmEncoding::kS16LE, kRate, 0));
@@ -553,7 +553,7 @@ TEST(AudioBadInputTest, RawFormatErrors) {
                     Raw(PcmEncoding::kS16LE, 1000000, 1));
 }
 
-TEST(AudioBadInputTest, RawPartialFrame) {
+TEST(AudioBadInputTest, RawPcmEndingInAPartialFrameIsRefused) {
   ExpectDecodeError(std::string(3, '\0'), kInvalid,
                     "multiple of 2 bytes (one frame); got 3 bytes",
                     Raw(PcmEncoding::kS16LE, kRate, 1));
@@ -844,7 +844,7 @@ TEST(AudioDurationTest, EnforcedWhileDecodingWhenTheLengthIsUnknown) {
                     MaxDuration(1.5));
 }
 
-TEST(AudioDurationTest, InvalidLimit) {
+TEST(AudioDurationTest, ZeroNegativeOrNanLimitIsInvalidArgument) {
   const std::string wav =
       Encode(TestSignal(), 1, kRate, FileFormat::kWavPcm16);
   for (double limit : {0.0, -1.0, std::nan("")}) {

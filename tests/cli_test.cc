@@ -87,7 +87,7 @@ class ScopedEnv {
   std::optional<std::string> old_;
 };
 
-TEST(CliParseTest, DefaultsAndServerFromEnvironment) {
+TEST(CliParseTest, ConnectionDefaultsToPlainLocalhostAndFlagBeatsEnvironment) {
   {
     ScopedEnv env("EMOSERVE_SERVER", nullptr);
     const client::ParsedCommandLine parsed = Parse({"health"});
@@ -110,7 +110,7 @@ TEST(CliParseTest, DefaultsAndServerFromEnvironment) {
   }
 }
 
-TEST(CliParseTest, ClassifyOptions) {
+TEST(CliParseTest, ClassifyFlagsAreParsedAndBadOnesAreUsageErrors) {
   const client::ParsedCommandLine parsed =
       Parse({"classify", "a.wav", "b.flac", "-j", "3", "--output", "csv",
              "--timeline", "--hop", "0.25", "--timeout", "7", "--ca",
@@ -143,7 +143,7 @@ TEST(CliParseTest, ClassifyOptions) {
   }
 }
 
-TEST(CliParseTest, StreamOptions) {
+TEST(CliParseTest, StreamFlagsAreParsedAndRawPcmFlagsAreForStdinOnly) {
   client::ParsedCommandLine parsed =
       Parse({"stream", "-", "--rate", "48000", "--format", "f32le",
              "--channels", "2", "--chunk-ms", "20", "--fast", "--no-interim",
@@ -178,7 +178,7 @@ TEST(CliParseTest, StreamOptions) {
       Parse({"stream", "-", "--no-vad", "--vad-threshold", "-40"}).options);
 }
 
-TEST(CliParseTest, BenchModes) {
+TEST(CliParseTest, BenchFlagsAreParsedAndItsModesExcludeEachOther) {
   client::ParsedCommandLine parsed =
       Parse({"bench", "a.wav", "--rps", "50", "-d", "3", "--warmup", "0.5",
              "--max-in-flight", "7", "-o", "json"});
@@ -198,7 +198,7 @@ TEST(CliParseTest, BenchModes) {
   EXPECT_FALSE(Parse({"bench", "a.wav", "--rps", "0"}).options);
 }
 
-TEST(CliParseTest, HelpVersionAndUsageErrors) {
+TEST(CliParseTest, HelpAndVersionExitZeroAndBadCommandLinesAreUsageErrors) {
   client::ParsedCommandLine parsed = Parse({"--help"});
   EXPECT_FALSE(parsed.options.has_value());
   EXPECT_EQ(parsed.exit_code, client::kExitOk);
@@ -218,7 +218,7 @@ TEST(CliParseTest, HelpVersionAndUsageErrors) {
 // ---------------------------------------------------------------------------
 // Connections and errors.
 
-TEST(ConnectionTest, NormalizeServerAddress) {
+TEST(ConnectionTest, AddressesGetPort50051AndBareIpv6GetsBrackets) {
   EXPECT_EQ(client::NormalizeServerAddress("host:123"), "host:123");
   EXPECT_EQ(client::NormalizeServerAddress("host"), "host:50051");
   EXPECT_EQ(client::NormalizeServerAddress("[::1]:9"), "[::1]:9");
@@ -235,7 +235,7 @@ client::ConnectionOptions Connection(const std::string& server, bool tls) {
   return options;
 }
 
-TEST(ConnectionTest, DescribeRpcError) {
+TEST(ConnectionTest, RpcErrorsAreOneLineWithAHintWhenTheServerIsUnreachable) {
   const grpc::Status refused(
       grpc::StatusCode::UNAVAILABLE,
       "failed to connect to all addresses; last error: UNKNOWN: "
@@ -335,7 +335,7 @@ TEST(LatencyHistogramTest, SmallValuesAreExactAndRanksAreNearest) {
   EXPECT_EQ(histogram.min(), absl::ZeroDuration());
 }
 
-TEST(LatencyHistogramTest, EmptyAndMerge) {
+TEST(LatencyHistogramTest, EmptyReportsZeroAndMergeCombinesTheRecordings) {
   client::LatencyHistogram empty;
   EXPECT_EQ(empty.count(), 0);
   EXPECT_EQ(empty.Percentile(99), absl::ZeroDuration());
@@ -404,7 +404,7 @@ std::vector<client::ClassifyOutcome> SampleOutcomes() {
   return outcomes;
 }
 
-TEST(FormatTest, ClassifyTable) {
+TEST(FormatTest, ClassifyTableAlignsColumnsAndShowsTheTimelineOnRequest) {
   const std::string table =
       client::FormatClassifyTable(SampleOutcomes(), /*timeline=*/false);
   std::vector<std::string> lines = absl::StrSplit(table, '\n', absl::SkipEmpty());
@@ -434,7 +434,7 @@ TEST(FormatTest, ClassifyTable) {
   EXPECT_THAT(lines[3], HasSubstr("(quiet) angry 70.0%"));
 }
 
-TEST(FormatTest, ClassifyJson) {
+TEST(FormatTest, ClassifyJsonHasOneObjectPerFileWithResultOrError) {
   const Json json = Json::parse(
       client::ClassifyOutcomesJson(SampleOutcomes(), /*timeline=*/true).dump());
   ASSERT_TRUE(json.is_array());
@@ -458,7 +458,7 @@ TEST(FormatTest, ClassifyJson) {
       "timeline"));
 }
 
-TEST(FormatTest, ClassifyCsv) {
+TEST(FormatTest, ClassifyCsvQuotesFileNamesAndHasARowPerFileOrWindow) {
   const std::string csv = client::FormatClassifyCsv(SampleOutcomes(), false);
   EXPECT_EQ(csv,
             "file,top_label,confidence,duration_seconds,window_count,"
@@ -476,7 +476,7 @@ TEST(FormatTest, ClassifyCsv) {
             "bad.wav,,,,,,,,,INVALID_ARGUMENT: unrecognised format\n");
 }
 
-TEST(FormatTest, StreamResponses) {
+TEST(FormatTest, EachStreamResponseIsOneLineOfTextOrJson) {
   v1::StreamClassifyResponse window;
   *window.mutable_window() = SampleResponse().timeline(0);
   v1::StreamClassifyResponse started;
@@ -517,7 +517,7 @@ TEST(FormatTest, StreamResponses) {
   }
 }
 
-TEST(FormatTest, BenchReport) {
+TEST(FormatTest, BenchReportGivesCountsThroughputAndLatencyInJsonAndText) {
   client::BenchReport report;
   report.mode = "open_loop";
   report.server = "h:1";

@@ -568,7 +568,7 @@ TEST(FeaturesTest, FrameCountsFollowLibrosa) {
   }
 }
 
-TEST(FeaturesTest, RejectsBadSignals) {
+TEST(FeaturesTest, EmptyNonFiniteOrTooShortSignalsAreRefused) {
   auto extractor = FeatureExtractor::Create(BaseParams(), 16000);
   ASSERT_TRUE(extractor.ok());
   EXPECT_EQ((*extractor)->Compute({}).status().code(),
@@ -679,7 +679,7 @@ TEST(FeaturesTest, CreateChecksRateDependentParams) {
 // ---------------------------------------------------------------------------
 // Params parsing.
 
-TEST(FeatureParamsTest, ParsesEveryKey) {
+TEST(FeatureParamsTest, EveryKeyIsReadIntoTheParamsIncludingNulls) {
   const absl::StatusOr<FeatureParams> p = ParseFeatureParams(R"({
       "kind": "log_mel", "n_mfcc": 13, "n_fft": 1024, "win_length": 512,
       "hop_length": 256, "window": "hann", "center": false,
@@ -736,7 +736,7 @@ TEST(FeatureParamsTest, AbsentKeysKeepDefaults) {
   EXPECT_EQ(FeatureParamsToJson(*p), FeatureParamsToJson(FeatureParams()));
 }
 
-TEST(FeatureParamsTest, RejectsInvalid) {
+TEST(FeatureParamsTest, MalformedJsonUnknownKeysAndBadValuesAreInvalidArgument) {
   const struct {
     const char* json;
     const char* message;
@@ -784,7 +784,7 @@ TEST(FeatureParamsTest, RejectsInvalid) {
                   .ok());
 }
 
-TEST(FeatureParamsTest, RoundTrips) {
+TEST(FeatureParamsTest, ToJsonAndBackGivesTheSameParams) {
   FeatureParams a = BaseParams();
   FeatureParams b;
   b.kind = FeatureKind::kLogMel;

@@ -223,7 +223,7 @@ TEST(StreamResamplerTest, SameRateStreamPassesTheSignalThrough) {
   }
 }
 
-TEST(StreamResamplerTest, ReportsItsRates) {
+TEST(StreamResamplerTest, FromAndToRatesAreTheOnesItWasCreatedWith) {
   absl::StatusOr<std::unique_ptr<StreamResampler>> resampler =
       StreamResampler::Create(44100, 16000);
   ASSERT_TRUE(resampler.ok()) << resampler.status();
@@ -231,7 +231,7 @@ TEST(StreamResamplerTest, ReportsItsRates) {
   EXPECT_EQ((*resampler)->to_rate(), 16000);
 }
 
-TEST(StreamResamplerTest, NothingMayFollowFlush) {
+TEST(StreamResamplerTest, ProcessOrFlushAfterFlushFailsAndAddsNothing) {
   absl::StatusOr<std::unique_ptr<StreamResampler>> resampler =
       StreamResampler::Create(48000, 16000);
   ASSERT_TRUE(resampler.ok()) << resampler.status();

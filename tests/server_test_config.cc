@@ -236,7 +236,7 @@ TEST(ServerLogTest, LinesAreLogfmtWithQuotingWhereNeeded) {
   EXPECT_THAT(line, ::testing::Not(HasSubstr("\n")));
 }
 
-TEST(ServerLogTest, LevelsParseAndFilter) {
+TEST(ServerLogTest, LevelNamesParseInAnyCaseAndLevelsBelowTheSetOneAreOff) {
   EXPECT_EQ(*ParseLogLevel("debug"), LogLevel::kDebug);
   EXPECT_EQ(*ParseLogLevel("WARNING"), LogLevel::kWarning);
   EXPECT_FALSE(ParseLogLevel("chatty").ok());
@@ -261,7 +261,7 @@ TEST(ProtoConvertTest, StatusCodesMapOneToOne) {
             ToGrpcStatus(absl::ResourceExhaustedError("x")).error_code());
 }
 
-TEST(ProtoConvertTest, AudioFormats) {
+TEST(ProtoConvertTest, AudioFormatsConvertToRawPcmAndBadOnesAreInvalidArgument) {
   auto format = [](v1::AudioEncoding encoding, int rate, int channels) {
     v1::AudioFormat f;
     f.set_encoding(encoding);
@@ -650,7 +650,7 @@ TEST(ProtoConvertTest, ModelInfoCarriesTheFeatureParameters) {
   EXPECT_EQ(info->features().fields().at("window").string_value(), "hamming");
 }
 
-TEST(ProtoConvertTest, DeadlinesConvert) {
+TEST(ProtoConvertTest, DeadlinesConvertExactlyAndNoDeadlineIsInfiniteFuture) {
   EXPECT_EQ(ToAbslDeadline(std::chrono::system_clock::time_point::max()), absl::InfiniteFuture());
   const absl::Time t = absl::FromUnixSeconds(1700000000);
   EXPECT_EQ(ToAbslDeadline(absl::ToChronoTime(t)), t);
