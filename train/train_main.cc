@@ -33,7 +33,7 @@ struct EvalCommand {
   std::string data_dir;
   std::string actors = "21-24";
   std::string device = "cpu";
-  int threads = 0;
+  int intra_op_threads = 0;
   EvaluateOptions options;
   double gain_db = 0;
   bool json = false;
@@ -47,7 +47,8 @@ CLI::App* AddEvalCommand(CLI::App& app, EvalCommand& command) {
   eval->add_option("--data", command.data_dir, "RAVDESS folder")->required();
   eval->add_option("--actors", command.actors, "actors to evaluate on")->capture_default_str();
   eval->add_option("--device", command.device, "cpu, cuda or cuda:N")->capture_default_str();
-  eval->add_option("--threads", command.threads, "LibTorch threads (0 = all cores)");
+  eval->add_option("--threads", command.intra_op_threads,
+                   "LibTorch intra-op threads (0 = all cores)");
   eval->add_option("--hop-seconds", command.options.hop_seconds,
                    "seconds between a clip's windows (0 = half a window, the service's default)")
       ->capture_default_str();
@@ -79,7 +80,7 @@ absl::Status WritePredictions(const std::string& path, const std::vector<Labeled
 }
 
 int RunEval(const EvalCommand& command) {
-  SetUpModelRuntime(command.threads);
+  SetUpModelRuntime(command.intra_op_threads);
   absl::StatusOr<std::set<int>> actors = ParseActorSet(command.actors);
   if (!actors.ok()) return Fail(actors.status());
   absl::StatusOr<std::unique_ptr<Model>> model =
@@ -245,7 +246,8 @@ CLI::App* AddTrainCommand(CLI::App& app, TrainCommand& command) {
   train->add_option("--lr", options.learning_rate, "peak learning rate (one-cycle AdamW)")
       ->capture_default_str();
   train->add_option("--weight-decay", options.weight_decay)->capture_default_str();
-  train->add_option("--threads", options.threads, "LibTorch threads (0 = all cores)")
+  train->add_option("--threads", options.intra_op_threads,
+                    "LibTorch intra-op threads (0 = all cores)")
       ->capture_default_str();
   train->add_option("--train-actors", command.train_actors,
                     "training actors (default: all but validation and test)");
@@ -300,7 +302,7 @@ int RunTrain(TrainCommand& command, const std::string& command_line) {
 
 struct EnsembleCommand {
   EnsembleOptions options;
-  int threads = 0;
+  int intra_op_threads = 0;
 };
 
 CLI::App* AddEnsembleCommand(CLI::App& app, EnsembleCommand& command) {
@@ -317,12 +319,13 @@ CLI::App* AddEnsembleCommand(CLI::App& app, EnsembleCommand& command) {
   ensemble->add_option("--name", command.options.model_name, "default: the first member's");
   ensemble->add_option("--version", command.options.model_version,
                        "default: the first member's");
-  ensemble->add_option("--threads", command.threads, "LibTorch threads (0 = all cores)");
+  ensemble->add_option("--threads", command.intra_op_threads,
+                       "LibTorch intra-op threads (0 = all cores)");
   return ensemble;
 }
 
 int RunEnsemble(EnsembleCommand& command, const std::string& command_line) {
-  SetUpModelRuntime(command.threads);
+  SetUpModelRuntime(command.intra_op_threads);
   command.options.command_line = command_line;
   return ExitCode(Ensemble(command.options));
 }

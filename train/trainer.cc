@@ -1099,7 +1099,7 @@ absl::Status Train(const TrainOptions& options) {
   const auto start = Clock::now();
   if (absl::Status s = CreateDirectory(options.out_dir); !s.ok()) return s;
   if (absl::Status s = CheckTrainOptions(options); !s.ok()) return s;
-  SetUpModelRuntime(options.threads);
+  SetUpModelRuntime(options.intra_op_threads);
   torch::manual_seed(options.seed);
   std::mt19937_64 rng(options.seed);
 

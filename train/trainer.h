@@ -45,7 +45,7 @@ struct TrainOptions {
   // without weights the model learns never to predict it.
   bool balance_classes = true;
   uint64_t seed = 1;
-  int threads = 0;  // LibTorch intra-op threads; 0 = all cores
+  int intra_op_threads = 0;  // LibTorch intra-op threads; 0 = all cores
 
   // Augmentation, drawn afresh for every example of every epoch.
   double noise_probability = 0.8;  // additive white noise...
