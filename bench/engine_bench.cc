@@ -15,6 +15,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -176,6 +177,19 @@ Throughput Ceiling(const Setup& setup, const FeatureExtractor& extractor, int ba
   return {Median(rates), (ProcessCpuMs() - cpu_start) / (static_cast<double>(batch) * repeats)};
 }
 
+// Predict alone on precomputed features, `batch` windows a call: the
+// module's own speed; the median rate of `repeats` after two warm-ups.
+double PredictRate(const Model& model, absl::Span<const float> features, int batch,
+                   int repeats) {
+  std::vector<double> rates;
+  for (int r = -2; r < repeats; ++r) {
+    const absl::Time start = absl::Now();
+    if (!model.Predict(features.subspan(0, batch * model.input_size()), batch).ok()) return 0;
+    if (r >= 0) rates.push_back(batch / absl::ToDoubleSeconds(absl::Now() - start));
+  }
+  return Median(rates);
+}
+
 struct EngineRun {
   double per_second = 0;
   double cpu_ms_per_window = 0;
@@ -297,6 +311,15 @@ int Main(int argc, char** argv) {
     return 1;
   }
   setup.model = *std::move(model);
+  // The same module as loaded without the inference optimisation, measured
+  // beside it.
+  ModelOptions plain_options;
+  plain_options.optimize = false;
+  absl::StatusOr<std::unique_ptr<Model>> plain = Model::Load(model_dir, plain_options);
+  if (!plain.ok()) {
+    std::fprintf(stderr, "model: %s\n", plain.status().ToString().c_str());
+    return 1;
+  }
   setup.windows = BenchWindows(*setup.model, shared, &setup.audio_source);
   absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor = FeatureExtractor::Create(
       setup.model->config().features, setup.model->config().sample_rate);
@@ -311,11 +334,22 @@ int Main(int argc, char** argv) {
       "OMP_WAIT_POLICY=%s",
       options.feature_threads, options.feature_thread_nice, intra_op_threads,
       options.max_batch_size, wait_policy != nullptr ? wait_policy : "(unset)");
-  std::printf("model: %s (%d x %d input, %d classes)\naudio: %s\ncores: %d\n%s\n",
+  std::printf("model: %s (%d x %d input, %d classes, %s)\naudio: %s\ncores: %d\n%s\n",
               setup.model_source.c_str(), config.num_features(), config.num_frames(),
-              setup.model->num_classes(), setup.audio_source.c_str(), cores,
-              engine_setup.c_str());
+              setup.model->num_classes(),
+              setup.model->optimized() ? "optimised for inference" : "plain: not optimisable",
+              setup.audio_source.c_str(), cores, engine_setup.c_str());
 
+  const std::vector<int> module_batches = {1, 32};
+  std::vector<float> module_input;
+  for (int b = 0; b < module_batches.back(); ++b) {
+    FeatureMatrix matrix;
+    if (!(*extractor)->Compute(setup.windows[b % setup.windows.size()], &matrix).ok()) return 1;
+    module_input.insert(module_input.end(), matrix.data.begin(), matrix.data.end());
+  }
+  // [batch][0: plain, 1: optimised]: rates per round.
+  std::vector<std::array<std::vector<double>, 2>> module_rates(module_batches.size());
+  const std::array<const Model*, 2> modules = {plain->get(), setup.model.get()};
   const std::vector<int> batch_sizes = {1, 2, 4, 8, 16, 32, 64};
   const std::vector<int> submitters = {1, 4, 16, 64};
   std::vector<double> direct;
@@ -324,10 +358,18 @@ int Main(int argc, char** argv) {
   const FeatureExtractor& features = **extractor;
   OnNewThread([&] { return DirectMs(setup, features, 5); });  // warm-up
   for (int round = 0; round < rounds; ++round) {
-    // Direct calls and the engine run the model on the engine's threads;
-    // the offline ceiling's batches use every core.
+    // Direct calls, the modules alone and the engine run the model on the
+    // engine's threads; the offline ceiling's batches use every core.
     SetUpModelRuntime(intra_op_threads);
     direct.push_back(OnNewThread([&] { return DirectMs(setup, features, 30); }));
+    for (size_t b = 0; b < module_batches.size(); ++b) {
+      for (int m = 0; m < 2; ++m) {
+        module_rates[b][m].push_back(OnNewThread([&] {
+          return PredictRate(*modules[m], module_input, module_batches[b],
+                             std::max(8, 256 / module_batches[b]));
+        }));
+      }
+    }
     SetUpModelRuntime(cores);
     for (size_t b = 0; b < batch_sizes.size(); ++b) {
       ceiling[b].push_back(OnNewThread([&] {
@@ -361,6 +403,17 @@ int Main(int argc, char** argv) {
       "|---|---|---|---|---|---|\n";
   table += absl::StrFormat("| direct (features + Predict, batch 1) | %.1f | %.2f | | 1 | |\n",
                            1000.0 / direct_ms, direct_ms);
+  for (size_t b = 0; b < module_batches.size(); ++b) {
+    const double plain_rate = Median(module_rates[b][0]);
+    const double optimized_rate = Median(module_rates[b][1]);
+    json["module"].push_back({{"batch", module_batches[b]},
+                              {"plain_per_second", plain_rate},
+                              {"optimized_per_second", optimized_rate}});
+    table += absl::StrFormat(
+        "| Predict only, batch %d: plain module / optimised (x%.2f) | %.1f / %.1f | | | %d | |\n",
+        module_batches[b], plain_rate > 0 ? optimized_rate / plain_rate : 0, plain_rate,
+        optimized_rate, module_batches[b]);
+  }
   for (size_t b = 0; b < batch_sizes.size(); ++b) {
     std::vector<double> rate, cpu;
     for (const Throughput& t : ceiling[b]) {

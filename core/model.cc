@@ -51,6 +51,19 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
       absl::StrCat("unknown device '", name, "'; use cpu, cuda or cuda:N"));
 }
 
+// Replaces `module` (in eval mode) by its frozen, inference-optimised form;
+// false, leaving it as it was, when the passes refuse it. Freezing copies
+// the module, so the original stays usable.
+bool OptimizeForInference(torch::jit::Module* module) {
+  try {
+    torch::jit::Module frozen = torch::jit::freeze(*module);
+    *module = torch::jit::optimize_for_inference(frozen);
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 }  // namespace
 
 void SetUpModelRuntime(int intra_op_threads) {
@@ -114,7 +127,22 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
         dir, ": model.pt's forward must return probabilities (softmax over ",
         model->num_classes(), " classes); a dry run's outputs sum to ", sum));
   }
+  // Only now: the optimised graph drops the plain one's shape checks (a
+  // wrong input shape can crash it), and the input's shape is checked.
+  if (options.optimize) model->optimized_ = model->Optimize(zeros, *probabilities);
   return model;
+}
+
+bool Model::Optimize(absl::Span<const float> input, absl::Span<const float> expected) {
+  torch::jit::Module plain = module_->module;
+  if (!OptimizeForInference(&module_->module)) return false;
+  absl::StatusOr<std::vector<float>> got = Predict(input, 1);
+  bool same = got.ok() && got->size() == expected.size();
+  for (size_t i = 0; same && i < expected.size(); ++i) {
+    same = std::abs((*got)[i] - expected[i]) <= 1e-4f;
+  }
+  if (!same) module_->module = std::move(plain);
+  return same;
 }
 
 absl::StatusOr<std::vector<float>> Model::Predict(

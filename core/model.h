@@ -16,6 +16,12 @@ namespace emoserve {
 struct ModelOptions {
   // "cpu", "cuda" or "cuda:N".
   std::string device = "cpu";
+  // Runs the module as optimised for inference (frozen: weights become
+  // constants the graph passes fold, e.g. batch norm into the convolution
+  // before it; then LibTorch's inference rewrites, oneDNN's on CPU). Its
+  // outputs equal the plain module's to float rounding. A module the passes
+  // cannot handle runs plain (Model::optimized() says which).
+  bool optimize = true;
 };
 
 // LibTorch intra-op threads a server runs the model on. One leaves the
@@ -45,6 +51,8 @@ class Model {
 
   const ModelConfig& config() const { return config_; }
   const std::string& device() const { return device_; }
+  // Whether the module runs as optimised for inference (ModelOptions).
+  bool optimized() const { return optimized_; }
   int num_classes() const { return static_cast<int>(config_.labels.size()); }
   // Floats in one input ([F][T]) and one output row.
   int input_size() const { return config_.num_features() * config_.num_frames(); }
@@ -58,9 +66,14 @@ class Model {
  private:
   struct Module;
   Model(ModelConfig config, std::string device, std::unique_ptr<Module> module);
+  // Swaps in the module optimised for inference if it gives `expected` for
+  // `input` (one input, the plain module's probabilities); false otherwise,
+  // keeping the plain module.
+  bool Optimize(absl::Span<const float> input, absl::Span<const float> expected);
   ModelConfig config_;
   std::string device_;
   std::unique_ptr<Module> module_;
+  bool optimized_ = false;
 };
 
 }  // namespace emoserve

@@ -82,6 +82,34 @@ TEST(ModelTest, BatchedEqualsUnbatched) {
   }
 }
 
+// The module optimised for inference (frozen, batch norm folded, oneDNN
+// rewrites) gives the plain module's probabilities, at every batch size the
+// engine forms: for the trainer's CNN + Transformer and the bundled model.
+TEST(ModelTest, OptimizedModuleGivesThePlainModulesOutputs) {
+  const std::vector<std::string> dirs = {
+      WriteModelDir(testing::DefaultModelConfig(), "optimized"),
+      std::string(EMOSERVE_SOURCE_DIR) + "/models/default"};
+  for (const std::string& dir : dirs) {
+    SCOPED_TRACE(dir);
+    ModelOptions plain_options;
+    plain_options.optimize = false;
+    absl::StatusOr<std::unique_ptr<Model>> plain = Model::Load(dir, plain_options);
+    absl::StatusOr<std::unique_ptr<Model>> optimized = Model::Load(dir);
+    ASSERT_TRUE(plain.ok()) << plain.status();
+    ASSERT_TRUE(optimized.ok()) << optimized.status();
+    EXPECT_FALSE((*plain)->optimized());
+    EXPECT_TRUE((*optimized)->optimized());
+    for (int batch : {1, 4, 13}) {
+      const std::vector<float> x = RandomInputs(batch * (*plain)->input_size(), batch);
+      absl::StatusOr<std::vector<float>> expected = (*plain)->Predict(x, batch);
+      absl::StatusOr<std::vector<float>> got = (*optimized)->Predict(x, batch);
+      ASSERT_TRUE(expected.ok()) << expected.status();
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_LE(testing::MaxAbsDifference(*got, *expected), 1e-4) << "batch " << batch;
+    }
+  }
+}
+
 TEST(ModelTest, RejectsJsonThatDoesNotDescribeTheModule) {
   ModelConfig config = SmallConfig();
   const std::string dir = WriteModelDir(config, "mismatch");
