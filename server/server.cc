@@ -250,6 +250,11 @@ absl::Status Server::LoadModel() {
   engine_ = *std::move(engine);
   const ModelConfig& model_config = engine_->model().config();
   metrics_->SetModelInfo(model_config.name, model_config.version, engine_->model().device());
+  Log(LogLevel::kInfo, "model_loaded",
+      {{"name", model_config.name},
+       {"version", model_config.version},
+       {"device", engine_->model().device()},
+       {"optimized_for_inference", engine_->model().optimized()}});
   if (absl::Status s = service_->SetEngine(engine_.get()); !s.ok()) return s;
   health_->SetServing(true);
   return absl::OkStatus();
