@@ -553,12 +553,12 @@ class EmotionService::StreamCall final
     } catch (...) {
       failed = StatusFromCurrentException("building a stream response");
     }
-    SessionOrder order;
+    StreamSession* cancel = nullptr;
     {
       absl::MutexLock lock(&mu_);
       last_activity_ = absl::Now();
       if (!failed.ok()) {
-        order = FailLocked(failed);
+        cancel = FailLocked(failed).session.get();
       } else {
         if (event.type == StreamEvent::Type::kWindow) ReadIfReadyLocked();  // a window came back
         // Failing or ending: the session's last results go nowhere.
@@ -567,9 +567,10 @@ class EmotionService::StreamCall final
         if (!write_in_flight_) StartWriteLocked();
       }
     }
-    // Inside the session's callback: the session may be cancelled here, and
-    // it cannot report done meanwhile, so the call's own copy outlives this.
-    Tell(order);
+    // Inside the session's callback: the session may be cancelled here. It
+    // reports done only after this returns, so the call still holds it; no
+    // copy is kept, lest the last one be dropped inside its own callback.
+    if (cancel != nullptr) cancel->Cancel();
   }
 
   // The session's on_done: once, after its last event.
