@@ -51,19 +51,6 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
       absl::StrCat("unknown device '", name, "'; use cpu, cuda or cuda:N"));
 }
 
-// Replaces `module` (in eval mode) by its frozen, inference-optimised form;
-// false, leaving it as it was, when the passes refuse it. Freezing copies
-// the module, so the original stays usable.
-bool OptimizeForInference(torch::jit::Module* module) {
-  try {
-    torch::jit::Module frozen = torch::jit::freeze(*module);
-    *module = torch::jit::optimize_for_inference(frozen);
-    return true;
-  } catch (const std::exception&) {
-    return false;
-  }
-}
-
 }  // namespace
 
 void SetUpModelRuntime(int intra_op_threads) {
@@ -134,8 +121,14 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
 }
 
 bool Model::Optimize(absl::Span<const float> input, absl::Span<const float> expected) {
+  // Freezing copies the module, so the plain one stays usable.
   torch::jit::Module plain = module_->module;
-  if (!OptimizeForInference(&module_->module)) return false;
+  try {
+    torch::jit::Module frozen = torch::jit::freeze(plain);
+    module_->module = torch::jit::optimize_for_inference(frozen);
+  } catch (const std::exception&) {
+    return false;  // the passes refuse this module: it runs plain
+  }
   absl::StatusOr<std::vector<float>> got = Predict(input, 1);
   bool same = got.ok() && got->size() == expected.size();
   for (size_t i = 0; same && i < expected.size(); ++i) {
