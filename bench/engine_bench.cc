@@ -296,6 +296,12 @@ int Main(int argc, char** argv) {
   app.add_option("--intra-op-threads", intra_op_threads,
                  "engine LibTorch threads (0: as --cores)")
       ->capture_default_str();
+  double gflop_per_window = 0;
+  double peak_gflops = 0;
+  app.add_option("--gflop-per-window", gflop_per_window,
+                 "the model's cost per window, to report achieved GFLOP/s (0: not reported)");
+  app.add_option("--peak-gflops", peak_gflops,
+                 "one core's fp32 peak, to report achieved GFLOP/s against it");
   app.add_option("--max-batch", options.max_batch_size, "engine max_batch_size");
   app.add_option("--feature-nice", options.feature_thread_nice, "engine feature_thread_nice")
       ->check(CLI::Range(0, 19));
@@ -311,14 +317,24 @@ int Main(int argc, char** argv) {
     return 1;
   }
   setup.model = *std::move(model);
-  // The same module as loaded without the inference optimisation, measured
-  // beside it.
-  ModelOptions plain_options;
-  plain_options.optimize = false;
-  absl::StatusOr<std::unique_ptr<Model>> plain = Model::Load(model_dir, plain_options);
-  if (!plain.ok()) {
-    std::fprintf(stderr, "model: %s\n", plain.status().ToString().c_str());
-    return 1;
+  // The same module as loaded without the inference optimisation and in
+  // each reduced precision this CPU runs, measured beside it.
+  struct ModuleVariant {
+    std::string name;
+    std::unique_ptr<Model> model;  // null: the one in `setup`
+  };
+  std::vector<ModuleVariant> variants;
+  for (const char* name : {"plain", "fp32", "bf16", "int8"}) {
+    ModelOptions variant_options;
+    variant_options.optimize = std::string(name) != "plain";
+    variant_options.precision =
+        std::string(name) == "plain" ? Precision::kFp32 : *ParsePrecision(name);
+    absl::StatusOr<std::unique_ptr<Model>> variant = Model::Load(model_dir, variant_options);
+    if (!variant.ok()) {
+      std::printf("%s: not measured: %s\n", name, variant.status().ToString().c_str());
+      continue;
+    }
+    variants.push_back({name, *std::move(variant)});
   }
   setup.windows = BenchWindows(*setup.model, shared, &setup.audio_source);
   absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor = FeatureExtractor::Create(
@@ -347,9 +363,9 @@ int Main(int argc, char** argv) {
     if (!(*extractor)->Compute(setup.windows[b % setup.windows.size()], &matrix).ok()) return 1;
     module_input.insert(module_input.end(), matrix.data.begin(), matrix.data.end());
   }
-  // [batch][0: plain, 1: optimised]: rates per round.
-  std::vector<std::array<std::vector<double>, 2>> module_rates(module_batches.size());
-  const std::array<const Model*, 2> modules = {plain->get(), setup.model.get()};
+  // [batch][variant]: rates per round.
+  std::vector<std::vector<std::vector<double>>> module_rates(
+      module_batches.size(), std::vector<std::vector<double>>(variants.size()));
   const std::vector<int> batch_sizes = {1, 2, 4, 8, 16, 32, 64};
   const std::vector<int> submitters = {1, 4, 16, 64};
   std::vector<double> direct;
@@ -363,9 +379,9 @@ int Main(int argc, char** argv) {
     SetUpModelRuntime(intra_op_threads);
     direct.push_back(OnNewThread([&] { return DirectMs(setup, features, 30); }));
     for (size_t b = 0; b < module_batches.size(); ++b) {
-      for (int m = 0; m < 2; ++m) {
+      for (size_t m = 0; m < variants.size(); ++m) {
         module_rates[b][m].push_back(OnNewThread([&] {
-          return PredictRate(*modules[m], module_input, module_batches[b],
+          return PredictRate(*variants[m].model, module_input, module_batches[b],
                              std::max(8, 256 / module_batches[b]));
         }));
       }
@@ -405,14 +421,25 @@ int Main(int argc, char** argv) {
                            1000.0 / direct_ms, direct_ms);
   for (size_t b = 0; b < module_batches.size(); ++b) {
     const double plain_rate = Median(module_rates[b][0]);
-    const double optimized_rate = Median(module_rates[b][1]);
-    json["module"].push_back({{"batch", module_batches[b]},
-                              {"plain_per_second", plain_rate},
-                              {"optimized_per_second", optimized_rate}});
-    table += absl::StrFormat(
-        "| Predict only, batch %d: plain module / optimised (x%.2f) | %.1f / %.1f | | | %d | |\n",
-        module_batches[b], plain_rate > 0 ? optimized_rate / plain_rate : 0, plain_rate,
-        optimized_rate, module_batches[b]);
+    nlohmann::json row = {{"batch", module_batches[b]}};
+    for (size_t m = 0; m < variants.size(); ++m) {
+      const double rate = Median(module_rates[b][m]);
+      row[variants[m].name + "_per_second"] = rate;
+      std::string achieved;
+      if (gflop_per_window > 0) {
+        achieved = absl::StrFormat(" (%.1f GFLOP/s", rate * gflop_per_window);
+        if (peak_gflops > 0) {
+          absl::StrAppendFormat(&achieved, ", %.0f%% of peak",
+                                100 * rate * gflop_per_window / peak_gflops);
+        }
+        achieved += ")";
+      }
+      table += absl::StrFormat("| Predict only, batch %d, %s%s (x%.2f of plain)%s | %.1f | | | %d | |\n",
+                               module_batches[b], variants[m].name,
+                               m == 0 ? " module" : " optimised", plain_rate > 0 ? rate / plain_rate : 0,
+                               achieved, rate, module_batches[b]);
+    }
+    json["module"].push_back(row);
   }
   for (size_t b = 0; b < batch_sizes.size(); ++b) {
     std::vector<double> rate, cpu;

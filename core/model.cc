@@ -5,10 +5,15 @@
 #include <cmath>
 #include <filesystem>
 #include <new>
+#include <optional>
 #include <thread>
 #include <utility>
 
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/jit/ir/constants.h>
+#include <torch/csrc/jit/ir/ir.h>
 #include <torch/cuda.h>
 #include <torch/script.h>
 
@@ -22,6 +27,10 @@ namespace emoserve {
 struct Model::Module {
   torch::jit::Module module;
   torch::Device device{torch::kCPU};
+  // Precision::kBf16: LibTorch's CPU autocast runs the matrix products and
+  // convolutions in bfloat16 (oneDNN, AVX512_BF16) and keeps the ops that
+  // need range or accuracy (softmax, normalisation, sums) in fp32.
+  bool autocast_bf16 = false;
 };
 
 namespace {
@@ -51,7 +60,85 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
       absl::StrCat("unknown device '", name, "'; use cpu, cuda or cuda:N"));
 }
 
+// Turns LibTorch's CPU autocast to bfloat16 on for this thread while alive
+// (autocast is thread-local), restoring what was there.
+class CpuAutocastBf16 {
+ public:
+  CpuAutocastBf16()
+      : was_enabled_(at::autocast::is_cpu_enabled()),
+        was_dtype_(at::autocast::get_autocast_cpu_dtype()) {
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  }
+  ~CpuAutocastBf16() {
+    at::autocast::set_cpu_enabled(was_enabled_);
+    at::autocast::set_autocast_cpu_dtype(was_dtype_);
+  }
+  CpuAutocastBf16(const CpuAutocastBf16&) = delete;
+  CpuAutocastBf16& operator=(const CpuAutocastBf16&) = delete;
+
+ private:
+  bool was_enabled_;
+  at::ScalarType was_dtype_;
+};
+
+// quantized::linear_prepack of `weight` ([out, in]) as int8, one symmetric
+// scale per output row, and `bias` (None or a tensor).
+c10::IValue PackInt8LinearWeight(const torch::Tensor& weight, const c10::IValue& bias) {
+  torch::Tensor scales =
+      std::get<0>(weight.abs().max(1)).to(torch::kDouble).clamp_min(1e-8) / 127.0;
+  torch::Tensor zero_points = torch::zeros({weight.size(0)}, torch::kLong);
+  torch::Tensor quantized =
+      at::quantize_per_channel(weight.contiguous(), scales, zero_points, 0, at::kQInt8);
+  static const c10::OperatorHandle prepack =
+      c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_prepack", "");
+  torch::jit::Stack stack{quantized, bias};
+  prepack.callBoxed(&stack);
+  return stack.at(0);
+}
+
+// Replaces each aten::linear of a frozen graph whose weight is a constant by
+// quantized::linear_dynamic on the int8 weight (activations are quantized
+// per call from their own range). Returns how many it replaced.
+int QuantizeLinearLayers(torch::jit::Graph& graph) {
+  static const c10::Symbol kLinear = c10::Symbol::fromQualString("aten::linear");
+  static const c10::Symbol kLinearDynamic =
+      c10::Symbol::fromQualString("quantized::linear_dynamic");
+  // x86's int8 kernels (fbgemm) can saturate a 16-bit sum unless
+  // activations keep 7 bits; oneDNN's do not.
+  const bool reduce_range = at::globalContext().qEngine() != at::QEngine::ONEDNN;
+  std::vector<torch::jit::Node*> linears;
+  for (torch::jit::Node* node : graph.nodes()) {
+    if (node->kind() != kLinear) continue;
+    c10::optional<c10::IValue> weight = torch::jit::toIValue(node->input(1));
+    c10::optional<c10::IValue> bias = torch::jit::toIValue(node->input(2));
+    if (weight && weight->isTensor() && weight->toTensor().dim() == 2 && bias) {
+      linears.push_back(node);
+    }
+  }
+  for (torch::jit::Node* node : linears) {
+    torch::jit::WithInsertPoint insert_before(node);
+    c10::IValue packed = PackInt8LinearWeight(torch::jit::toIValue(node->input(1))->toTensor(),
+                                              *torch::jit::toIValue(node->input(2)));
+    torch::jit::Value* quantized = graph.insert(
+        kLinearDynamic,
+        {node->input(0), graph.insertConstant(packed), graph.insertConstant(reduce_range)});
+    node->output()->replaceAllUsesWith(quantized);
+    node->destroy();
+  }
+  return static_cast<int>(linears.size());
+}
+
 }  // namespace
+
+bool CpuSupports(Precision precision) {
+  if (precision != Precision::kBf16) return true;
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
 
 void SetUpModelRuntime(int intra_op_threads) {
   mallopt(M_MMAP_MAX, 0);
@@ -116,8 +203,59 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   }
   // Only now: the optimised graph drops the plain one's shape checks (a
   // wrong input shape can crash it), and the input's shape is checked.
-  if (options.optimize) model->optimized_ = model->Optimize(zeros, *probabilities);
+  const Precision precision = options.precision.value_or(model->config().precision);
+  // int8 rewrites the frozen graph before the inference passes, which turn
+  // its Linear layers into other ops.
+  if (options.optimize && precision != Precision::kInt8) {
+    model->optimized_ = model->Optimize(zeros, *probabilities);
+  }
+  if (absl::Status s = model->SetPrecision(precision, zeros); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat(dir, ": ", s.message()));
+  }
   return model;
+}
+
+absl::Status Model::SetPrecision(Precision precision, absl::Span<const float> input) {
+  if (precision == Precision::kFp32) return absl::OkStatus();
+  const char* name = PrecisionName(precision);
+  if (module_->device != torch::Device(torch::kCPU)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "precision ", name, " runs on CPU only; use --precision fp32 on ", device_));
+  }
+  if (!CpuSupports(precision)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "precision ", name,
+        " needs a CPU with AVX512_BF16 and this one has none (LibTorch would emulate it, "
+        "slower than fp32); use --precision fp32 or int8"));
+  }
+  if (precision == Precision::kBf16) {
+    module_->autocast_bf16 = true;
+  } else {
+    try {
+      torch::jit::Module frozen = torch::jit::freeze(module_->module);
+      if (QuantizeLinearLayers(*frozen.get_method("forward").graph()) == 0) {
+        return absl::FailedPreconditionError(
+            "precision int8 quantizes Linear layers (aten::linear with constant weights) "
+            "and this module has none; use fp32 or bf16");
+      }
+      module_->module = torch::jit::optimize_for_inference(frozen);
+      optimized_ = true;
+    } catch (const std::exception& e) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("precision int8: the module cannot be quantized: ", e.what()));
+    }
+  }
+  precision_ = precision;
+  absl::StatusOr<std::vector<float>> got = Predict(input, 1);
+  if (!got.ok()) return got.status();
+  double sum = 0;
+  for (float p : *got) sum += std::isfinite(p) && p >= 0.0f ? p : -2.0;
+  if (std::abs(sum - 1.0) > 1e-2) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "in precision ", name, " the module's outputs are no longer probabilities (sum ",
+        sum, "); use fp32"));
+  }
+  return absl::OkStatus();
 }
 
 bool Model::Optimize(absl::Span<const float> input, absl::Span<const float> expected) {
@@ -150,6 +288,8 @@ absl::StatusOr<std::vector<float>> Model::Predict(
   }
   try {
     c10::InferenceMode inference_mode;
+    std::optional<CpuAutocastBf16> autocast;
+    if (module_->autocast_bf16) autocast.emplace();
     // from_blob does not copy; the module never writes to its input.
     torch::Tensor input = torch::from_blob(const_cast<float*>(features.data()),
                                            {batch_size, 1, f, t},

@@ -4,6 +4,7 @@
 #define EMOSERVE_CORE_MODEL_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,7 +23,15 @@ struct ModelOptions {
   // outputs equal the plain module's to float rounding. A module the passes
   // cannot handle runs plain (Model::optimized() says which).
   bool optimize = true;
+  // The arithmetic to run in; unset: the one model.json names (fp32 when
+  // it names none). Reduced precisions run on CPU only; bf16 needs a CPU
+  // with AVX512_BF16 (CpuSupports).
+  std::optional<Precision> precision;
 };
+
+// Whether this machine's CPU runs `precision` natively (bf16: AVX512_BF16;
+// without it LibTorch would emulate bfloat16, slower than fp32).
+bool CpuSupports(Precision precision);
 
 // LibTorch intra-op threads a server runs the model on. One leaves the
 // other cores to the feature workers; a model that splits each op over
@@ -53,6 +62,7 @@ class Model {
   const std::string& device() const { return device_; }
   // Whether the module runs as optimised for inference (ModelOptions).
   bool optimized() const { return optimized_; }
+  Precision precision() const { return precision_; }
   int num_classes() const { return static_cast<int>(config_.labels.size()); }
   // Floats in one input ([F][T]) and one output row.
   int input_size() const { return config_.num_features() * config_.num_frames(); }
@@ -70,10 +80,14 @@ class Model {
   // `input` (one input, the plain module's probabilities); false otherwise,
   // keeping the plain module.
   bool Optimize(absl::Span<const float> input, absl::Span<const float> expected);
+  // Makes the module run in `precision`; checks that it still returns
+  // probabilities for `input`.
+  absl::Status SetPrecision(Precision precision, absl::Span<const float> input);
   ModelConfig config_;
   std::string device_;
   std::unique_ptr<Module> module_;
   bool optimized_ = false;
+  Precision precision_ = Precision::kFp32;
 };
 
 }  // namespace emoserve

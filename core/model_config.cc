@@ -12,6 +12,26 @@
 
 namespace emoserve {
 
+absl::StatusOr<Precision> ParsePrecision(std::string_view name) {
+  for (Precision precision : {Precision::kFp32, Precision::kBf16, Precision::kInt8}) {
+    if (name == PrecisionName(precision)) return precision;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown precision '", std::string(name), "'; use fp32, bf16 or int8"));
+}
+
+const char* PrecisionName(Precision precision) {
+  switch (precision) {
+    case Precision::kFp32:
+      return "fp32";
+    case Precision::kBf16:
+      return "bf16";
+    case Precision::kInt8:
+      return "int8";
+  }
+  return "fp32";
+}
+
 int ModelConfig::window_samples() const {
   return static_cast<int>(std::lround(window_seconds * sample_rate));
 }
@@ -22,7 +42,7 @@ absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& json) {
   }
   static const std::set<std::string> kKnownKeys = {
       "name",     "version",      "labels",       "sample_rate", "window_seconds",
-      "features", "input_layout", "architecture", "provenance"};
+      "features", "input_layout", "precision",    "architecture", "provenance"};
   for (const auto& item : json.items()) {
     if (!kKnownKeys.count(item.key())) {
       return absl::InvalidArgumentError(
@@ -47,6 +67,15 @@ absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& json) {
     }
     if (json.contains("input_layout")) {
       config.input_layout = json.at("input_layout").get<std::string>();
+    }
+    if (json.contains("precision")) {
+      absl::StatusOr<Precision> precision =
+          ParsePrecision(json.at("precision").get<std::string>());
+      if (!precision.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("model.json: 'precision': ", precision.status().message()));
+      }
+      config.precision = *precision;
     }
     if (json.contains("architecture")) config.architecture = json["architecture"];
     if (json.contains("provenance")) config.provenance = json["provenance"];
@@ -115,6 +144,7 @@ nlohmann::json ModelConfigToJson(const ModelConfig& config) {
                          {"window_seconds", config.window_seconds},
                          {"features", FeatureParamsToJson(config.features)},
                          {"input_layout", config.input_layout}};
+  if (config.precision != Precision::kFp32) json["precision"] = PrecisionName(config.precision);
   if (!config.architecture.empty()) json["architecture"] = config.architecture;
   if (!config.provenance.empty()) json["provenance"] = config.provenance;
   return json;

@@ -14,6 +14,19 @@ namespace emoserve {
 
 inline constexpr char kInputLayoutBatchChannelFeatureTime[] = "[B,1,F,T]";
 
+// The arithmetic a model runs in. Reduced precisions trade exactness for
+// speed; `emoserve-train eval --precision` checks a model's answers against
+// fp32 before one is used.
+enum class Precision {
+  kFp32,  // as trained
+  kBf16,  // matrix products and convolutions in bfloat16 (autocast), the rest fp32
+  kInt8,  // Linear layers' weights int8, activations quantized per call (dynamic)
+};
+
+// "fp32", "bf16", "int8".
+absl::StatusOr<Precision> ParsePrecision(std::string_view name);
+const char* PrecisionName(Precision precision);
+
 struct ModelConfig {
   std::string name;
   std::string version;
@@ -22,6 +35,8 @@ struct ModelConfig {
   double window_seconds = 3.0;  // The model's fixed input length.
   FeatureParams features;       // features.sample_rate == sample_rate.
   std::string input_layout = kInputLayoutBatchChannelFeatureTime;
+  // What the model runs in unless the server is told otherwise.
+  Precision precision = Precision::kFp32;
   // Free-form: how the model was made (command, data, split, metrics) and
   // the architecture. Carried through unchanged.
   nlohmann::json architecture = nlohmann::json::object();

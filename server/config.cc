@@ -70,6 +70,11 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
       ->check(CLI::ExistingDirectory);
   add("device", c.device, "Inference device: cpu, cuda or cuda:N")
       ->check(CLI::Validator(CheckDevice, "DEVICE"));
+  add("precision", c.precision,
+      "Arithmetic the model runs in: fp32, bf16 (CPUs with AVX512_BF16) or int8 (default: "
+      "model.json's precision, else fp32); check a model first with emoserve-train eval "
+      "--precision")
+      ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   add("max-batch-size", c.max_batch_size, "Largest batch handed to the model")
       ->check(CLI::Range(1, 4096));
   add("max-queue-size", c.max_queue_size,

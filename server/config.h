@@ -28,6 +28,7 @@ struct ServerConfig {
   // Model and engine.
   std::string model = "models/default";
   std::string device = "cpu";
+  std::string precision;  // "": the one model.json names (fp32 unless it names one)
   // The engine's and the streams' own defaults (core/engine.h,
   // core/stream.h) are the flags' defaults.
   int max_batch_size = EngineOptions().max_batch_size;

@@ -52,6 +52,7 @@ int main(int argc, char** argv) {
   Log(LogLevel::kInfo, "startup",
       {{"model", config.model},
        {"device", config.device},
+       {"precision", config.precision.empty() ? "model.json's" : config.precision},
        {"host", config.host},
        {"port", (*server)->port()},
        {"metrics_host", config.metrics_host.empty() ? config.host : config.metrics_host},

@@ -160,11 +160,12 @@ absl::Status ServerMetrics::Expose(const std::string& host, int port, int thread
 }
 
 void ServerMetrics::SetModelInfo(absl::string_view name, absl::string_view version,
-                                 absl::string_view device) {
+                                 absl::string_view device, absl::string_view precision) {
   model_info_
       ->Add({{"name", std::string(name)},
              {"version", std::string(version)},
-             {"device", std::string(device)}})
+             {"device", std::string(device)},
+             {"precision", std::string(precision)}})
       .Set(1);
 }
 

@@ -41,7 +41,7 @@ class ServerMetrics : public EngineObserver {
                       int request_timeout_ms = 1000);
 
   void SetModelInfo(absl::string_view name, absl::string_view version,
-                    absl::string_view device);
+                    absl::string_view device, absl::string_view precision);
   // One finished call of `method` ("Classify", ...) with its gRPC code.
   void RecordCall(absl::string_view method, absl::StatusCode code);
   // Time from a unary call's arrival to its response.

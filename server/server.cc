@@ -231,6 +231,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
 absl::Status Server::LoadModel() {
   ModelOptions model_options;
   model_options.device = config_.device;
+  if (!config_.precision.empty()) {
+    absl::StatusOr<Precision> precision = ParsePrecision(config_.precision);
+    if (!precision.ok()) return precision.status();
+    model_options.precision = *precision;
+  }
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(config_.model, model_options);
   if (!model.ok()) return model.status();
   EngineOptions options;
@@ -249,12 +254,14 @@ absl::Status Server::LoadModel() {
   }
   engine_ = *std::move(engine);
   const ModelConfig& model_config = engine_->model().config();
-  metrics_->SetModelInfo(model_config.name, model_config.version, engine_->model().device());
+  metrics_->SetModelInfo(model_config.name, model_config.version, engine_->model().device(),
+                         PrecisionName(engine_->model().precision()));
   Log(LogLevel::kInfo, "model_loaded",
       {{"name", model_config.name},
        {"version", model_config.version},
        {"device", engine_->model().device()},
-       {"optimized_for_inference", engine_->model().optimized()}});
+       {"optimized_for_inference", engine_->model().optimized()},
+       {"precision", PrecisionName(engine_->model().precision())}});
   if (absl::Status s = service_->SetEngine(engine_.get()); !s.ok()) return s;
   health_->SetServing(true);
   return absl::OkStatus();

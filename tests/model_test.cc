@@ -110,6 +110,63 @@ TEST(ModelTest, OptimizedModuleGivesThePlainModulesOutputs) {
   }
 }
 
+// Each reduced precision runs where the CPU has what it needs (bf16:
+// AVX512_BF16; refused with a clear error elsewhere), says so, changes the
+// outputs a little and only a little; model.json's precision is the
+// default and the option overrides it.
+TEST(ModelTest, ReducedPrecisionsStayCloseToFp32) {
+  const std::vector<std::string> dirs = {
+      WriteModelDir(testing::DefaultModelConfig(), "precision"),
+      std::string(EMOSERVE_SOURCE_DIR) + "/models/default"};
+  for (const std::string& dir : dirs) {
+    absl::StatusOr<std::unique_ptr<Model>> fp32 = Model::Load(dir);
+    ASSERT_TRUE(fp32.ok()) << fp32.status();
+    EXPECT_EQ((*fp32)->precision(), Precision::kFp32);
+    for (Precision precision : {Precision::kBf16, Precision::kInt8}) {
+      SCOPED_TRACE(absl::StrCat(dir, " ", PrecisionName(precision)));
+      ModelOptions options;
+      options.precision = precision;
+      absl::StatusOr<std::unique_ptr<Model>> reduced = Model::Load(dir, options);
+      if (!CpuSupports(precision)) {
+        ASSERT_FALSE(reduced.ok());
+        EXPECT_THAT(reduced.status().message(), HasSubstr("needs a CPU with AVX512_BF16"));
+        continue;
+      }
+      ASSERT_TRUE(reduced.ok()) << reduced.status();
+      EXPECT_EQ((*reduced)->precision(), precision);
+      for (int batch : {1, 13}) {
+        const std::vector<float> x = RandomInputs(batch * (*fp32)->input_size(), batch);
+        absl::StatusOr<std::vector<float>> expected = (*fp32)->Predict(x, batch);
+        absl::StatusOr<std::vector<float>> got = (*reduced)->Predict(x, batch);
+        ASSERT_TRUE(expected.ok()) << expected.status();
+        ASSERT_TRUE(got.ok()) << got.status();
+        const double difference = testing::MaxAbsDifference(*got, *expected);
+        EXPECT_GT(difference, 0.0) << "batch " << batch << ": the precision changed nothing";
+        EXPECT_LE(difference, 0.05) << "batch " << batch;
+        for (int row = 0; row < batch; ++row) {
+          double sum = 0;
+          for (int k = 0; k < (*fp32)->num_classes(); ++k) {
+            sum += (*got)[row * (*fp32)->num_classes() + k];
+          }
+          EXPECT_NEAR(sum, 1.0, 1e-3);
+        }
+      }
+    }
+  }
+  // model.json names the default; the option wins.
+  ModelConfig config = testing::DefaultModelConfig();
+  config.precision = Precision::kInt8;
+  const std::string dir = WriteModelDir(config, "precision-json");
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ((*model)->precision(), Precision::kInt8);
+  ModelOptions fp32_options;
+  fp32_options.precision = Precision::kFp32;
+  model = Model::Load(dir, fp32_options);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ((*model)->precision(), Precision::kFp32);
+}
+
 TEST(ModelTest, RejectsJsonThatDoesNotDescribeTheModule) {
   ModelConfig config = SmallConfig();
   const std::string dir = WriteModelDir(config, "mismatch");
@@ -608,6 +665,18 @@ TEST(ModelConfigTest, ValidatesFields) {
               HasSubstr("\"fmax\" must be <= sample_rate/2"));
   bad["features"]["fmax"] = bad["sample_rate"].get<int>() / 2;
   EXPECT_TRUE(ModelConfigFromJson(bad).ok());
+  // A precision is one the runtime knows, and survives the round trip.
+  bad = json;
+  bad["precision"] = "fp16";
+  EXPECT_THAT(ModelConfigFromJson(bad).status().message(),
+              HasSubstr("'precision': unknown precision 'fp16'; use fp32, bf16 or int8"));
+  nlohmann::json int8 = json;
+  int8["precision"] = "int8";
+  absl::StatusOr<ModelConfig> parsed = ModelConfigFromJson(int8);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->precision, Precision::kInt8);
+  EXPECT_EQ(ModelConfigToJson(*parsed)["precision"], "int8");
+  EXPECT_FALSE(ModelConfigToJson(SmallConfig()).contains("precision"));
 }
 
 // Python's torch loads what we save and computes the same outputs.

@@ -678,7 +678,7 @@ TEST(WorkerPoolTest, RunsEverythingPostedAndRejectsBeyondItsQueue) {
 
 TEST(ServerMetricsTest, ExpositionPassesPromtool) {
   ServerMetrics metrics;
-  metrics.SetModelInfo("m", "1", "cpu");
+  metrics.SetModelInfo("m", "1", "cpu", "bf16");
   metrics.RecordCall("Classify", absl::StatusCode::kOk);
   metrics.RecordCall("Classify", absl::StatusCode::kInvalidArgument);
   metrics.RecordLatency("Classify", absl::Milliseconds(12));
@@ -693,7 +693,7 @@ TEST(ServerMetricsTest, ExpositionPassesPromtool) {
   EXPECT_THAT(text, HasSubstr("emoserve_active_streams 1"));
   EXPECT_THAT(text, HasSubstr("emoserve_queue_depth 7"));
   EXPECT_THAT(text, HasSubstr("emoserve_batch_size_sum 4"));
-  EXPECT_THAT(text, HasSubstr("emoserve_model_info{device=\"cpu\",name=\"m\",version=\"1\"} 1"));
+  EXPECT_THAT(text, HasSubstr("emoserve_model_info{device=\"cpu\",name=\"m\",precision=\"bf16\",version=\"1\"} 1"));
   EXPECT_THAT(text, HasSubstr("emoserve_request_duration_seconds_bucket{method=\"Classify\",le=\"0.025\"} 1"));
 
   const std::string path = ::testing::TempDir() + "/server_metrics_test.txt";

@@ -297,7 +297,8 @@ TEST(ServerProcessTest, MetricsPassPromtoolAndCountWhatHappened) {
   EXPECT_EQ(MetricValue(*text, "emoserve_active_streams"), 0.0);
   EXPECT_EQ(MetricValue(*text, "emoserve_queue_depth"), 0.0);
   EXPECT_EQ(MetricValue(*text, "emoserve_model_info",
-                        {"name=\"test-default-architecture\"", "device=\"cpu\"", "version=\"0\""}),
+                        {"name=\"test-default-architecture\"", "device=\"cpu\"", "precision=\"fp32\"",
+                         "version=\"0\""}),
             1.0);
 
   (*process)->Signal(SIGTERM);

@@ -51,7 +51,7 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
                                               const FeatureExtractor& extractor,
                                               const BatchPredictor& predict,
                                               const EvaluateOptions& options,
-                                              std::vector<int>* predicted) {
+                                              ClipPredictions* predictions) {
   // RAVDESS emotion index -> the model's output index.
   const std::vector<std::string>& names = RavdessLabels();
   std::vector<int> to_model(names.size(), -1);
@@ -109,15 +109,45 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
     }
   }
   if (absl::Status s = flush(); !s.ok()) return s;
-  if (predicted != nullptr) predicted->clear();
+  if (predictions != nullptr) *predictions = {};
   for (size_t c = 0; c < clips.size(); ++c) {
-    const std::vector<float> mean = MeanProbabilities(clip_probabilities[c], classes);
+    std::vector<float> mean = MeanProbabilities(clip_probabilities[c], classes);
     const int label =
         static_cast<int>(std::max_element(mean.begin(), mean.end()) - mean.begin());
     matrix.Add(to_model[clips[c].clip.emotion], label);
-    if (predicted != nullptr) predicted->push_back(label);
+    if (predictions != nullptr) {
+      predictions->labels.push_back(label);
+      predictions->probabilities.push_back(std::move(mean));
+    }
   }
   return matrix;
+}
+
+absl::StatusOr<PrecisionCheck> ComparePredictions(const ClipPredictions& reference,
+                                                  const ClipPredictions& candidate) {
+  if (reference.labels.size() != candidate.labels.size() ||
+      reference.probabilities.size() != candidate.probabilities.size()) {
+    return absl::InvalidArgumentError("the predictions compared are of different clips");
+  }
+  PrecisionCheck check;
+  check.clips = static_cast<int>(reference.labels.size());
+  for (size_t c = 0; c < reference.labels.size(); ++c) {
+    if (reference.labels[c] == candidate.labels[c]) ++check.agreeing;
+    const std::vector<float>& a = reference.probabilities[c];
+    const std::vector<float>& b = candidate.probabilities[c];
+    if (a.size() != b.size()) {
+      return absl::InvalidArgumentError("the predictions compared have different labels");
+    }
+    for (size_t k = 0; k < a.size(); ++k) {
+      double change = std::abs(static_cast<double>(a[k]) - b[k]);
+      if (!std::isfinite(change)) change = HUGE_VAL;
+      if (change > check.max_probability_change || check.worst_clip < 0) {
+        check.max_probability_change = std::max(check.max_probability_change, change);
+        check.worst_clip = static_cast<int>(c);
+      }
+    }
+  }
+  return check;
 }
 
 }  // namespace emoserve

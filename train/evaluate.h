@@ -48,18 +48,48 @@ struct EvaluateOptions {
   int batch_size = 32;
 };
 
+// What EvaluateClips answered for each clip, in the clips' order.
+struct ClipPredictions {
+  std::vector<int> labels;                        // indices into config.labels
+  std::vector<std::vector<float>> probabilities;  // the windows' mean
+};
+
 // Classifies each clip as the service does (PlanClip: windows of
 // config.window_seconds every hop, the speech windows to the model, their
 // probabilities averaged) and counts the results against the clip's label.
-// `predicted`, when given, gets each clip's label (an index into
-// config.labels). The model's labels must include every RAVDESS label
-// present.
+// `predictions`, when given, gets each clip's answer. The model's labels
+// must include every RAVDESS label present.
 absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& clips,
                                               const ModelConfig& config,
                                               const FeatureExtractor& extractor,
                                               const BatchPredictor& predict,
                                               const EvaluateOptions& options = {},
-                                              std::vector<int>* predicted = nullptr);
+                                              ClipPredictions* predictions = nullptr);
+
+// A reduced precision is usable for a model when its clip labels agree
+// with fp32's on at least this share of clips and no clip's probability
+// of any label moves by more than this.
+inline constexpr double kPrecisionMinAgreement = 0.99;
+inline constexpr double kPrecisionMaxProbabilityChange = 0.02;
+
+// One precision's answers against fp32's on the same clips.
+struct PrecisionCheck {
+  int clips = 0;
+  int agreeing = 0;                     // clips with the same top label
+  double max_probability_change = 0;    // over every clip and label
+  int worst_clip = -1;                  // where it is largest
+
+  double agreement() const { return clips > 0 ? static_cast<double>(agreeing) / clips : 0; }
+  bool passes() const {
+    return clips > 0 && agreement() >= kPrecisionMinAgreement &&
+           max_probability_change <= kPrecisionMaxProbabilityChange;
+  }
+};
+
+// Compares `candidate` with `reference` (both from EvaluateClips on the
+// same clips).
+absl::StatusOr<PrecisionCheck> ComparePredictions(const ClipPredictions& reference,
+                                                  const ClipPredictions& candidate);
 
 }  // namespace emoserve
 

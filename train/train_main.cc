@@ -1,10 +1,13 @@
 // emoserve-train: trains the bundled model on RAVDESS and evaluates models.
 //   emoserve-train train --data DIR --out DIR [--epochs N --seed S ...]
-//   emoserve-train eval --model DIR --data DIR [--actors 21-24] [--json] [--predictions CSV]
+//   emoserve-train eval --model DIR --data DIR [--actors 21-24] [--precision P] [--json] [--predictions CSV]
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
@@ -13,6 +16,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "core/features.h"
 #include "core/model.h"
@@ -38,6 +42,7 @@ struct EvalCommand {
   double gain_db = 0;
   bool json = false;
   std::string predictions;  // CSV of each clip's label; "": none
+  std::string precision;    // "": the one model.json names
 };
 
 CLI::App* AddEvalCommand(CLI::App& app, EvalCommand& command) {
@@ -61,6 +66,11 @@ CLI::App* AddEvalCommand(CLI::App& app, EvalCommand& command) {
       ->capture_default_str();
   eval->add_option("--predictions", command.predictions,
                    "write each clip's label to this CSV (path,label,predicted)");
+  eval->add_option("--precision", command.precision,
+                   "fp32, bf16 or int8 (default: model.json's); a reduced precision is also "
+                   "checked against fp32 on the same clips, and the command fails unless labels "
+                   "agree on >= 99% of clips and no probability moves by more than 0.02")
+      ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   eval->add_flag("--json", command.json, "print JSON");
   return eval;
 }
@@ -79,52 +89,108 @@ absl::Status WritePredictions(const std::string& path, const std::vector<Labeled
   return absl::OkStatus();
 }
 
+// One model directory in one precision, evaluated as the service answers.
+struct Evaluation {
+  std::unique_ptr<Model> model;
+  ConfusionMatrix matrix;
+  ClipPredictions predictions;
+};
+
+absl::StatusOr<Evaluation> EvaluateModel(const EvalCommand& command,
+                                         std::optional<Precision> precision,
+                                         const std::vector<LabeledAudio>& audio) {
+  ModelOptions options;
+  options.device = command.device;
+  options.precision = precision;
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(command.model_dir, options);
+  if (!model.ok()) return model.status();
+  const ModelConfig& config = (*model)->config();
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  if (!extractor.ok()) return extractor.status();
+  ClipPredictions predictions;
+  absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
+      audio, config, **extractor,
+      [&](absl::Span<const float> features, int batch) {
+        return (*model)->Predict(features, batch);
+      },
+      command.options, &predictions);
+  if (!matrix.ok()) return matrix.status();
+  return Evaluation{*std::move(model), *std::move(matrix), std::move(predictions)};
+}
+
 int RunEval(const EvalCommand& command) {
   SetUpModelRuntime(command.intra_op_threads);
   absl::StatusOr<std::set<int>> actors = ParseActorSet(command.actors);
   if (!actors.ok()) return Fail(actors.status());
-  absl::StatusOr<std::unique_ptr<Model>> model =
-      Model::Load(command.model_dir, {command.device});
-  if (!model.ok()) return Fail(model.status());
-  const ModelConfig& config = (*model)->config();
-  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
-      FeatureExtractor::Create(config.features, config.sample_rate);
-  if (!extractor.ok()) return Fail(extractor.status());
+  std::optional<Precision> precision;
+  if (!command.precision.empty()) precision = *ParsePrecision(command.precision);
+  absl::StatusOr<ModelConfig> declared =
+      LoadModelConfig((std::filesystem::path(command.model_dir) / "model.json").string());
+  if (!declared.ok()) return Fail(declared.status());
   absl::StatusOr<std::vector<LabeledAudio>> audio =
-      LoadRavdessActors(command.data_dir, *actors, config.sample_rate);
+      LoadRavdessActors(command.data_dir, *actors, declared->sample_rate);
   if (!audio.ok()) return Fail(audio.status());
   // A recording's level depends on the microphone and its gain, not on the
   // voice: --gain-db measures how much the model's answers depend on it.
   if (command.gain_db != 0) {
     for (LabeledAudio& clip : *audio) ApplyGainDb(command.gain_db, absl::MakeSpan(clip.samples));
   }
-  std::vector<int> predicted;
-  absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
-      *audio, config, **extractor,
-      [&](absl::Span<const float> features, int batch) {
-        return (*model)->Predict(features, batch);
-      },
-      command.options, &predicted);
-  if (!matrix.ok()) return Fail(matrix.status());
+  absl::StatusOr<Evaluation> evaluation = EvaluateModel(command, precision, *audio);
+  if (!evaluation.ok()) return Fail(evaluation.status());
+  const ModelConfig& config = evaluation->model->config();
+  const char* precision_name = PrecisionName(evaluation->model->precision());
+  // A reduced precision is only as good as its agreement with fp32.
+  std::optional<PrecisionCheck> check;
+  if (evaluation->model->precision() != Precision::kFp32) {
+    absl::StatusOr<Evaluation> reference = EvaluateModel(command, Precision::kFp32, *audio);
+    if (!reference.ok()) return Fail(reference.status());
+    absl::StatusOr<PrecisionCheck> compared =
+        ComparePredictions(reference->predictions, evaluation->predictions);
+    if (!compared.ok()) return Fail(compared.status());
+    check = *compared;
+  }
   if (!command.predictions.empty()) {
-    if (absl::Status s = WritePredictions(command.predictions, *audio, predicted, config);
+    if (absl::Status s = WritePredictions(command.predictions, *audio,
+                                          evaluation->predictions.labels, config);
         !s.ok()) {
       return Fail(s);
     }
   }
   if (command.json) {
-    nlohmann::json out = matrix->ToJson();
+    nlohmann::json out = evaluation->matrix.ToJson();
     out["model"] = config.name;
     out["version"] = config.version;
+    out["precision"] = precision_name;
     out["actors"] = std::vector<int>(actors->begin(), actors->end());
     out["hop_seconds"] = command.options.hop_seconds;
     out["vad_threshold_dbfs"] = command.options.vad_threshold_dbfs;
     out["gain_db"] = command.gain_db;
+    if (check) {
+      out["against_fp32"] = {{"clips", check->clips},
+                             {"agreeing", check->agreeing},
+                             {"agreement", check->agreement()},
+                             {"max_probability_change", check->max_probability_change},
+                             {"worst_clip", (*audio)[check->worst_clip].clip.path},
+                             {"passes", check->passes()}};
+    }
     std::cout << out.dump(1) << "\n";
   } else {
-    std::cout << "model " << config.name << " " << config.version << ", actors "
-              << absl::StrJoin(*actors, ",") << "\n"
-              << matrix->ToText();
+    std::cout << "model " << config.name << " " << config.version << " in " << precision_name
+              << ", actors " << absl::StrJoin(*actors, ",") << "\n"
+              << evaluation->matrix.ToText();
+    if (check) {
+      std::cout << absl::StrFormat(
+          "against fp32: top labels agree on %d of %d clips (%.1f%%, needs >= %.0f%%); largest "
+          "probability change %.4f (needs <= %.2f; %s): %s\n",
+          check->agreeing, check->clips, 100 * check->agreement(), 100 * kPrecisionMinAgreement,
+          check->max_probability_change, kPrecisionMaxProbabilityChange,
+          (*audio)[check->worst_clip].clip.path, check->passes() ? "passes" : "FAILS");
+    }
+  }
+  if (check && !check->passes()) {
+    return Fail(absl::FailedPreconditionError(absl::StrCat(
+        "precision ", precision_name, " changes this model's answers too much; serve it in fp32")));
   }
   return 0;
 }
