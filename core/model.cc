@@ -2,6 +2,7 @@
 
 #include <malloc.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <new>
@@ -104,9 +105,16 @@ int QuantizeLinearLayers(torch::jit::Graph& graph) {
   static const c10::Symbol kLinear = c10::Symbol::fromQualString("aten::linear");
   static const c10::Symbol kLinearDynamic =
       c10::Symbol::fromQualString("quantized::linear_dynamic");
-  // x86's int8 kernels (fbgemm) can saturate a 16-bit sum unless
-  // activations keep 7 bits; oneDNN's do not.
-  const bool reduce_range = at::globalContext().qEngine() != at::QEngine::ONEDNN;
+  // fbgemm's kernels take each call's activation scale as an argument;
+  // oneDNN's (LibTorch 1.13) build a new primitive for every new scale,
+  // i.e. for nearly every batch (several ms each). The engine a weight is
+  // packed with is the one that runs it.
+  const std::vector<at::QEngine>& engines = at::globalContext().supportedQEngines();
+  if (std::find(engines.begin(), engines.end(), at::QEngine::FBGEMM) != engines.end()) {
+    at::globalContext().setQEngine(at::QEngine::FBGEMM);
+  }
+  // fbgemm can saturate a 16-bit sum unless activations keep 7 bits.
+  const bool reduce_range = at::globalContext().qEngine() == at::QEngine::FBGEMM;
   std::vector<torch::jit::Node*> linears;
   for (torch::jit::Node* node : graph.nodes()) {
     if (node->kind() != kLinear) continue;
