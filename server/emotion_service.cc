@@ -122,6 +122,7 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
         CheckClassifyRequest(*request_, engine_->model().config(), service_->limits_);
     if (!raw.ok()) return raw.status();
     raw_ = *raw;
+    posted_ = absl::Now();
     if (!service_->workers_.TryPost([this] { Run(); })) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "the server's decoding queue is full (", service_->config_.max_queue_size,
@@ -143,6 +144,7 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
 
   absl::Status DecodeAndClassify() {
     if (absl::Status going = KeepGoing(); !going.ok()) return going;
+    const absl::Time decoding = absl::Now();
     const ModelConfig& model = engine_->model().config();
     absl::StatusOr<Audio> audio = DecodeClassifyAudio(
         *request_, raw_, model, service_->limits_,
@@ -151,6 +153,7 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
         },
         [this] { return KeepGoing(); });
     if (!audio.ok()) return audio.status();
+    service_->metrics_->OnDecoded(decoding - posted_, absl::Now() - decoding);
     duration_seconds_ = audio->duration_seconds();
     ClipRequest clip;
     clip.samples = std::move(audio->samples);
@@ -201,6 +204,7 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
   const v1::ClassifyRequest* const request_;
   v1::ClassifyResponse* const response_;
   const absl::Time start_ = absl::Now();
+  absl::Time posted_;  // handed to the decoding workers
   const absl::Time deadline_;
   const std::shared_ptr<CancelFlag> cancel_ = std::make_shared<CancelFlag>();
   BudgetLease lease_;  // the request's bytes, until the call ends

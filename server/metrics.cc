@@ -70,6 +70,10 @@ ServerMetrics::ServerMetrics()
                      .Name("emoserve_model_info")
                      .Help("The served model (always 1)")
                      .Register(r);
+  decode_wait_ = AddLatencyHistogram(r, "emoserve_decode_wait_seconds",
+                                     "Time a Classify call waited for a decoding worker");
+  decode_ = AddLatencyHistogram(r, "emoserve_decode_seconds",
+                                "Decoding and resampling one Classify call's audio");
   queue_wait_ = AddLatencyHistogram(
       r, "emoserve_queue_wait_seconds",
       "Time a window waited for a feature worker and the model");
@@ -167,6 +171,11 @@ void ServerMetrics::SetModelInfo(absl::string_view name, absl::string_view versi
              {"device", std::string(device)},
              {"precision", std::string(precision)}})
       .Set(1);
+}
+
+void ServerMetrics::OnDecoded(absl::Duration wait, absl::Duration decoding) {
+  decode_wait_->Observe(absl::ToDoubleSeconds(wait));
+  decode_->Observe(absl::ToDoubleSeconds(decoding));
 }
 
 void ServerMetrics::RecordCall(absl::string_view method, absl::StatusCode code) {

@@ -46,6 +46,9 @@ class ServerMetrics : public EngineObserver {
   void RecordCall(absl::string_view method, absl::StatusCode code);
   // Time from a unary call's arrival to its response.
   void RecordLatency(absl::string_view method, absl::Duration latency);
+  // A Classify call's audio: time it waited for a decoding worker, and
+  // decoding it to the model's rate.
+  void OnDecoded(absl::Duration wait, absl::Duration decoding);
   // Audio accepted for classification, in seconds of signal.
   void AddAudioSeconds(double seconds);
   void StreamStarted();
@@ -73,6 +76,8 @@ class ServerMetrics : public EngineObserver {
   prometheus::Family<prometheus::Counter>* calls_;
   prometheus::Family<prometheus::Histogram>* call_latency_;
   prometheus::Family<prometheus::Gauge>* model_info_;
+  prometheus::Histogram* decode_wait_;
+  prometheus::Histogram* decode_;
   prometheus::Histogram* queue_wait_;
   prometheus::Histogram* features_;
   prometheus::Histogram* inference_;

@@ -687,12 +687,16 @@ TEST(ServerMetricsTest, ExpositionPassesPromtool) {
   metrics.OnWindow(absl::Milliseconds(1), absl::Milliseconds(2));
   metrics.OnBatch(4, absl::Milliseconds(20));
   metrics.OnQueueDepth(7);
+  metrics.OnDecoded(absl::Milliseconds(1), absl::Milliseconds(30));
   const std::string text = metrics.Render();
   EXPECT_THAT(text, HasSubstr("emoserve_requests_total{code=\"OK\",method=\"Classify\"} 1"));
   EXPECT_THAT(text, HasSubstr("emoserve_audio_seconds_total 3.5"));
   EXPECT_THAT(text, HasSubstr("emoserve_active_streams 1"));
   EXPECT_THAT(text, HasSubstr("emoserve_queue_depth 7"));
   EXPECT_THAT(text, HasSubstr("emoserve_batch_size_sum 4"));
+  EXPECT_THAT(text, HasSubstr("emoserve_decode_wait_seconds_sum 0.001"));
+  EXPECT_THAT(text, HasSubstr("emoserve_decode_seconds_bucket{le=\"0.025\"} 0"));
+  EXPECT_THAT(text, HasSubstr("emoserve_decode_seconds_bucket{le=\"0.05\"} 1"));
   EXPECT_THAT(text, HasSubstr("emoserve_model_info{device=\"cpu\",name=\"m\",precision=\"bf16\",version=\"1\"} 1"));
   EXPECT_THAT(text, HasSubstr("emoserve_request_duration_seconds_bucket{method=\"Classify\",le=\"0.025\"} 1"));
 

@@ -292,6 +292,9 @@ TEST(ServerProcessTest, MetricsPassPromtoolAndCountWhatHappened) {
   // 4 s make two windows each way, plus the warm-up's.
   EXPECT_EQ(MetricValue(*text, "emoserve_queue_wait_seconds_count").value_or(0), 5.0);
   EXPECT_EQ(MetricValue(*text, "emoserve_feature_extraction_seconds_count").value_or(0), 5.0);
+  // The one Classify call's audio was decoded once.
+  EXPECT_EQ(MetricValue(*text, "emoserve_decode_seconds_count").value_or(0), 1.0);
+  EXPECT_GT(MetricValue(*text, "emoserve_decode_seconds_sum").value_or(0), 0.0);
   EXPECT_EQ(MetricValue(*text, "emoserve_batch_size_sum").value_or(0), 4.0 + 1.0 /* warm-up */);
   EXPECT_GE(MetricValue(*text, "emoserve_inference_seconds_count").value_or(0), 2.0);
   EXPECT_EQ(MetricValue(*text, "emoserve_active_streams"), 0.0);
