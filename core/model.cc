@@ -284,6 +284,17 @@ bool Model::Optimize(absl::Span<const float> input, absl::Span<const float> expe
   return same;
 }
 
+absl::Status Model::WarmUp(int max_batch_size) const {
+  const int largest = std::min(max_batch_size, kMaxWarmUpBatchSizes);
+  const std::vector<float> zeros(static_cast<size_t>(std::max(largest, 1)) * input_size(), 0.0f);
+  for (int batch = 1; batch <= largest; ++batch) {
+    absl::StatusOr<std::vector<float>> probabilities =
+        Predict(absl::MakeConstSpan(zeros).subspan(0, batch * input_size()), batch);
+    if (!probabilities.ok()) return probabilities.status();
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<float>> Model::Predict(
     absl::Span<const float> features, int batch_size) const {
   const int64_t f = config_.num_features();

@@ -73,6 +73,13 @@ class Model {
   absl::StatusOr<std::vector<float>> Predict(absl::Span<const float> features,
                                              int batch_size) const;
 
+  // Runs each batch size from 1 to max_batch_size (at most the first
+  // kMaxWarmUpBatchSizes) once: LibTorch specialises and optimises the
+  // graph for each input shape on its first call, which takes several
+  // times as long as the next ones.
+  static constexpr int kMaxWarmUpBatchSizes = 64;
+  absl::Status WarmUp(int max_batch_size) const;
+
  private:
   struct Module;
   Model(ModelConfig config, std::string device, std::unique_ptr<Module> module);

@@ -238,6 +238,9 @@ absl::Status Server::LoadModel() {
   }
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(config_.model, model_options);
   if (!model.ok()) return model.status();
+  if (absl::Status s = (*model)->WarmUp(config_.max_batch_size); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("warm-up failed: ", s.message()));
+  }
   EngineOptions options;
   options.max_batch_size = config_.max_batch_size;
   options.max_queue_size = config_.max_queue_size;
