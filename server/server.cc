@@ -95,6 +95,13 @@ void ApplyTransportLimits(const ServerConfig& config, grpc::ServerBuilder& build
   builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS,
                               kSyncPollerThreads);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, config.max_concurrent_streams);
+  // No read-ahead beyond what a call asked for: with bandwidth-delay
+  // probing gRPC grows each stream's HTTP/2 window to megabytes, so a client
+  // could queue tens of MiB of stream audio in the transport, past the
+  // stream's own backpressure. Without it a stream's window is 64 KiB beyond
+  // the message being read, and a large message still gets a window for all
+  // of itself once it is read.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
   // Request metadata keeps gRPC's default limit: in gRPC 1.51 an explicit
   // GRPC_ARG_MAX_METADATA_SIZE lets a flood of CONTINUATION frames grow
   // memory without bound, where the default closes the connection
