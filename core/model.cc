@@ -148,6 +148,22 @@ bool CpuSupports(Precision precision) {
 #endif
 }
 
+absl::Status CheckPrecisionRuns(Precision precision, const std::string& device) {
+  if (precision == Precision::kFp32) return absl::OkStatus();
+  const char* name = PrecisionName(precision);
+  if (device != "cpu") {
+    return absl::FailedPreconditionError(
+        absl::StrCat("precision ", name, " runs on CPU only; use --precision fp32 on ", device));
+  }
+  if (!CpuSupports(precision)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "precision ", name,
+        " needs a CPU with AVX512_BF16 and this one has none (LibTorch would emulate it, "
+        "slower than fp32); use --precision fp32 or int8"));
+  }
+  return absl::OkStatus();
+}
+
 void SetUpModelRuntime(int intra_op_threads) {
   mallopt(M_MMAP_MAX, 0);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
@@ -211,7 +227,15 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   }
   // Only now: the optimised graph drops the plain one's shape checks (a
   // wrong input shape can crash it), and the input's shape is checked.
-  const Precision precision = options.precision.value_or(model->config().precision);
+  Precision precision = options.precision.value_or(model->config().precision);
+  if (!options.precision.has_value()) {
+    if (absl::Status runs = CheckPrecisionRuns(precision, model->device_); !runs.ok()) {
+      model->precision_fallback_ =
+          absl::StrCat("model.json asks for ", PrecisionName(precision),
+                       ", which does not run here (", runs.message(), "); running fp32");
+      precision = Precision::kFp32;
+    }
+  }
   // int8 rewrites the frozen graph before the inference passes, which turn
   // its Linear layers into other ops.
   if (options.optimize && precision != Precision::kInt8) {
@@ -226,16 +250,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
 absl::Status Model::SetPrecision(Precision precision, absl::Span<const float> input) {
   if (precision == Precision::kFp32) return absl::OkStatus();
   const char* name = PrecisionName(precision);
-  if (module_->device != torch::Device(torch::kCPU)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "precision ", name, " runs on CPU only; use --precision fp32 on ", device_));
-  }
-  if (!CpuSupports(precision)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "precision ", name,
-        " needs a CPU with AVX512_BF16 and this one has none (LibTorch would emulate it, "
-        "slower than fp32); use --precision fp32 or int8"));
-  }
+  if (absl::Status runs = CheckPrecisionRuns(precision, device_); !runs.ok()) return runs;
   if (precision == Precision::kBf16) {
     module_->autocast_bf16 = true;
   } else {

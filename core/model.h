@@ -25,13 +25,19 @@ struct ModelOptions {
   bool optimize = true;
   // The arithmetic to run in; unset: the one model.json names (fp32 when
   // it names none). Reduced precisions run on CPU only; bf16 needs a CPU
-  // with AVX512_BF16 (CpuSupports).
+  // with AVX512_BF16 (CpuSupports). Asked for here, a precision the device
+  // cannot run fails the load; named by model.json, it is a preference:
+  // the model runs in fp32 instead and Model::precision_fallback() says why.
   std::optional<Precision> precision;
 };
 
 // Whether this machine's CPU runs `precision` natively (bf16: AVX512_BF16;
 // without it LibTorch would emulate bfloat16, slower than fp32).
 bool CpuSupports(Precision precision);
+
+// OK when a model on `device` ("cpu", "cuda", "cuda:N") can run in
+// `precision`; otherwise kFailedPrecondition saying why.
+absl::Status CheckPrecisionRuns(Precision precision, const std::string& device);
 
 // LibTorch intra-op threads a server runs the model on. One leaves the
 // other cores to the feature workers; a model that splits each op over
@@ -63,6 +69,9 @@ class Model {
   // Whether the module runs as optimised for inference (ModelOptions).
   bool optimized() const { return optimized_; }
   Precision precision() const { return precision_; }
+  // Why model.json's precision gave way to fp32 on this machine (empty
+  // when it did not).
+  const std::string& precision_fallback() const { return precision_fallback_; }
   int num_classes() const { return static_cast<int>(config_.labels.size()); }
   // Floats in one input ([F][T]) and one output row.
   int input_size() const { return config_.num_features() * config_.num_frames(); }
@@ -95,6 +104,7 @@ class Model {
   std::unique_ptr<Module> module_;
   bool optimized_ = false;
   Precision precision_ = Precision::kFp32;
+  std::string precision_fallback_;
 };
 
 }  // namespace emoserve

@@ -245,6 +245,9 @@ absl::Status Server::LoadModel() {
   }
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(config_.model, model_options);
   if (!model.ok()) return model.status();
+  if (!(*model)->precision_fallback().empty()) {
+    Log(LogLevel::kWarning, "precision_fallback", {{"reason", (*model)->precision_fallback()}});
+  }
   if (absl::Status s = (*model)->WarmUp(config_.max_batch_size); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("warm-up failed: ", s.message()));
   }

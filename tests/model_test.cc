@@ -91,10 +91,12 @@ TEST(ModelTest, OptimizedModuleGivesThePlainModulesOutputs) {
       std::string(EMOSERVE_SOURCE_DIR) + "/models/default"};
   for (const std::string& dir : dirs) {
     SCOPED_TRACE(dir);
-    ModelOptions plain_options;
+    ModelOptions optimized_options;
+    optimized_options.precision = Precision::kFp32;
+    ModelOptions plain_options = optimized_options;
     plain_options.optimize = false;
     absl::StatusOr<std::unique_ptr<Model>> plain = Model::Load(dir, plain_options);
-    absl::StatusOr<std::unique_ptr<Model>> optimized = Model::Load(dir);
+    absl::StatusOr<std::unique_ptr<Model>> optimized = Model::Load(dir, optimized_options);
     ASSERT_TRUE(plain.ok()) << plain.status();
     ASSERT_TRUE(optimized.ok()) << optimized.status();
     EXPECT_FALSE((*plain)->optimized());
@@ -118,8 +120,10 @@ TEST(ModelTest, ReducedPrecisionsStayCloseToFp32) {
   const std::vector<std::string> dirs = {
       WriteModelDir(testing::DefaultModelConfig(), "precision"),
       std::string(EMOSERVE_SOURCE_DIR) + "/models/default"};
+  ModelOptions fp32_options;
+  fp32_options.precision = Precision::kFp32;
   for (const std::string& dir : dirs) {
-    absl::StatusOr<std::unique_ptr<Model>> fp32 = Model::Load(dir);
+    absl::StatusOr<std::unique_ptr<Model>> fp32 = Model::Load(dir, fp32_options);
     ASSERT_TRUE(fp32.ok()) << fp32.status();
     EXPECT_EQ((*fp32)->precision(), Precision::kFp32);
     for (Precision precision : {Precision::kBf16, Precision::kInt8}) {
@@ -160,11 +164,39 @@ TEST(ModelTest, ReducedPrecisionsStayCloseToFp32) {
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir);
   ASSERT_TRUE(model.ok()) << model.status();
   EXPECT_EQ((*model)->precision(), Precision::kInt8);
-  ModelOptions fp32_options;
-  fp32_options.precision = Precision::kFp32;
+  EXPECT_EQ((*model)->precision_fallback(), "");
   model = Model::Load(dir, fp32_options);
   ASSERT_TRUE(model.ok()) << model.status();
   EXPECT_EQ((*model)->precision(), Precision::kFp32);
+}
+
+// model.json's precision is a preference: where the CPU cannot run it the
+// model loads in fp32 and says why; asked for explicitly, it is refused.
+TEST(ModelTest, ModelJsonPrecisionFallsBackToFp32WhereItCannotRun) {
+  ModelConfig config = testing::DefaultModelConfig();
+  config.precision = Precision::kBf16;
+  const std::string dir = WriteModelDir(config, "precision-fallback");
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir);
+  ASSERT_TRUE(model.ok()) << model.status();
+  ModelOptions bf16;
+  bf16.precision = Precision::kBf16;
+  absl::StatusOr<std::unique_ptr<Model>> asked = Model::Load(dir, bf16);
+  if (CpuSupports(Precision::kBf16)) {
+    EXPECT_EQ((*model)->precision(), Precision::kBf16);
+    EXPECT_EQ((*model)->precision_fallback(), "");
+    ASSERT_TRUE(asked.ok()) << asked.status();
+  } else {
+    EXPECT_EQ((*model)->precision(), Precision::kFp32);
+    EXPECT_THAT((*model)->precision_fallback(),
+                HasSubstr("model.json asks for bf16, which does not run here"));
+    EXPECT_EQ(asked.status().code(), absl::StatusCode::kFailedPrecondition);
+  }
+  EXPECT_THAT(CheckPrecisionRuns(Precision::kBf16, "cuda").message(),
+              HasSubstr("runs on CPU only"));
+  EXPECT_THAT(CheckPrecisionRuns(Precision::kInt8, "cuda:1").message(),
+              HasSubstr("runs on CPU only"));
+  EXPECT_TRUE(CheckPrecisionRuns(Precision::kFp32, "cuda").ok());
+  EXPECT_TRUE(CheckPrecisionRuns(Precision::kInt8, "cpu").ok());
 }
 
 TEST(ModelTest, RejectsJsonThatDoesNotDescribeTheModule) {
@@ -681,7 +713,10 @@ TEST(ModelConfigTest, ValidatesFields) {
 
 // Python's torch loads what we save and computes the same outputs.
 void ExpectPythonMatches(const std::string& dir) {
-  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir);
+  // Python runs the module in fp32, whatever model.json prefers.
+  ModelOptions fp32;
+  fp32.precision = Precision::kFp32;
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir, fp32);
   ASSERT_TRUE(model.ok()) << model.status();
   const int batch = 3;
   const int f = (*model)->config().num_features();
