@@ -148,11 +148,14 @@ TEST(TrainSmokeTest, OneEpochOnTwoActorsWritesAModelDirectory) {
 
 // The adversarial speaker head trains beside the model but stays out of
 // model.pt: the directory serves like any other and records the weight.
+// (A statistics-only model: the head does not depend on the architecture,
+// and the small model keeps the sanitizer runs short.)
 TEST(TrainSmokeTest, SpeakerAdversarialRunWritesAServableModel) {
   std::optional<std::string> shared = testing::SharedDir();
   if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
   const fs::path out = fs::path(::testing::TempDir()) / "adversarial_model";
-  const std::string command = SmokeTrainCommand(*shared, out, " --speaker-adversarial 0.3");
+  const std::string command = SmokeTrainCommand(
+      *shared, out, " --statistics-only --statistics-hidden 32 --speaker-adversarial 0.3");
   ASSERT_EQ(std::system(command.c_str()), 0) << command;
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
   ASSERT_TRUE(model.ok()) << model.status();
@@ -224,7 +227,8 @@ TEST(TrainSmokeTest, MaxReferencedModelIgnoresTheRecordingsLevel) {
   std::optional<std::string> shared = testing::SharedDir();
   if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
   const fs::path out = fs::path(::testing::TempDir()) / "db_max_model";
-  const std::string command = SmokeTrainCommand(*shared, out, " --db-ref max");
+  const std::string command = SmokeTrainCommand(
+      *shared, out, " --statistics-only --statistics-hidden 32 --db-ref max");
   ASSERT_EQ(std::system(command.c_str()), 0) << command;
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
   ASSERT_TRUE(model.ok()) << model.status();
@@ -290,9 +294,11 @@ TEST(TrainSmokeTest, MovingAverageRunSavesTheAveragedWeights) {
   if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
   std::vector<std::unique_ptr<Model>> models;
   for (const char* flags : {"", " --ema-decay 0.99"}) {
+    const std::string statistics_model =
+        absl::StrCat(" --statistics-only --statistics-hidden 32", flags);
     const fs::path out =
         fs::path(::testing::TempDir()) / absl::StrCat("ema_model_", models.size());
-    const std::string command = SmokeTrainCommand(*shared, out, flags);
+    const std::string command = SmokeTrainCommand(*shared, out, statistics_model);
     ASSERT_EQ(std::system(command.c_str()), 0) << command;
     absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
     ASSERT_TRUE(model.ok()) << model.status();
