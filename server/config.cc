@@ -68,6 +68,15 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   add("reflection", c.reflection, "Serve gRPC server reflection (for grpcurl)");
   add("model", c.model, "Model directory (model.json + model.pt)")
       ->check(CLI::ExistingDirectory);
+  add("model-repository", c.model_repository,
+      "Model repository: NAME/VERSION/ directories (model.json + model.pt), the highest "
+      "ready VERSION answering for its NAME; replaces --model")
+      ->check(CLI::ExistingDirectory);
+  add("default-model", c.default_model,
+      "The repository's model that answers requests naming none (needed when it has several)");
+  add("model-poll-seconds", c.model_poll_seconds,
+      "How often the repository is rescanned for new and removed versions (0: only on SIGHUP)")
+      ->check(CLI::Range(0.0, 86400.0));
   add("device", c.device, "Inference device: cpu, cuda or cuda:N")
       ->check(CLI::Validator(CheckDevice, "DEVICE"));
   add("precision", c.precision,
@@ -186,6 +195,13 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   absl::StatusOr<LogLevel> level = ParseLogLevel(log_level);
   if (!level.ok()) return level.status();
   c.log_level = *level;
+  if (!c.model_repository.empty() && app.count("--model") > 0) {
+    return absl::InvalidArgumentError(
+        "--model and --model-repository: serve one model directory or a repository, not both");
+  }
+  if (!c.default_model.empty() && c.model_repository.empty()) {
+    return absl::InvalidArgumentError("--default-model names a model of --model-repository");
+  }
   if (c.tls_cert.empty() != c.tls_key.empty()) {
     return absl::InvalidArgumentError(
         "--tls-cert and --tls-key go together: set both for TLS, or neither");

@@ -26,7 +26,11 @@ struct ServerConfig {
   int metrics_timeout_ms = 1000;  // a metrics request must arrive within this
   bool reflection = true;
   // Model and engine.
-  std::string model = "models/default";
+  std::string model = "models/default";  // one model directory
+  // A repository (NAME/VERSION/ directories) instead of --model; "" none.
+  std::string model_repository;
+  std::string default_model;          // "": the repository's only model
+  double model_poll_seconds = 10.0;   // rescans of the repository; 0: SIGHUP only
   std::string device = "cpu";
   std::string precision;  // "": the one model.json names (fp32 unless it names one)
   // The engine's and the streams' own defaults (core/engine.h,

@@ -19,6 +19,7 @@ namespace {
 constexpr absl::string_view kClassify = "Classify";
 constexpr absl::string_view kStreamClassify = "StreamClassify";
 constexpr absl::string_view kGetModelInfo = "GetModelInfo";
+constexpr absl::string_view kListModels = "ListModels";
 
 // A stream reads its next message only while fewer responses than this wait
 // to be written (a client that does not read stops being read)...
@@ -86,13 +87,19 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
         deadline_(ToAbslDeadline(context->deadline())),
         lease_(&service->budget_),
         audio_lease_(std::make_shared<BudgetLease>(&service->budget_)) {
-    absl::StatusOr<Engine*> engine = service_->Admit(this, CallKind::kUnary);
-    if (!engine.ok()) {
-      Complete(engine.status());
+    if (absl::Status admitted = service_->Admit(this, CallKind::kUnary); !admitted.ok()) {
+      Complete(admitted);
       return;
     }
     admitted_ = true;
-    engine_ = *engine;
+    absl::StatusOr<std::shared_ptr<const ServedModel>> model =
+        service_->FindModel(request_->model_name(), request_->model_version());
+    if (!model.ok()) {
+      Complete(model.status());
+      return;
+    }
+    model_ = *std::move(model);
+    engine_ = &model_->engine();
     absl::Status started;
     try {
       started = Start();
@@ -182,6 +189,8 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
       try {
         FillClassifyResponse(*result, engine_->model().config(), duration_seconds_,
                              request_->include_timeline(), response_);
+        response_->set_model_name(model_->name());
+        response_->set_model_version(model_->version_label());
         service_->metrics_->AddAudioSeconds(duration_seconds_);
       } catch (...) {
         status = StatusFromCurrentException("building the response");
@@ -212,6 +221,8 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
   std::shared_ptr<BudgetLease> audio_lease_;
   int64_t request_bytes_ = 0;
   bool admitted_ = false;
+  // The version the call runs on, held until the call ends.
+  std::shared_ptr<const ServedModel> model_;
   Engine* engine_ = nullptr;
   std::optional<RawPcmFormat> raw_;
   double duration_seconds_ = 0;
@@ -262,13 +273,11 @@ class EmotionService::StreamCall final
         context_(context),
         deadline_(ToAbslDeadline(context->deadline())),
         lease_(&service->budget_) {
-    absl::StatusOr<Engine*> engine = service_->Admit(this, CallKind::kStream);
-    if (!engine.ok()) {
-      End(engine.status());
+    if (absl::Status admitted = service_->Admit(this, CallKind::kStream); !admitted.ok()) {
+      End(admitted);
       return;
     }
     admitted_ = true;
-    engine_ = *engine;
     if (absl::Status charged = lease_.Grow(kStreamBaseBytes); !charged.ok()) {
       End(charged);
       return;
@@ -511,6 +520,11 @@ class EmotionService::StreamCall final
   }
 
   absl::Status Configure() {
+    absl::StatusOr<std::shared_ptr<const ServedModel>> served = service_->FindModel(
+        request_.config().model_name(), request_.config().model_version());
+    if (!served.ok()) return served.status();
+    model_ = *std::move(served);
+    engine_ = &model_->engine();
     const ModelConfig& model = engine_->model().config();
     absl::StatusOr<StreamSetup> setup = CheckStreamConfig(request_, model, service_->limits_);
     if (!setup.ok()) return setup.status();
@@ -626,6 +640,8 @@ class EmotionService::StreamCall final
   std::atomic<int> holds_{1};  // gRPC's, given back by OnDone
   BudgetLease lease_;  // the base, plus the message being processed
   bool admitted_ = false;
+  // The version the stream runs on (set by its config), held until it ends.
+  std::shared_ptr<const ServedModel> model_;
   Engine* engine_ = nullptr;
 
   // Touched by one message's processing at a time (reads are sequential).
@@ -658,22 +674,62 @@ EmotionService::StreamClassify(grpc::CallbackServerContext* context) {
 // --------------------------------------------------------------------------
 
 grpc::ServerUnaryReactor* EmotionService::GetModelInfo(
-    grpc::CallbackServerContext* context, const v1::GetModelInfoRequest* /*request*/,
+    grpc::CallbackServerContext* context, const v1::GetModelInfoRequest* request,
     v1::ModelInfo* response) {
   const absl::Time start = absl::Now();
   absl::Status status;
-  {
-    absl::MutexLock lock(&mu_);
-    if (draining_) {
-      status = absl::UnavailableError("the server is shutting down");
-    } else if (!model_info_.has_value()) {
-      status = absl::UnavailableError(
-          "the model is still loading; retry when the health service reports SERVING");
+  absl::StatusOr<std::shared_ptr<const ServedModel>> model =
+      FindModel(request->model_name(), request->model_version());
+  if (!model.ok()) {
+    status = model.status();
+  } else {
+    const Engine& engine = (*model)->engine();
+    absl::StatusOr<v1::ModelInfo> info = ModelInfoFromConfig(
+        engine.model().config(), engine.model().device(), engine.options().max_batch_size);
+    if (!info.ok()) {
+      status = info.status();
     } else {
-      *response = *model_info_;
+      *response = *std::move(info);
+      response->set_name((*model)->name());
+      response->set_version((*model)->version_label());
     }
   }
   RecordCall(kGetModelInfo, status, start);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* EmotionService::ListModels(grpc::CallbackServerContext* context,
+                                                     const v1::ListModelsRequest* /*request*/,
+                                                     v1::ListModelsResponse* response) {
+  const absl::Time start = absl::Now();
+  absl::Status status;
+  const ModelRepository* repository = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    repository = repository_;
+  }
+  if (repository == nullptr) {
+    status = absl::UnavailableError(
+        "the models are still loading; retry when the health service reports SERVING");
+  } else {
+    for (const ModelStatus& model : repository->List()) {
+      v1::ModelStatus* out = response->add_models();
+      out->set_name(model.name);
+      out->set_default_version(model.default_version);
+      out->set_is_default(model.is_default);
+      for (const ModelVersionStatus& version : model.versions) {
+        v1::ModelVersionStatus* v = out->add_versions();
+        v->set_version(version.version);
+        v->set_state(version.state == ModelState::kReady    ? v1::MODEL_STATE_READY
+                     : version.state == ModelState::kFailed ? v1::MODEL_STATE_FAILED
+                                                            : v1::MODEL_STATE_LOADING);
+        v->set_error(version.error);
+      }
+    }
+  }
+  RecordCall(kListModels, status, start);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -702,14 +758,9 @@ EmotionService::~EmotionService() {
   idle_watcher_.join();
 }
 
-absl::Status EmotionService::SetEngine(Engine* engine) {
-  absl::StatusOr<v1::ModelInfo> info = ModelInfoFromConfig(
-      engine->model().config(), engine->model().device(), engine->options().max_batch_size);
-  if (!info.ok()) return info.status();
+void EmotionService::SetRepository(const ModelRepository* repository) {
   absl::MutexLock lock(&mu_);
-  engine_ = engine;
-  model_info_ = *std::move(info);
-  return absl::OkStatus();
+  repository_ = repository;
 }
 
 void EmotionService::StartDraining() {
@@ -742,13 +793,13 @@ void EmotionService::WatchIdleStreams() {
   }
 }
 
-absl::StatusOr<Engine*> EmotionService::Admit(Call* call, CallKind kind) {
+absl::Status EmotionService::Admit(Call* call, CallKind kind) {
   absl::MutexLock lock(&mu_);
   if (draining_) {
     return absl::UnavailableError(
         "the server is shutting down; retry on another instance");
   }
-  if (engine_ == nullptr) {
+  if (repository_ == nullptr) {
     return absl::UnavailableError(
         "the model is still loading; retry when the health service reports SERVING");
   }
@@ -762,7 +813,26 @@ absl::StatusOr<Engine*> EmotionService::Admit(Call* call, CallKind kind) {
     metrics_->StreamStarted();
   }
   calls_.insert(call);
-  return engine_;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const ServedModel>> EmotionService::FindModel(
+    absl::string_view name, int64_t version) {
+  const ModelRepository* repository = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_) return absl::UnavailableError("the server is shutting down");
+    repository = repository_;
+  }
+  if (repository == nullptr) {
+    return absl::UnavailableError(
+        "the model is still loading; retry when the health service reports SERVING");
+  }
+  if (version < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model_version ", version, " is negative (0: the highest ready version)"));
+  }
+  return repository->Find(name, version);
 }
 
 void EmotionService::Release(Call* call, CallKind kind) {

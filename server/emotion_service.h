@@ -16,6 +16,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/engine.h"
+#include "core/model_repository.h"
 #include "core/memory_budget.h"
 #include "emoserve/v1/emoserve.grpc.pb.h"
 #include "server/config.h"
@@ -32,9 +33,9 @@ class EmotionService final : public v1::EmotionService::CallbackService {
   // The gRPC server must have shut down first.
   ~EmotionService() override;
 
-  // Calls are answered UNAVAILABLE until the engine is set; it must outlive
-  // every call (shut the gRPC server down before destroying it).
-  absl::Status SetEngine(Engine* engine);
+  // Calls are answered UNAVAILABLE until the repository is set; it must
+  // outlive every call (shut the gRPC server down before destroying it).
+  void SetRepository(const ModelRepository* repository);
 
   // Shutdown, in this order. StartDraining: new calls get UNAVAILABLE and
   // open streams are flushed (their last window and open utterance are
@@ -54,6 +55,9 @@ class EmotionService final : public v1::EmotionService::CallbackService {
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
                                          const v1::GetModelInfoRequest* request,
                                          v1::ModelInfo* response) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context,
+                                       const v1::ListModelsRequest* request,
+                                       v1::ListModelsResponse* response) override;
 
  private:
   class Call;
@@ -61,10 +65,13 @@ class EmotionService final : public v1::EmotionService::CallbackService {
   class StreamCall;
   enum class CallKind { kUnary, kStream };
 
-  // Admits `call`: the engine, or UNAVAILABLE (loading, draining) or
+  // Admits `call`, or UNAVAILABLE (loading, draining) or
   // RESOURCE_EXHAUSTED (too many streams). An admitted call is registered
   // until Release, which it calls once, when gRPC is done with it.
-  absl::StatusOr<Engine*> Admit(Call* call, CallKind kind);
+  absl::Status Admit(Call* call, CallKind kind);
+  // The model version a call asks for (see ModelRepository::Find).
+  absl::StatusOr<std::shared_ptr<const ServedModel>> FindModel(absl::string_view name,
+                                                               int64_t version);
   void Release(Call* call, CallKind kind);
   // Metrics and the debug log line of a finished call.
   void RecordCall(absl::string_view method, const absl::Status& status, absl::Time start);
@@ -78,8 +85,7 @@ class EmotionService final : public v1::EmotionService::CallbackService {
   WorkerPool workers_;
 
   absl::Mutex mu_;
-  Engine* engine_ ABSL_GUARDED_BY(mu_) = nullptr;
-  std::optional<v1::ModelInfo> model_info_ ABSL_GUARDED_BY(mu_);
+  const ModelRepository* repository_ ABSL_GUARDED_BY(mu_) = nullptr;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   // Open Classify and StreamClassify calls; an entry stays alive while mu_

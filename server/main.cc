@@ -12,13 +12,15 @@
 #include "server/server.h"
 
 int main(int argc, char** argv) {
-  // SIGTERM/SIGINT are taken by sigwait below; blocked before any thread
-  // starts so that every thread inherits the mask.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // SIGTERM/SIGINT (stop) and SIGHUP (rescan the model repository) are
+  // taken by sigwait below; blocked before any thread starts so that every
+  // thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   // Every connection is a file descriptor: take all the kernel allows
   // (a default soft limit of 1024 would be the first resource to run out).
   rlimit files{};
@@ -49,8 +51,10 @@ int main(int argc, char** argv) {
     Log(LogLevel::kError, "startup_failed", {{"error", server.status().message()}});
     return 1;
   }
+  const std::string& models =
+      config.model_repository.empty() ? config.model : config.model_repository;
   Log(LogLevel::kInfo, "startup",
-      {{"model", config.model},
+      {{config.model_repository.empty() ? "model" : "model_repository", models},
        {"device", config.device},
        {"precision", config.precision.empty() ? "model.json's" : config.precision},
        {"host", config.host},
@@ -82,16 +86,19 @@ int main(int argc, char** argv) {
   const absl::Time load_start = absl::Now();
   if (absl::Status loaded = (*server)->LoadModel(); !loaded.ok()) {
     Log(LogLevel::kError, "model_load_failed",
-        {{"model", config.model}, {"device", config.device}, {"error", loaded.message()}});
+        {{"model", models}, {"device", config.device}, {"error", loaded.message()}});
     (*server)->Shutdown(absl::ZeroDuration());
     return 1;
   }
   Log(LogLevel::kInfo, "serving",
-      {{"model", config.model},
+      {{"model", models},
        {"load_and_warmup_ms", absl::ToInt64Milliseconds(absl::Now() - load_start)}});
 
   int signal_number = 0;
-  sigwait(&stop_signals, &signal_number);
+  while (sigwait(&signals, &signal_number) == 0 && signal_number == SIGHUP) {
+    Log(LogLevel::kInfo, "reload_requested", {{"signal", "SIGHUP"}});
+    (*server)->ReloadModels();
+  }
   Log(LogLevel::kInfo, "shutdown",
       {{"signal", signal_number == SIGINT ? "SIGINT" : "SIGTERM"},
        {"grace_seconds", config.grace_seconds}});

@@ -70,6 +70,14 @@ ServerMetrics::ServerMetrics()
                      .Name("emoserve_model_info")
                      .Help("The served model (always 1)")
                      .Register(r);
+  model_state_ = &prometheus::BuildGauge()
+                      .Name("emoserve_model_state")
+                      .Help("1 for each model version's state (loading, ready, failed), else 0")
+                      .Register(r);
+  model_loads_ = &prometheus::BuildCounter()
+                      .Name("emoserve_model_loads_total")
+                      .Help("Model versions loaded at start or reload, by result (loaded, failed)")
+                      .Register(r);
   decode_wait_ = AddLatencyHistogram(r, "emoserve_decode_wait_seconds",
                                      "Time a Classify call waited for a decoding worker");
   decode_ = AddLatencyHistogram(r, "emoserve_decode_seconds",
@@ -171,6 +179,23 @@ void ServerMetrics::SetModelInfo(absl::string_view name, absl::string_view versi
              {"device", std::string(device)},
              {"precision", std::string(precision)}})
       .Set(1);
+}
+
+void ServerMetrics::SetModelState(absl::string_view model, absl::string_view version,
+                                  absl::string_view state) {
+  for (absl::string_view s : {"loading", "ready", "failed"}) {
+    prometheus::Labels labels{
+        {"model", std::string(model)}, {"version", std::string(version)}, {"state", std::string(s)}};
+    if (state.empty()) {
+      if (model_state_->Has(labels)) model_state_->Remove(&model_state_->Add(labels));
+    } else {
+      model_state_->Add(labels).Set(s == state ? 1 : 0);
+    }
+  }
+}
+
+void ServerMetrics::ModelLoadFinished(absl::string_view result) {
+  model_loads_->Add({{"result", std::string(result)}}).Increment();
 }
 
 void ServerMetrics::OnDecoded(absl::Duration wait, absl::Duration decoding) {

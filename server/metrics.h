@@ -42,6 +42,13 @@ class ServerMetrics : public EngineObserver {
 
   void SetModelInfo(absl::string_view name, absl::string_view version,
                     absl::string_view device, absl::string_view precision);
+  // emoserve_model_state{model,version,state}: 1 for the version's state
+  // ("loading", "ready", "failed"), 0 for the others; "" removes the
+  // version (unloaded, or gone from the repository).
+  void SetModelState(absl::string_view model, absl::string_view version,
+                     absl::string_view state);
+  // One version loaded ("loaded") or not ("failed") by a start or reload.
+  void ModelLoadFinished(absl::string_view result);
   // One finished call of `method` ("Classify", ...) with its gRPC code.
   void RecordCall(absl::string_view method, absl::StatusCode code);
   // Time from a unary call's arrival to its response.
@@ -76,6 +83,8 @@ class ServerMetrics : public EngineObserver {
   prometheus::Family<prometheus::Counter>* calls_;
   prometheus::Family<prometheus::Histogram>* call_latency_;
   prometheus::Family<prometheus::Gauge>* model_info_;
+  prometheus::Family<prometheus::Gauge>* model_state_;
+  prometheus::Family<prometheus::Counter>* model_loads_;
   prometheus::Histogram* decode_wait_;
   prometheus::Histogram* decode_;
   prometheus::Histogram* queue_wait_;

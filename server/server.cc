@@ -235,7 +235,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   return server;
 }
 
-absl::Status Server::LoadModel() {
+absl::StatusOr<std::unique_ptr<Engine>> Server::LoadEngine(const std::string& dir) {
   ModelOptions model_options;
   model_options.device = config_.device;
   if (!config_.precision.empty()) {
@@ -243,10 +243,11 @@ absl::Status Server::LoadModel() {
     if (!precision.ok()) return precision.status();
     model_options.precision = *precision;
   }
-  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(config_.model, model_options);
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir, model_options);
   if (!model.ok()) return model.status();
   if (!(*model)->precision_fallback().empty()) {
-    Log(LogLevel::kWarning, "precision_fallback", {{"reason", (*model)->precision_fallback()}});
+    Log(LogLevel::kWarning, "precision_fallback",
+        {{"model", dir}, {"reason", (*model)->precision_fallback()}});
   }
   if (absl::Status s = (*model)->WarmUp(config_.max_batch_size); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("warm-up failed: ", s.message()));
@@ -265,19 +266,89 @@ absl::Status Server::LoadModel() {
   if (absl::Status s = WarmUp(**engine); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("warm-up failed: ", s.message()));
   }
-  engine_ = *std::move(engine);
-  const ModelConfig& model_config = engine_->model().config();
-  metrics_->SetModelInfo(model_config.name, model_config.version, engine_->model().device(),
-                         PrecisionName(engine_->model().precision()));
+  const Model& loaded = (*engine)->model();
   Log(LogLevel::kInfo, "model_loaded",
-      {{"name", model_config.name},
-       {"version", model_config.version},
-       {"device", engine_->model().device()},
-       {"optimized_for_inference", engine_->model().optimized()},
-       {"precision", PrecisionName(engine_->model().precision())}});
-  if (absl::Status s = service_->SetEngine(engine_.get()); !s.ok()) return s;
+      {{"dir", dir},
+       {"name", loaded.config().name},
+       {"version", loaded.config().version},
+       {"device", loaded.device()},
+       {"optimized_for_inference", loaded.optimized()},
+       {"precision", PrecisionName(loaded.precision())}});
+  return engine;
+}
+
+void Server::OnRepositoryEvent(const RepositoryEvent& event) {
+  const std::string version = absl::StrCat(event.version);
+  switch (event.type) {
+    case RepositoryEvent::Type::kLoaded:
+      metrics_->ModelLoadFinished("loaded");
+      metrics_->SetModelState(event.name, version, "ready");
+      Log(LogLevel::kInfo, "model_ready",
+          {{"model", event.name},
+           {"version", event.version},
+           {"load_ms", absl::ToInt64Milliseconds(event.load_time)}});
+      break;
+    case RepositoryEvent::Type::kFailed:
+      metrics_->ModelLoadFinished("failed");
+      metrics_->SetModelState(event.name, version, "failed");
+      Log(LogLevel::kError, "model_load_failed",
+          {{"model", event.name}, {"version", event.version}, {"error", event.detail}});
+      break;
+    case RepositoryEvent::Type::kRetired:
+      metrics_->SetModelState(event.name, version, "");
+      Log(LogLevel::kInfo, "model_retired", {{"model", event.name}, {"version", event.version}});
+      break;
+    case RepositoryEvent::Type::kUnloaded:
+      Log(LogLevel::kInfo, "model_unloaded", {{"model", event.name}, {"version", event.version}});
+      break;
+  }
+}
+
+absl::Status Server::LoadModel() {
+  RepositoryOptions options;
+  options.single_model = config_.model_repository.empty();
+  options.root = options.single_model ? config_.model : config_.model_repository;
+  options.default_model = config_.default_model;
+  options.load = [this](const std::string& dir) { return LoadEngine(dir); };
+  options.on_event = [this](const RepositoryEvent& event) { OnRepositoryEvent(event); };
+  absl::StatusOr<std::unique_ptr<ModelRepository>> repository =
+      ModelRepository::Open(std::move(options));
+  if (!repository.ok()) return repository.status();
+  repository_ = *std::move(repository);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served = repository_->Find("", 0);
+  if (!served.ok()) return served.status();
+  const Model& model = (*served)->engine().model();
+  metrics_->SetModelInfo((*served)->name(), (*served)->version_label(), model.device(),
+                         PrecisionName(model.precision()));
+  service_->SetRepository(repository_.get());
   health_->SetServing(true);
+  if (!config_.model_repository.empty()) watcher_ = std::thread([this] { WatchRepository(); });
   return absl::OkStatus();
+}
+
+void Server::ReloadModels() {
+  absl::MutexLock lock(&watch_mu_);
+  reload_requested_ = true;
+}
+
+void Server::WatchRepository() {
+  const absl::Duration period = config_.model_poll_seconds > 0
+                                    ? absl::Seconds(config_.model_poll_seconds)
+                                    : absl::InfiniteDuration();
+  for (;;) {
+    {
+      absl::MutexLock lock(&watch_mu_);
+      auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(watch_mu_) {
+        return reload_requested_ || stop_watching_;
+      };
+      watch_mu_.AwaitWithTimeout(absl::Condition(&wake), period);
+      if (stop_watching_) return;
+      reload_requested_ = false;
+    }
+    if (absl::Status s = repository_->Reload(); !s.ok()) {
+      Log(LogLevel::kError, "model_reload_failed", {{"error", s.message()}});
+    }
+  }
 }
 
 void Server::Shutdown(absl::Duration grace) {
@@ -294,7 +365,14 @@ void Server::Shutdown(absl::Duration grace) {
         {{"grace_seconds", absl::ToDoubleSeconds(grace)}});
     service_->CancelAll();
   }
-  if (engine_ != nullptr) engine_->Shutdown(std::max(absl::ZeroDuration(), cutoff - absl::Now()));
+  {
+    absl::MutexLock lock(&watch_mu_);
+    stop_watching_ = true;
+  }
+  if (watcher_.joinable()) watcher_.join();  // after a load in progress
+  if (repository_ != nullptr) {
+    repository_->Shutdown(std::max(absl::ZeroDuration(), cutoff - absl::Now()));
+  }
   health_->Shutdown();
   // Cancels whatever still runs (health watches, reflection) at the
   // deadline.
@@ -306,7 +384,7 @@ void Server::Shutdown(absl::Duration grace) {
 Server::~Server() {
   if (grpc_server_ != nullptr) Shutdown(absl::Seconds(config_.grace_seconds));
   grpc_server_.reset();
-  engine_.reset();
+  repository_.reset();
 }
 
 }  // namespace emoserve

@@ -5,13 +5,17 @@
 #define EMOSERVE_SERVER_SERVER_H_
 
 #include <memory>
+#include <thread>
 
 #include <grpcpp/server.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "core/engine.h"
+#include "core/model_repository.h"
 #include "server/config.h"
 #include "server/connection_guard.h"
 #include "server/emotion_service.h"
@@ -30,9 +34,14 @@ class Server {
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
 
-  // Loads config.model on config.device, starts the engine, runs a warm-up
-  // classification through it, then reports SERVING.
+  // Loads config.model (or every version of config.model_repository) on
+  // config.device, each with its engine and a warm-up classification, then
+  // reports SERVING and starts watching the repository.
   absl::Status LoadModel();
+
+  // Rescans the repository now (SIGHUP), on the thread that watches it:
+  // returns at once.
+  void ReloadModels();
 
   // Health goes NOT_SERVING and new calls get UNAVAILABLE; calls in flight
   // may finish within `grace`; streams still open then end with
@@ -46,6 +55,12 @@ class Server {
 
  private:
   explicit Server(const ServerConfig& config);
+  // Loads, warms up and starts the engine of one model directory.
+  absl::StatusOr<std::unique_ptr<Engine>> LoadEngine(const std::string& dir);
+  void OnRepositoryEvent(const RepositoryEvent& event);
+  // The repository watcher: rescans every config.model_poll_seconds and
+  // when asked, until Shutdown.
+  void WatchRepository();
 
   const ServerConfig config_;
   int port_ = 0;
@@ -55,7 +70,11 @@ class Server {
   std::unique_ptr<ServerMetrics> metrics_;
   std::unique_ptr<HealthService> health_;
   std::unique_ptr<EmotionService> service_;
-  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<ModelRepository> repository_;
+  std::thread watcher_;
+  absl::Mutex watch_mu_;
+  bool reload_requested_ ABSL_GUARDED_BY(watch_mu_) = false;
+  bool stop_watching_ ABSL_GUARDED_BY(watch_mu_) = false;
   std::unique_ptr<grpc::Server> grpc_server_;
   // Plaintext: the listener in front of gRPC (destroyed before gRPC).
   std::unique_ptr<ConnectionGuard> guard_;

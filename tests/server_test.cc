@@ -806,7 +806,8 @@ TEST_F(ServerTest, ReflectionListsAndDescribesTheServices) {
       found = true;
       std::vector<std::string> methods;
       for (const auto& method : service.method()) methods.push_back(method.name());
-      EXPECT_THAT(methods, ::testing::UnorderedElementsAre("Classify", "StreamClassify", "GetModelInfo"));
+      EXPECT_THAT(methods, ::testing::UnorderedElementsAre("Classify", "StreamClassify", "GetModelInfo",
+                                                           "ListModels"));
     }
   }
   EXPECT_TRUE(found) << "no EmotionService in the returned files";

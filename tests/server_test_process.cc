@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -27,10 +28,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "tests/server_test_support.h"
+#include "tests/test_model.h"
 #include "tests/test_support.h"
 
 namespace emoserve {
@@ -485,6 +488,140 @@ TEST(ServerProcessTest, EvalAndTheServiceGiveTheSameLabelForEveryTestClip) {
   }
   EXPECT_EQ(clips, 240);
   EXPECT_EQ(differ, 0);
+}
+
+}  // namespace
+}  // namespace emoserve
+
+namespace emoserve {
+namespace {
+
+// One Classify of a tone, optionally naming a model.
+grpc::Status ClassifyTone(v1::EmotionService::Stub& stub, const std::string& model,
+                          v1::ClassifyResponse* response) {
+  v1::ClassifyRequest request;
+  request.set_audio(ToLinear16(testing::Sine(220, 0.3, kRate, 2.0)));
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  request.set_model_name(model);
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  return stub.Classify(&context, request, response);
+}
+
+// "name*: 1=READY 2=FAILED; ..." (* the default model).
+std::string ListedModels(v1::EmotionService::Stub& stub) {
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  v1::ListModelsResponse list;
+  if (grpc::Status s = stub.ListModels(&context, v1::ListModelsRequest(), &list); !s.ok()) {
+    return s.error_message();
+  }
+  std::string text;
+  for (const v1::ModelStatus& model : list.models()) {
+    absl::StrAppend(&text, model.name(), model.is_default() ? "*" : "", ":");
+    for (const v1::ModelVersionStatus& v : model.versions()) {
+      absl::StrAppend(&text, " ", v.version(), "=",
+                      absl::StripPrefix(v1::ModelState_Name(v.state()), "MODEL_STATE_"));
+    }
+    absl::StrAppend(&text, "; ");
+  }
+  return text;
+}
+
+// A repository of two models: each answers by name, an unknown name is
+// NOT_FOUND with the names that exist; after SIGHUP a new version takes
+// new calls while a stream that began on the removed old one ends on it
+// with all its results, and a broken version leaves the working one
+// serving.
+TEST(ServerProcessTest, ModelRepositoryServesModelsSideBySideAndSwapsVersionsOnSighup) {
+  const std::string root = testing::ScratchDir() + "/repository";
+  std::filesystem::remove_all(root);
+  const ModelConfig config = testing::SmallModelConfig();
+  ASSERT_TRUE(testing::WriteTestModel(config, root + "/fast/1", 1).ok());
+  ASSERT_TRUE(testing::WriteTestModel(config, root + "/accurate/1", 2).ok());
+  absl::StatusOr<std::unique_ptr<ServerProcess>> process = ServerProcess::Start(
+      {"--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--model-repository", root,
+       "--default-model", "fast", "--model-poll-seconds", "0", "--torch-threads", "1",
+       "--feature-threads", "1"});
+  ASSERT_TRUE(process.ok()) << process.status();
+  absl::StatusOr<int> port = WaitUntilServing(**process);
+  ASSERT_TRUE(port.ok()) << port.status();
+  auto stub = v1::EmotionService::NewStub(Connect(*port));
+  EXPECT_EQ(ListedModels(*stub), "accurate: 1=READY; fast*: 1=READY; ");
+
+  v1::ClassifyResponse by_default, fast, accurate, unknown;
+  ASSERT_TRUE(ClassifyTone(*stub, "", &by_default).ok());
+  ASSERT_TRUE(ClassifyTone(*stub, "fast", &fast).ok());
+  ASSERT_TRUE(ClassifyTone(*stub, "accurate", &accurate).ok());
+  EXPECT_EQ(by_default.model_name(), "fast");
+  EXPECT_EQ(by_default.model_version(), "1");
+  EXPECT_EQ(accurate.model_name(), "accurate");
+  EXPECT_NE(fast.scores(0).probability(), accurate.scores(0).probability());
+  const grpc::Status not_found = ClassifyTone(*stub, "slow", &unknown);
+  EXPECT_EQ(not_found.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(not_found.error_message(), HasSubstr("the server has: accurate, fast"));
+
+  // A stream on fast/1, half its audio sent.
+  grpc::ClientContext stream_context;
+  stream_context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  auto stream = stub->StreamClassify(&stream_context);
+  v1::StreamClassifyRequest first;
+  *first.mutable_config()->mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  first.mutable_config()->set_interim_results(true);
+  first.mutable_config()->set_model_name("fast");
+  ASSERT_TRUE(stream->Write(first));
+  const std::string audio = ToLinear16(testing::Sine(220, 0.3, kRate, 4.0));
+  v1::StreamClassifyRequest chunk;
+  chunk.set_audio(audio.substr(0, audio.size() / 2));
+  ASSERT_TRUE(stream->Write(chunk));
+  v1::StreamClassifyResponse response;
+  ASSERT_TRUE(stream->Read(&response));  // it is running on fast/1
+
+  // fast/1 replaced by fast/2; a broken accurate/2.
+  ASSERT_TRUE(testing::WriteTestModel(config, root + "/fast/2", 3).ok());
+  std::filesystem::remove_all(root + "/fast/1");
+  std::filesystem::create_directories(root + "/accurate/2");
+  std::ofstream(root + "/accurate/2/model.json") << "{}";
+  (*process)->Signal(SIGHUP);
+  const absl::Time until = absl::Now() + kPatience;
+  while (ListedModels(*stub) != "accurate: 1=READY 2=FAILED; fast*: 2=READY; " &&
+         absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_EQ(ListedModels(*stub), "accurate: 1=READY 2=FAILED; fast*: 2=READY; ");
+  v1::ClassifyResponse swapped, still;
+  ASSERT_TRUE(ClassifyTone(*stub, "", &swapped).ok());
+  EXPECT_EQ(swapped.model_name(), "fast");
+  EXPECT_EQ(swapped.model_version(), "2");
+  ASSERT_TRUE(ClassifyTone(*stub, "accurate", &still).ok());
+  EXPECT_EQ(still.model_version(), "1");
+
+  // The stream goes on, on fast/1, to its end.
+  chunk.set_audio(audio.substr(audio.size() / 2));
+  ASSERT_TRUE(stream->Write(chunk));
+  ASSERT_TRUE(stream->WritesDone());
+  double last_window_end = 0;
+  int utterances = 0;
+  do {
+    if (response.has_window()) last_window_end = response.window().end_seconds();
+    utterances += response.has_utterance() ? 1 : 0;
+  } while (stream->Read(&response));
+  const grpc::Status ended = stream->Finish();
+  EXPECT_TRUE(ended.ok()) << ended.error_message();
+  EXPECT_NEAR(last_window_end, 4.0, 0.5);
+  EXPECT_EQ(utterances, 1);
+
+  // Its last call over, fast/1 is unloaded at the next rescan.
+  (*process)->Signal(SIGHUP);
+  const absl::Time unload_until = absl::Now() + kPatience;
+  while (!absl::StrContains((*process)->Log(), "event=model_unloaded") &&
+         absl::Now() < unload_until) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  const std::string log = (*process)->Log();
+  EXPECT_THAT(log, HasSubstr("event=model_retired model=fast version=1"));
+  EXPECT_THAT(log, HasSubstr("event=model_unloaded model=fast version=1"));
+  EXPECT_THAT(log, HasSubstr("event=model_load_failed model=accurate version=2"));
 }
 
 }  // namespace
