@@ -227,6 +227,8 @@ absl::Status LoadGenerator::LoadPayloads() {
       auto request = std::make_shared<v1::ClassifyRequest>();
       request->set_audio(*std::move(bytes));
       request->set_include_timeline(options_.timeline);
+      request->set_model_name(options_.model.name);
+      request->set_model_version(options_.model.version);
       requests_.push_back(std::move(request));
     }
   }
@@ -340,6 +342,8 @@ void LoadGenerator::LaunchStream(int slot) {
   v1::StreamingConfig config;
   *config.mutable_format() = run->payload->format;
   config.set_interim_results(true);  // window latency needs the windows
+  config.set_model_name(options_.model.name);
+  config.set_model_version(options_.model.version);
 
   // The run is shared by the call's callbacks and by the pacing tasks,
   // which also hold the call until its last chunk (or its end).
@@ -634,7 +638,7 @@ int RunBench(const ConnectionOptions& connection,
     grpc::ClientContext context;
     SetCallDeadline(bench_connection, kDefaultCallTimeoutSeconds, &context);
     const grpc::Status status =
-        (*stub)->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+        (*stub)->GetModelInfo(&context, ModelInfoRequest(options.model), &info);
     if (!status.ok()) {
       PrintError(DescribeRpcError(status, connection));
       return kExitFailure;

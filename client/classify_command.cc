@@ -45,6 +45,8 @@ int RunClassify(const ConnectionOptions& connection,
     request->set_audio(*std::move(bytes));
     request->set_include_timeline(options.timeline);
     request->set_hop_seconds(options.hop_seconds);
+    request->set_model_name(options.model.name);
+    request->set_model_version(options.model.version);
     const absl::Time start = absl::Now();
     StartClassify(
         stub->get(), std::move(request), connection,

@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 
@@ -47,6 +48,7 @@ struct Declarations {
   CLI::App* classify = nullptr;
   CLI::App* stream = nullptr;
   CLI::App* info = nullptr;
+  CLI::App* models = nullptr;
   CLI::App* health = nullptr;
   StreamGiven stream_given;
 };
@@ -103,6 +105,25 @@ void AddChunkMsOption(CLI::App* command, const std::string& description,
       ->capture_default_str();
 }
 
+// --model NAME[:VERSION], checked as it is parsed.
+void AddModelOption(CLI::App* command, ModelSelector* model) {
+  command
+      ->add_option_function<std::string>(
+          "-m,--model",
+          [model](const std::string& text) { *model = *ParseModelSelector(text); },
+          "The server's model to use, and optionally its version (default: the "
+          "server's default model, its highest ready version); see `emoserve models`")
+      ->type_name("NAME[:VERSION]")
+      ->envname("EMOSERVE_MODEL")
+      ->check(CLI::Validator(
+          [](std::string& text) -> std::string {
+            return ParseModelSelector(text).has_value()
+                       ? ""
+                       : "expected NAME or NAME:VERSION (VERSION a positive integer)";
+          },
+          "NAME[:VERSION]"));
+}
+
 // Options of the top-level command, shared by every sub-command: where the
 // server is, how long a call may take, TLS.
 void AddConnectionOptions(CLI::App* app, ConnectionOptions* connection,
@@ -137,6 +158,7 @@ CLI::App* AddClassifyCommand(CLI::App* app, ClassifyCommandOptions* classify) {
   command->add_flag("--timeline", classify->timeline,
                     "Also print each window's result (long audio)");
   AddHopOption(command, &classify->hop_seconds);
+  AddModelOption(command, &classify->model);
   return command;
 }
 
@@ -192,13 +214,22 @@ CLI::App* AddStreamCommand(CLI::App* app, StreamCommandOptions* stream,
       ->add_flag("--no-vad", stream->vad_disabled,
                  "Classify every window, silence included")
       ->excludes(vad_threshold.option);
+  AddModelOption(command, &stream->model);
   AddOutputOption(command, kTextFormats, &stream->output);
   return command;
 }
 
 CLI::App* AddInfoCommand(CLI::App* app, InfoCommandOptions* info) {
-  CLI::App* command = app->add_subcommand("info", "Describe the served model");
+  CLI::App* command = app->add_subcommand("info", "Describe a served model (the default one unless --model)");
+  AddModelOption(command, &info->model);
   AddOutputOption(command, kTextFormats, &info->output);
+  return command;
+}
+
+CLI::App* AddModelsCommand(CLI::App* app, ModelsCommandOptions* models) {
+  CLI::App* command = app->add_subcommand(
+      "models", "List the server's models, their versions and the state of each");
+  AddOutputOption(command, kTextFormats, &models->output);
   return command;
 }
 
@@ -254,6 +285,7 @@ void AddBenchCommand(CLI::App* app, BenchCommandOptions* bench) {
       ->capture_default_str();
   AddChunkMsOption(command, "Streams: milliseconds of audio per message",
                    &bench->chunk_ms);
+  AddModelOption(command, &bench->model);
   command->add_flag("--timeline", bench->timeline,
                     "Unary: ask for per-window results too");
   command
@@ -309,6 +341,7 @@ Command ParsedCommand(const Declarations& declared) {
   if (declared.classify->parsed()) return Command::kClassify;
   if (declared.stream->parsed()) return Command::kStream;
   if (declared.info->parsed()) return Command::kInfo;
+  if (declared.models->parsed()) return Command::kModels;
   if (declared.health->parsed()) return Command::kHealth;
   return Command::kBench;
 }
@@ -329,6 +362,22 @@ std::string CheckStreamInput(const StreamCommandOptions& stream,
 
 }  // namespace
 
+std::optional<ModelSelector> ParseModelSelector(const std::string& text) {
+  ModelSelector selector;
+  const size_t colon = text.rfind(':');
+  selector.name = text.substr(0, colon);
+  if (selector.name.empty()) return std::nullopt;
+  if (colon != std::string::npos) {
+    const std::string version = text.substr(colon + 1);
+    if (version.empty() || version[0] == '0' ||
+        version.find_first_not_of("0123456789") != std::string::npos ||
+        !absl::SimpleAtoi(version, &selector.version)) {
+      return std::nullopt;
+    }
+  }
+  return selector;
+}
+
 ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
   CliOptions options;
   CLI::App app(kDescription, "emoserve");
@@ -340,6 +389,7 @@ ParsedCommandLine ParseCommandLine(const std::vector<std::string>& args) {
   declared.stream =
       AddStreamCommand(&app, &options.stream, &declared.stream_given);
   declared.info = AddInfoCommand(&app, &options.info);
+  declared.models = AddModelsCommand(&app, &options.models);
   declared.health = AddHealthCommand(&app, &options.health);
   AddBenchCommand(&app, &options.bench);
   app.require_subcommand(1);

@@ -2,6 +2,7 @@
 #ifndef EMOSERVE_CLIENT_CLI_H_
 #define EMOSERVE_CLIENT_CLI_H_
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -10,6 +11,16 @@
 #include "core/audio.h"
 
 namespace emoserve::client {
+
+// --model NAME[:VERSION]: which of the server's models answers; an empty
+// name is the server's default model, version 0 its highest ready one.
+struct ModelSelector {
+  std::string name;
+  int64_t version = 0;
+};
+
+// "NAME" or "NAME:VERSION" (VERSION a positive integer); nullopt otherwise.
+std::optional<ModelSelector> ParseModelSelector(const std::string& text);
 
 // kText is the readable default (a table for `classify`).
 enum class OutputFormat { kText, kJson, kCsv };
@@ -20,6 +31,7 @@ struct ClassifyCommandOptions {
   OutputFormat output = OutputFormat::kText;
   bool timeline = false;
   double hop_seconds = 0;  // 0: the server's default
+  ModelSelector model;
 };
 
 struct StreamCommandOptions {
@@ -33,10 +45,16 @@ struct StreamCommandOptions {
   double hop_seconds = 0;
   std::optional<double> vad_threshold_dbfs;  // unset: the server's default
   bool vad_disabled = false;
+  ModelSelector model;
   OutputFormat output = OutputFormat::kText;
 };
 
 struct InfoCommandOptions {
+  ModelSelector model;
+  OutputFormat output = OutputFormat::kText;
+};
+
+struct ModelsCommandOptions {
   OutputFormat output = OutputFormat::kText;
 };
 
@@ -56,10 +74,11 @@ struct BenchCommandOptions {
   bool timeline = false;    // unary: ask for per-window results
   int max_in_flight = 10000;  // open loop: sends beyond this are dropped
   double progress_seconds = 0;  // 0: every second on a TTY, else every 5 s
+  ModelSelector model;
   OutputFormat output = OutputFormat::kText;
 };
 
-enum class Command { kClassify, kStream, kInfo, kHealth, kBench };
+enum class Command { kClassify, kStream, kInfo, kModels, kHealth, kBench };
 
 struct CliOptions {
   Command command = Command::kHealth;
@@ -67,6 +86,7 @@ struct CliOptions {
   ClassifyCommandOptions classify;
   StreamCommandOptions stream;
   InfoCommandOptions info;
+  ModelsCommandOptions models;
   HealthCommandOptions health;
   BenchCommandOptions bench;
 };

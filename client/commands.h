@@ -23,6 +23,8 @@ int RunStream(const ConnectionOptions& connection,
               const StreamCommandOptions& options);
 int RunInfo(const ConnectionOptions& connection,
             const InfoCommandOptions& options);
+int RunModels(const ConnectionOptions& connection,
+              const ModelsCommandOptions& options);
 int RunHealth(const ConnectionOptions& connection,
               const HealthCommandOptions& options);
 int RunBench(const ConnectionOptions& connection,
@@ -30,6 +32,9 @@ int RunBench(const ConnectionOptions& connection,
 
 // Prints "emoserve: <line>" on stderr.
 void PrintError(absl::string_view line);
+
+// GetModelInfo of --model (the default model when none is given).
+v1::GetModelInfoRequest ModelInfoRequest(const ModelSelector& model);
 
 // A stub on a new channel to connection.server.
 absl::StatusOr<std::unique_ptr<v1::EmotionService::Stub>> MakeStub(

@@ -7,10 +7,12 @@
 
 #include <google/protobuf/util/json_util.h>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
 
 namespace emoserve::client {
 namespace {
@@ -422,6 +424,54 @@ std::string FormatModelInfo(const v1::ModelInfo& info, bool json) {
   absl::StrAppend(&out, "device:       ", info.device(), "\n");
   absl::StrAppend(&out, "max batch:    ", info.max_batch_size(), "\n");
   absl::StrAppend(&out, "features:     ", features.dump(), "\n");
+  return out;
+}
+
+// "MODEL_STATE_READY" -> "ready".
+std::string ModelStateText(v1::ModelState state) {
+  return absl::AsciiStrToLower(
+      absl::StripPrefix(v1::ModelState_Name(state), "MODEL_STATE_"));
+}
+
+std::string FormatModels(const v1::ListModelsResponse& models, bool json) {
+  if (json) {
+    Json list = Json::array();
+    for (const v1::ModelStatus& model : models.models()) {
+      Json versions = Json::array();
+      for (const v1::ModelVersionStatus& version : model.versions()) {
+        Json v;
+        v["version"] = version.version();
+        v["state"] = ModelStateText(version.state());
+        if (!version.error().empty()) v["error"] = version.error();
+        versions.push_back(std::move(v));
+      }
+      Json m;
+      m["name"] = model.name();
+      m["is_default"] = model.is_default();
+      m["default_version"] = model.default_version();
+      m["versions"] = std::move(versions);
+      list.push_back(std::move(m));
+    }
+    Json out;
+    out["models"] = std::move(list);
+    return out.dump(2) + "\n";
+  }
+  std::string out = absl::StrFormat("%-24s %8s  %-8s %s\n", "MODEL", "VERSION",
+                                    "STATE", "NOTE");
+  for (const v1::ModelStatus& model : models.models()) {
+    for (const v1::ModelVersionStatus& version : model.versions()) {
+      std::string note;
+      if (version.version() == model.default_version()) {
+        note = model.is_default() ? "serves calls naming no model"
+                                  : "serves calls naming no version";
+      }
+      if (!version.error().empty()) note = version.error();
+      absl::StrAppend(&out, absl::StrFormat("%-24s %8d  %-8s %s\n", model.name(),
+                                            version.version(),
+                                            ModelStateText(version.state()),
+                                            note));
+    }
+  }
   return out;
 }
 

@@ -48,6 +48,11 @@ std::string FormatStreamResponse(const v1::StreamClassifyResponse& response,
 // The model's description.
 std::string FormatModelInfo(const v1::ModelInfo& info, bool json);
 
+// The server's models: a line per version ("fast* 2  ready  (default)"),
+// or JSON {"models": [{"name", "is_default", "default_version",
+// "versions": [{"version", "state", "error"}]}]}.
+std::string FormatModels(const v1::ListModelsResponse& models, bool json);
+
 // "angry 82.1%, sad 10.2%": `count` scores from index `first`.
 std::string FormatScores(
     const google::protobuf::RepeatedPtrField<v1::EmotionScore>& scores,

@@ -35,13 +35,43 @@ int RunInfo(const ConnectionOptions& connection,
   SetCallDeadline(connection, kDefaultCallTimeoutSeconds, &context);
   v1::ModelInfo info;
   const grpc::Status status =
-      (*stub)->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+      (*stub)->GetModelInfo(&context, ModelInfoRequest(options.model), &info);
   if (!status.ok()) {
     PrintError(DescribeRpcError(status, connection));
     return kExitFailure;
   }
   const std::string out =
       FormatModelInfo(info, options.output == OutputFormat::kJson);
+  std::fwrite(out.data(), 1, out.size(), stdout);
+  return kExitOk;
+}
+
+v1::GetModelInfoRequest ModelInfoRequest(const ModelSelector& model) {
+  v1::GetModelInfoRequest request;
+  request.set_model_name(model.name);
+  request.set_model_version(model.version);
+  return request;
+}
+
+int RunModels(const ConnectionOptions& connection,
+              const ModelsCommandOptions& options) {
+  absl::StatusOr<std::unique_ptr<v1::EmotionService::Stub>> stub =
+      MakeStub(connection);
+  if (!stub.ok()) {
+    PrintError(stub.status().message());
+    return kExitFailure;
+  }
+  grpc::ClientContext context;
+  SetCallDeadline(connection, kDefaultCallTimeoutSeconds, &context);
+  v1::ListModelsResponse models;
+  const grpc::Status status =
+      (*stub)->ListModels(&context, v1::ListModelsRequest(), &models);
+  if (!status.ok()) {
+    PrintError(DescribeRpcError(status, connection));
+    return kExitFailure;
+  }
+  const std::string out =
+      FormatModels(models, options.output == OutputFormat::kJson);
   std::fwrite(out.data(), 1, out.size(), stdout);
   return kExitOk;
 }

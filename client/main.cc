@@ -35,6 +35,8 @@ int main(int argc, char** argv) {
       return RunStream(options.connection, options.stream);
     case Command::kInfo:
       return RunInfo(options.connection, options.info);
+    case Command::kModels:
+      return RunModels(options.connection, options.models);
     case Command::kHealth:
       return RunHealth(options.connection, options.health);
     case Command::kBench:

@@ -133,6 +133,8 @@ int RunStream(const ConnectionOptions& connection,
   v1::StreamingConfig config;
   *config.mutable_format() = input->format;
   config.set_hop_seconds(options.hop_seconds);
+  config.set_model_name(options.model.name);
+  config.set_model_version(options.model.version);
   config.set_interim_results(options.interim);
   config.mutable_voice_activity()->set_disabled(options.vad_disabled);
   if (options.vad_threshold_dbfs.has_value()) {

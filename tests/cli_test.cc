@@ -143,6 +143,28 @@ TEST(CliParseTest, ClassifyFlagsAreParsedAndBadOnesAreUsageErrors) {
   }
 }
 
+// --model NAME[:VERSION] on the commands that call a model.
+TEST(CliParseTest, ModelOptionNamesAModelAndOptionallyItsVersion) {
+  const client::ParsedCommandLine classify =
+      Parse({"classify", "a.wav", "--model", "fast:12"});
+  ASSERT_TRUE(classify.options.has_value()) << classify.err;
+  EXPECT_EQ(classify.options->classify.model.name, "fast");
+  EXPECT_EQ(classify.options->classify.model.version, 12);
+  const client::ParsedCommandLine stream = Parse({"stream", "a.wav", "-m", "accurate"});
+  ASSERT_TRUE(stream.options.has_value()) << stream.err;
+  EXPECT_EQ(stream.options->stream.model.name, "accurate");
+  EXPECT_EQ(stream.options->stream.model.version, 0);
+  EXPECT_EQ(Parse({"bench", "a.wav", "-m", "x:1"}).options->bench.model.name, "x");
+  EXPECT_EQ(Parse({"info", "-m", "x:3"}).options->info.model.version, 3);
+  EXPECT_EQ(Parse({"classify", "a.wav"}).options->classify.model.name, "");
+  EXPECT_EQ(Parse({"models", "-o", "json"}).options->command, client::Command::kModels);
+  for (const char* bad : {"fast:0", ":3", "fast:", "fast:x", "fast:-1", ""}) {
+    const client::ParsedCommandLine refused = Parse({"classify", "a.wav", "--model", bad});
+    EXPECT_FALSE(refused.options.has_value()) << bad;
+    EXPECT_EQ(refused.exit_code, client::kExitUsage) << bad;
+  }
+}
+
 TEST(CliParseTest, StreamFlagsAreParsedAndRawPcmFlagsAreForStdinOnly) {
   client::ParsedCommandLine parsed =
       Parse({"stream", "-", "--rate", "48000", "--format", "f32le",
@@ -1071,6 +1093,34 @@ TEST_F(CliServerTest, InfoDescribesTheModel) {
                     HasSubstr("neutral, calm, happy, sad, angry, fearful, "
                               "disgust, surprised"),
                     HasSubstr("16000 Hz"), HasSubstr("3 s"), HasSubstr("cpu")));
+}
+
+// `emoserve models`: the server's models and states; --model picks one,
+// and an unknown one fails the call with the server's reason.
+TEST_F(CliServerTest, ModelsListsTheServedModelsAndModelPicksOne) {
+  const ProcessResult text = Run({"models"});
+  ASSERT_EQ(text.exit_code, 0) << Describe(text);
+  EXPECT_THAT(text.out, AllOf(HasSubstr("test-default-architecture"), HasSubstr("ready"),
+                              HasSubstr("serves calls naming no model")));
+  const ProcessResult json_run = Run({"models", "-o", "json"});
+  ASSERT_EQ(json_run.exit_code, 0) << Describe(json_run);
+  const Json models = ParseJson(json_run.out)["models"];
+  ASSERT_EQ(models.size(), 1u);
+  EXPECT_EQ(models[0]["name"], "test-default-architecture");
+  EXPECT_EQ(models[0]["is_default"], true);
+  EXPECT_EQ(models[0]["default_version"], 1);
+  EXPECT_EQ(models[0]["versions"][0]["state"], "ready");
+
+  const ProcessResult picked = Run({"info", "--model", "test-default-architecture:1"});
+  EXPECT_EQ(picked.exit_code, 0) << Describe(picked);
+  const ProcessResult unknown = Run({"info", "--model", "nope"});
+  EXPECT_EQ(unknown.exit_code, client::kExitFailure);
+  EXPECT_THAT(unknown.err, HasSubstr("no model named \"nope\""));
+  // Any bytes: the model is looked up before the audio is decoded.
+  const ProcessResult classify =
+      Run({"classify", "--model", "nope", testing::TestModelDir() + "/model.json"});
+  EXPECT_EQ(classify.exit_code, client::kExitFailure);
+  EXPECT_THAT(classify.out + classify.err, HasSubstr("test-default-architecture"));
 }
 
 TEST_F(CliServerTest, HealthExitStatusFollowsTheServer) {
