@@ -70,7 +70,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
       ->check(CLI::ExistingDirectory);
   add("model-repository", c.model_repository,
       "Model repository: NAME/VERSION/ directories (model.json + model.pt), the highest "
-      "ready VERSION answering for its NAME; replaces --model")
+      "ready VERSION answering for its NAME; when set, --model is not used")
       ->check(CLI::ExistingDirectory);
   add("default-model", c.default_model,
       "The repository's model that answers requests naming none (needed when it has several)");
@@ -195,10 +195,6 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   absl::StatusOr<LogLevel> level = ParseLogLevel(log_level);
   if (!level.ok()) return level.status();
   c.log_level = *level;
-  if (!c.model_repository.empty() && app.count("--model") > 0) {
-    return absl::InvalidArgumentError(
-        "--model and --model-repository: serve one model directory or a repository, not both");
-  }
   if (!c.default_model.empty() && c.model_repository.empty()) {
     return absl::InvalidArgumentError("--default-model names a model of --model-repository");
   }

@@ -27,7 +27,7 @@ struct ServerConfig {
   bool reflection = true;
   // Model and engine.
   std::string model = "models/default";  // one model directory
-  // A repository (NAME/VERSION/ directories) instead of --model; "" none.
+  // A repository (NAME/VERSION/ directories); when set, `model` is unused.
   std::string model_repository;
   std::string default_model;          // "": the repository's only model
   double model_poll_seconds = 10.0;   // rescans of the repository; 0: SIGHUP only

@@ -229,6 +229,34 @@ dashboard_mounts = [v.split(":")[1] for v in services["grafana"]["volumes"] if "
 check(len(dashboard_mounts) == 1 and dashboard_mounts[0].startswith(provider["options"]["path"] + "/"),
       "the dashboard is not mounted where Grafana's provider looks")
 
+# --- The model-repository component (read file by file) -------------------------------
+component_dir = lib.DEPLOY / "components" / "model-repository"
+component = lib.load_yaml_documents(component_dir / "kustomization.yaml")[0]
+claims = [d for name in component.get("resources", [])
+          for d in lib.load_yaml_documents(component_dir / name)
+          if d.get("kind") == "PersistentVolumeClaim"]
+component_ops = {}
+for patch in component.get("patches", []):
+    for op in yaml.safe_load(patch["patch"]):
+        component_ops[(patch["target"]["kind"], op["path"])] = op["value"]
+volume = component_ops.get(("Deployment", "/spec/template/spec/volumes/-"), {})
+mount = component_ops.get(("Deployment", "/spec/template/spec/containers/0/volumeMounts/-"), {})
+repository_dir = component_ops.get(("ConfigMap", "/data/EMOSERVE_MODEL_REPOSITORY"))
+check(len(claims) == 1 and volume.get("persistentVolumeClaim", {}).get("claimName")
+      == claims[0]["metadata"]["name"],
+      "the model-repository component's volume does not use its PersistentVolumeClaim")
+check(mount.get("name") == volume.get("name") and mount.get("readOnly") is True,
+      "the model-repository component does not mount its volume read-only")
+check(repository_dir is not None and mount.get("mountPath") == repository_dir,
+      f"EMOSERVE_MODEL_REPOSITORY ({repository_dir}) is not where the volume is mounted "
+      f"({mount.get('mountPath')})")
+check(component_ops.get(("ConfigMap", "/data/EMOSERVE_DEFAULT_MODEL")),
+      "the model-repository component names no default model")
+check(claims and set(claims[0]["spec"]["accessModes"]) & {"ReadOnlyMany", "ReadWriteMany"},
+      "the model repository's claim cannot be mounted by several pods")
+settings_from_components = {path.rsplit("/", 1)[1] for kind, path in component_ops
+                            if kind == "ConfigMap"}
+
 # --- Every setting and flag exists in the server --------------------------------------
 server = lib.server_binary()
 if server is None:
@@ -236,7 +264,8 @@ if server is None:
 else:
     flags, variables = lib.server_options(server)
     check(len(variables) >= 10, f"`emoserve-server --help` lists only {len(variables)} EMOSERVE_* variables")
-    used = set(settings) | set(image_env) | set(server_service.get("environment", {}))
+    used = (set(settings) | set(image_env) | set(server_service.get("environment", {}))
+            | settings_from_components)
     for variable in sorted(used):
         check(variable in variables, f"{variable} is not an emoserve-server setting (--help)")
     for argument in container.get("args", []) + container.get("command", [])[1:]:
@@ -276,5 +305,17 @@ else:
             pod_metrics = [m["pods"]["metric"]["name"] for m in scaled["spec"]["metrics"] if m["type"] == "Pods"]
             check(pod_metrics == ["emoserve_queue_depth"] and len(scaled["spec"]["metrics"]) == 2,
                   f"the component's HPA metrics are {scaled['spec']['metrics']}")
+        (overlay_dir / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            "resources: [deploy]\ncomponents: [deploy/components/model-repository]\n")
+        built = subprocess.run([kubectl, "kustomize", overlay], capture_output=True, text=True, timeout=120)
+        if check(built.returncode == 0, f"kustomize with the model-repository component failed: {built.stderr}"):
+            rendered = [d for d in yaml.safe_load_all(built.stdout) if d]
+            pod = next(d for d in rendered if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+            config = next(d for d in rendered if d["kind"] == "ConfigMap"
+                          and d["metadata"]["name"] == "emoserve-config")["data"]
+            mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+            check(config.get("EMOSERVE_MODEL_REPOSITORY") in mounts,
+                  "the rendered pod does not mount the model repository where the server looks")
 
 failures.finish("manifests")
