@@ -78,11 +78,15 @@ absl::StatusOr<std::unique_ptr<ModelRepository>> ModelRepository::Open(
     // Named by its model.json, so that responses say what they said before
     // repositories existed.
     const absl::Time start = absl::Now();
-    absl::StatusOr<std::unique_ptr<Engine>> engine = r.options_.load(r.options_.root);
+    absl::StatusOr<ModelConfig> config =
+        LoadModelConfig((fs::path(r.options_.root) / "model.json").string());
+    if (!config.ok()) return config.status();
+    const std::string name = config->name.empty() ? "default" : config->name;
+    absl::StatusOr<std::unique_ptr<Engine>> engine =
+        r.options_.load(r.options_.root, name, config->version);
     if (!engine.ok()) return engine.status();
-    const ModelConfig& config = (*engine)->model().config();
-    const std::string name = config.name.empty() ? "default" : config.name;
-    auto served = std::make_shared<const ServedModel>(name, 1, config.version, *std::move(engine));
+    auto served =
+        std::make_shared<const ServedModel>(name, 1, config->version, *std::move(engine));
     {
       absl::MutexLock lock(&r.mu_);
       Version& version = r.versions_[{name, 1}];
@@ -90,7 +94,7 @@ absl::StatusOr<std::unique_ptr<ModelRepository>> ModelRepository::Open(
       version.served = std::move(served);
     }
     r.default_model_ = name;
-    r.Emit({RepositoryEvent::Type::kLoaded, name, 1, "", absl::Now() - start});
+    r.Emit({RepositoryEvent::Type::kLoaded, name, 1, config->version, "", absl::Now() - start});
     return repository;
   }
   if (absl::Status reloaded = r.Reload(); !reloaded.ok()) return reloaded;
@@ -131,6 +135,12 @@ absl::StatusOr<std::map<ModelRepository::Key, std::string>> ModelRepository::Sca
        names.increment(error)) {
     const std::string name = names->path().filename().string();
     if (name.empty() || name[0] == '.' || !names->is_directory(error)) continue;
+    // A model directory itself is its name's only version: a plain folder
+    // of model directories (like the project's models/) is a repository.
+    if (fs::exists(names->path() / "model.json", error)) {
+      found[{name, 1}] = names->path().string();
+      continue;
+    }
     for (fs::directory_iterator versions(names->path(), error); !error && versions != end;
          versions.increment(error)) {
       int64_t version = 0;
@@ -165,7 +175,8 @@ absl::Status ModelRepository::Reload() {
       }
       // Its directory is gone: calls on it finish, new ones go elsewhere.
       if (it->second.served != nullptr) retired_.push_back(std::move(it->second.served));
-      retired.push_back({RepositoryEvent::Type::kRetired, it->first.first, it->first.second});
+      retired.push_back({RepositoryEvent::Type::kRetired, it->first.first, it->first.second,
+                         absl::StrCat(it->first.second)});
       it = versions_.erase(it);
     }
     for (const auto& [key, dir] : *on_disk) {
@@ -190,15 +201,16 @@ absl::Status ModelRepository::Reload() {
 void ModelRepository::LoadVersion(const Key& key, const std::string& dir,
                                   const std::string& stamp) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<std::unique_ptr<Engine>> engine = options_.load(dir);
+  const std::string label = absl::StrCat(key.second);
+  absl::StatusOr<std::unique_ptr<Engine>> engine = options_.load(dir, key.first, label);
   RepositoryEvent event{engine.ok() ? RepositoryEvent::Type::kLoaded
                                     : RepositoryEvent::Type::kFailed,
-                        key.first, key.second, "", absl::Now() - start};
+                        key.first, key.second, label, "", absl::Now() - start};
   if (!engine.ok()) event.detail = std::string(engine.status().message());
   std::shared_ptr<const ServedModel> served;
   if (engine.ok()) {
-    served = std::make_shared<const ServedModel>(key.first, key.second,
-                                                 absl::StrCat(key.second), *std::move(engine));
+    served = std::make_shared<const ServedModel>(key.first, key.second, label,
+                                                 *std::move(engine));
   }
   {
     absl::MutexLock lock(&mu_);
@@ -230,7 +242,7 @@ void ModelRepository::DestroyUnused() {
   }
   for (std::shared_ptr<const ServedModel>& served : unused) {
     const RepositoryEvent event{RepositoryEvent::Type::kUnloaded, served->name(),
-                                served->version()};
+                                served->version(), served->version_label()};
     served->engine().Shutdown(absl::ZeroDuration());
     served.reset();
     Emit(event);

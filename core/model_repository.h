@@ -1,7 +1,8 @@
 // Several models and versions in one server: a repository directory
 // ROOT/NAME/VERSION/{model.pt,model.json} (VERSION a positive integer; the
-// highest ready one answers for its name), or one model directory served as
-// a repository of one. Each loaded version has its own engine; calls hold
+// highest ready one answers for its name; ROOT/NAME/{model.pt,model.json}
+// is version 1 of NAME), or one model directory served as a repository of
+// one. Each loaded version has its own engine; calls hold
 // the version they started on until they end, so a version that is
 // replaced or removed finishes its calls and is destroyed after the last.
 // No gRPC here; the server adapts requests and logs to this interface.
@@ -72,6 +73,7 @@ struct RepositoryEvent {
   Type type;
   std::string name;
   int64_t version = 0;
+  std::string version_label;  // as ServedModel::version_label()
   std::string detail;  // the error of kFailed
   absl::Duration load_time;
 };
@@ -83,9 +85,12 @@ struct RepositoryOptions {
   // Answers requests that name no model. "": the repository's only name
   // (required when it has several).
   std::string default_model;
-  // Loads, warms up and starts the engine of the model directory `dir`;
-  // called on the thread that opens or reloads the repository.
-  std::function<absl::StatusOr<std::unique_ptr<Engine>>(const std::string& dir)> load;
+  // Loads, warms up and starts the engine of the model directory `dir`,
+  // served as `name` and `version_label`; called on the thread that opens
+  // or reloads the repository.
+  std::function<absl::StatusOr<std::unique_ptr<Engine>>(
+      const std::string& dir, const std::string& name, const std::string& version_label)>
+      load;
   // Loads, failures, retirements and unloads, for logs and metrics; called
   // without the repository's lock held.
   std::function<void(const RepositoryEvent&)> on_event;

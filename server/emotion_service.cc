@@ -203,7 +203,7 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
   // does: OnDone may delete it on another thread right after.
   void Complete(const absl::Status& status) {
     const absl::Status outcome = Outcome(status, context_, deadline_);
-    service_->RecordCall(kClassify, outcome, start_);
+    service_->RecordCall(kClassify, outcome, start_, model_.get());
     completed_.store(true, std::memory_order_release);
     Finish(ToGrpcStatus(outcome));
   }
@@ -614,7 +614,7 @@ class EmotionService::StreamCall final
       state_ = State::kFinished;
       outcome = Outcome(outcome_, context_, deadline_);
     }
-    service_->RecordCall(kStreamClassify, outcome, start_);
+    service_->RecordCall(kStreamClassify, outcome, start_, model_.get());
     Finish(ToGrpcStatus(outcome));
   }
 
@@ -694,7 +694,7 @@ grpc::ServerUnaryReactor* EmotionService::GetModelInfo(
       response->set_version((*model)->version_label());
     }
   }
-  RecordCall(kGetModelInfo, status, start);
+  RecordCall(kGetModelInfo, status, start, model.ok() ? model->get() : nullptr);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -729,7 +729,7 @@ grpc::ServerUnaryReactor* EmotionService::ListModels(grpc::CallbackServerContext
       }
     }
   }
-  RecordCall(kListModels, status, start);
+  RecordCall(kListModels, status, start, nullptr);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -845,10 +845,13 @@ void EmotionService::Release(Call* call, CallKind kind) {
 }
 
 void EmotionService::RecordCall(absl::string_view method, const absl::Status& status,
-                                absl::Time start) {
+                                absl::Time start, const ServedModel* model) {
   const absl::Duration elapsed = absl::Now() - start;
-  metrics_->RecordCall(method, status.code());
-  if (method != kStreamClassify) metrics_->RecordLatency(method, elapsed);
+  const std::string empty;
+  const std::string& name = model != nullptr ? model->name() : empty;
+  const std::string& version = model != nullptr ? model->version_label() : empty;
+  metrics_->RecordCall(method, status.code(), name, version);
+  if (method != kStreamClassify) metrics_->RecordLatency(method, elapsed, name, version);
   const bool server_fault = status.code() == absl::StatusCode::kInternal ||
                             status.code() == absl::StatusCode::kUnknown;
   const LogLevel level = server_fault ? LogLevel::kError : LogLevel::kDebug;

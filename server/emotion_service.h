@@ -73,8 +73,10 @@ class EmotionService final : public v1::EmotionService::CallbackService {
   absl::StatusOr<std::shared_ptr<const ServedModel>> FindModel(absl::string_view name,
                                                                int64_t version);
   void Release(Call* call, CallKind kind);
-  // Metrics and the debug log line of a finished call.
-  void RecordCall(absl::string_view method, const absl::Status& status, absl::Time start);
+  // Metrics and the debug log line of a finished call, on `model` (null
+  // when it ended before it had one).
+  void RecordCall(absl::string_view method, const absl::Status& status, absl::Time start,
+                  const ServedModel* model);
   // Ends streams that have been idle for config_.stream_idle_seconds.
   void WatchIdleStreams();
 

@@ -53,6 +53,16 @@ prometheus::Histogram* AddLatencyHistogram(prometheus::Registry& registry,
       {}, LatencyBuckets());
 }
 
+const prometheus::Histogram::BucketBoundaries& BatchSizeBuckets() {
+  static const auto* buckets =
+      new prometheus::Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256};
+  return *buckets;
+}
+
+prometheus::Labels ModelLabels(absl::string_view model, absl::string_view version) {
+  return {{"model", std::string(model)}, {"version", std::string(version)}};
+}
+
 }  // namespace
 
 ServerMetrics::ServerMetrics()
@@ -82,24 +92,26 @@ ServerMetrics::ServerMetrics()
                                      "Time a Classify call waited for a decoding worker");
   decode_ = AddLatencyHistogram(r, "emoserve_decode_seconds",
                                 "Decoding and resampling one Classify call's audio");
-  queue_wait_ = AddLatencyHistogram(
-      r, "emoserve_queue_wait_seconds",
-      "Time a window waited for a feature worker and the model");
-  features_ = AddLatencyHistogram(r, "emoserve_feature_extraction_seconds",
-                                  "Feature extraction time per window");
-  inference_ = AddLatencyHistogram(r, "emoserve_inference_seconds",
-                                   "Model time per batch");
+  queue_wait_ = &prometheus::BuildHistogram()
+                     .Name("emoserve_queue_wait_seconds")
+                     .Help("Time a window waited for a feature worker and the model")
+                     .Register(r);
+  features_ = &prometheus::BuildHistogram()
+                   .Name("emoserve_feature_extraction_seconds")
+                   .Help("Feature extraction time per window")
+                   .Register(r);
+  inference_ = &prometheus::BuildHistogram()
+                    .Name("emoserve_inference_seconds")
+                    .Help("Model time per batch")
+                    .Register(r);
   batch_size_ = &prometheus::BuildHistogram()
                      .Name("emoserve_batch_size")
                      .Help("Windows per batch run on the model")
-                     .Register(r)
-                     .Add({}, prometheus::Histogram::BucketBoundaries{
-                                  1, 2, 4, 8, 16, 32, 64, 128, 256});
+                     .Register(r);
   queue_depth_ = &prometheus::BuildGauge()
                       .Name("emoserve_queue_depth")
-                      .Help("Windows waiting for features or the model")
-                      .Register(r)
-                      .Add({});
+                      .Help("Windows waiting for features or the model, per model version")
+                      .Register(r);
   active_streams_ = &prometheus::BuildGauge()
                          .Name("emoserve_active_streams")
                          .Help("Open StreamClassify calls")
@@ -203,16 +215,76 @@ void ServerMetrics::OnDecoded(absl::Duration wait, absl::Duration decoding) {
   decode_->Observe(absl::ToDoubleSeconds(decoding));
 }
 
-void ServerMetrics::RecordCall(absl::string_view method, absl::StatusCode code) {
-  calls_
-      ->Add({{"method", std::string(method)},
-             {"code", absl::StatusCodeToString(code)}})
-      .Increment();
+void ServerMetrics::RecordCall(absl::string_view method, absl::StatusCode code,
+                               absl::string_view model, absl::string_view version) {
+  prometheus::Labels labels = ModelLabels(model, version);
+  labels.emplace("method", std::string(method));
+  labels.emplace("code", absl::StatusCodeToString(code));
+  calls_->Add(labels).Increment();
 }
 
-void ServerMetrics::RecordLatency(absl::string_view method, absl::Duration latency) {
-  call_latency_->Add({{"method", std::string(method)}}, LatencyBuckets())
-      .Observe(absl::ToDoubleSeconds(latency));
+void ServerMetrics::RecordLatency(absl::string_view method, absl::Duration latency,
+                                  absl::string_view model, absl::string_view version) {
+  prometheus::Labels labels = ModelLabels(model, version);
+  labels.emplace("method", std::string(method));
+  call_latency_->Add(labels, LatencyBuckets()).Observe(absl::ToDoubleSeconds(latency));
+}
+
+// One model version's series, as its engine's observer.
+class ServerMetrics::ModelMetrics final : public EngineObserver {
+ public:
+  ModelMetrics(ServerMetrics& m, const prometheus::Labels& labels)
+      : queue_wait_(m.queue_wait_->Add(labels, LatencyBuckets())),
+        features_(m.features_->Add(labels, LatencyBuckets())),
+        inference_(m.inference_->Add(labels, LatencyBuckets())),
+        batch_size_(m.batch_size_->Add(labels, BatchSizeBuckets())),
+        queue_depth_(m.queue_depth_->Add(labels)) {}
+
+  void Remove(ServerMetrics& m) {
+    m.queue_wait_->Remove(&queue_wait_);
+    m.features_->Remove(&features_);
+    m.inference_->Remove(&inference_);
+    m.batch_size_->Remove(&batch_size_);
+    m.queue_depth_->Remove(&queue_depth_);
+  }
+
+  void OnWindow(absl::Duration queue_wait, absl::Duration features) override {
+    queue_wait_.Observe(absl::ToDoubleSeconds(queue_wait));
+    features_.Observe(absl::ToDoubleSeconds(features));
+  }
+  void OnBatch(int batch_size, absl::Duration inference) override {
+    batch_size_.Observe(batch_size);
+    inference_.Observe(absl::ToDoubleSeconds(inference));
+  }
+  void OnQueueDepth(int depth) override { queue_depth_.Set(depth); }
+
+ private:
+  prometheus::Histogram& queue_wait_;
+  prometheus::Histogram& features_;
+  prometheus::Histogram& inference_;
+  prometheus::Histogram& batch_size_;
+  prometheus::Gauge& queue_depth_;
+};
+
+EngineObserver* ServerMetrics::ForModel(const std::string& model, const std::string& version) {
+  absl::MutexLock lock(&models_mu_);
+  std::unique_ptr<ModelMetrics>& metrics = models_[{model, version}];
+  if (metrics == nullptr) {
+    metrics = std::make_unique<ModelMetrics>(*this, ModelLabels(model, version));
+  }
+  return metrics.get();
+}
+
+void ServerMetrics::ForgetModel(const std::string& model, const std::string& version) {
+  std::unique_ptr<ModelMetrics> gone;
+  {
+    absl::MutexLock lock(&models_mu_);
+    auto it = models_.find({model, version});
+    if (it == models_.end()) return;
+    gone = std::move(it->second);
+    models_.erase(it);
+  }
+  gone->Remove(*this);
 }
 
 void ServerMetrics::AddAudioSeconds(double seconds) {
@@ -242,18 +314,6 @@ void ServerMetrics::SetAudioMemory(int64_t bytes) {
 void ServerMetrics::SetAudioMemoryLimit(int64_t bytes) {
   audio_memory_limit_->Set(static_cast<double>(bytes));
 }
-
-void ServerMetrics::OnWindow(absl::Duration queue_wait, absl::Duration features) {
-  queue_wait_->Observe(absl::ToDoubleSeconds(queue_wait));
-  features_->Observe(absl::ToDoubleSeconds(features));
-}
-
-void ServerMetrics::OnBatch(int batch_size, absl::Duration inference) {
-  batch_size_->Observe(batch_size);
-  inference_->Observe(absl::ToDoubleSeconds(inference));
-}
-
-void ServerMetrics::OnQueueDepth(int depth) { queue_depth_->Set(depth); }
 
 std::string ServerMetrics::Render() const {
   std::ostringstream out;

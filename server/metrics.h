@@ -1,16 +1,21 @@
-// Prometheus metrics of the server: calls by method and code, latencies by
-// stage, batch sizes, queue depth, streams, audio processed, model info.
-// The engine reports its stages through EngineObserver; the service counts
-// calls. Prometheus stays in server/.
+// Prometheus metrics of the server: calls by method, code and model,
+// latencies by stage, batch sizes, queue depth (per model version),
+// streams, audio processed, models and their states. Each model version's
+// engine reports its stages through its own EngineObserver (ForModel); the
+// service counts calls. Prometheus stays in server/.
 #ifndef EMOSERVE_SERVER_METRICS_H_
 #define EMOSERVE_SERVER_METRICS_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/engine.h"
 
@@ -26,10 +31,10 @@ class Family;
 
 namespace emoserve {
 
-class ServerMetrics : public EngineObserver {
+class ServerMetrics {
  public:
   ServerMetrics();
-  ~ServerMetrics() override;
+  ~ServerMetrics();
   ServerMetrics(const ServerMetrics&) = delete;
   ServerMetrics& operator=(const ServerMetrics&) = delete;
 
@@ -49,10 +54,18 @@ class ServerMetrics : public EngineObserver {
                      absl::string_view state);
   // One version loaded ("loaded") or not ("failed") by a start or reload.
   void ModelLoadFinished(absl::string_view result);
-  // One finished call of `method` ("Classify", ...) with its gRPC code.
-  void RecordCall(absl::string_view method, absl::StatusCode code);
+  // One finished call of `method` ("Classify", ...) with its gRPC code, on
+  // model `model` version `version` ("" when it ended before it had one).
+  void RecordCall(absl::string_view method, absl::StatusCode code, absl::string_view model,
+                  absl::string_view version);
   // Time from a unary call's arrival to its response.
-  void RecordLatency(absl::string_view method, absl::Duration latency);
+  void RecordLatency(absl::string_view method, absl::Duration latency, absl::string_view model,
+                     absl::string_view version);
+  // The observer of one model version's engine: its stage latencies, batch
+  // sizes and queue depth, labelled model and version. Lives until
+  // ForgetModel, which may only come once that engine is gone.
+  EngineObserver* ForModel(const std::string& model, const std::string& version);
+  void ForgetModel(const std::string& model, const std::string& version);
   // A Classify call's audio: time it waited for a decoding worker, and
   // decoding it to the model's rate.
   void OnDecoded(absl::Duration wait, absl::Duration decoding);
@@ -69,11 +82,6 @@ class ServerMetrics : public EngineObserver {
   void SetAudioMemory(int64_t bytes);
   void SetAudioMemoryLimit(int64_t bytes);
 
-  // EngineObserver.
-  void OnWindow(absl::Duration queue_wait, absl::Duration features) override;
-  void OnBatch(int batch_size, absl::Duration inference) override;
-  void OnQueueDepth(int depth) override;
-
   // The current metrics in the text format, as /metrics serves them.
   std::string Render() const;
 
@@ -87,11 +95,15 @@ class ServerMetrics : public EngineObserver {
   prometheus::Family<prometheus::Counter>* model_loads_;
   prometheus::Histogram* decode_wait_;
   prometheus::Histogram* decode_;
-  prometheus::Histogram* queue_wait_;
-  prometheus::Histogram* features_;
-  prometheus::Histogram* inference_;
-  prometheus::Histogram* batch_size_;
-  prometheus::Gauge* queue_depth_;
+  class ModelMetrics;
+  prometheus::Family<prometheus::Histogram>* queue_wait_;
+  prometheus::Family<prometheus::Histogram>* features_;
+  prometheus::Family<prometheus::Histogram>* inference_;
+  prometheus::Family<prometheus::Histogram>* batch_size_;
+  prometheus::Family<prometheus::Gauge>* queue_depth_;
+  absl::Mutex models_mu_;
+  std::map<std::pair<std::string, std::string>, std::unique_ptr<ModelMetrics>> models_
+      ABSL_GUARDED_BY(models_mu_);
   prometheus::Gauge* active_streams_;
   prometheus::Gauge* connections_;
   prometheus::Family<prometheus::Counter>* connections_refused_;

@@ -235,7 +235,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   return server;
 }
 
-absl::StatusOr<std::unique_ptr<Engine>> Server::LoadEngine(const std::string& dir) {
+absl::StatusOr<std::unique_ptr<Engine>> Server::LoadEngine(const std::string& dir,
+                                                           const std::string& name,
+                                                           const std::string& version) {
   ModelOptions model_options;
   model_options.device = config_.device;
   if (!config_.precision.empty()) {
@@ -261,7 +263,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Server::LoadEngine(const std::string& di
   options.vad_threshold_dbfs = config_.vad_threshold_dbfs;
   options.min_hop_seconds = config_.min_hop_seconds;
   absl::StatusOr<std::unique_ptr<Engine>> engine =
-      Engine::Create(std::shared_ptr<const Model>(*std::move(model)), options, metrics_.get());
+      Engine::Create(std::shared_ptr<const Model>(*std::move(model)), options,
+                     metrics_->ForModel(name, version));
   if (!engine.ok()) return engine.status();
   if (absl::Status s = WarmUp(**engine); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat("warm-up failed: ", s.message()));
@@ -278,7 +281,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Server::LoadEngine(const std::string& di
 }
 
 void Server::OnRepositoryEvent(const RepositoryEvent& event) {
-  const std::string version = absl::StrCat(event.version);
+  const std::string& version = event.version_label;
   switch (event.type) {
     case RepositoryEvent::Type::kLoaded:
       metrics_->ModelLoadFinished("loaded");
@@ -289,6 +292,7 @@ void Server::OnRepositoryEvent(const RepositoryEvent& event) {
            {"load_ms", absl::ToInt64Milliseconds(event.load_time)}});
       break;
     case RepositoryEvent::Type::kFailed:
+      metrics_->ForgetModel(event.name, version);  // series of an engine that did not start
       metrics_->ModelLoadFinished("failed");
       metrics_->SetModelState(event.name, version, "failed");
       Log(LogLevel::kError, "model_load_failed",
@@ -299,6 +303,7 @@ void Server::OnRepositoryEvent(const RepositoryEvent& event) {
       Log(LogLevel::kInfo, "model_retired", {{"model", event.name}, {"version", event.version}});
       break;
     case RepositoryEvent::Type::kUnloaded:
+      metrics_->ForgetModel(event.name, event.version_label);
       Log(LogLevel::kInfo, "model_unloaded", {{"model", event.name}, {"version", event.version}});
       break;
   }
@@ -309,7 +314,8 @@ absl::Status Server::LoadModel() {
   options.single_model = config_.model_repository.empty();
   options.root = options.single_model ? config_.model : config_.model_repository;
   options.default_model = config_.default_model;
-  options.load = [this](const std::string& dir) { return LoadEngine(dir); };
+  options.load = [this](const std::string& dir, const std::string& name,
+                        const std::string& version) { return LoadEngine(dir, name, version); };
   options.on_event = [this](const RepositoryEvent& event) { OnRepositoryEvent(event); };
   absl::StatusOr<std::unique_ptr<ModelRepository>> repository =
       ModelRepository::Open(std::move(options));

@@ -56,7 +56,9 @@ class Server {
  private:
   explicit Server(const ServerConfig& config);
   // Loads, warms up and starts the engine of one model directory.
-  absl::StatusOr<std::unique_ptr<Engine>> LoadEngine(const std::string& dir);
+  absl::StatusOr<std::unique_ptr<Engine>> LoadEngine(const std::string& dir,
+                                                     const std::string& name,
+                                                     const std::string& version);
   void OnRepositoryEvent(const RepositoryEvent& event);
   // The repository watcher: rescans every config.model_poll_seconds and
   // when asked, until Shutdown.

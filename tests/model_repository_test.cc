@@ -45,7 +45,8 @@ class ModelRepositoryTest : public ::testing::Test {
     RepositoryOptions options;
     options.root = root_.string();
     options.default_model = default_model;
-    options.load = [](const std::string& dir) -> absl::StatusOr<std::unique_ptr<Engine>> {
+    options.load = [](const std::string& dir, const std::string& /*name*/,
+                      const std::string& /*version*/) -> absl::StatusOr<std::unique_ptr<Engine>> {
       absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(dir);
       if (!model.ok()) return model.status();
       EngineOptions engine;
@@ -111,6 +112,9 @@ TEST_F(ModelRepositoryTest, ServesModelsAndVersionsSideBySide) {
   AddVersion("fast", 1, 1);
   AddVersion("fast", 2, 2);
   AddVersion("accurate", 1, 3);
+  // A model directory as a name: its only version, 1.
+  ASSERT_TRUE(testing::WriteTestModel(testing::SmallModelConfig(), (root_ / "plain").string(), 4)
+                  .ok());
   // A broken version and things that are not versions.
   fs::create_directories(root_ / "fast" / "3");
   std::ofstream(root_ / "fast" / "3" / "model.json") << "{ not json";
@@ -121,7 +125,8 @@ TEST_F(ModelRepositoryTest, ServesModelsAndVersionsSideBySide) {
       ModelRepository::Open(Options("fast"));
   ASSERT_TRUE(repository.ok()) << repository.status();
   EXPECT_EQ(Summary((*repository)->List()),
-            "accurate default 1: 1=ready; fast* default 2: 1=ready 2=ready 3=failed; ");
+            "accurate default 1: 1=ready; fast* default 2: 1=ready 2=ready 3=failed; "
+            "plain default 1: 1=ready; ");
   EXPECT_THAT((*repository)->List()[1].versions[2].error, HasSubstr("model.json"));
 
   absl::StatusOr<std::shared_ptr<const ServedModel>> by_default = (*repository)->Find("", 0);
@@ -142,14 +147,17 @@ TEST_F(ModelRepositoryTest, ServesModelsAndVersionsSideBySide) {
 
   absl::StatusOr<std::shared_ptr<const ServedModel>> unknown = (*repository)->Find("slow", 0);
   EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(unknown.status().message(), HasSubstr("the server has: accurate, fast"));
+  EXPECT_THAT(unknown.status().message(), HasSubstr("the server has: accurate, fast, plain"));
+  absl::StatusOr<std::shared_ptr<const ServedModel>> plain = (*repository)->Find("plain", 0);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ((*plain)->version_label(), "1");
   absl::StatusOr<std::shared_ptr<const ServedModel>> missing = (*repository)->Find("fast", 9);
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(missing.status().message(), HasSubstr("1 (ready), 2 (ready), 3 (failed)"));
   absl::StatusOr<std::shared_ptr<const ServedModel>> broken = (*repository)->Find("fast", 3);
   EXPECT_EQ(broken.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(TakeEvents(), ElementsAre("loaded accurate/1", "loaded fast/1", "loaded fast/2",
-                                        "failed fast/3"));
+                                        "failed fast/3", "loaded plain/1"));
 }
 
 TEST_F(ModelRepositoryTest, SeveralModelsNeedADefaultAndAnEmptyRepositoryIsRefused) {
@@ -209,6 +217,25 @@ TEST_F(ModelRepositoryTest, ReloadAddsAndRetiresVersionsWhileCallsHoldThem) {
   held->reset();
   ASSERT_TRUE(r.Reload().ok());
   EXPECT_THAT(TakeEvents(), ElementsAre("unloaded m/1"));
+}
+
+// The project's models/ folder: the bundled model and the trainer's CNN +
+// Transformer, each a model directory, served side by side.
+TEST_F(ModelRepositoryTest, TheProjectsModelsFolderServesBothModels) {
+  RepositoryOptions options = Options("default");
+  options.root = std::string(EMOSERVE_SOURCE_DIR) + "/models";
+  absl::StatusOr<std::unique_ptr<ModelRepository>> repository =
+      ModelRepository::Open(std::move(options));
+  ASSERT_TRUE(repository.ok()) << repository.status();
+  EXPECT_EQ(Summary((*repository)->List()),
+            "cnn-transformer default 1: 1=ready; default* default 1: 1=ready; ");
+  for (const char* name : {"default", "cnn-transformer"}) {
+    absl::StatusOr<std::shared_ptr<const ServedModel>> served = (*repository)->Find(name, 0);
+    ASSERT_TRUE(served.ok()) << served.status();
+    absl::StatusOr<std::vector<float>> probabilities = Classify(**served);
+    ASSERT_TRUE(probabilities.ok()) << probabilities.status();
+    EXPECT_EQ(probabilities->size(), 8u) << name;
+  }
 }
 
 // --model DIR: a repository of one, named and versioned by its model.json.

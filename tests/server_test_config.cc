@@ -679,26 +679,44 @@ TEST(WorkerPoolTest, RunsEverythingPostedAndRejectsBeyondItsQueue) {
 TEST(ServerMetricsTest, ExpositionPassesPromtool) {
   ServerMetrics metrics;
   metrics.SetModelInfo("m", "1", "cpu", "bf16");
-  metrics.RecordCall("Classify", absl::StatusCode::kOk);
-  metrics.RecordCall("Classify", absl::StatusCode::kInvalidArgument);
-  metrics.RecordLatency("Classify", absl::Milliseconds(12));
+  metrics.RecordCall("Classify", absl::StatusCode::kOk, "m", "1");
+  metrics.RecordCall("Classify", absl::StatusCode::kInvalidArgument, "", "");
+  metrics.RecordLatency("Classify", absl::Milliseconds(12), "m", "1");
   metrics.AddAudioSeconds(3.5);
   metrics.StreamStarted();
-  metrics.OnWindow(absl::Milliseconds(1), absl::Milliseconds(2));
-  metrics.OnBatch(4, absl::Milliseconds(20));
-  metrics.OnQueueDepth(7);
+  EngineObserver* engine = metrics.ForModel("m", "1");
+  engine->OnWindow(absl::Milliseconds(1), absl::Milliseconds(2));
+  engine->OnBatch(4, absl::Milliseconds(20));
+  engine->OnQueueDepth(7);
+  metrics.ForModel("other", "2")->OnQueueDepth(3);
+  metrics.SetModelState("m", "1", "ready");
+  metrics.SetModelState("other", "2", "failed");
+  metrics.ModelLoadFinished("loaded");
   metrics.OnDecoded(absl::Milliseconds(1), absl::Milliseconds(30));
-  const std::string text = metrics.Render();
-  EXPECT_THAT(text, HasSubstr("emoserve_requests_total{code=\"OK\",method=\"Classify\"} 1"));
+  std::string text = metrics.Render();
+  EXPECT_THAT(text, HasSubstr("emoserve_requests_total{code=\"OK\",method=\"Classify\",model=\"m\",version=\"1\"} 1"));
+  // A call that ended before it had a model: empty labels, which Prometheus drops.
+  EXPECT_THAT(text, HasSubstr("emoserve_requests_total{code=\"INVALID_ARGUMENT\",method=\"Classify\",model=\"\",version=\"\"} 1"));
   EXPECT_THAT(text, HasSubstr("emoserve_audio_seconds_total 3.5"));
   EXPECT_THAT(text, HasSubstr("emoserve_active_streams 1"));
-  EXPECT_THAT(text, HasSubstr("emoserve_queue_depth 7"));
-  EXPECT_THAT(text, HasSubstr("emoserve_batch_size_sum 4"));
+  EXPECT_THAT(text, HasSubstr("emoserve_queue_depth{model=\"m\",version=\"1\"} 7"));
+  EXPECT_THAT(text, HasSubstr("emoserve_queue_depth{model=\"other\",version=\"2\"} 3"));
+  EXPECT_THAT(text, HasSubstr("emoserve_batch_size_sum{model=\"m\",version=\"1\"} 4"));
   EXPECT_THAT(text, HasSubstr("emoserve_decode_wait_seconds_sum 0.001"));
   EXPECT_THAT(text, HasSubstr("emoserve_decode_seconds_bucket{le=\"0.025\"} 0"));
   EXPECT_THAT(text, HasSubstr("emoserve_decode_seconds_bucket{le=\"0.05\"} 1"));
   EXPECT_THAT(text, HasSubstr("emoserve_model_info{device=\"cpu\",name=\"m\",precision=\"bf16\",version=\"1\"} 1"));
-  EXPECT_THAT(text, HasSubstr("emoserve_request_duration_seconds_bucket{method=\"Classify\",le=\"0.025\"} 1"));
+  EXPECT_THAT(text, HasSubstr("emoserve_model_state{model=\"m\",state=\"ready\",version=\"1\"} 1"));
+  EXPECT_THAT(text, HasSubstr("emoserve_model_state{model=\"m\",state=\"failed\",version=\"1\"} 0"));
+  EXPECT_THAT(text, HasSubstr("emoserve_model_state{model=\"other\",state=\"failed\",version=\"2\"} 1"));
+  EXPECT_THAT(text, HasSubstr("emoserve_model_loads_total{result=\"loaded\"} 1"));
+  EXPECT_THAT(text, HasSubstr(
+      "emoserve_request_duration_seconds_bucket{method=\"Classify\",model=\"m\",version=\"1\",le=\"0.025\"} 1"));
+  // A version gone: its series go with it.
+  metrics.ForgetModel("other", "2");
+  metrics.SetModelState("other", "2", "");
+  text = metrics.Render();
+  EXPECT_THAT(text, ::testing::Not(HasSubstr("model=\"other\"")));
 
   const std::string path = ::testing::TempDir() + "/server_metrics_test.txt";
   std::ofstream(path) << text;

@@ -152,7 +152,8 @@ def grafana_to_promql(expression, rate_interval="1m"):
     expression = re.sub(r"^label_values\((.+),\s*(\w+)\)$", r"count by (\2) (\1)", expression.strip())
     return (expression.replace("$__rate_interval", rate_interval)
             .replace("$__interval", rate_interval)
-            .replace("$instance", ".*"))
+            .replace("$instance", ".*")
+            .replace("$model", ".*"))
 
 
 def dockerfile_instructions(stage=None):

@@ -8,6 +8,7 @@ against a real server."""
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,10 @@ import deploy_lib as lib  # noqa: E402
 import yaml  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
+# The families the server labels with model and version.
+MODEL_LABELLED = {"emoserve_requests_total", "emoserve_request_duration_seconds",
+                  "emoserve_queue_wait_seconds", "emoserve_feature_extraction_seconds",
+                  "emoserve_inference_seconds", "emoserve_batch_size", "emoserve_queue_depth"}
 
 promtool = shutil.which("promtool")
 if promtool is None:
@@ -88,6 +93,10 @@ for panel in panels:
               f"unbalanced query in {panel['title']}: {expression}")
         if "emoserve_" in expression:
             check('instance=~"$instance"' in expression, f"{panel['title']} ignores the instance filter")
+        # Families labelled by model version follow the model selector.
+        for family in lib.metric_families(expression) & MODEL_LABELLED:
+            check(re.search(family + r'(_bucket|_sum|_count)?\{[^}]*model=~"\$model"', expression),
+                  f"{panel['title']}: {family} ignores the model selector")
 
 # What the issue asks the dashboard to show, by metric family.
 families = set()
