@@ -124,6 +124,8 @@ try:
         missing = [line.strip() for line in ldd.stdout.splitlines() if "not found" in line]
         check(ldd.returncode == 0 and not missing, f"{binary} in the image: missing {missing}")
     check((root / "opt/emoserve/models/default/model.pt").is_file(), "the image has no bundled model")
+    check((root / "opt/emoserve/models/cnn-transformer/model.pt").is_file(),
+          "the image lacks models/cnn-transformer (its models/ is a repository of both)")
 
     grpc_port, metrics_port = lib.free_port(), lib.free_port()
     # As the container would run: the image's environment (the ports moved to
