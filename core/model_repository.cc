@@ -164,6 +164,7 @@ absl::Status ModelRepository::Reload() {
   absl::MutexLock reloading(&reload_mu_);
   absl::StatusOr<std::map<Key, std::string>> on_disk = Scan();
   if (!on_disk.ok()) return on_disk.status();
+  DestroyUnused();  // room for new versions
   std::vector<std::pair<Key, std::string>> to_load;
   std::vector<RepositoryEvent> retired;
   {
@@ -191,11 +192,44 @@ absl::Status ModelRepository::Reload() {
     }
   }
   for (const RepositoryEvent& event : retired) Emit(event);
-  // Lowest first: the highest version, the default, is ready last, once
-  // the versions below it can answer for it.
-  for (const auto& [key, dir] : to_load) LoadVersion(key, dir, Stamp(dir));
+  // Highest versions first: they are the ones calls want, and the first to
+  // get room under max_loaded_versions.
+  std::stable_sort(to_load.begin(), to_load.end(), [](const auto& a, const auto& b) {
+    return a.first.second > b.first.second;
+  });
+  const std::string no_room = absl::StrCat(
+      "not loaded: the server already holds its maximum of ", options_.max_loaded_versions,
+      " loaded versions (--max-loaded-versions; versions still finishing calls count); "
+      "remove one");
+  for (const auto& [key, dir] : to_load) {
+    bool room = false;
+    {
+      absl::MutexLock lock(&mu_);
+      room = LoadedLocked() < options_.max_loaded_versions;  // loads run one at a time
+      if (!room) {
+        Version& version = versions_[key];
+        version.state = ModelState::kFailed;
+        version.stamp.clear();  // tried again at the next rescan
+        version.error = no_room;
+      }
+    }
+    if (room) {
+      LoadVersion(key, dir, Stamp(dir));
+    } else {
+      Emit({RepositoryEvent::Type::kFailed, key.first, key.second, absl::StrCat(key.second),
+            no_room});
+    }
+  }
   DestroyUnused();
   return absl::OkStatus();
+}
+
+int ModelRepository::LoadedLocked() const {
+  int loaded = static_cast<int>(retired_.size());
+  for (const auto& [key, version] : versions_) {
+    if (version.served != nullptr) ++loaded;
+  }
+  return loaded;
 }
 
 void ModelRepository::LoadVersion(const Key& key, const std::string& dir,

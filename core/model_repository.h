@@ -85,6 +85,11 @@ struct RepositoryOptions {
   // Answers requests that name no model. "": the repository's only name
   // (required when it has several).
   std::string default_model;
+  // Versions loaded at once, retired ones still finishing calls included:
+  // each holds a model and an engine. Versions beyond it are reported
+  // failed (highest versions are loaded first) and tried again at each
+  // rescan.
+  int max_loaded_versions = 4;
   // Loads, warms up and starts the engine of the model directory `dir`,
   // served as `name` and `version_label`; called on the thread that opens
   // or reloads the repository.
@@ -142,6 +147,7 @@ class ModelRepository {
   // Loads `dir` as `key`, outside the lock.
   void LoadVersion(const Key& key, const std::string& dir, const std::string& stamp);
   void DestroyUnused() ABSL_LOCKS_EXCLUDED(mu_);
+  int LoadedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Emit(const RepositoryEvent& event) const;
 
   const RepositoryOptions options_;

@@ -77,6 +77,10 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   add("model-poll-seconds", c.model_poll_seconds,
       "How often the repository is rescanned for new and removed versions (0: only on SIGHUP)")
       ->check(CLI::Range(0.0, 86400.0));
+  add("max-loaded-versions", c.max_loaded_versions,
+      "Model versions of the repository loaded at once (each holds a model and an engine; "
+      "versions still finishing calls count); more are reported failed until there is room")
+      ->check(CLI::Range(1, 1024));
   add("device", c.device, "Inference device: cpu, cuda or cuda:N")
       ->check(CLI::Validator(CheckDevice, "DEVICE"));
   add("precision", c.precision,

@@ -31,6 +31,7 @@ struct ServerConfig {
   std::string model_repository;
   std::string default_model;          // "": the repository's only model
   double model_poll_seconds = 10.0;   // rescans of the repository; 0: SIGHUP only
+  int max_loaded_versions = 4;        // of the repository, at once
   std::string device = "cpu";
   std::string precision;  // "": the one model.json names (fp32 unless it names one)
   // The engine's and the streams' own defaults (core/engine.h,

@@ -314,6 +314,7 @@ absl::Status Server::LoadModel() {
   options.single_model = config_.model_repository.empty();
   options.root = options.single_model ? config_.model : config_.model_repository;
   options.default_model = config_.default_model;
+  options.max_loaded_versions = config_.max_loaded_versions;
   options.load = [this](const std::string& dir, const std::string& name,
                         const std::string& version) { return LoadEngine(dir, name, version); };
   options.on_event = [this](const RepositoryEvent& event) { OnRepositoryEvent(event); };

@@ -156,8 +156,9 @@ TEST_F(ModelRepositoryTest, ServesModelsAndVersionsSideBySide) {
   EXPECT_THAT(missing.status().message(), HasSubstr("1 (ready), 2 (ready), 3 (failed)"));
   absl::StatusOr<std::shared_ptr<const ServedModel>> broken = (*repository)->Find("fast", 3);
   EXPECT_EQ(broken.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(TakeEvents(), ElementsAre("loaded accurate/1", "loaded fast/1", "loaded fast/2",
-                                        "failed fast/3", "loaded plain/1"));
+  // Highest versions first.
+  EXPECT_THAT(TakeEvents(), ElementsAre("failed fast/3", "loaded fast/2", "loaded accurate/1",
+                                        "loaded fast/1", "loaded plain/1"));
 }
 
 TEST_F(ModelRepositoryTest, SeveralModelsNeedADefaultAndAnEmptyRepositoryIsRefused) {
@@ -217,6 +218,32 @@ TEST_F(ModelRepositoryTest, ReloadAddsAndRetiresVersionsWhileCallsHoldThem) {
   held->reset();
   ASSERT_TRUE(r.Reload().ok());
   EXPECT_THAT(TakeEvents(), ElementsAre("unloaded m/1"));
+}
+
+// At most max_loaded_versions versions hold an engine, the highest first;
+// one still finishing a call counts until it is unloaded, and a version
+// left out loads at a rescan once there is room.
+TEST_F(ModelRepositoryTest, LoadedVersionsAreBoundedHighestFirst) {
+  for (int version : {1, 2, 3}) AddVersion("m", version, version);
+  RepositoryOptions options = Options();
+  options.max_loaded_versions = 2;
+  absl::StatusOr<std::unique_ptr<ModelRepository>> repository =
+      ModelRepository::Open(std::move(options));
+  ASSERT_TRUE(repository.ok()) << repository.status();
+  ModelRepository& r = **repository;
+  EXPECT_EQ(Summary(r.List()), "m* default 3: 1=failed 2=ready 3=ready; ");
+  EXPECT_THAT(r.List()[0].versions[0].error, HasSubstr("--max-loaded-versions"));
+
+  // Version 3 removed while a call holds it: still no room for version 1.
+  absl::StatusOr<std::shared_ptr<const ServedModel>> held = r.Find("m", 3);
+  ASSERT_TRUE(held.ok());
+  fs::remove_all(root_ / "m" / "3");
+  ASSERT_TRUE(r.Reload().ok());
+  EXPECT_EQ(Summary(r.List()), "m* default 2: 1=failed 2=ready; ");
+  // Its call over, the next rescan unloads it and loads version 1.
+  held->reset();
+  ASSERT_TRUE(r.Reload().ok());
+  EXPECT_EQ(Summary(r.List()), "m* default 2: 1=ready 2=ready; ");
 }
 
 // The project's models/ folder: the bundled model and the trainer's CNN +
