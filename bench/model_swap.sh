@@ -66,6 +66,8 @@ for version in $(seq 2 $((swaps + 1))); do
   echo "swap $((version - 1)): version $version ready after ${ready_ms[-1]} ms, version $((version - 1)) removed"
 done
 wait "$unary" "$streaming"
+kill -HUP "$pid"  # the last version removed is unloaded once its streams ended
+sleep 2
 kill -TERM "$pid"
 wait "$pid" || true
 unloaded=$(grep -c 'event=model_unloaded' "$work/server.log" || true)
