@@ -177,7 +177,7 @@ absl::Status ModelRepository::Reload() {
       // Its directory is gone: calls on it finish, new ones go elsewhere.
       if (it->second.served != nullptr) retired_.push_back(std::move(it->second.served));
       retired.push_back({RepositoryEvent::Type::kRetired, it->first.first, it->first.second,
-                         absl::StrCat(it->first.second)});
+                         absl::StrCat(it->first.second), "", absl::ZeroDuration()});
       it = versions_.erase(it);
     }
     for (const auto& [key, dir] : *on_disk) {
@@ -217,7 +217,7 @@ absl::Status ModelRepository::Reload() {
       LoadVersion(key, dir, Stamp(dir));
     } else {
       Emit({RepositoryEvent::Type::kFailed, key.first, key.second, absl::StrCat(key.second),
-            no_room});
+            no_room, absl::ZeroDuration()});
     }
   }
   DestroyUnused();
@@ -276,7 +276,8 @@ void ModelRepository::DestroyUnused() {
   }
   for (std::shared_ptr<const ServedModel>& served : unused) {
     const RepositoryEvent event{RepositoryEvent::Type::kUnloaded, served->name(),
-                                served->version(), served->version_label()};
+                                served->version(), served->version_label(), "",
+                                absl::ZeroDuration()};
     served->engine().Shutdown(absl::ZeroDuration());
     served.reset();
     Emit(event);

@@ -288,7 +288,7 @@ void Server::OnRepositoryEvent(const RepositoryEvent& event) {
       metrics_->SetModelState(event.name, version, "ready");
       Log(LogLevel::kInfo, "model_ready",
           {{"model", event.name},
-           {"version", event.version},
+           {"version", version},
            {"load_ms", absl::ToInt64Milliseconds(event.load_time)}});
       break;
     case RepositoryEvent::Type::kFailed:
@@ -296,15 +296,15 @@ void Server::OnRepositoryEvent(const RepositoryEvent& event) {
       metrics_->ModelLoadFinished("failed");
       metrics_->SetModelState(event.name, version, "failed");
       Log(LogLevel::kError, "model_load_failed",
-          {{"model", event.name}, {"version", event.version}, {"error", event.detail}});
+          {{"model", event.name}, {"version", version}, {"error", event.detail}});
       break;
     case RepositoryEvent::Type::kRetired:
       metrics_->SetModelState(event.name, version, "");
-      Log(LogLevel::kInfo, "model_retired", {{"model", event.name}, {"version", event.version}});
+      Log(LogLevel::kInfo, "model_retired", {{"model", event.name}, {"version", version}});
       break;
     case RepositoryEvent::Type::kUnloaded:
       metrics_->ForgetModel(event.name, event.version_label);
-      Log(LogLevel::kInfo, "model_unloaded", {{"model", event.name}, {"version", event.version}});
+      Log(LogLevel::kInfo, "model_unloaded", {{"model", event.name}, {"version", version}});
       break;
   }
 }
