@@ -678,8 +678,14 @@ grpc::ServerUnaryReactor* EmotionService::GetModelInfo(
     v1::ModelInfo* response) {
   const absl::Time start = absl::Now();
   absl::Status status;
+  bool draining = false;
+  {
+    absl::MutexLock lock(&mu_);
+    draining = draining_;
+  }
   absl::StatusOr<std::shared_ptr<const ServedModel>> model =
-      FindModel(request->model_name(), request->model_version());
+      draining ? absl::UnavailableError("the server is shutting down")
+               : FindModel(request->model_name(), request->model_version());
   if (!model.ok()) {
     status = model.status();
   } else {
@@ -818,10 +824,11 @@ absl::Status EmotionService::Admit(Call* call, CallKind kind) {
 
 absl::StatusOr<std::shared_ptr<const ServedModel>> EmotionService::FindModel(
     absl::string_view name, int64_t version) {
+  // Not refused while draining: a call admitted before draining began
+  // (a stream whose config arrives late) still runs, and flushes.
   const ModelRepository* repository = nullptr;
   {
     absl::MutexLock lock(&mu_);
-    if (draining_) return absl::UnavailableError("the server is shutting down");
     repository = repository_;
   }
   if (repository == nullptr) {

@@ -380,6 +380,25 @@ TEST(ServerProcessTest, SigtermLetsCallsInFlightFinishAndExitsZero) {
   auto channel = Connect(*port);
   auto stub = v1::EmotionService::NewStub(channel);
 
+  // A stream still open when the signal comes, known to be configured: its
+  // first window came back (a stream whose config has not been read yet
+  // when the signal comes ends UNAVAILABLE instead, asked to resend).
+  grpc::ClientContext stream_context;
+  stream_context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  auto stream = stub->StreamClassify(&stream_context);
+  v1::StreamClassifyRequest config;
+  *config.mutable_config()->mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  config.mutable_config()->set_interim_results(true);
+  ASSERT_TRUE(stream->Write(config));
+  const std::string pcm = ToLinear16(testing::Sine(220, 0.3, kRate, 3.0));
+  for (size_t i = 0; i < pcm.size(); i += 32000) {  // under --max-chunk-bytes
+    v1::StreamClassifyRequest audio;
+    audio.set_audio(pcm.substr(i, 32000));
+    ASSERT_TRUE(stream->Write(audio));
+  }
+  v1::StreamClassifyResponse first_window;
+  ASSERT_TRUE(stream->Read(&first_window));
+
   // Calls of 4 windows each, all sent at once: far more work than one
   // finishes before the signal.
   constexpr int kCalls = 24;
@@ -403,13 +422,6 @@ TEST(ServerProcessTest, SigtermLetsCallsInFlightFinishAndExitsZero) {
       ++done;
     });
   }
-  // A stream still open when the signal comes.
-  grpc::ClientContext stream_context;
-  stream_context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
-  auto stream = stub->StreamClassify(&stream_context);
-  v1::StreamClassifyRequest config;
-  *config.mutable_config()->mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
-  ASSERT_TRUE(stream->Write(config));
 
   // Signal once the first call is back: the rest are in flight.
   {
@@ -428,7 +440,7 @@ TEST(ServerProcessTest, SigtermLetsCallsInFlightFinishAndExitsZero) {
   v1::StreamClassifyResponse ignored;
   while (stream->Read(&ignored)) {
   }
-  // The stream was flushed (it had no audio) and ended OK.
+  // The stream was flushed and ended OK.
   const grpc::Status stream_status = stream->Finish();
   EXPECT_TRUE(stream_status.ok()) << stream_status.error_message();
 
