@@ -60,9 +60,45 @@ ServedModel::ServedModel(std::string name, int64_t version, std::string version_
 
 ServedModel::~ServedModel() = default;
 
-ModelRepository::ModelRepository(RepositoryOptions options) : options_(std::move(options)) {}
+ModelRepository::ModelRepository(RepositoryOptions options) : options_(std::move(options)) {
+  absl::MutexLock lock(&released_->mu);
+  released_->on_released = options_.on_released;
+}
 
-ModelRepository::~ModelRepository() { Shutdown(absl::ZeroDuration()); }
+ModelRepository::~ModelRepository() {
+  Shutdown(absl::ZeroDuration());
+  {
+    absl::MutexLock lock(&released_->mu);
+    released_->on_released = nullptr;  // its owner may be going too
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    versions_.clear();  // the last references: to released_
+  }
+  absl::MutexLock lock(&released_->mu);
+  released_->alive -= static_cast<int>(released_->models.size());
+  released_->models.clear();
+}
+
+std::shared_ptr<const ServedModel> ModelRepository::Serve(
+    std::unique_ptr<const ServedModel> model) {
+  {
+    absl::MutexLock lock(&released_->mu);
+    ++released_->alive;
+  }
+  // The deleter only hands the version over: it runs on whichever thread
+  // drops the last reference, possibly one of the version's engine threads.
+  return std::shared_ptr<const ServedModel>(
+      model.release(), [released = released_](const ServedModel* model) {
+        std::function<void()> notify;
+        {
+          absl::MutexLock lock(&released->mu);
+          released->models.emplace_back(model);
+          notify = released->on_released;
+        }
+        if (notify) notify();
+      });
+}
 
 absl::StatusOr<std::unique_ptr<ModelRepository>> ModelRepository::Open(
     RepositoryOptions options) {
@@ -85,8 +121,8 @@ absl::StatusOr<std::unique_ptr<ModelRepository>> ModelRepository::Open(
     absl::StatusOr<std::unique_ptr<Engine>> engine =
         r.options_.load(r.options_.root, name, config->version);
     if (!engine.ok()) return engine.status();
-    auto served =
-        std::make_shared<const ServedModel>(name, 1, config->version, *std::move(engine));
+    std::shared_ptr<const ServedModel> served = r.Serve(
+        std::make_unique<const ServedModel>(name, 1, config->version, *std::move(engine)));
     {
       absl::MutexLock lock(&r.mu_);
       Version& version = r.versions_[{name, 1}];
@@ -164,9 +200,10 @@ absl::Status ModelRepository::Reload() {
   absl::MutexLock reloading(&reload_mu_);
   absl::StatusOr<std::map<Key, std::string>> on_disk = Scan();
   if (!on_disk.ok()) return on_disk.status();
-  DestroyUnused();  // room for new versions
+  UnloadReleased();  // room for new versions
   std::vector<std::pair<Key, std::string>> to_load;
   std::vector<RepositoryEvent> retired;
+  std::vector<std::shared_ptr<const ServedModel>> dropped;  // released outside the lock
   {
     absl::MutexLock lock(&mu_);
     for (auto it = versions_.begin(); it != versions_.end();) {
@@ -175,7 +212,10 @@ absl::Status ModelRepository::Reload() {
         continue;
       }
       // Its directory is gone: calls on it finish, new ones go elsewhere.
-      if (it->second.served != nullptr) retired_.push_back(std::move(it->second.served));
+      if (it->second.served != nullptr) {
+        retired_.push_back(it->second.served);
+        dropped.push_back(std::move(it->second.served));
+      }
       retired.push_back({RepositoryEvent::Type::kRetired, it->first.first, it->first.second,
                          absl::StrCat(it->first.second), "", absl::ZeroDuration()});
       it = versions_.erase(it);
@@ -191,6 +231,7 @@ absl::Status ModelRepository::Reload() {
       }
     }
   }
+  dropped.clear();
   for (const RepositoryEvent& event : retired) Emit(event);
   // Highest versions first: they are the ones calls want, and the first to
   // get room under max_loaded_versions.
@@ -205,7 +246,7 @@ absl::Status ModelRepository::Reload() {
     bool room = false;
     {
       absl::MutexLock lock(&mu_);
-      room = LoadedLocked() < options_.max_loaded_versions;  // loads run one at a time
+      room = Alive() < options_.max_loaded_versions;  // loads run one at a time
       if (!room) {
         Version& version = versions_[key];
         version.state = ModelState::kFailed;
@@ -220,16 +261,13 @@ absl::Status ModelRepository::Reload() {
             no_room, absl::ZeroDuration()});
     }
   }
-  DestroyUnused();
+  UnloadReleased();
   return absl::OkStatus();
 }
 
-int ModelRepository::LoadedLocked() const {
-  int loaded = static_cast<int>(retired_.size());
-  for (const auto& [key, version] : versions_) {
-    if (version.served != nullptr) ++loaded;
-  }
-  return loaded;
+int ModelRepository::Alive() const {
+  absl::MutexLock lock(&released_->mu);
+  return released_->alive;
 }
 
 void ModelRepository::LoadVersion(const Key& key, const std::string& dir,
@@ -243,16 +281,17 @@ void ModelRepository::LoadVersion(const Key& key, const std::string& dir,
   if (!engine.ok()) event.detail = std::string(engine.status().message());
   std::shared_ptr<const ServedModel> served;
   if (engine.ok()) {
-    served = std::make_shared<const ServedModel>(key.first, key.second, label,
-                                                 *std::move(engine));
+    served = Serve(std::make_unique<const ServedModel>(key.first, key.second, label,
+                                                       *std::move(engine)));
   }
+  std::shared_ptr<const ServedModel> unlisted;  // released outside the lock
   {
     absl::MutexLock lock(&mu_);
     auto it = versions_.find(key);
     if (it == versions_.end()) {
       // Removed while it loaded (only Reload removes, and it waits for us):
       // cannot happen, but an unlisted engine must still be unloaded.
-      if (served != nullptr) retired_.push_back(std::move(served));
+      unlisted = std::move(served);
     } else {
       it->second.stamp = stamp;
       it->second.error = event.detail;
@@ -263,25 +302,27 @@ void ModelRepository::LoadVersion(const Key& key, const std::string& dir,
   Emit(event);
 }
 
-void ModelRepository::DestroyUnused() {
-  std::vector<std::shared_ptr<const ServedModel>> unused;
+void ModelRepository::UnloadReleased() {
+  std::vector<std::unique_ptr<const ServedModel>> models;
   {
-    absl::MutexLock lock(&mu_);
-    // Only the repository hands out references, and not to retired
-    // versions: one that is down to ours stays so.
-    auto last = std::stable_partition(retired_.begin(), retired_.end(),
-                                      [](const auto& served) { return served.use_count() > 1; });
-    unused.assign(std::make_move_iterator(last), std::make_move_iterator(retired_.end()));
-    retired_.erase(last, retired_.end());
+    absl::MutexLock lock(&released_->mu);
+    models.swap(released_->models);
   }
-  for (std::shared_ptr<const ServedModel>& served : unused) {
-    const RepositoryEvent event{RepositoryEvent::Type::kUnloaded, served->name(),
-                                served->version(), served->version_label(), "",
-                                absl::ZeroDuration()};
-    served->engine().Shutdown(absl::ZeroDuration());
-    served.reset();
+  for (std::unique_ptr<const ServedModel>& model : models) {
+    const RepositoryEvent event{RepositoryEvent::Type::kUnloaded, model->name(), model->version(),
+                                model->version_label(), "", absl::ZeroDuration()};
+    model->engine().Shutdown(absl::ZeroDuration());
+    model.reset();
+    {
+      absl::MutexLock lock(&released_->mu);
+      --released_->alive;
+    }
     Emit(event);
   }
+  absl::MutexLock lock(&mu_);
+  retired_.erase(std::remove_if(retired_.begin(), retired_.end(),
+                                [](const auto& served) { return served.expired(); }),
+                 retired_.end());
 }
 
 absl::StatusOr<std::shared_ptr<const ServedModel>> ModelRepository::Find(
@@ -343,17 +384,21 @@ std::vector<ModelStatus> ModelRepository::List() const {
 }
 
 void ModelRepository::Shutdown(absl::Duration grace) {
-  std::vector<const ServedModel*> engines;
+  // Released versions have no work left; the destructor or
+  // UnloadReleased shuts them down.
+  std::vector<std::shared_ptr<const ServedModel>> engines;
   {
     absl::MutexLock lock(&mu_);
     for (const auto& [key, version] : versions_) {
-      if (version.served != nullptr) engines.push_back(version.served.get());
+      if (version.served != nullptr) engines.push_back(version.served);
     }
-    for (const auto& served : retired_) engines.push_back(served.get());
+    for (const auto& retired : retired_) {
+      if (std::shared_ptr<const ServedModel> served = retired.lock()) engines.push_back(served);
+    }
   }
   // Together: each engine finishes its queued work within the same grace.
   const absl::Time deadline = absl::Now() + grace;
-  for (const ServedModel* served : engines) {
+  for (const auto& served : engines) {
     served->engine().Shutdown(std::max(absl::ZeroDuration(), deadline - absl::Now()));
   }
 }

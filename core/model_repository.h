@@ -99,6 +99,11 @@ struct RepositoryOptions {
   // Loads, failures, retirements and unloads, for logs and metrics; called
   // without the repository's lock held.
   std::function<void(const RepositoryEvent&)> on_event;
+  // Called when the last call on a removed version ends, on that call's
+  // thread (possibly one of the version's own engine threads, where its
+  // engine cannot be destroyed): wake a thread that calls UnloadReleased().
+  // Without it, the next Reload() unloads it.
+  std::function<void()> on_released;
 };
 
 class ModelRepository {
@@ -107,15 +112,20 @@ class ModelRepository {
   // not a directory, when the default model has no ready version, or when
   // several models exist and none is the default.
   static absl::StatusOr<std::unique_ptr<ModelRepository>> Open(RepositoryOptions options);
-  // Shuts down and destroys every version (calls must be over).
+  // Shuts down and destroys every version. Calls must be over: a version
+  // still held then is never destroyed.
   ~ModelRepository();
 
   // Rescans: loads versions that appeared (or whose failed files changed)
   // and retires those whose directory is gone. A version that fails to
   // load is reported failed and never replaces a working one. Loads run on
-  // the calling thread, one at a time; calls go on meanwhile. Also destroys
-  // retired versions that no call holds any more.
+  // the calling thread, one at a time; calls go on meanwhile. Also unloads
+  // released versions.
   absl::Status Reload();
+
+  // Shuts down and destroys the removed versions whose last call has ended
+  // (see RepositoryOptions::on_released), reporting each unloaded.
+  void UnloadReleased();
 
   // The version a call runs on: `name` "" is the default model, `version`
   // 0 its highest ready version. kNotFound names what exists; kUnavailable
@@ -140,24 +150,34 @@ class ModelRepository {
     std::shared_ptr<const ServedModel> served;
   };
   using Key = std::pair<std::string, int64_t>;
+  // Versions whose last reference is gone, waiting to be destroyed off the
+  // calls' threads; shared with every reference's deleter.
+  struct Released {
+    absl::Mutex mu;
+    std::vector<std::unique_ptr<const ServedModel>> models ABSL_GUARDED_BY(mu);
+    int alive ABSL_GUARDED_BY(mu) = 0;  // versions holding an engine
+    std::function<void()> on_released ABSL_GUARDED_BY(mu);
+  };
 
   explicit ModelRepository(RepositoryOptions options);
+  // The one reference the repository keeps to a new version; the calls'
+  // copies share it, and the last one to go hands the version to released_.
+  std::shared_ptr<const ServedModel> Serve(std::unique_ptr<const ServedModel> model);
   // Directories on disk: name -> version -> directory.
   absl::StatusOr<std::map<Key, std::string>> Scan() const;
   // Loads `dir` as `key`, outside the lock.
   void LoadVersion(const Key& key, const std::string& dir, const std::string& stamp);
-  void DestroyUnused() ABSL_LOCKS_EXCLUDED(mu_);
-  int LoadedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int Alive() const;
   void Emit(const RepositoryEvent& event) const;
 
   const RepositoryOptions options_;
+  const std::shared_ptr<Released> released_ = std::make_shared<Released>();
   std::string default_model_;
   absl::Mutex reload_mu_;  // one Reload at a time
   mutable absl::Mutex mu_;
   std::map<Key, Version> versions_ ABSL_GUARDED_BY(mu_);
-  // Removed versions that calls may still hold: destroyed by Reload once
-  // the repository holds the last reference.
-  std::vector<std::shared_ptr<const ServedModel>> retired_ ABSL_GUARDED_BY(mu_);
+  // Removed versions that calls may still hold (for Shutdown).
+  std::vector<std::weak_ptr<const ServedModel>> retired_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace emoserve

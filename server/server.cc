@@ -318,6 +318,12 @@ absl::Status Server::LoadModel() {
   options.load = [this](const std::string& dir, const std::string& name,
                         const std::string& version) { return LoadEngine(dir, name, version); };
   options.on_event = [this](const RepositoryEvent& event) { OnRepositoryEvent(event); };
+  if (!options.single_model) {
+    options.on_released = [this] {
+      absl::MutexLock lock(&watch_mu_);
+      unload_requested_ = true;
+    };
+  }
   absl::StatusOr<std::unique_ptr<ModelRepository>> repository =
       ModelRepository::Open(std::move(options));
   if (!repository.ok()) return repository.status();
@@ -343,16 +349,23 @@ void Server::WatchRepository() {
                                     ? absl::Seconds(config_.model_poll_seconds)
                                     : absl::InfiniteDuration();
   for (;;) {
+    bool rescan = false;
     {
       absl::MutexLock lock(&watch_mu_);
       auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(watch_mu_) {
-        return reload_requested_ || stop_watching_;
+        return reload_requested_ || unload_requested_ || stop_watching_;
       };
-      watch_mu_.AwaitWithTimeout(absl::Condition(&wake), period);
+      const bool woken = watch_mu_.AwaitWithTimeout(absl::Condition(&wake), period);
       if (stop_watching_) return;
+      rescan = reload_requested_ || !woken;  // SIGHUP, or the poll period is up
       reload_requested_ = false;
+      unload_requested_ = false;
     }
-    if (absl::Status s = repository_->Reload(); !s.ok()) {
+    if (!rescan) {
+      // A removed version's last call ended: unloaded here, off the
+      // threads of its engine.
+      repository_->UnloadReleased();
+    } else if (absl::Status s = repository_->Reload(); !s.ok()) {
       Log(LogLevel::kError, "model_reload_failed", {{"error", s.message()}});
     }
   }

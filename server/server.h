@@ -76,6 +76,7 @@ class Server {
   std::thread watcher_;
   absl::Mutex watch_mu_;
   bool reload_requested_ ABSL_GUARDED_BY(watch_mu_) = false;
+  bool unload_requested_ ABSL_GUARDED_BY(watch_mu_) = false;  // a version was released
   bool stop_watching_ ABSL_GUARDED_BY(watch_mu_) = false;
   std::unique_ptr<grpc::Server> grpc_server_;
   // Plaintext: the listener in front of gRPC (destroyed before gRPC).

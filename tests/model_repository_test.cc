@@ -3,11 +3,13 @@
 // and retire versions while calls still hold them.
 #include "core/model_repository.h"
 
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -218,6 +220,46 @@ TEST_F(ModelRepositoryTest, ReloadAddsAndRetiresVersionsWhileCallsHoldThem) {
   held->reset();
   ASSERT_TRUE(r.Reload().ok());
   EXPECT_THAT(TakeEvents(), ElementsAre("unloaded m/1"));
+}
+
+// The last call on a removed version ends: on_released fires on that
+// call's thread, and UnloadReleased destroys it with no rescan.
+TEST_F(ModelRepositoryTest, ARemovedVersionIsReleasedWhenItsLastCallEnds) {
+  AddVersion("m", 1, 1);
+  AddVersion("m", 2, 2);
+  std::atomic<int> released{0};
+  RepositoryOptions options = Options();
+  options.on_released = [&released] { ++released; };
+  absl::StatusOr<std::unique_ptr<ModelRepository>> repository =
+      ModelRepository::Open(std::move(options));
+  ASSERT_TRUE(repository.ok()) << repository.status();
+  ModelRepository& r = **repository;
+  absl::StatusOr<std::shared_ptr<const ServedModel>> first = r.Find("m", 1);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> second = r.Find("m", 1);
+  ASSERT_TRUE(first.ok() && second.ok());
+  fs::remove_all(root_ / "m" / "1");
+  ASSERT_TRUE(r.Reload().ok());
+  TakeEvents();
+
+  first->reset();
+  r.UnloadReleased();
+  EXPECT_EQ(released, 0);  // a call still holds it
+  EXPECT_THAT(TakeEvents(), ElementsAre());
+  std::thread last_call([&second] { second->reset(); });
+  last_call.join();
+  EXPECT_EQ(released, 1);
+  EXPECT_THAT(TakeEvents(), ElementsAre());  // handed over, not destroyed on that thread
+  r.UnloadReleased();
+  EXPECT_THAT(TakeEvents(), ElementsAre("unloaded m/1"));
+  EXPECT_EQ(Summary(r.List()), "m* default 2: 2=ready; ");
+
+  // A version removed with no call on it is released by the rescan itself.
+  AddVersion("m", 3, 3);
+  ASSERT_TRUE(r.Reload().ok());
+  fs::remove_all(root_ / "m" / "2");
+  ASSERT_TRUE(r.Reload().ok());
+  EXPECT_EQ(released, 2);
+  EXPECT_THAT(TakeEvents(), ElementsAre("loaded m/3", "retired m/2", "unloaded m/2"));
 }
 
 // At most max_loaded_versions versions hold an engine, the highest first;
