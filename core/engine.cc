@@ -155,7 +155,7 @@ double RmsDbfs(absl::Span<const float> samples) {
   return WindowDbfs(samples, 0, samples.size());
 }
 
-struct Engine::Impl {
+struct Engine::Impl : FeatureWorkers::Source {
   std::shared_ptr<const Model> model;
   EngineOptions options;
   EngineObserver* observer = nullptr;
@@ -163,7 +163,6 @@ struct Engine::Impl {
   size_t window = 0;  // samples at the model's rate
 
   mutable absl::Mutex mu;
-  absl::CondVar raw_cv;    // feature workers wait here for raw jobs
   absl::CondVar ready_cv;  // model runners wait here for ready jobs
   absl::CondVar idle_cv;   // Shutdown waits here for the pipeline to drain
   // Jobs waiting for features, by flow; `turns` holds each flow that has
@@ -186,7 +185,8 @@ struct Engine::Impl {
   // Windows waiting for features or for the model; readable without mu so
   // that observers may call queue_depth().
   std::atomic<int> depth{0};
-  std::vector<std::thread> threads;
+  std::vector<std::thread> threads;  // model runners
+  std::shared_ptr<FeatureWorkers> workers;
 
   absl::Mutex shutdown_mu;  // serialises Shutdown calls
   bool shut_down ABSL_GUARDED_BY(shutdown_mu) = false;
@@ -250,32 +250,23 @@ struct Engine::Impl {
         jobs.clear();
         UpdateDepthLocked();
         if (idle_runners > 0) ready_cv.SignalAll();
-        if (for_workers == 1) raw_cv.Signal();
-        if (for_workers > 1) raw_cv.SignalAll();
+        if (for_workers > 0) workers->Wake(for_workers);
       }
     }
     CompleteAll(jobs, rejected);
   }
 
-  void FeatureWorker() {
-    // Per-thread on Linux. Best effort: without it features merely compete
-    // with the model at equal priority.
-    if (options.feature_thread_nice != 0) {
-      setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)),
-                  options.feature_thread_nice);
+  bool ComputeOne(std::vector<float>& scratch) override {
+    if (scratch.size() < window) scratch.resize(window);
+    std::unique_ptr<Job> job;
+    absl::Status status;
+    {
+      absl::MutexLock lock(&mu);
+      if (!FeaturesWantedLocked() || stopping) return false;
+      status = FeaturesLocked(job, scratch, /*front=*/false);
     }
-    std::vector<float> samples(window);
-    for (;;) {
-      std::unique_ptr<Job> job;
-      absl::Status status;
-      {
-        absl::MutexLock lock(&mu);
-        while (!FeaturesWantedLocked() && !stopping) raw_cv.Wait(&mu);
-        if (stopping) return;
-        status = FeaturesLocked(job, samples, /*front=*/false);
-      }
-      if (job != nullptr) job->done(status);
-    }
+    if (job != nullptr) job->done(status);
+    return true;
   }
 
   // Takes the next flow's raw job and computes its features (mu released
@@ -369,7 +360,7 @@ struct Engine::Impl {
       in_batches += static_cast<int>(n);
       UpdateDepthLocked();
       // Room ahead of the model again: the workers prepare the next batch.
-      if (FeaturesWantedLocked()) raw_cv.SignalAll();
+      if (FeaturesWantedLocked()) workers->Wake(static_cast<int>(n));
       return batch;
     }
   }
@@ -446,6 +437,89 @@ struct Engine::Impl {
   }
 };
 
+struct FeatureWorkers::Entry {
+  Source* source;
+  int busy = 0;  // workers inside it
+  bool removed = false;
+};
+
+absl::StatusOr<std::shared_ptr<FeatureWorkers>> FeatureWorkers::Create(int threads, int nice) {
+  if (threads < 0 || nice < 0 || nice > 19) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("FeatureWorkers: bad threads ", threads, " or nice ", nice));
+  }
+  std::shared_ptr<FeatureWorkers> workers(new FeatureWorkers(nice));
+  const int count = DefaultThreads(threads);
+  for (int i = 0; i < count; ++i) {
+    workers->threads_.emplace_back([raw = workers.get()] { raw->Work(); });
+  }
+  return workers;
+}
+
+FeatureWorkers::~FeatureWorkers() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    wake_cv_.SignalAll();
+  }
+  for (std::thread& thread : threads_) thread.join();
+}
+
+void FeatureWorkers::Add(Source* source) {
+  absl::MutexLock lock(&mu_);
+  entries_.push_back(std::make_shared<Entry>(Entry{source}));
+}
+
+void FeatureWorkers::Remove(Source* source) {
+  absl::MutexLock lock(&mu_);
+  auto it = std::find_if(entries_.begin(), entries_.end(),
+                         [source](const auto& entry) { return entry->source == source; });
+  if (it == entries_.end()) return;
+  std::shared_ptr<Entry> entry = *it;
+  entries_.erase(it);
+  entry->removed = true;
+  while (entry->busy > 0) left_cv_.Wait(&mu_);
+}
+
+void FeatureWorkers::Wake(int windows) {
+  absl::MutexLock lock(&mu_);
+  ++generation_;
+  if (windows == 1) {
+    wake_cv_.Signal();
+  } else if (windows > 1) {
+    wake_cv_.SignalAll();
+  }
+}
+
+void FeatureWorkers::Work() {
+  // Per-thread on Linux. Best effort: without it features merely compete
+  // with the model at equal priority.
+  if (nice_ != 0) setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), nice_);
+  std::vector<float> scratch;
+  absl::MutexLock lock(&mu_);
+  while (!stopping_) {
+    // Work that arrives during the pass bumps the generation, so the
+    // worker passes again instead of sleeping on it.
+    const uint64_t seen = generation_;
+    const std::vector<std::shared_ptr<Entry>> pass = entries_;
+    const size_t first = next_++;
+    bool worked = false;
+    for (size_t i = 0; i < pass.size() && !stopping_; ++i) {
+      Entry& entry = *pass[(first + i) % pass.size()];
+      if (entry.removed) continue;
+      ++entry.busy;
+      mu_.Unlock();
+      const bool computed = entry.source->ComputeOne(scratch);
+      mu_.Lock();
+      if (--entry.busy == 0 && entry.removed) left_cv_.SignalAll();
+      worked = worked || computed;
+    }
+    if (!worked) {
+      while (generation_ == seen && !stopping_) wake_cv_.Wait(&mu_);
+    }
+  }
+}
+
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Engine::~Engine() { Shutdown(); }
@@ -481,11 +555,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   impl->observer = observer;
   impl->lookahead = static_cast<size_t>(options.max_batch_size) * options.model_instances;
 
-  Impl* raw_impl = impl.get();
-  const int feature_threads = DefaultThreads(options.feature_threads);
-  for (int i = 0; i < feature_threads; ++i) {
-    impl->threads.emplace_back([raw_impl] { raw_impl->FeatureWorker(); });
+  impl->options.feature_workers = nullptr;  // held as impl->workers, released at Shutdown
+  impl->workers = options.feature_workers;
+  if (impl->workers == nullptr) {
+    absl::StatusOr<std::shared_ptr<FeatureWorkers>> workers =
+        FeatureWorkers::Create(options.feature_threads, options.feature_thread_nice);
+    if (!workers.ok()) return workers.status();
+    impl->workers = *std::move(workers);
   }
+  impl->workers->Add(impl.get());
+  Impl* raw_impl = impl.get();
   for (int i = 0; i < options.model_instances; ++i) {
     impl->threads.emplace_back([raw_impl] { raw_impl->ModelRunner(); });
   }
@@ -631,13 +710,14 @@ void Engine::Shutdown(absl::Duration grace) {
     for (std::unique_ptr<Job>& job : impl.ready) leftovers.push_back(std::move(job));
     impl.ready.clear();
     impl.UpdateDepthLocked();
-    impl.raw_cv.SignalAll();
     impl.ready_cv.SignalAll();
   }
   CompleteAll(leftovers, absl::UnavailableError(
                              "the engine shut down before the request was computed"));
   for (std::thread& thread : impl.threads) thread.join();
   impl.threads.clear();
+  impl.workers->Remove(&impl);
+  impl.workers.reset();  // joins them when they were the engine's own
   impl.shut_down = true;
 }
 

@@ -9,9 +9,12 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "core/memory_budget.h"
@@ -19,6 +22,8 @@
 #include "core/windowing.h"
 
 namespace emoserve {
+
+class FeatureWorkers;
 
 struct EngineOptions {
   // Largest batch handed to the model.
@@ -30,13 +35,18 @@ struct EngineOptions {
   // added latency when idle). > 0: while fewer than max_batch_size windows
   // wait, the runner waits up to this long for more.
   absl::Duration max_queue_delay = absl::ZeroDuration();
-  // Feature worker threads; 0 = one per core.
+  // Feature worker threads; 0 = one per core. Ignored with
+  // `feature_workers`.
   int feature_threads = 0;
   // Niceness (0..19) of the feature workers, so that they yield the cores to
   // the model: features have slack, while the model's OpenMP team stalls at
   // every barrier whenever one of its threads is preempted. 0 = same
   // priority as the rest of the process.
   int feature_thread_nice = 19;
+  // Workers shared with other engines (e.g. every loaded version of a
+  // model repository), so that the threads computing features stay one set
+  // however many engines exist. Null: the engine starts its own.
+  std::shared_ptr<FeatureWorkers> feature_workers;
   // Model runner threads, each running whole batches on LibTorch's
   // intra-op threads (process-wide: SetUpModelRuntime); 1 suits two cores
   // (one for the model, one for the features). More cores than the
@@ -62,6 +72,48 @@ class EngineObserver {
   virtual void OnBatch(int /*batch_size*/, absl::Duration /*inference*/) {}
   // Windows waiting, after each change.
   virtual void OnQueueDepth(int /*depth*/) {}
+};
+
+// Threads that compute window features for one or more engines: each
+// thread takes the engines in turn, one window at a time, from those that
+// want features (see Engine::Classify's fairness). Engines register at
+// Create and leave at Shutdown; the workers end with the last reference.
+class FeatureWorkers {
+ public:
+  // `threads` 0 = one per core; `nice` as EngineOptions::feature_thread_nice.
+  static absl::StatusOr<std::shared_ptr<FeatureWorkers>> Create(int threads, int nice);
+  ~FeatureWorkers();  // joins the threads
+  int threads() const { return static_cast<int>(threads_.size()); }
+
+  // What a worker asks of an engine.
+  class Source {
+   public:
+    virtual ~Source() = default;
+    // Computes one window's features if the engine wants some now (using
+    // `scratch`); false when it wants none.
+    virtual bool ComputeOne(std::vector<float>& scratch) = 0;
+  };
+  void Add(Source* source);
+  // Returns once no worker is inside `source` any more.
+  void Remove(Source* source);
+  // `source` wants features for `windows` more windows. Never locks an
+  // engine, so an engine may call it under its own lock.
+  void Wake(int windows);
+
+ private:
+  struct Entry;
+  explicit FeatureWorkers(int nice) : nice_(nice) {}
+  void Work();
+
+  const int nice_;
+  absl::Mutex mu_;
+  absl::CondVar wake_cv_;
+  absl::CondVar left_cv_;  // Remove waits here for workers to leave a source
+  std::vector<std::shared_ptr<Entry>> entries_ ABSL_GUARDED_BY(mu_);
+  size_t next_ ABSL_GUARDED_BY(mu_) = 0;          // the entry to try first
+  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;  // bumped by Wake
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::thread> threads_;
 };
 
 // Set by the caller (e.g. a cancelled RPC); the engine drops the work before

@@ -258,7 +258,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Server::LoadEngine(const std::string& di
   options.max_batch_size = config_.max_batch_size;
   options.max_queue_size = config_.max_queue_size;
   options.max_queue_delay = absl::Milliseconds(config_.max_queue_delay_ms);
-  options.feature_threads = config_.feature_threads;
+  options.feature_workers = feature_workers_;  // one set for every loaded version
   options.model_instances = config_.model_instances;
   options.vad_threshold_dbfs = config_.vad_threshold_dbfs;
   options.min_hop_seconds = config_.min_hop_seconds;
@@ -310,6 +310,10 @@ void Server::OnRepositoryEvent(const RepositoryEvent& event) {
 }
 
 absl::Status Server::LoadModel() {
+  absl::StatusOr<std::shared_ptr<FeatureWorkers>> workers = FeatureWorkers::Create(
+      config_.feature_threads, EngineOptions().feature_thread_nice);
+  if (!workers.ok()) return workers.status();
+  feature_workers_ = *std::move(workers);
   RepositoryOptions options;
   options.single_model = config_.model_repository.empty();
   options.root = options.single_model ? config_.model : config_.model_repository;

@@ -72,6 +72,7 @@ class Server {
   std::unique_ptr<ServerMetrics> metrics_;
   std::unique_ptr<HealthService> health_;
   std::unique_ptr<EmotionService> service_;
+  std::shared_ptr<FeatureWorkers> feature_workers_;  // shared by every version's engine
   std::unique_ptr<ModelRepository> repository_;
   std::thread watcher_;
   absl::Mutex watch_mu_;

@@ -326,6 +326,63 @@ TEST_F(EngineTest, BatchedResultsEqualUnbatchedResults) {
   EXPECT_GT(difference, 1e-4);
 }
 
+// Threads of this process (Linux).
+int ThreadCount() {
+  int count = 0;
+  for ([[maybe_unused]] const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    ++count;
+  }
+  return count;
+}
+
+// Engines given one set of feature workers start only their model runners,
+// compute the same results as alone, and one shutting down leaves the
+// workers serving the other.
+TEST_F(EngineTest, EnginesShareOneSetOfFeatureWorkers) {
+  absl::StatusOr<std::shared_ptr<FeatureWorkers>> workers = FeatureWorkers::Create(2, 0);
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  EXPECT_EQ((*workers)->threads(), 2);
+  EXPECT_FALSE(FeatureWorkers::Create(-1, 0).ok());
+  EngineOptions options;
+  options.feature_workers = *workers;
+  options.feature_threads = 8;  // ignored: the workers are given
+  const int before = ThreadCount();
+  std::unique_ptr<Engine> first = MakeEngine(options, nullptr);
+  std::unique_ptr<Engine> second = MakeEngine(options, nullptr);
+  ASSERT_NE(first, nullptr);
+  ASSERT_NE(second, nullptr);
+  EXPECT_EQ(ThreadCount() - before, 2);  // one model runner each
+
+  const std::vector<std::vector<float>> windows = SpeechWindows(24);
+  WindowCompletions on_first(windows.size()), on_second(windows.size());
+  for (size_t i = 0; i < windows.size(); ++i) {
+    first->Submit(Request(windows[i], on_first.Callback(i)));
+    second->Submit(Request(windows[i], on_second.Callback(i)));
+  }
+  ASSERT_TRUE(on_first.WaitAll());
+  ASSERT_TRUE(on_second.WaitAll());
+  for (size_t i = 0; i < windows.size(); ++i) {
+    ASSERT_TRUE(on_first.result(i).ok()) << on_first.result(i).status();
+    ASSERT_TRUE(on_second.result(i).ok()) << on_second.result(i).status();
+    ExpectNear(*on_first.result(i), Direct(windows[i]));
+    ExpectNear(*on_second.result(i), *on_first.result(i));
+  }
+
+  // The first engine goes while the second has work queued.
+  WindowCompletions later(windows.size());
+  for (size_t i = 0; i < windows.size(); ++i) {
+    second->Submit(Request(windows[i], later.Callback(i)));
+  }
+  first.reset();
+  ASSERT_TRUE(later.WaitAll());
+  for (size_t i = 0; i < windows.size(); ++i) {
+    ASSERT_TRUE(later.result(i).ok()) << later.result(i).status();
+    ExpectNear(*later.result(i), *on_second.result(i));
+  }
+  second.reset();
+  workers->reset();  // the last reference: joins the workers
+}
+
 TEST_F(EngineTest, FullQueueRejectsAtOnceWithResourceExhausted) {
   TestObserver observer(/*hold_first_batch=*/true);
   EngineOptions options;
