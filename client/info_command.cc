@@ -23,8 +23,12 @@ absl::StatusOr<std::unique_ptr<v1::EmotionService::Stub>> MakeStub(
   return v1::EmotionService::NewStub(*channel);
 }
 
-int RunInfo(const ConnectionOptions& connection,
-            const InfoCommandOptions& options) {
+namespace {
+
+// One unary call on the service, printing its formatted response (or the
+// error): what `info` and `models` share.
+template <typename Response, typename Call, typename Format>
+int CallAndPrint(const ConnectionOptions& connection, Call call, Format format) {
   absl::StatusOr<std::unique_ptr<v1::EmotionService::Stub>> stub =
       MakeStub(connection);
   if (!stub.ok()) {
@@ -33,17 +37,29 @@ int RunInfo(const ConnectionOptions& connection,
   }
   grpc::ClientContext context;
   SetCallDeadline(connection, kDefaultCallTimeoutSeconds, &context);
-  v1::ModelInfo info;
-  const grpc::Status status =
-      (*stub)->GetModelInfo(&context, ModelInfoRequest(options.model), &info);
+  Response response;
+  const grpc::Status status = call(**stub, &context, &response);
   if (!status.ok()) {
     PrintError(DescribeRpcError(status, connection));
     return kExitFailure;
   }
-  const std::string out =
-      FormatModelInfo(info, options.output == OutputFormat::kJson);
+  const std::string out = format(response);
   std::fwrite(out.data(), 1, out.size(), stdout);
   return kExitOk;
+}
+
+}  // namespace
+
+int RunInfo(const ConnectionOptions& connection,
+            const InfoCommandOptions& options) {
+  return CallAndPrint<v1::ModelInfo>(
+      connection,
+      [&](v1::EmotionService::Stub& stub, grpc::ClientContext* context, v1::ModelInfo* info) {
+        return stub.GetModelInfo(context, ModelInfoRequest(options.model), info);
+      },
+      [&](const v1::ModelInfo& info) {
+        return FormatModelInfo(info, options.output == OutputFormat::kJson);
+      });
 }
 
 v1::GetModelInfoRequest ModelInfoRequest(const ModelSelector& model) {
@@ -55,25 +71,15 @@ v1::GetModelInfoRequest ModelInfoRequest(const ModelSelector& model) {
 
 int RunModels(const ConnectionOptions& connection,
               const ModelsCommandOptions& options) {
-  absl::StatusOr<std::unique_ptr<v1::EmotionService::Stub>> stub =
-      MakeStub(connection);
-  if (!stub.ok()) {
-    PrintError(stub.status().message());
-    return kExitFailure;
-  }
-  grpc::ClientContext context;
-  SetCallDeadline(connection, kDefaultCallTimeoutSeconds, &context);
-  v1::ListModelsResponse models;
-  const grpc::Status status =
-      (*stub)->ListModels(&context, v1::ListModelsRequest(), &models);
-  if (!status.ok()) {
-    PrintError(DescribeRpcError(status, connection));
-    return kExitFailure;
-  }
-  const std::string out =
-      FormatModels(models, options.output == OutputFormat::kJson);
-  std::fwrite(out.data(), 1, out.size(), stdout);
-  return kExitOk;
+  return CallAndPrint<v1::ListModelsResponse>(
+      connection,
+      [](v1::EmotionService::Stub& stub, grpc::ClientContext* context,
+         v1::ListModelsResponse* models) {
+        return stub.ListModels(context, v1::ListModelsRequest(), models);
+      },
+      [&](const v1::ListModelsResponse& models) {
+        return FormatModels(models, options.output == OutputFormat::kJson);
+      });
 }
 
 int RunHealth(const ConnectionOptions& connection,
