@@ -8,6 +8,7 @@
 #        "unguarded=build/release/server/emoserve-server:--connection-guard false"
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 concurrency="4 32"; duration=20; rounds=3; clips=../shared/datasets/ravdess
 servers=()
 while (($#)); do
@@ -31,12 +32,7 @@ for round in $(seq "$rounds"); do
       # shellcheck disable=SC2086
       "$binary" --host 127.0.0.1 --port 0 --metrics-port 0 $flags 2>"$log" &
       pid=$!
-      port=""
-      for _ in $(seq 600); do
-        port=$(grep -o 'event=startup .* port=[0-9]*' "$log" | grep -o 'port=[0-9]*$' | cut -d= -f2 || true)
-        grep -q 'event=serving' "$log" && [[ -n "$port" ]] && break
-        sleep 0.1
-      done
+      port=$(wait_for_server "$log")
       rps=$("$cli" bench --server "127.0.0.1:$port" -j "$j" -d "$duration" --warmup 3 -o json \
               "${files[@]}" | /usr/bin/python3 -c 'import json,sys; print(round(json.load(sys.stdin)["throughput_rps"], 1))')
       kill -TERM "$pid"; wait "$pid" || true; rm -f "$log"

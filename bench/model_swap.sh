@@ -8,6 +8,7 @@
 #   bench/model_swap.sh [-j 16] [--streams 4] [--swaps 10] [--model models/default]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 concurrency=16; streams=4; swaps=10; model=models/default; clips=../shared/datasets/ravdess
 while (($#)); do
   case "$1" in
@@ -31,12 +32,7 @@ cp -r "$model" "$repo/emotion/1"
 "$server" --host 127.0.0.1 --port 0 --metrics-port 0 --model-repository "$repo" \
   --model-poll-seconds 0 2>"$work/server.log" &
 pid=$!
-port=""
-for _ in $(seq 600); do
-  port=$(grep -o 'event=startup .* port=[0-9]*' "$work/server.log" | grep -o 'port=[0-9]*$' | cut -d= -f2 || true)
-  grep -q 'event=serving' "$work/server.log" && [[ -n "$port" ]] && break
-  sleep 0.1
-done
+port=$(wait_for_server "$work/server.log")
 address="127.0.0.1:$port"
 # Long enough for every swap (a load and warm-up takes about a second).
 duration=$((swaps * 4 + 10))
