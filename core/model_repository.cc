@@ -5,6 +5,7 @@
 #include <system_error>
 #include <utility>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -327,6 +328,13 @@ void ModelRepository::UnloadReleased() {
 
 absl::StatusOr<std::shared_ptr<const ServedModel>> ModelRepository::Find(
     absl::string_view name, int64_t version) const {
+  // A name is a directory's name: longer ones exist nowhere, and are not
+  // worth echoing into the error.
+  constexpr size_t kMaxNameBytes = 255;
+  if (name.size() > kMaxNameBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("a model name is at most ", kMaxNameBytes,
+                                                   " bytes; got ", name.size()));
+  }
   const std::string wanted(name.empty() ? absl::string_view(default_model_) : name);
   absl::MutexLock lock(&mu_);
   auto first = versions_.lower_bound({wanted, 0});
@@ -335,7 +343,7 @@ absl::StatusOr<std::shared_ptr<const ServedModel>> ModelRepository::Find(
     for (const auto& [key, v] : versions_) {
       if (names.empty() || names.back() != key.first) names.push_back(key.first);
     }
-    return absl::NotFoundError(absl::StrCat("no model named \"", wanted,
+    return absl::NotFoundError(absl::StrCat("no model named \"", absl::CHexEscape(wanted),
                                             "\"; the server has: ", absl::StrJoin(names, ", ")));
   }
   auto end = versions_.lower_bound({wanted + '\0', 0});
@@ -377,7 +385,9 @@ std::vector<ModelStatus> ModelRepository::List() const {
     if (models.empty() || models.back().name != key.first) {
       models.push_back({key.first, {}, 0, key.first == default_model_});
     }
-    models.back().versions.push_back({key.second, version.state, version.error});
+    models.back().versions.push_back(
+        {key.second, version.state, version.error,
+         version.served != nullptr ? version.served->version_label() : absl::StrCat(key.second)});
     if (version.state == ModelState::kReady) models.back().default_version = key.second;
   }
   return models;

@@ -59,6 +59,7 @@ struct ModelVersionStatus {
   int64_t version = 0;
   ModelState state = ModelState::kLoading;
   std::string error;  // why it failed
+  std::string version_label;  // as ServedModel::version_label()
 };
 
 struct ModelStatus {
@@ -128,7 +129,8 @@ class ModelRepository {
   void UnloadReleased();
 
   // The version a call runs on: `name` "" is the default model, `version`
-  // 0 its highest ready version. kNotFound names what exists; kUnavailable
+  // 0 its highest ready version. kInvalidArgument for a name longer than
+  // a directory's (255 bytes); kNotFound names what exists; kUnavailable
   // when the version is loading, kFailedPrecondition when it failed.
   absl::StatusOr<std::shared_ptr<const ServedModel>> Find(absl::string_view name,
                                                           int64_t version) const;

@@ -508,10 +508,11 @@ TEST(ServerProcessTest, EvalAndTheServiceGiveTheSameLabelForEveryTestClip) {
 namespace emoserve {
 namespace {
 
-// One Classify of a tone, optionally naming a model.
+// One Classify of a tone, optionally naming a model and its version.
 grpc::Status ClassifyTone(v1::EmotionService::Stub& stub, const std::string& model,
-                          v1::ClassifyResponse* response) {
+                          v1::ClassifyResponse* response, int64_t version = 0) {
   v1::ClassifyRequest request;
+  request.set_model_version(version);
   request.set_audio(ToLinear16(testing::Sine(220, 0.3, kRate, 2.0)));
   *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
   request.set_model_name(model);
@@ -572,6 +573,13 @@ TEST(ServerProcessTest, ModelRepositoryServesModelsSideBySideAndSwapsVersionsOnS
   const grpc::Status not_found = ClassifyTone(*stub, "slow", &unknown);
   EXPECT_EQ(not_found.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_THAT(not_found.error_message(), HasSubstr("the server has: accurate, fast"));
+  // Names too long for a directory are refused without being echoed back.
+  const grpc::Status too_long = ClassifyTone(*stub, std::string(1 << 20, 'x'), &unknown);
+  EXPECT_EQ(too_long.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_LT(too_long.error_message().size(), 200u) << too_long.error_message().substr(0, 200);
+  EXPECT_EQ(ClassifyTone(*stub, "fast", &unknown, -1).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(ClassifyTone(*stub, "fast", &unknown, 7).error_code(), grpc::StatusCode::NOT_FOUND);
 
   // A stream on fast/1, half its audio sent.
   grpc::ClientContext stream_context;
