@@ -441,6 +441,7 @@ std::string FormatModels(const v1::ListModelsResponse& models, bool json) {
       for (const v1::ModelVersionStatus& version : model.versions()) {
         Json v;
         v["version"] = version.version();
+        v["reported_version"] = version.reported_version();
         v["state"] = ModelStateText(version.state());
         if (!version.error().empty()) v["error"] = version.error();
         versions.push_back(std::move(v));
@@ -466,6 +467,11 @@ std::string FormatModels(const v1::ListModelsResponse& models, bool json) {
                                   : "serves calls naming no version";
       }
       if (!version.error().empty()) note = version.error();
+      if (!version.reported_version().empty() &&
+          version.reported_version() != absl::StrCat(version.version())) {
+        note = absl::StrCat("responses say version \"", version.reported_version(), "\"",
+                            note.empty() ? "" : "; ", note);
+      }
       absl::StrAppend(&out, absl::StrFormat("%-24s %8d  %-8s %s\n", model.name(),
                                             version.version(),
                                             ModelStateText(version.state()),

@@ -732,6 +732,7 @@ grpc::ServerUnaryReactor* EmotionService::ListModels(grpc::CallbackServerContext
                      : version.state == ModelState::kFailed ? v1::MODEL_STATE_FAILED
                                                             : v1::MODEL_STATE_LOADING);
         v->set_error(version.error);
+        v->set_reported_version(version.version_label);
       }
     }
   }

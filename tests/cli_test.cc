@@ -1100,8 +1100,9 @@ TEST_F(CliServerTest, InfoDescribesTheModel) {
 TEST_F(CliServerTest, ModelsListsTheServedModelsAndModelPicksOne) {
   const ProcessResult text = Run({"models"});
   ASSERT_EQ(text.exit_code, 0) << Describe(text);
+  // One model directory: version 1, which responses call model.json's "0".
   EXPECT_THAT(text.out, AllOf(HasSubstr("test-default-architecture"), HasSubstr("ready"),
-                              HasSubstr("serves calls naming no model")));
+                              HasSubstr("responses say version \"0\"; serves calls naming no model")));
   const ProcessResult json_run = Run({"models", "-o", "json"});
   ASSERT_EQ(json_run.exit_code, 0) << Describe(json_run);
   const Json models = ParseJson(json_run.out)["models"];
@@ -1110,6 +1111,7 @@ TEST_F(CliServerTest, ModelsListsTheServedModelsAndModelPicksOne) {
   EXPECT_EQ(models[0]["is_default"], true);
   EXPECT_EQ(models[0]["default_version"], 1);
   EXPECT_EQ(models[0]["versions"][0]["state"], "ready");
+  EXPECT_EQ(models[0]["versions"][0]["reported_version"], "0");
 
   const ProcessResult picked = Run({"info", "--model", "test-default-architecture:1"});
   EXPECT_EQ(picked.exit_code, 0) << Describe(picked);

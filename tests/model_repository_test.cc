@@ -323,7 +323,14 @@ TEST_F(ModelRepositoryTest, OneModelDirectoryIsARepositoryOfOne) {
   EXPECT_EQ((*served)->version_label(), config.version);
   EXPECT_TRUE((*repository)->Find(config.name, 1).ok());
   EXPECT_TRUE((*repository)->Reload().ok());
-  EXPECT_EQ((*repository)->List().size(), 1u);
+  const std::vector<ModelStatus> listed = (*repository)->List();
+  ASSERT_EQ(listed.size(), 1u);
+  ASSERT_EQ(listed[0].versions.size(), 1u);
+  EXPECT_EQ(listed[0].versions[0].version, 1);
+  EXPECT_EQ(listed[0].versions[0].version_label, config.version);  // what responses say
+  // Names longer than a directory's are refused.
+  EXPECT_EQ((*repository)->Find(std::string(256, 'm'), 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
