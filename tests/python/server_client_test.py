@@ -8,22 +8,14 @@ against the real emoserve-server binary on 127.0.0.1.
 Exit code 77 (ctest: skipped) when a prerequisite is missing.
 """
 import argparse
-import array
-import math
 import os
 import pathlib
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
-SKIP = 77
-PATIENCE_S = 120.0
-LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
+from support import LABELS, PATIENCE_S, SKIP, ServerProcess, linear16, model_dir, tone
 
 
 def parse_args():
@@ -49,78 +41,18 @@ except ImportError as error:
     sys.exit(SKIP)
 
 
-def linear16(samples):
-    pcm = array.array("h", (max(-32768, min(32767, round(x * 32768))) for x in samples))
-    if sys.byteorder != "little":
-        pcm.byteswap()
-    return pcm.tobytes()
-
-
-def tone(seconds, rate, frequency=220.0, amplitude=0.3):
-    """A tone whose loudness and pitch wander, so that windows differ."""
-    out = []
-    for i in range(int(seconds * rate)):
-        t = i / rate
-        level = amplitude * (0.6 + 0.4 * math.sin(2 * math.pi * 0.3 * t))
-        out.append(level * math.sin(2 * math.pi * (frequency + 40 * math.sin(2 * math.pi * 0.5 * t)) * t))
-    return out
-
-
-class Server:
-    """emoserve-server as a child process."""
+class Server(ServerProcess):
+    """The server on a model, with a channel and a stub."""
 
     def __init__(self, scratch):
-        self.scratch = pathlib.Path(scratch)
-        model = ARGS.model
-        if not model:
-            if not ARGS.model_writer or not os.access(ARGS.model_writer, os.X_OK):
-                print(f"SKIP: no --model and no model writer at {ARGS.model_writer}")
-                sys.exit(SKIP)
-            model = str(self.scratch / "model")
-            subprocess.run([ARGS.model_writer, model], check=True)
-        self.log_path = self.scratch / "server.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EMOSERVE_")}
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [ARGS.server, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                 "--model", model, "--torch-threads", "1", "--feature-threads", "1",
-                 "--grace-seconds", "5"],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.port = self._wait_for_port()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        super().__init__(ARGS.server, scratch,
+                         ["--model", model_dir(scratch, ARGS.model, ARGS.model_writer)])
+        self.channel = grpc.insecure_channel(self.address)
         self.stub = pb_grpc.EmotionServiceStub(self.channel)
-        self._wait_until_loaded()
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-    def _wait_for_port(self):
-        until = time.monotonic() + PATIENCE_S
-        while time.monotonic() < until:
-            match = re.search(r"event=startup .*? port=(\d+)", self.log())
-            if match:
-                return int(match.group(1))
-            if self.process.poll() is not None:
-                raise RuntimeError("emoserve-server exited:\n" + self.log())
-            time.sleep(0.02)
-        raise RuntimeError("no startup line:\n" + self.log())
-
-    def _wait_until_loaded(self):
-        until = time.monotonic() + PATIENCE_S
-        while time.monotonic() < until:
-            try:
-                self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
-                return
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-            time.sleep(0.05)
-        raise RuntimeError("the model never loaded:\n" + self.log())
 
     def stop(self):
         self.channel.close()
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=PATIENCE_S)
+        return super().stop()
 
 
 SERVER = None

@@ -1,0 +1,83 @@
+"""What the Python tests share: test audio and emoserve-server as a child
+process on 127.0.0.1."""
+import array
+import math
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+SKIP = 77  # ctest: skipped
+PATIENCE_S = 120.0
+LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
+
+
+def linear16(samples):
+    pcm = array.array("h", (max(-32768, min(32767, round(x * 32768))) for x in samples))
+    if sys.byteorder != "little":
+        pcm.byteswap()
+    return pcm.tobytes()
+
+
+def tone(seconds, rate, frequency=220.0, amplitude=0.3):
+    """A tone whose loudness and pitch wander, so that windows differ."""
+    out = []
+    for i in range(int(seconds * rate)):
+        t = i / rate
+        level = amplitude * (0.6 + 0.4 * math.sin(2 * math.pi * 0.3 * t))
+        out.append(level * math.sin(2 * math.pi * (frequency + 40 * math.sin(2 * math.pi * 0.5 * t)) * t))
+    return out
+
+
+def model_dir(scratch, model=None, model_writer=None):
+    """`model`, or a test model written by `model_writer` into `scratch`;
+    exits SKIP when there is neither."""
+    if model:
+        return model
+    if not model_writer or not os.access(model_writer, os.X_OK):
+        print(f"SKIP: no --model and no model writer at {model_writer}")
+        sys.exit(SKIP)
+    path = str(pathlib.Path(scratch) / "model")
+    if not pathlib.Path(path).is_dir():
+        subprocess.run([model_writer, path], check=True)
+    return path
+
+
+class ServerProcess:
+    """emoserve-server as a child process, started with `args` (after the
+    host, ports and thread flags), up once its log says event=serving."""
+
+    def __init__(self, server, scratch, args, name="server"):
+        self.log_path = pathlib.Path(scratch) / f"{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EMOSERVE_")}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [server, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                 "--torch-threads", "1", "--feature-threads", "1", "--grace-seconds", "5"]
+                + list(args),
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.port = self._wait_until_serving()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_until_serving(self):
+        until = time.monotonic() + PATIENCE_S
+        while time.monotonic() < until:
+            log = self.log()
+            match = re.search(r"event=startup .*? port=(\d+)", log)
+            if match and "event=serving" in log:
+                return int(match.group(1))
+            if self.process.poll() is not None:
+                raise RuntimeError("emoserve-server exited:\n" + log)
+            time.sleep(0.02)
+        raise RuntimeError("the server never reported serving:\n" + self.log())
+
+    def stop(self):
+        """SIGTERM; the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=PATIENCE_S)
