@@ -49,9 +49,8 @@ absl::Status Abandoned(absl::Time deadline) {
 
 // The outcome to report: a cancelled call (gRPC cancels at the deadline
 // too) ended that way, whatever the work's status; the client saw no other.
-absl::Status Outcome(const absl::Status& status, grpc::CallbackServerContext* context,
-                     absl::Time deadline) {
-  if (absl::IsCancelled(status) || context->IsCancelled()) return Abandoned(deadline);
+absl::Status Outcome(const absl::Status& status, bool cancelled, absl::Time deadline) {
+  if (absl::IsCancelled(status) || cancelled) return Abandoned(deadline);
   return status;
 }
 
@@ -70,23 +69,17 @@ class EmotionService::Call {
 };
 
 // --------------------------------------------------------------------------
-// Classify: checked on the gRPC thread, decoded to the model's rate on the
-// worker pool (block by block, charged to the budget, stopping when the
-// call is cancelled or its deadline passes), classified by the engine, and
-// finished from the engine's completion.
+// Classify: checked on the transport's thread, decoded to the model's rate
+// on the worker pool (block by block, charged to the budget, stopping when
+// the call is cancelled or its deadline passes), classified by the engine,
+// and finished from the engine's completion. One implementation for both
+// transports: gRPC (GrpcClassifyCall) and HTTP (HttpClassifyCall).
 
-class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
-                                           public EmotionService::Call {
+class EmotionService::ClassifyCall : public EmotionService::Call {
  public:
-  ClassifyCall(EmotionService* service, grpc::CallbackServerContext* context,
-               const v1::ClassifyRequest* request, v1::ClassifyResponse* response)
-      : service_(service),
-        context_(context),
-        request_(request),
-        response_(response),
-        deadline_(ToAbslDeadline(context->deadline())),
-        lease_(&service->budget_),
-        audio_lease_(std::make_shared<BudgetLease>(&service->budget_)) {
+  // Admits the call, finds its model and starts the work; completes the
+  // call at once when any of that fails. Called once, after construction.
+  void Begin() {
     if (absl::Status admitted = service_->Admit(this, CallKind::kUnary); !admitted.ok()) {
       Complete(admitted);
       return;
@@ -109,22 +102,39 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
     if (!started.ok()) Complete(started);
   }
 
-  void OnCancel() override { cancel_->Cancel(); }
+ protected:
+  // `request_lease` holds the request's bytes when the transport charged
+  // them itself (null: charged here).
+  ClassifyCall(EmotionService* service, absl::string_view method,
+               const v1::ClassifyRequest* request, v1::ClassifyResponse* response,
+               absl::Time deadline, std::unique_ptr<BudgetLease> request_lease)
+      : service_(service),
+        method_(method),
+        request_(request),
+        response_(response),
+        deadline_(deadline),
+        lease_(request_lease != nullptr ? std::move(request_lease)
+                                        : std::make_unique<BudgetLease>(&service->budget_)),
+        audio_lease_(std::make_shared<BudgetLease>(&service->budget_)) {}
 
-  void OnDone() override {
-    // Pairs with Complete's release: gRPC hands the call from Finish to
-    // OnDone through its core, whose atomics ThreadSanitizer does not see.
-    completed_.load(std::memory_order_acquire);
-    if (admitted_) service_->Release(this, CallKind::kUnary);
-    delete this;
-  }
+  // Whether the transport saw the call cancelled (the client left).
+  virtual bool TransportCancelled() const = 0;
+  // Hands the outcome to the transport (response_ is filled when it is
+  // OK). The last thing the call does: it may be deleted at once.
+  virtual void Deliver(const absl::Status& outcome) = 0;
 
-  void Cancel() override { context_->TryCancel(); }
+  EmotionService* const service_;
+  const std::shared_ptr<CancelFlag> cancel_ = std::make_shared<CancelFlag>();
+  bool admitted_ = false;
 
  private:
   absl::Status Start() {
     request_bytes_ = static_cast<int64_t>(request_->audio().size());
-    if (absl::Status charged = lease_.Grow(request_bytes_); !charged.ok()) return charged;
+    if (request_bytes_ > lease_->bytes()) {
+      if (absl::Status charged = lease_->Grow(request_bytes_ - lease_->bytes()); !charged.ok()) {
+        return charged;
+      }
+    }
     absl::StatusOr<std::optional<RawPcmFormat>> raw =
         CheckClassifyRequest(*request_, engine_->model().config(), service_->limits_);
     if (!raw.ok()) return raw.status();
@@ -202,37 +212,120 @@ class EmotionService::ClassifyCall final : public grpc::ServerUnaryReactor,
   // Records the outcome and finishes the call. The last thing this object
   // does: OnDone may delete it on another thread right after.
   void Complete(const absl::Status& status) {
-    const absl::Status outcome = Outcome(status, context_, deadline_);
-    service_->RecordCall(kClassify, outcome, start_, model_.get());
-    completed_.store(true, std::memory_order_release);
-    Finish(ToGrpcStatus(outcome));
+    const absl::Status outcome = Outcome(status, TransportCancelled(), deadline_);
+    service_->RecordCall(method_, outcome, start_, model_.get());
+    Deliver(outcome);
   }
 
-  EmotionService* const service_;
-  grpc::CallbackServerContext* const context_;
+  const absl::string_view method_;
   const v1::ClassifyRequest* const request_;
   v1::ClassifyResponse* const response_;
   const absl::Time start_ = absl::Now();
   absl::Time posted_;  // handed to the decoding workers
   const absl::Time deadline_;
-  const std::shared_ptr<CancelFlag> cancel_ = std::make_shared<CancelFlag>();
-  BudgetLease lease_;  // the request's bytes, until the call ends
+  const std::unique_ptr<BudgetLease> lease_;  // the request's bytes, until the call ends
   // The decoded audio's, handed to the engine with it.
   std::shared_ptr<BudgetLease> audio_lease_;
   int64_t request_bytes_ = 0;
-  bool admitted_ = false;
   // The version the call runs on, held until the call ends.
   std::shared_ptr<const ServedModel> model_;
   Engine* engine_ = nullptr;
   std::optional<RawPcmFormat> raw_;
   double duration_seconds_ = 0;
+};
+
+class EmotionService::GrpcClassifyCall final : public grpc::ServerUnaryReactor,
+                                               public EmotionService::ClassifyCall {
+ public:
+  GrpcClassifyCall(EmotionService* service, grpc::CallbackServerContext* context,
+                   const v1::ClassifyRequest* request, v1::ClassifyResponse* response)
+      : ClassifyCall(service, kClassify, request, response, ToAbslDeadline(context->deadline()),
+                     nullptr),
+        context_(context) {}
+
+  void OnCancel() override { cancel_->Cancel(); }
+
+  void OnDone() override {
+    // Pairs with Deliver's release: gRPC hands the call from Finish to
+    // OnDone through its core, whose atomics ThreadSanitizer does not see.
+    completed_.load(std::memory_order_acquire);
+    if (admitted_) service_->Release(this, CallKind::kUnary);
+    delete this;
+  }
+
+  void Cancel() override { context_->TryCancel(); }
+
+ private:
+  bool TransportCancelled() const override { return context_->IsCancelled(); }
+  void Deliver(const absl::Status& outcome) override {
+    completed_.store(true, std::memory_order_release);
+    Finish(ToGrpcStatus(outcome));
+  }
+
+  grpc::CallbackServerContext* const context_;
   std::atomic<bool> completed_{false};
 };
 
 grpc::ServerUnaryReactor* EmotionService::Classify(grpc::CallbackServerContext* context,
                                                    const v1::ClassifyRequest* request,
                                                    v1::ClassifyResponse* response) {
-  return new ClassifyCall(this, context, request, response);
+  auto* call = new GrpcClassifyCall(this, context, request, response);
+  call->Begin();
+  return call;
+}
+
+// The HTTP transport's Classify: owns its request and response, and hands
+// the outcome to `done` once.
+class EmotionService::HttpClassifyCall final : public EmotionService::ClassifyCall {
+ public:
+  HttpClassifyCall(EmotionService* service, absl::string_view method,
+                   std::unique_ptr<v1::ClassifyRequest> request, absl::Time deadline,
+                   std::unique_ptr<BudgetLease> request_lease, ClassifyDone done)
+      : HttpClassifyCall(service, method, request.get(), std::make_unique<v1::ClassifyResponse>(),
+                         deadline, std::move(request_lease), std::move(done)) {
+    request_storage_ = std::move(request);
+  }
+
+  // The shutdown grace is over: the work stops where it is.
+  void Cancel() override { cancel_->Cancel(); }
+
+ private:
+  HttpClassifyCall(EmotionService* service, absl::string_view method,
+                   const v1::ClassifyRequest* request,
+                   std::unique_ptr<v1::ClassifyResponse> response, absl::Time deadline,
+                   std::unique_ptr<BudgetLease> request_lease, ClassifyDone done)
+      : ClassifyCall(service, method, request, response.get(), deadline,
+                     std::move(request_lease)),
+        response_storage_(std::move(response)),
+        done_(std::move(done)) {}
+
+  bool TransportCancelled() const override { return false; }
+  void Deliver(const absl::Status& outcome) override {
+    ClassifyDone done = std::move(done_);
+    std::unique_ptr<v1::ClassifyResponse> response = std::move(response_storage_);
+    if (admitted_) service_->Release(this, CallKind::kUnary);
+    delete this;  // before `done`: the transport may stop the service once it has its answer
+    done(outcome, outcome.ok() ? std::move(*response) : v1::ClassifyResponse());
+  }
+
+  std::unique_ptr<v1::ClassifyRequest> request_storage_;
+  std::unique_ptr<v1::ClassifyResponse> response_storage_;
+  ClassifyDone done_;
+};
+
+void EmotionService::ClassifyFor(absl::string_view method,
+                                 std::unique_ptr<v1::ClassifyRequest> request,
+                                 absl::Time deadline, std::unique_ptr<BudgetLease> request_lease,
+                                 ClassifyDone done) {
+  auto* call = new HttpClassifyCall(this, method, std::move(request), deadline,
+                                    std::move(request_lease), std::move(done));
+  call->Begin();
+}
+
+absl::StatusOr<std::unique_ptr<BudgetLease>> EmotionService::ReserveRequestBytes(int64_t bytes) {
+  auto lease = std::make_unique<BudgetLease>(&budget_);
+  if (absl::Status s = lease->Grow(bytes); !s.ok()) return s;
+  return lease;
 }
 
 // --------------------------------------------------------------------------
@@ -612,7 +705,7 @@ class EmotionService::StreamCall final
       absl::MutexLock lock(&mu_);
       if (state_ != State::kEnding || processing_ || write_in_flight_) return;
       state_ = State::kFinished;
-      outcome = Outcome(outcome_, context_, deadline_);
+      outcome = Outcome(outcome_, context_->IsCancelled(), deadline_);
     }
     service_->RecordCall(kStreamClassify, outcome, start_, model_.get());
     Finish(ToGrpcStatus(outcome));
@@ -673,11 +766,9 @@ EmotionService::StreamClassify(grpc::CallbackServerContext* context) {
 
 // --------------------------------------------------------------------------
 
-grpc::ServerUnaryReactor* EmotionService::GetModelInfo(
-    grpc::CallbackServerContext* context, const v1::GetModelInfoRequest* request,
-    v1::ModelInfo* response) {
+absl::StatusOr<v1::ModelInfo> EmotionService::ModelInfoFor(
+    absl::string_view method, const v1::GetModelInfoRequest& request) {
   const absl::Time start = absl::Now();
-  absl::Status status;
   bool draining = false;
   {
     absl::MutexLock lock(&mu_);
@@ -685,41 +776,34 @@ grpc::ServerUnaryReactor* EmotionService::GetModelInfo(
   }
   absl::StatusOr<std::shared_ptr<const ServedModel>> model =
       draining ? absl::UnavailableError("the server is shutting down")
-               : FindModel(request->model_name(), request->model_version());
+               : FindModel(request.model_name(), request.model_version());
+  absl::StatusOr<v1::ModelInfo> info = absl::UnknownError("");  // set below
   if (!model.ok()) {
-    status = model.status();
+    info = model.status();
   } else {
     const Engine& engine = (*model)->engine();
-    absl::StatusOr<v1::ModelInfo> info = ModelInfoFromConfig(
-        engine.model().config(), engine.model().device(), engine.options().max_batch_size);
-    if (!info.ok()) {
-      status = info.status();
-    } else {
-      *response = *std::move(info);
-      response->set_name((*model)->name());
-      response->set_version((*model)->version_label());
+    info = ModelInfoFromConfig(engine.model().config(), engine.model().device(),
+                               engine.options().max_batch_size);
+    if (info.ok()) {
+      info->set_name((*model)->name());
+      info->set_version((*model)->version_label());
     }
   }
-  RecordCall(kGetModelInfo, status, start, model.ok() ? model->get() : nullptr);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
+  RecordCall(method, info.status(), start, model.ok() ? model->get() : nullptr);
+  return info;
 }
 
-grpc::ServerUnaryReactor* EmotionService::ListModels(grpc::CallbackServerContext* context,
-                                                     const v1::ListModelsRequest* /*request*/,
-                                                     v1::ListModelsResponse* response) {
+absl::StatusOr<v1::ListModelsResponse> EmotionService::ModelsFor(absl::string_view method) {
   const absl::Time start = absl::Now();
-  absl::Status status;
   const ModelRepository* repository = nullptr;
   {
     absl::MutexLock lock(&mu_);
     repository = repository_;
   }
-  if (repository == nullptr) {
-    status = absl::UnavailableError(
-        "the models are still loading; retry when the health service reports SERVING");
-  } else {
+  absl::StatusOr<v1::ListModelsResponse> response = absl::UnavailableError(
+      "the models are still loading; retry when the health service reports SERVING");
+  if (repository != nullptr) {
+    response = v1::ListModelsResponse();
     for (const ModelStatus& model : repository->List()) {
       v1::ModelStatus* out = response->add_models();
       out->set_name(model.name);
@@ -736,9 +820,27 @@ grpc::ServerUnaryReactor* EmotionService::ListModels(grpc::CallbackServerContext
       }
     }
   }
-  RecordCall(kListModels, status, start, nullptr);
+  RecordCall(method, response.status(), start, nullptr);
+  return response;
+}
+
+grpc::ServerUnaryReactor* EmotionService::GetModelInfo(
+    grpc::CallbackServerContext* context, const v1::GetModelInfoRequest* request,
+    v1::ModelInfo* response) {
+  absl::StatusOr<v1::ModelInfo> info = ModelInfoFor(kGetModelInfo, *request);
+  if (info.ok()) *response = *std::move(info);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
+  reactor->Finish(ToGrpcStatus(info.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* EmotionService::ListModels(grpc::CallbackServerContext* context,
+                                                     const v1::ListModelsRequest* /*request*/,
+                                                     v1::ListModelsResponse* response) {
+  absl::StatusOr<v1::ListModelsResponse> models = ModelsFor(kListModels);
+  if (models.ok()) *response = *std::move(models);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(models.status()));
   return reactor;
 }
 

@@ -5,6 +5,8 @@
 #ifndef EMOSERVE_SERVER_EMOTION_SERVICE_H_
 #define EMOSERVE_SERVER_EMOTION_SERVICE_H_
 
+#include <functional>
+#include <memory>
 #include <optional>
 #include <thread>
 
@@ -47,6 +49,22 @@ class EmotionService final : public v1::EmotionService::CallbackService {
 
   const MemoryBudget& budget() const { return budget_; }
 
+  // For other transports (HTTP/JSON): the same admission, limits, model
+  // lookup and metrics (under `method`) as the gRPC methods.
+  using ClassifyDone = std::function<void(const absl::Status&, v1::ClassifyResponse)>;
+  // Classify; `request_lease` holds the request's bytes when the transport
+  // charged them before reading them (null: charged here). `done` is called
+  // once, on any thread, possibly before this returns.
+  void ClassifyFor(absl::string_view method, std::unique_ptr<v1::ClassifyRequest> request,
+                   absl::Time deadline, std::unique_ptr<BudgetLease> request_lease,
+                   ClassifyDone done);
+  // Charges `bytes` of a request about to be read to the budget of audio in
+  // flight (RESOURCE_EXHAUSTED when full).
+  absl::StatusOr<std::unique_ptr<BudgetLease>> ReserveRequestBytes(int64_t bytes);
+  absl::StatusOr<v1::ModelInfo> ModelInfoFor(absl::string_view method,
+                                             const v1::GetModelInfoRequest& request);
+  absl::StatusOr<v1::ListModelsResponse> ModelsFor(absl::string_view method);
+
   grpc::ServerUnaryReactor* Classify(grpc::CallbackServerContext* context,
                                      const v1::ClassifyRequest* request,
                                      v1::ClassifyResponse* response) override;
@@ -62,6 +80,8 @@ class EmotionService final : public v1::EmotionService::CallbackService {
  private:
   class Call;
   class ClassifyCall;
+  class GrpcClassifyCall;
+  class HttpClassifyCall;
   class StreamCall;
   enum class CallKind { kUnary, kStream };
 
