@@ -30,7 +30,7 @@ for round in $(seq "$rounds"); do
       [[ "$rest" == *:* ]] && flags=${rest#*:}
       log=$(mktemp)
       # shellcheck disable=SC2086
-      "$binary" --host 127.0.0.1 --port 0 --metrics-port 0 $flags 2>"$log" &
+      "$binary" --host 127.0.0.1 --port 0 --metrics-port 0 --http-port 0 $flags 2>"$log" &
       pid=$!
       port=$(wait_for_server "$log")
       rps=$("$cli" bench --server "127.0.0.1:$port" -j "$j" -d "$duration" --warmup 3 -o json \

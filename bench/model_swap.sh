@@ -29,7 +29,7 @@ repo="$work/repository"
 mkdir -p "$repo/emotion"
 cp -r "$model" "$repo/emotion/1"
 
-"$server" --host 127.0.0.1 --port 0 --metrics-port 0 --model-repository "$repo" \
+"$server" --host 127.0.0.1 --port 0 --metrics-port 0 --http-port 0 --model-repository "$repo" \
   --model-poll-seconds 0 2>"$work/server.log" &
 pid=$!
 port=$(wait_for_server "$work/server.log")

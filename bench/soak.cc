@@ -104,7 +104,7 @@ class ServerProcess {
                                                               const std::string& log_path) {
     const std::vector<std::string> args = {
         options.server_binary, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-        "--model", options.model, "--grace-seconds", absl::StrCat(options.grace_seconds)};
+        "--http-port", "0", "--model", options.model, "--grace-seconds", absl::StrCat(options.grace_seconds)};
     const pid_t pid = fork();
     if (pid < 0) return absl::InternalError("fork failed");
     if (pid == 0) {

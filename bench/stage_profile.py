@@ -73,7 +73,7 @@ def start_server(binary, model, flags):
     metrics_port = free_port()
     process = subprocess.Popen(
         [binary, "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port),
-         "--model", model] + flags, stderr=log, stdout=log)
+         "--http-port", "0", "--model", model] + flags, stderr=log, stdout=log)
     deadline = time.time() + 120
     while time.time() < deadline:
         text = open(log.name).read()

@@ -65,6 +65,11 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   add("metrics-timeout-ms", c.metrics_timeout_ms,
       "How long the metrics endpoint waits for a request before closing the connection")
       ->check(CLI::Range(100, 60000));
+  add("http-host", c.http_host, "Address of the HTTP/JSON API (empty: --host)");
+  add("http-port", c.http_port, "HTTP/JSON API port (0: disabled)")->check(CLI::Range(0, 65535));
+  add("http-threads", c.http_threads,
+      "HTTP connections answered at once (a thread each; others wait to be accepted)")
+      ->check(CLI::Range(1, 1024));
   add("reflection", c.reflection, "Serve gRPC server reflection (for grpcurl)");
   add("model", c.model, "Model directory (model.json + model.pt)")
       ->check(CLI::ExistingDirectory);

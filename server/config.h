@@ -24,6 +24,9 @@ struct ServerConfig {
   int metrics_port = 9464;   // 0: no metrics endpoint
   int metrics_threads = 16;
   int metrics_timeout_ms = 1000;  // a metrics request must arrive within this
+  std::string http_host;  // "": the same as host
+  int http_port = 8080;   // HTTP/JSON; 0: none
+  int http_threads = 16;  // connections answered at once
   bool reflection = true;
   // Model and engine.
   std::string model = "models/default";  // one model directory

@@ -120,6 +120,11 @@ void HealthService::SetServing(bool serving) {
   for (Watcher* watcher : watchers_) watcher->Send(StatusOf(watcher->name()));
 }
 
+bool HealthService::serving() const {
+  absl::MutexLock lock(&mu_);
+  return serving_ && !shut_down_;
+}
+
 void HealthService::Shutdown() {
   absl::MutexLock lock(&mu_);
   serving_ = false;

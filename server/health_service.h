@@ -24,6 +24,7 @@ class HealthService final : public grpc::health::v1::Health::CallbackService {
   ~HealthService() override;
 
   void SetServing(bool serving);
+  bool serving() const;
   // NOT_SERVING for good; open Watch calls end with UNAVAILABLE so that the
   // server's shutdown does not wait for them.
   void Shutdown();

@@ -61,6 +61,7 @@ int main(int argc, char** argv) {
        {"port", (*server)->port()},
        {"metrics_host", config.metrics_host.empty() ? config.host : config.metrics_host},
        {"metrics_port", config.metrics_port},
+       {"http_port", (*server)->http_port()},
        {"tls", config.tls_cert.empty() ? "off" : config.tls_client_ca.empty() ? "on" : "mutual"},
        {"reflection", config.reflection},
        {"max_batch_size", config.max_batch_size},

@@ -18,7 +18,7 @@
 #include "prometheus/registry.h"
 #include "prometheus/text_serializer.h"
 
-// The Exposer's web server (civetweb) starts its threads with 100 KiB
+// civetweb (the Exposer's web server, and the HTTP API's) starts its threads with 100 KiB
 // stacks (Debian builds it with USE_STACK_SIZE=102400). glibc carves a
 // thread's static TLS out of its stack, and LibTorch's dependencies have
 // more than that (OpenBLAS 60 KiB, glog 30 KiB, ...), so pthread_create

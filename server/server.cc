@@ -232,6 +232,29 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                                 : " (is the port in use? are --tls-cert/--tls-key a "
                                   "matching PEM certificate and key?)"));
   }
+  if (config.http_port > 0 && !config.tls_cert.empty()) {
+    // Never plaintext when TLS was asked for, and civetweb cannot do TLS
+    // here (server/http_server.h).
+    Log(LogLevel::kWarning, "http_disabled",
+        {{"reason",
+          "HTTP/JSON is plaintext only and TLS is on (--tls-cert): it is not served; "
+          "put a TLS-terminating proxy in front of --http-port on another server, or use gRPC"}});
+  } else if (config.http_port > 0) {
+    HttpOptions http;
+    http.host = config.http_host.empty() ? config.host : config.http_host;
+    http.port = config.http_port;
+    http.threads = config.http_threads;
+    http.max_body_bytes = config.max_message_bytes;
+    HealthService* health = server->health_.get();
+    absl::StatusOr<std::unique_ptr<HttpServer>> started = HttpServer::Start(
+        http, server->service_.get(), [health] { return health->serving(); });
+    if (!started.ok()) {
+      server->grpc_server_->Shutdown();
+      server->grpc_server_.reset();
+      return started.status();
+    }
+    server->http_ = *std::move(started);
+  }
   return server;
 }
 
@@ -389,6 +412,7 @@ void Server::Shutdown(absl::Duration grace) {
         {{"grace_seconds", absl::ToDoubleSeconds(grace)}});
     service_->CancelAll();
   }
+  http_.reset();  // its calls are over: waits only for answers being written
   {
     absl::MutexLock lock(&watch_mu_);
     stop_watching_ = true;

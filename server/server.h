@@ -20,6 +20,7 @@
 #include "server/connection_guard.h"
 #include "server/emotion_service.h"
 #include "server/health_service.h"
+#include "server/http_server.h"
 #include "server/metrics.h"
 
 namespace emoserve {
@@ -50,6 +51,8 @@ class Server {
 
   // The bound gRPC port (the chosen one when config.port is 0).
   int port() const { return port_; }
+  // The HTTP/JSON port; 0 when config.http_port is 0.
+  int http_port() const { return http_ != nullptr ? http_->port() : 0; }
   const ServerConfig& config() const { return config_; }
   ServerMetrics& metrics() { return *metrics_; }
 
@@ -80,6 +83,8 @@ class Server {
   bool unload_requested_ ABSL_GUARDED_BY(watch_mu_) = false;  // a version was released
   bool stop_watching_ ABSL_GUARDED_BY(watch_mu_) = false;
   std::unique_ptr<grpc::Server> grpc_server_;
+  // Stopped before the service whose calls it makes.
+  std::unique_ptr<HttpServer> http_;
   // Plaintext: the listener in front of gRPC (destroyed before gRPC).
   std::unique_ptr<ConnectionGuard> guard_;
 };

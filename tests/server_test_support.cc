@@ -63,6 +63,7 @@ ServerConfig TestServerConfig() {
   config.host = "127.0.0.1";
   config.port = 0;
   config.metrics_port = 0;
+  config.http_port = 0;
   config.model = TestModelDir();
   config.intra_op_threads = 1;
   config.feature_threads = 2;
@@ -229,6 +230,14 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   const std::string log_path = absl::StrCat(ScratchDir(), "/server_", ++started, ".log");
   std::vector<std::string> argv_storage = {ServerBinary()};
   argv_storage.insert(argv_storage.end(), args.begin(), args.end());
+  // No HTTP port unless the test asks for one: tests run side by side.
+  const auto names_http_port = [](const std::string& arg) {
+    return absl::StartsWith(arg, "--http-port") || absl::StartsWith(arg, "EMOSERVE_HTTP_PORT=");
+  };
+  if (std::none_of(args.begin(), args.end(), names_http_port) &&
+      std::none_of(env.begin(), env.end(), names_http_port)) {
+    argv_storage.insert(argv_storage.end(), {"--http-port", "0"});
+  }
   std::vector<char*> argv;
   for (std::string& arg : argv_storage) argv.push_back(arg.data());
   argv.push_back(nullptr);

@@ -95,6 +95,9 @@ metrics_port = int(settings["EMOSERVE_METRICS_PORT"])
 check(ports.get("grpc") == grpc_port, f"container port grpc {ports.get('grpc')} != EMOSERVE_PORT {grpc_port}")
 check(ports.get("metrics") == metrics_port,
       f"container port metrics {ports.get('metrics')} != EMOSERVE_METRICS_PORT {metrics_port}")
+http_port = int(settings["EMOSERVE_HTTP_PORT"])
+check(ports.get("http") == http_port,
+      f"container port http {ports.get('http')} != EMOSERVE_HTTP_PORT {http_port}")
 check(settings.get("EMOSERVE_HOST") == "0.0.0.0",
       "the server must listen on all interfaces in a pod (EMOSERVE_HOST)")
 for probe_name in ("readinessProbe", "livenessProbe", "startupProbe"):
@@ -114,7 +117,7 @@ check(liveness["periodSeconds"] * liveness["failureThreshold"] >= 20,
 service_ports = {p["name"]: p for p in service["spec"]["ports"]}
 check(service["spec"].get("clusterIP") == "None",
       "Service is not headless: gRPC clients could not balance across pods")
-for name in ("grpc", "metrics"):
+for name in ("grpc", "metrics", "http"):
     port = service_ports.get(name)
     if check(port is not None, f"Service has no {name} port"):
         check(port["targetPort"] in (name, ports.get(name)), f"Service port {name} targets {port['targetPort']}")
@@ -181,8 +184,9 @@ check("install-deps.sh --build" in build_runs and "--preset release" in build_ru
 check("install-deps.sh --runtime" in " ".join(a for k, a in runtime if k == "RUN"),
       "the runtime stage does not install with install-deps.sh --runtime")
 image_env = dockerfile_env("runtime")
-check(int(image_env["EMOSERVE_PORT"]) == grpc_port and int(image_env["EMOSERVE_METRICS_PORT"]) == metrics_port,
-      "the image's EMOSERVE_PORT/EMOSERVE_METRICS_PORT differ from the ConfigMap's")
+check(int(image_env["EMOSERVE_PORT"]) == grpc_port and int(image_env["EMOSERVE_METRICS_PORT"]) == metrics_port
+      and int(image_env["EMOSERVE_HTTP_PORT"]) == http_port,
+      "the image's EMOSERVE_PORT/EMOSERVE_METRICS_PORT/EMOSERVE_HTTP_PORT differ from the ConfigMap's")
 images = {i["name"] for i in kustomization.get("images", [])}
 check(container["image"].split(":")[0] in images,
       f"container image {container['image']} is not rewritten by the kustomization's images:")

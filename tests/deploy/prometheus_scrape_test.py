@@ -87,7 +87,7 @@ with lib.scratch_dir("emoserve-prometheus-") as scratch:
     server_log = open(scratch / "server.log", "w")
     server_process = subprocess.Popen(
         [str(server), "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port),
-         "--model", str(model), "--torch-threads", "1", "--feature-threads", "1", "--grace-seconds", "5"],
+         "--http-port", "0", "--model", str(model), "--torch-threads", "1", "--feature-threads", "1", "--grace-seconds", "5"],
         stdout=server_log, stderr=subprocess.STDOUT, env=env, cwd=scratch)
     prometheus_process = None
     try:

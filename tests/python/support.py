@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,13 @@ def tone(seconds, rate, frequency=220.0, amplitude=0.3):
     return out
 
 
+def free_port():
+    """A port free now (the server binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def model_dir(scratch, model=None, model_writer=None):
     """`model`, or a test model written by `model_writer` into `scratch`;
     exits SKIP when there is neither."""
@@ -47,17 +55,22 @@ def model_dir(scratch, model=None, model_writer=None):
 
 
 class ServerProcess:
-    """emoserve-server as a child process, started with `args` (after the
-    host, ports and thread flags), up once its log says event=serving."""
+    """emoserve-server as a child process on 127.0.0.1, with `args` and the
+    test defaults for the flags they do not set (ports 0: any free gRPC
+    port, no metrics, no HTTP; one thread each); up once its log says
+    event=serving."""
+
+    DEFAULTS = {"--port": "0", "--metrics-port": "0", "--http-port": "0", "--torch-threads": "1",
+                "--feature-threads": "1", "--grace-seconds": "5"}
 
     def __init__(self, server, scratch, args, name="server"):
         self.log_path = pathlib.Path(scratch) / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMOSERVE_")}
+        defaults = [part for flag, value in self.DEFAULTS.items() if flag not in args
+                    for part in (flag, value)]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [server, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                 "--torch-threads", "1", "--feature-threads", "1", "--grace-seconds", "5"]
-                + list(args),
+                [server, "--host", "127.0.0.1"] + defaults + list(args),
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         self.port = self._wait_until_serving()
         self.address = f"127.0.0.1:{self.port}"
