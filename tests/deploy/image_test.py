@@ -101,7 +101,8 @@ inspect = json.loads(run(["podman", "image", "inspect", IMAGE], 60, capture_outp
 config = inspect["Config"]
 lib.log(f"image size: {inspect['Size'] / 1e6:.0f} MB")
 check(config.get("User") == "10001:10001", f"image user {config.get('User')}")
-check({"50051/tcp", "9464/tcp"} <= set(config.get("ExposedPorts", {})), f"exposed {config.get('ExposedPorts')}")
+check({"50051/tcp", "9464/tcp", "8080/tcp"} <= set(config.get("ExposedPorts", {})),
+      f"exposed {config.get('ExposedPorts')}")
 check(config.get("Entrypoint") == ["emoserve-server"], f"entrypoint {config.get('Entrypoint')}")
 check(config.get("StopSignal") == "SIGTERM", f"stop signal {config.get('StopSignal')}")
 # Docker-format images keep HEALTHCHECK; podman shows it beside Config.
@@ -127,13 +128,14 @@ try:
     check((root / "opt/emoserve/models/cnn-transformer/model.pt").is_file(),
           "the image lacks models/cnn-transformer (its models/ is a repository of both)")
 
-    grpc_port, metrics_port = lib.free_port(), lib.free_port()
+    grpc_port, metrics_port, http_port = lib.free_port(), lib.free_port(), lib.free_port()
     # As the container would run: the image's environment (the ports moved to
     # free ones, loopback only), user and working directory; a private mount
     # namespace gives it /proc, /sys, /dev and a writable /tmp that vanish
     # with it, over a root filesystem that stays read-only.
     env = dict(image_env, EMOSERVE_HOST="127.0.0.1", EMOSERVE_PORT=str(grpc_port),
-               EMOSERVE_METRICS_PORT=str(metrics_port), EMOSERVE_TORCH_THREADS="1",
+               EMOSERVE_METRICS_PORT=str(metrics_port), EMOSERVE_HTTP_PORT=str(http_port),
+               EMOSERVE_TORCH_THREADS="1",
                EMOSERVE_FEATURE_THREADS="1")
     env_args = [f"{k}={v}" for k, v in env.items()]
     container_command = " ".join(shlex.quote(c) for c in config["Entrypoint"] + (config.get("Cmd") or []))
@@ -160,6 +162,8 @@ try:
         lib.log(f"{clip.name}: {result.get('top_label')} ({result.get('confidence')})")
     metrics = lib.http_get(f"http://127.0.0.1:{metrics_port}/metrics") or ""
     check("emoserve_model_info{" in metrics, "the image's server exports no emoserve_model_info")
+    ready = lib.http_get(f"http://127.0.0.1:{http_port}/readyz") or ""
+    check('"SERVING"' in ready, f"the image's server HTTP /readyz: {ready!r}")
 
     # The image's HEALTHCHECK command, inside the image, as its user.
     if len(healthcheck) == 2:
