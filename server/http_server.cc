@@ -234,8 +234,21 @@ HttpServer::~HttpServer() {
 }
 
 int HttpServer::Handle(mg_connection* connection, void* self) {
-  static_cast<HttpServer*>(self)->HandleRequest(connection);
+  HttpServer* server = static_cast<HttpServer*>(self);
+  {
+    absl::MutexLock lock(&server->mu_);
+    ++server->handling_;
+  }
+  server->HandleRequest(connection);
+  absl::MutexLock lock(&server->mu_);
+  --server->handling_;
   return 1;
+}
+
+bool HttpServer::WaitUntilIdle(absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  const auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return handling_ == 0; };
+  return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
 }
 
 void HttpServer::HandleRequest(mg_connection* connection) {

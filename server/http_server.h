@@ -16,7 +16,10 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "server/emotion_service.h"
 
 struct mg_context;
@@ -48,7 +51,12 @@ class HttpServer {
   static absl::StatusOr<std::unique_ptr<HttpServer>> Start(const HttpOptions& options,
                                                            EmotionService* service,
                                                            std::function<bool()> ready);
-  // Stops listening and waits for the requests being answered.
+  // Waits until no request is being handled (their calls are over, their
+  // answers written), or until `deadline`. For shutdown: the service
+  // refuses new calls first, so requests still arriving get 503 quickly.
+  bool WaitUntilIdle(absl::Time deadline);
+  // Stops listening and closes every connection (an answer still being
+  // written is cut: WaitUntilIdle first).
   ~HttpServer();
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
@@ -66,6 +74,8 @@ class HttpServer {
   const std::function<bool()> ready_;
   mg_context* context_ = nullptr;
   int port_ = 0;
+  absl::Mutex mu_;
+  int handling_ ABSL_GUARDED_BY(mu_) = 0;  // requests in HandleRequest
 };
 
 }  // namespace emoserve

@@ -412,7 +412,10 @@ void Server::Shutdown(absl::Duration grace) {
         {{"grace_seconds", absl::ToDoubleSeconds(grace)}});
     service_->CancelAll();
   }
-  http_.reset();  // its calls are over: waits only for answers being written
+  // Its calls are over or cancelled: the answers being written (and the
+  // 503s of requests that came late) go out before its connections close.
+  if (http_ != nullptr) http_->WaitUntilIdle(deadline);
+  http_.reset();
   {
     absl::MutexLock lock(&watch_mu_);
     stop_watching_ = true;
