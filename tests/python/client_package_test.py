@@ -10,16 +10,14 @@ Exit code 77 (ctest: skipped) when a prerequisite is missing.
 """
 import argparse
 import filecmp
-import io
 import pathlib
-import shutil
 import subprocess
 import sys
 import tempfile
 import unittest
-import wave
 
-from support import LABELS, SKIP, ServerProcess, linear16, model_dir, tone
+from support import (LABELS, SKIP, ServerProcess, linear16, model_dir, self_signed_certificate,
+                     stop_and_clean, tone, wav_bytes)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "clients" / "python"
@@ -52,16 +50,6 @@ SERVER = None
 MODEL = None
 
 
-def wav_bytes(samples, rate):
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(linear16(samples))
-    return out.getvalue()
-
-
 def setUpModule():
     global SCRATCH, SERVER, MODEL
     SCRATCH = tempfile.mkdtemp(prefix="emoserve_client_package_")
@@ -70,11 +58,7 @@ def setUpModule():
 
 
 def tearDownModule():
-    code = SERVER.stop()
-    log = SERVER.log()
-    shutil.rmtree(SCRATCH, ignore_errors=True)
-    if code != 0:
-        raise AssertionError(f"emoserve-server exited {code} on SIGTERM:\n{log}")
+    stop_and_clean(SERVER, SCRATCH)
 
 
 class ClientTest(unittest.TestCase):
@@ -189,14 +173,10 @@ class ExampleTest(unittest.TestCase):
 
 class TlsTest(unittest.TestCase):
     def test_tls_with_the_servers_certificate(self):
-        cert = pathlib.Path(SCRATCH) / "cert.pem"
-        key = pathlib.Path(SCRATCH) / "key.pem"
-        made = subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-             "-keyout", str(key), "-out", str(cert)], capture_output=True)
-        if made.returncode != 0:
-            self.skipTest("openssl failed: " + made.stderr.decode(errors="replace"))
+        made = self_signed_certificate(SCRATCH)
+        if isinstance(made, str):
+            self.skipTest(made)
+        cert, key = made
         server = ServerProcess(ARGS.server, SCRATCH,
                                ["--model", MODEL, "--tls-cert", str(cert), "--tls-key", str(key)],
                                name="tls-server")

@@ -9,18 +9,15 @@ Exit code 77 (ctest: skipped) when a prerequisite is missing.
 """
 import argparse
 import http.client
-import io
 import json
 import pathlib
-import shutil
-import subprocess
 import sys
 import tempfile
 import unittest
 import urllib.request
-import wave
 
-from support import LABELS, SKIP, ServerProcess, free_port, linear16, model_dir, tone
+from support import (LABELS, SKIP, ServerProcess, free_port, linear16, model_dir,
+                     self_signed_certificate, stop_and_clean, tone, wav_bytes)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -49,16 +46,6 @@ MAX_BODY = 1 << 20
 SCRATCH = SERVER = HTTP_PORT = METRICS_PORT = MODEL = None
 
 
-def wav_bytes(samples, rate=RATE):
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(linear16(samples))
-    return out.getvalue()
-
-
 def setUpModule():
     global SCRATCH, SERVER, HTTP_PORT, METRICS_PORT, MODEL
     SCRATCH = tempfile.mkdtemp(prefix="emoserve_http_")
@@ -71,11 +58,7 @@ def setUpModule():
 
 
 def tearDownModule():
-    code = SERVER.stop()
-    log = SERVER.log()
-    shutil.rmtree(SCRATCH, ignore_errors=True)
-    if code != 0:
-        raise AssertionError(f"emoserve-server exited {code} on SIGTERM:\n{log}")
+    stop_and_clean(SERVER, SCRATCH)
 
 
 def call(method, path, body=None, headers=None, port=None, context=None):
@@ -122,11 +105,11 @@ class HttpApiTest(unittest.TestCase):
 
     def test_classify_a_file_and_raw_pcm_as_grpc_does(self):
         samples = tone(4.0, RATE)
-        status, result, headers = call("POST", "/v1/classify?timeline=true", wav_bytes(samples))
+        status, result, headers = call("POST", "/v1/classify?timeline=true", wav_bytes(samples, RATE))
         self.assertEqual(status, 200, result)
         self.assertEqual(headers.get("Content-Type"), "application/json")
         with EmoserveClient(SERVER.address) as client:
-            want = client.classify(wav_bytes(samples), timeline=True)
+            want = client.classify(wav_bytes(samples, RATE), timeline=True)
         self.assertEqual(result["topLabel"], want.top_label)
         self.assertEqual([s["label"] for s in result["scores"]], [s.label for s in want.scores])
         for got, expected in zip(result["scores"], want.scores):
@@ -142,7 +125,7 @@ class HttpApiTest(unittest.TestCase):
             self.assertAlmostEqual(got["probability"], expected["probability"], delta=1e-5)
 
     def test_each_error_has_its_code_and_status(self):
-        audio = wav_bytes(tone(1.0, RATE))
+        audio = wav_bytes(tone(1.0, RATE), RATE)
         self.assert_error(call("POST", "/v1/classify", b"definitely not audio"), 400,
                           "INVALID_ARGUMENT", "could not decode")
         self.assert_error(call("POST", "/v1/classify?bogus=1", audio), 400, "INVALID_ARGUMENT",
@@ -160,7 +143,7 @@ class HttpApiTest(unittest.TestCase):
                                b"\x10\x00" * (MAX_BODY // 2)), 429, "RESOURCE_EXHAUSTED",
                           "memory")
         self.assert_error(call("POST", "/v1/classify?timeout_seconds=0.001",
-                               wav_bytes(tone(6.0, RATE))), 504, "DEADLINE_EXCEEDED", "deadline")
+                               wav_bytes(tone(6.0, RATE), RATE)), 504, "DEADLINE_EXCEEDED", "deadline")
         self.assert_error(call("POST", "/v1/classify", iter([audio]),
                                {"Transfer-Encoding": "chunked"}), 411, "INVALID_ARGUMENT",
                           "Content-Length")
@@ -171,7 +154,7 @@ class HttpApiTest(unittest.TestCase):
         self.assertEqual(call("POST", "/v1/classify", audio)[0], 200)
 
     def test_http_calls_are_counted_by_method(self):
-        call("POST", "/v1/classify", wav_bytes(tone(1.0, RATE)))
+        call("POST", "/v1/classify", wav_bytes(tone(1.0, RATE), RATE))
         call("GET", "/v1/model?model=nope")
         with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30) as r:
             text = r.read().decode()
@@ -184,14 +167,10 @@ class HttpApiTest(unittest.TestCase):
 
 class TlsTest(unittest.TestCase):
     def test_a_tls_server_serves_no_plaintext_http(self):
-        cert = pathlib.Path(SCRATCH) / "cert.pem"
-        key = pathlib.Path(SCRATCH) / "key.pem"
-        made = subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-            capture_output=True)
-        if made.returncode != 0:
-            self.skipTest("openssl failed: " + made.stderr.decode(errors="replace"))
+        made = self_signed_certificate(SCRATCH)
+        if isinstance(made, str):
+            self.skipTest(made)
+        cert, key = made
         port = free_port()
         server = ServerProcess(ARGS.server, SCRATCH,
                                ["--model", MODEL, "--http-port", str(port),

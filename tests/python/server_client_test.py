@@ -10,12 +10,12 @@ Exit code 77 (ctest: skipped) when a prerequisite is missing.
 import argparse
 import os
 import pathlib
-import shutil
 import sys
 import tempfile
 import unittest
 
-from support import LABELS, PATIENCE_S, SKIP, ServerProcess, linear16, model_dir, tone
+from support import (LABELS, PATIENCE_S, SKIP, ServerProcess, linear16, model_dir,
+                     stop_and_clean, tone)
 
 
 def parse_args():
@@ -66,11 +66,7 @@ def setUpModule():
 
 
 def tearDownModule():
-    code = SERVER.stop()
-    log = SERVER.log()
-    shutil.rmtree(SCRATCH, ignore_errors=True)
-    if code != 0:
-        raise AssertionError(f"emoserve-server exited {code} on SIGTERM:\n{log}")
+    stop_and_clean(SERVER, SCRATCH)
 
 
 def max_difference(a, b):

@@ -1,8 +1,10 @@
 """What the Python tests share: test audio and emoserve-server as a child
 process on 127.0.0.1."""
 import array
+import io
 import math
 import os
+import shutil
 import pathlib
 import re
 import signal
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import wave
 
 SKIP = 77  # ctest: skipped
 PATIENCE_S = 120.0
@@ -31,6 +34,41 @@ def tone(seconds, rate, frequency=220.0, amplitude=0.3):
         level = amplitude * (0.6 + 0.4 * math.sin(2 * math.pi * 0.3 * t))
         out.append(level * math.sin(2 * math.pi * (frequency + 40 * math.sin(2 * math.pi * 0.5 * t)) * t))
     return out
+
+
+def wav_bytes(samples, rate):
+    """`samples` as a 16-bit mono WAV file."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(linear16(samples))
+    return out.getvalue()
+
+
+def self_signed_certificate(scratch):
+    """(cert, key) paths for localhost and 127.0.0.1 in `scratch`, or the
+    reason openssl failed as a string."""
+    cert = pathlib.Path(scratch) / "cert.pem"
+    key = pathlib.Path(scratch) / "key.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], capture_output=True)
+    if made.returncode != 0:
+        return "openssl failed: " + made.stderr.decode(errors="replace")
+    return cert, key
+
+
+def stop_and_clean(server, scratch):
+    """Stops `server` (SIGTERM), removes `scratch`, and fails unless it
+    exited 0: a module's tearDownModule."""
+    code = server.stop()
+    log = server.log()
+    shutil.rmtree(scratch, ignore_errors=True)
+    if code != 0:
+        raise AssertionError(f"emoserve-server exited {code} on SIGTERM:\n{log}")
 
 
 def free_port():
