@@ -48,12 +48,20 @@ class Score:
     probability: float
 
 
+class _Scored:
+    """`probabilities`: label -> probability, most probable first."""
+
+    @property
+    def probabilities(self) -> Dict[str, float]:
+        return {s.label: s.probability for s in self.scores}
+
+
 def _scores(scores) -> List[Score]:
     return [Score(s.label, s.probability) for s in scores]
 
 
 @dataclass(frozen=True)
-class Window:
+class Window(_Scored):
     """One window of audio (a timeline entry, or a stream's result)."""
     start_seconds: float
     end_seconds: float
@@ -64,10 +72,6 @@ class Window:
     def top_label(self) -> Optional[str]:
         return self.scores[0].label if self.scores else None
 
-    @property
-    def probabilities(self) -> Dict[str, float]:
-        return {s.label: s.probability for s in self.scores}
-
 
 @dataclass(frozen=True)
 class SpeechEvent:
@@ -76,7 +80,7 @@ class SpeechEvent:
 
 
 @dataclass(frozen=True)
-class Utterance:
+class Utterance(_Scored):
     """A stream's result for one stretch of speech: the mean of its windows."""
     start_seconds: float
     end_seconds: float
@@ -84,13 +88,9 @@ class Utterance:
     scores: List[Score]
     window_count: int
 
-    @property
-    def probabilities(self) -> Dict[str, float]:
-        return {s.label: s.probability for s in self.scores}
-
 
 @dataclass(frozen=True)
-class ClassifyResult:
+class ClassifyResult(_Scored):
     top_label: str
     scores: List[Score]  # most probable first
     duration_seconds: float
@@ -99,10 +99,6 @@ class ClassifyResult:
     window_count: int
     speech_window_count: int
     timeline: List[Window] = field(default_factory=list)  # with timeline=True
-
-    @property
-    def probabilities(self) -> Dict[str, float]:
-        return {s.label: s.probability for s in self.scores}
 
 
 @dataclass(frozen=True)
