@@ -213,7 +213,7 @@ class EmotionService::ClassifyCall : public EmotionService::Call {
   // does: OnDone may delete it on another thread right after.
   void Complete(const absl::Status& status) {
     const absl::Status outcome = Outcome(status, TransportCancelled(), deadline_);
-    service_->RecordCall(method_, outcome, start_, model_.get());
+    service_->RecordCall(method_, outcome, start_, model_.get(), CallKind::kUnary);
     Deliver(outcome);
   }
 
@@ -329,13 +329,14 @@ absl::StatusOr<std::unique_ptr<BudgetLease>> EmotionService::ReserveRequestBytes
 }
 
 // --------------------------------------------------------------------------
-// StreamClassify. One message at a time: a read completes on a gRPC thread,
-// the message is processed on a worker (the config creates the session;
-// audio is decoded, resampled and windowed into it), and the next read
-// starts only when that is done, fewer than kMaxQueuedResponses responses
-// wait to be written and fewer than kMaxStreamWindowsInFlight windows wait
-// for the model. The session's results arrive on engine threads and are
-// written in order.
+// StreamClassify. One message at a time: a read completes on a transport
+// thread, the message is processed on a worker (the config creates the
+// session; audio is decoded, resampled and windowed into it), and the next
+// read starts only when that is done, fewer than kMaxQueuedResponses
+// responses wait to be written and fewer than kMaxStreamWindowsInFlight
+// windows wait for the model. The session's results arrive on engine
+// threads and are written in order. One implementation for both transports:
+// gRPC (GrpcStreamCall) and WebSocket (ExternalStreamCall).
 //
 // The call's life is one State, under mu_, that only moves forward:
 //
@@ -352,20 +353,17 @@ absl::StatusOr<std::unique_ptr<BudgetLease>> EmotionService::ReserveRequestBytes
 //
 // Locking: the session may call back (OnEvent, OnSessionDone) from inside
 // Finish/Cancel, so it is told outside mu_, through a shared_ptr copy taken
-// under mu_ (OnDone drops the call's own copy). Finish() is called outside
-// mu_: gRPC may run OnDone on another thread as soon as it is. OnDone lets
-// go of gRPC's hold on the call; the paths that go on after a Finish() they
-// may have caused hold it too, and the last hold deletes it.
+// under mu_ (TransportDone drops the call's own copy). FinishTransport is
+// called outside mu_: the transport may report TransportDone on another
+// thread as soon as it is. TransportDone lets go of the transport's hold on
+// the call; the paths that go on after a finish they may have caused hold
+// it too, and the last hold deletes it.
 
-class EmotionService::StreamCall final
-    : public grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>,
-      public EmotionService::Call {
+class EmotionService::StreamCall : public EmotionService::Call {
  public:
-  StreamCall(EmotionService* service, grpc::CallbackServerContext* context)
-      : service_(service),
-        context_(context),
-        deadline_(ToAbslDeadline(context->deadline())),
-        lease_(&service->budget_) {
+  // Admits the call and asks for its first message, or ends it at once.
+  // Called once, after construction.
+  void Begin() {
     if (absl::Status admitted = service_->Admit(this, CallKind::kStream); !admitted.ok()) {
       End(admitted);
       return;
@@ -379,7 +377,63 @@ class EmotionService::StreamCall final
     ReadIfReadyLocked();
   }
 
-  void OnReadDone(bool ok) override {
+  void Drain() override {
+    SessionOrder order;
+    {
+      absl::MutexLock lock(&mu_);
+      if (state_ != State::kOpen) return;
+      if (processing_) {
+        state_ = State::kFlushPending;  // DoneProcessing flushes
+        return;
+      }
+      order = FlushLocked(absl::UnavailableError(
+          "the server is shutting down; reconnect (to another instance) and resend"));
+    }
+    Tell(order);
+    FinishIfDone();
+  }
+
+  void Cancel() override { CancelTransport(); }
+
+  void EndIfIdle(absl::Time idle_since) override {
+    bool write_stuck = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (state_ == State::kFinished || processing_ || last_activity_ > idle_since) return;
+      write_stuck = write_in_flight_;
+    }
+    if (write_stuck) {
+      // The client reads nothing, so not even an error would reach it.
+      CancelTransport();
+      return;
+    }
+    Fail(absl::DeadlineExceededError(absl::StrCat(
+        "the stream was idle (no audio, no results) for ", service_->config_.stream_idle_seconds,
+        " s (--stream-idle-seconds); send audio continuously (silence too) or close the stream")));
+  }
+
+ protected:
+  StreamCall(EmotionService* service, absl::string_view method, absl::Time deadline)
+      : service_(service), method_(method), deadline_(deadline), lease_(&service->budget_) {}
+  ~StreamCall() override = default;
+
+  // The transport's side, implemented by each transport. Reads and writes
+  // are asked for under mu_, so a transport never completes them inline.
+  // Reads the next message into `into`; then ReadDone.
+  virtual void ReadNext(v1::StreamClassifyRequest* into) = 0;
+  // Writes `response` (alive until WriteDone); then WriteDone.
+  virtual void WriteNext(const v1::StreamClassifyResponse* response) = 0;
+  // Ends the call with `outcome`; then TransportDone. Called once, outside mu_.
+  virtual void FinishTransport(const absl::Status& outcome) = 0;
+  // Whether the client left (or the transport cancelled the call).
+  virtual bool TransportCancelled() const = 0;
+  // Cuts the call off (shutdown grace over, or a client that reads
+  // nothing); the transport then reports the client gone.
+  virtual void CancelTransport() = 0;
+
+  // The transport's events. ReadDone(false): the client ended its side,
+  // cleanly unless TransportCancelled().
+  void ReadDone(bool ok) {
     if (!ok) {
       ClientDone();
       return;
@@ -402,7 +456,7 @@ class EmotionService::StreamCall final
     if (!accepted.ok()) DoneProcessing(accepted);
   }
 
-  void OnWriteDone(bool ok) override {
+  void WriteDone(bool ok) {
     Hold();  // alive until here: the write in flight keeps the call from finishing
     SessionOrder order;
     {
@@ -424,9 +478,15 @@ class EmotionService::StreamCall final
     Unhold();
   }
 
-  void OnCancel() override { Fail(Abandoned(deadline_)); }
+  // The client left, or CancelTransport took effect.
+  void ClientGone() { Fail(Abandoned(deadline_)); }
+  // What the client sent is not a message of this call (the transport's
+  // own encoding was broken); the call fails with `why`.
+  void RefuseMessage(const absl::Status& why) { Fail(why); }
 
-  void OnDone() override {
+  // The transport is done with the call (after FinishTransport). The call
+  // may be deleted before this returns.
+  void TransportDone() {
     std::shared_ptr<StreamSession> session;
     {
       absl::MutexLock lock(&mu_);
@@ -437,41 +497,6 @@ class EmotionService::StreamCall final
     // before it stops the engine the session runs on.
     if (admitted_) service_->Release(this, CallKind::kStream);
     Unhold();
-  }
-
-  void Drain() override {
-    SessionOrder order;
-    {
-      absl::MutexLock lock(&mu_);
-      if (state_ != State::kOpen) return;
-      if (processing_) {
-        state_ = State::kFlushPending;  // DoneProcessing flushes
-        return;
-      }
-      order = FlushLocked(absl::UnavailableError(
-          "the server is shutting down; reconnect (to another instance) and resend"));
-    }
-    Tell(order);
-    FinishIfDone();
-  }
-
-  void Cancel() override { context_->TryCancel(); }
-
-  void EndIfIdle(absl::Time idle_since) override {
-    bool write_stuck = false;
-    {
-      absl::MutexLock lock(&mu_);
-      if (state_ == State::kFinished || processing_ || last_activity_ > idle_since) return;
-      write_stuck = write_in_flight_;
-    }
-    if (write_stuck) {
-      // The client reads nothing, so not even an error would reach it.
-      context_->TryCancel();
-      return;
-    }
-    Fail(absl::DeadlineExceededError(absl::StrCat(
-        "the stream was idle (no audio, no results) for ", service_->config_.stream_idle_seconds,
-        " s (--stream-idle-seconds); send audio continuously (silence too) or close the stream")));
   }
 
  private:
@@ -549,7 +574,7 @@ class EmotionService::StreamCall final
 
   // The client half-closed (flush) or the call broke (fail).
   void ClientDone() {
-    if (context_->IsCancelled()) {
+    if (TransportCancelled()) {
       Fail(Abandoned(deadline_));
       return;
     }
@@ -604,9 +629,9 @@ class EmotionService::StreamCall final
     Unhold();
   }
 
-  // gRPC's OnDone and the paths that may run on after Finish() (a worker
-  // done with a message, a write completing) each hold the call; the last
-  // to let go deletes it.
+  // The transport's TransportDone and the paths that may run on after
+  // FinishTransport (a worker done with a message, a write completing) each
+  // hold the call; the last to let go deletes it.
   void Hold() { holds_.fetch_add(1, std::memory_order_relaxed); }
   void Unhold() {
     if (holds_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
@@ -705,10 +730,10 @@ class EmotionService::StreamCall final
       absl::MutexLock lock(&mu_);
       if (state_ != State::kEnding || processing_ || write_in_flight_) return;
       state_ = State::kFinished;
-      outcome = Outcome(outcome_, context_->IsCancelled(), deadline_);
+      outcome = Outcome(outcome_, TransportCancelled(), deadline_);
     }
-    service_->RecordCall(kStreamClassify, outcome, start_, model_.get());
-    Finish(ToGrpcStatus(outcome));
+    service_->RecordCall(method_, outcome, start_, model_.get(), CallKind::kStream);
+    FinishTransport(outcome);
   }
 
   void ReadIfReadyLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -718,19 +743,19 @@ class EmotionService::StreamCall final
       return;  // OnEvent resumes
     }
     reading_ = true;
-    StartRead(&request_);
+    ReadNext(&request_);
   }
 
   void StartWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     write_in_flight_ = true;
-    StartWrite(&queue_.front());
+    WriteNext(&queue_.front());
   }
 
   EmotionService* const service_;
-  grpc::CallbackServerContext* const context_;
+  const absl::string_view method_;
   const absl::Time start_ = absl::Now();
   const absl::Time deadline_;
-  std::atomic<int> holds_{1};  // gRPC's, given back by OnDone
+  std::atomic<int> holds_{1};  // the transport's, given back by TransportDone
   BudgetLease lease_;  // the base, plus the message being processed
   bool admitted_ = false;
   // The version the stream runs on (set by its config), held until it ends.
@@ -759,9 +784,68 @@ class EmotionService::StreamCall final
   std::deque<v1::StreamClassifyResponse> queue_ ABSL_GUARDED_BY(mu_);
 };
 
+class EmotionService::GrpcStreamCall final
+    : public grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>,
+      public EmotionService::StreamCall {
+ public:
+  GrpcStreamCall(EmotionService* service, grpc::CallbackServerContext* context)
+      : StreamCall(service, kStreamClassify, ToAbslDeadline(context->deadline())),
+        context_(context) {}
+
+  void OnReadDone(bool ok) override { ReadDone(ok); }
+  void OnWriteDone(bool ok) override { WriteDone(ok); }
+  void OnCancel() override { ClientGone(); }
+  void OnDone() override { TransportDone(); }
+
+ private:
+  void ReadNext(v1::StreamClassifyRequest* into) override { StartRead(into); }
+  void WriteNext(const v1::StreamClassifyResponse* response) override { StartWrite(response); }
+  void FinishTransport(const absl::Status& outcome) override { Finish(ToGrpcStatus(outcome)); }
+  bool TransportCancelled() const override { return context_->IsCancelled(); }
+  void CancelTransport() override { context_->TryCancel(); }
+
+  grpc::CallbackServerContext* const context_;
+};
+
 grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>*
 EmotionService::StreamClassify(grpc::CallbackServerContext* context) {
-  return new StreamCall(this, context);
+  auto* call = new GrpcStreamCall(this, context);
+  call->Begin();
+  return call;
+}
+
+// Another transport's stream (WebSocket): the transport's calls and
+// events go through StreamTransport and StreamEvents.
+class EmotionService::ExternalStreamCall final : public EmotionService::StreamCall,
+                                                 public EmotionService::StreamEvents {
+ public:
+  ExternalStreamCall(EmotionService* service, absl::string_view method,
+                     StreamTransport* transport)
+      : StreamCall(service, method, absl::InfiniteFuture()), transport_(transport) {}
+
+  void MessageRead(bool ok) override { ReadDone(ok); }
+  void Written(bool ok) override { WriteDone(ok); }
+  void MessageRefused(const absl::Status& why) override { RefuseMessage(why); }
+  void Gone() override { ClientGone(); }
+  void Done() override { TransportDone(); }
+
+ private:
+  void ReadNext(v1::StreamClassifyRequest* into) override { transport_->Read(into); }
+  void WriteNext(const v1::StreamClassifyResponse* response) override {
+    transport_->Write(response);
+  }
+  void FinishTransport(const absl::Status& outcome) override { transport_->Finish(outcome); }
+  bool TransportCancelled() const override { return transport_->Cancelled(); }
+  void CancelTransport() override { transport_->Cancel(); }
+
+  StreamTransport* const transport_;
+};
+
+EmotionService::StreamEvents* EmotionService::StreamFor(absl::string_view method,
+                                                        StreamTransport* transport) {
+  auto* call = new ExternalStreamCall(this, method, transport);
+  call->Begin();
+  return call;
 }
 
 // --------------------------------------------------------------------------
@@ -789,7 +873,7 @@ absl::StatusOr<v1::ModelInfo> EmotionService::ModelInfoFor(
       info->set_version((*model)->version_label());
     }
   }
-  RecordCall(method, info.status(), start, model.ok() ? model->get() : nullptr);
+  RecordCall(method, info.status(), start, model.ok() ? model->get() : nullptr, CallKind::kUnary);
   return info;
 }
 
@@ -820,7 +904,7 @@ absl::StatusOr<v1::ListModelsResponse> EmotionService::ModelsFor(absl::string_vi
       }
     }
   }
-  RecordCall(method, response.status(), start, nullptr);
+  RecordCall(method, response.status(), start, nullptr, CallKind::kUnary);
   return response;
 }
 
@@ -955,13 +1039,13 @@ void EmotionService::Release(Call* call, CallKind kind) {
 }
 
 void EmotionService::RecordCall(absl::string_view method, const absl::Status& status,
-                                absl::Time start, const ServedModel* model) {
+                                absl::Time start, const ServedModel* model, CallKind kind) {
   const absl::Duration elapsed = absl::Now() - start;
   const std::string empty;
   const std::string& name = model != nullptr ? model->name() : empty;
   const std::string& version = model != nullptr ? model->version_label() : empty;
   metrics_->RecordCall(method, status.code(), name, version);
-  if (method != kStreamClassify) metrics_->RecordLatency(method, elapsed, name, version);
+  if (kind == CallKind::kUnary) metrics_->RecordLatency(method, elapsed, name, version);
   const bool server_fault = status.code() == absl::StatusCode::kInternal ||
                             status.code() == absl::StatusCode::kUnknown;
   const LogLevel level = server_fault ? LogLevel::kError : LogLevel::kDebug;

@@ -61,6 +61,48 @@ class EmotionService final : public v1::EmotionService::CallbackService {
   // Charges `bytes` of a request about to be read to the budget of audio in
   // flight (RESOURCE_EXHAUSTED when full).
   absl::StatusOr<std::unique_ptr<BudgetLease>> ReserveRequestBytes(int64_t bytes);
+
+  // A stream over another transport (WebSocket), with StreamClassify's
+  // session, limits and metrics. The transport implements StreamTransport
+  // and reports to the StreamEvents that StreamFor returns. The service
+  // calls the transport from its own threads, sometimes holding the call's
+  // lock: a transport never calls an event from inside one of its methods.
+  class StreamTransport {
+   public:
+    virtual ~StreamTransport() = default;
+    // Read the client's next message into `into`, then MessageRead (or
+    // MessageRefused). One read at a time.
+    virtual void Read(v1::StreamClassifyRequest* into) = 0;
+    // Send `response` (alive until Written), then Written. One at a time.
+    virtual void Write(const v1::StreamClassifyResponse* response) = 0;
+    // The call is over: send `outcome`, then Done. Called once, last.
+    virtual void Finish(const absl::Status& outcome) = 0;
+    // Whether the client left (or Cancel was called).
+    virtual bool Cancelled() const = 0;
+    // Cut the client off (shutdown grace over; a client that reads
+    // nothing), then report Gone.
+    virtual void Cancel() = 0;
+  };
+  class StreamEvents {
+   public:
+    // The read is done: ok, or the client ended its side (cleanly unless
+    // StreamTransport::Cancelled()).
+    virtual void MessageRead(bool ok) = 0;
+    // What the client sent is not a valid message: the call fails with `why`.
+    virtual void MessageRefused(const absl::Status& why) = 0;
+    virtual void Written(bool ok) = 0;
+    // The client left (or Cancel took effect).
+    virtual void Gone() = 0;
+    // After Finish: the transport calls nothing more; the call may be
+    // deleted before this returns.
+    virtual void Done() = 0;
+
+   protected:
+    ~StreamEvents() = default;
+  };
+  // Starts a stream on `transport` (which must outlive Done); its metrics
+  // are under `method`. The transport may be told Finish before this returns.
+  StreamEvents* StreamFor(absl::string_view method, StreamTransport* transport);
   absl::StatusOr<v1::ModelInfo> ModelInfoFor(absl::string_view method,
                                              const v1::GetModelInfoRequest& request);
   absl::StatusOr<v1::ListModelsResponse> ModelsFor(absl::string_view method);
@@ -83,6 +125,8 @@ class EmotionService final : public v1::EmotionService::CallbackService {
   class GrpcClassifyCall;
   class HttpClassifyCall;
   class StreamCall;
+  class GrpcStreamCall;
+  class ExternalStreamCall;
   enum class CallKind { kUnary, kStream };
 
   // Admits `call`, or UNAVAILABLE (loading, draining) or
@@ -96,7 +140,7 @@ class EmotionService final : public v1::EmotionService::CallbackService {
   // Metrics and the debug log line of a finished call, on `model` (null
   // when it ended before it had one).
   void RecordCall(absl::string_view method, const absl::Status& status, absl::Time start,
-                  const ServedModel* model);
+                  const ServedModel* model, CallKind kind);
   // Ends streams that have been idle for config_.stream_idle_seconds.
   void WatchIdleStreams();
 

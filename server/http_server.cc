@@ -33,26 +33,17 @@ void Respond(mg_connection* connection, int status, const std::string& body,
   mg_write(connection, body.data(), body.size());
 }
 
-// {"error": {"code": "NOT_FOUND", "message": "..."}} with the matching HTTP
-// status (or `http_status` when the transport knows better, e.g. 413).
+// ErrorJson with the matching HTTP status (or `http_status` when the
+// transport knows better, e.g. 413).
 void RespondError(mg_connection* connection, const absl::Status& status, int http_status = 0,
                   bool close = false) {
-  nlohmann::json body;
-  body["error"]["code"] = absl::StatusCodeToString(status.code());
-  body["error"]["message"] = std::string(status.message());
   Respond(connection, http_status != 0 ? http_status : HttpStatusFor(status.code()),
-          body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace), close);
+          ErrorJson(status), close);
 }
 
 void RespondMessage(mg_connection* connection, const google::protobuf::Message& message) {
-  std::string json;
-  google::protobuf::util::JsonPrintOptions options;
-  options.always_print_primitive_fields = true;
-  if (!google::protobuf::util::MessageToJsonString(message, &json, options).ok()) {
-    RespondError(connection, absl::InternalError("the response could not be written as JSON"));
-    return;
-  }
-  Respond(connection, 200, json);
+  absl::StatusOr<std::string> json = MessageJson(message);
+  json.ok() ? Respond(connection, 200, *json) : RespondError(connection, json.status());
 }
 
 // The query's parameters, URL-decoded; kInvalidArgument for a name not in
@@ -163,6 +154,23 @@ absl::Status ParseClassifyQuery(const std::string& query, v1::ClassifyRequest* r
 
 }  // namespace
 
+std::string ErrorJson(const absl::Status& status) {
+  nlohmann::json body;
+  body["error"]["code"] = absl::StatusCodeToString(status.code());
+  body["error"]["message"] = std::string(status.message());
+  return body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+absl::StatusOr<std::string> MessageJson(const google::protobuf::Message& message) {
+  std::string json;
+  google::protobuf::util::JsonPrintOptions options;
+  options.always_print_primitive_fields = true;
+  if (!google::protobuf::util::MessageToJsonString(message, &json, options).ok()) {
+    return absl::InternalError("the response could not be written as JSON");
+  }
+  return json;
+}
+
 int HttpStatusFor(absl::StatusCode code) {
   switch (code) {
     case absl::StatusCode::kOk:
@@ -209,10 +217,12 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const HttpOptions&
       ":", options.port);
   const std::string threads = absl::StrCat(options.threads);
   const std::string timeout = absl::StrCat(options.request_timeout_ms);
-  const char* civetweb_options[] = {"listening_ports",    address.c_str(),
-                                    "num_threads",        threads.c_str(),
-                                    "request_timeout_ms", timeout.c_str(),
-                                    "enable_keep_alive",  "yes",
+  const std::string websocket_timeout = absl::StrCat(options.websocket_timeout_ms);
+  const char* civetweb_options[] = {"listening_ports",      address.c_str(),
+                                    "num_threads",          threads.c_str(),
+                                    "request_timeout_ms",   timeout.c_str(),
+                                    "websocket_timeout_ms", websocket_timeout.c_str(),
+                                    "enable_keep_alive",    "yes",
                                     nullptr};
   mg_callbacks callbacks;
   std::memset(&callbacks, 0, sizeof(callbacks));
@@ -223,6 +233,8 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const HttpOptions&
         " (is the port in use? --http-port 0 disables HTTP)"));
   }
   mg_set_request_handler(server->context_, "/", &HttpServer::Handle, server.get());
+  server->streams_ = std::make_unique<WebSocketStreams>(server->context_, "/v1/stream", service,
+                                                        options.max_body_bytes);
   mg_server_port ports[4];
   const int count = mg_get_server_ports(server->context_, 4, ports);
   server->port_ = count > 0 ? ports[0].port : options.port;
@@ -286,6 +298,11 @@ void HttpServer::HandleRequest(mg_connection* connection) {
     if (!allow("GET")) return;
     absl::StatusOr<v1::ListModelsResponse> models = service_->ModelsFor(kModelsMethod);
     models.ok() ? RespondMessage(connection, *models) : RespondError(connection, models.status());
+  } else if (path == "/v1/stream") {
+    RespondError(connection,
+                 absl::InvalidArgumentError(
+                     "/v1/stream is a WebSocket: send GET with Upgrade: websocket"),
+                 426, /*close=*/true);
   } else if (path == "/healthz") {
     if (allow("GET")) Respond(connection, 200, R"({"status":"live"})");
   } else if (path == "/readyz") {
@@ -297,7 +314,7 @@ void HttpServer::HandleRequest(mg_connection* connection) {
     RespondError(connection,
                  absl::NotFoundError(absl::StrCat(
                      "no such endpoint; this server answers POST /v1/classify, GET /v1/model, "
-                     "GET /v1/models, GET /healthz and GET /readyz")),
+                     "GET /v1/models, the WebSocket /v1/stream, GET /healthz and GET /readyz")),
                  404, /*close=*/method != "GET" && method != "HEAD");
   }
 }

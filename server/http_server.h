@@ -21,9 +21,13 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/emotion_service.h"
+#include "server/websocket_stream.h"
 
 struct mg_context;
 struct mg_connection;
+namespace google::protobuf {
+class Message;
+}
 
 namespace emoserve {
 
@@ -37,12 +41,20 @@ struct HttpOptions {
   int64_t max_body_bytes = 32 << 20;
   // A request's headers and body must arrive within this.
   int request_timeout_ms = 30000;
+  // A WebSocket client that sends nothing for this long is disconnected
+  // (the stream's own idle limit, --stream-idle-seconds, ends it first).
+  int websocket_timeout_ms = 60000;
   // A classify call's deadline unless the request sets ?timeout_seconds=.
   double default_timeout_seconds = 120.0;
 };
 
 // The HTTP status for a gRPC status code (400, 404, 413, 429, 503, 504...).
 int HttpStatusFor(absl::StatusCode code);
+// {"error": {"code": "NOT_FOUND", "message": "..."}}: the gRPC code's name
+// and the status's message.
+std::string ErrorJson(const absl::Status& status);
+// The proto's canonical JSON, every field (defaults too).
+absl::StatusOr<std::string> MessageJson(const google::protobuf::Message& message);
 
 class HttpServer {
  public:
@@ -74,6 +86,7 @@ class HttpServer {
   const std::function<bool()> ready_;
   mg_context* context_ = nullptr;
   int port_ = 0;
+  std::unique_ptr<WebSocketStreams> streams_;
   absl::Mutex mu_;
   int handling_ ABSL_GUARDED_BY(mu_) = 0;  // requests in HandleRequest
 };

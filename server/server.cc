@@ -245,6 +245,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     http.port = config.http_port;
     http.threads = config.http_threads;
     http.max_body_bytes = config.max_message_bytes;
+    http.websocket_timeout_ms = static_cast<int>(
+        std::min(config.stream_idle_seconds * 1000.0 + 10000.0, 1e9));
     HealthService* health = server->health_.get();
     absl::StatusOr<std::unique_ptr<HttpServer>> started = HttpServer::Start(
         http, server->service_.get(), [health] { return health->serving(); });
