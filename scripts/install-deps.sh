@@ -28,6 +28,9 @@ test_packages=(
   python3-yaml podman debootstrap
   # CLI tests: a throwaway certificate for the TLS flags.
   openssl
+  # HTTP tests: the WebSocket stream (python3-websocket), clips as PCM
+  # (python3-soundfile), and the page in headless Chromium through WebDriver.
+  python3-websocket python3-soundfile chromium chromium-driver python3-selenium
   # Fuzzing (scripts/fuzz.sh): clang 14 with libFuzzer and its sanitizers.
   clang-14 libfuzzer-14-dev libclang-rt-14-dev
 )

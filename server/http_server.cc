@@ -15,6 +15,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "nlohmann/json.hpp"
+#include "server/page_assets.h"
 
 namespace emoserve {
 namespace {
@@ -23,15 +24,26 @@ constexpr char kClassifyMethod[] = "POST /v1/classify";
 constexpr char kModelMethod[] = "GET /v1/model";
 constexpr char kModelsMethod[] = "GET /v1/models";
 
-void Respond(mg_connection* connection, int status, const std::string& body,
-             bool close = false) {
-  mg_printf(connection,
-            "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
-            "Cache-Control: no-store\r\n%s\r\n",
-            status, mg_get_response_code_text(connection, status), body.size(),
-            close ? "Connection: close\r\n" : "");
-  mg_write(connection, body.data(), body.size());
+// Answers `body`; `headers` are extra lines, each ending in \r\n.
+void Respond(mg_connection* connection, int status, absl::string_view body, bool close = false,
+             absl::string_view content_type = "application/json",
+             absl::string_view headers = "Cache-Control: no-store\r\n", bool head = false) {
+  const std::string head_lines = absl::StrCat(
+      "HTTP/1.1 ", status, " ", mg_get_response_code_text(connection, status),
+      "\r\nContent-Type: ", content_type, "\r\nContent-Length: ", body.size(),
+      "\r\nX-Content-Type-Options: nosniff\r\n", headers,
+      close ? "Connection: close\r\n" : "", "\r\n");
+  mg_write(connection, head_lines.data(), head_lines.size());
+  if (!head) mg_write(connection, body.data(), body.size());
 }
+
+// The page's own files only: no inline code, no other origin (the
+// WebSocket is this origin).
+constexpr absl::string_view kPageHeaders =
+    "Cache-Control: no-cache\r\n"
+    "Content-Security-Policy: default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "frame-ancestors 'none'\r\n"
+    "Referrer-Policy: no-referrer\r\n";
 
 // ErrorJson with the matching HTTP status (or `http_status` when the
 // transport knows better, e.g. 413).
@@ -275,6 +287,12 @@ void HttpServer::HandleRequest(mg_connection* connection) {
                  405, /*close=*/true);
     return false;
   };
+  for (const PageFile& file : PageFiles()) {
+    if (path != file.path) continue;
+    if (method != "HEAD" && !allow("GET")) return;
+    return Respond(connection, 200, file.body, false, file.content_type, kPageHeaders,
+                   /*head=*/method == "HEAD");
+  }
   if (path == "/v1/classify") {
     if (allow("POST")) Classify(connection, query, info->content_length);
   } else if (path == "/v1/model") {
@@ -313,8 +331,9 @@ void HttpServer::HandleRequest(mg_connection* connection) {
   } else {
     RespondError(connection,
                  absl::NotFoundError(absl::StrCat(
-                     "no such endpoint; this server answers POST /v1/classify, GET /v1/model, "
-                     "GET /v1/models, the WebSocket /v1/stream, GET /healthz and GET /readyz")),
+                     "no such endpoint; this server answers GET / (the page), POST /v1/classify, "
+                     "GET /v1/model, GET /v1/models, the WebSocket /v1/stream, GET /healthz and "
+                     "GET /readyz")),
                  404, /*close=*/method != "GET" && method != "HEAD");
   }
 }
