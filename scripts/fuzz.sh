@@ -20,7 +20,8 @@ while (($#)); do
     *) targets+=("$1"); shift ;;
   esac
 done
-((${#targets[@]})) || targets=(decode_fuzzer classify_fuzzer stream_fuzzer model_json_fuzzer http2_guard_fuzzer)
+((${#targets[@]})) || targets=(decode_fuzzer classify_fuzzer stream_fuzzer model_json_fuzzer http2_guard_fuzzer
+                                  http_request_fuzzer)
 
 cmake --preset fuzz >/dev/null
 cmake --build --preset fuzz

@@ -11,14 +11,14 @@ set -euo pipefail
 runtime_packages=(
   libtorch1.13 libopenblas0-openmp libgrpc++1.51 libprotobuf32 libsndfile1
   libfftw3-single3 libsoxr0 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0
-  libabsl20220623 ca-certificates
+  libabsl20220623 libssl3 ca-certificates
 )
 build_packages=(
   build-essential cmake ninja-build ccache pkg-config git
   libtorch-dev libopenblas0-openmp
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libsndfile1-dev libfftw3-dev libabsl-dev prometheus-cpp-dev libsoxr-dev
-  libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libssl-dev
 )
 test_packages=(
   # Independent checks in tests: Python's torch and grpc, promtool.

@@ -232,17 +232,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                                 : " (is the port in use? are --tls-cert/--tls-key a "
                                   "matching PEM certificate and key?)"));
   }
-  if (config.http_port > 0 && !config.tls_cert.empty()) {
-    // Never plaintext when TLS was asked for, and civetweb cannot do TLS
-    // here (server/http_server.h).
-    Log(LogLevel::kWarning, "http_disabled",
-        {{"reason",
-          "HTTP/JSON is plaintext only and TLS is on (--tls-cert): it is not served; "
-          "put a TLS-terminating proxy in front of --http-port on another server, or use gRPC"}});
-  } else if (config.http_port > 0) {
+  if (config.http_port > 0) {
+    // Civetweb on a loopback port, behind the front door that takes the
+    // connections (server/http_front_door.h: TLS, WebSocket frame limits).
     HttpOptions http;
-    http.host = config.http_host.empty() ? config.host : config.http_host;
-    http.port = config.http_port;
+    http.host = "127.0.0.1";
+    http.port = 0;
     http.threads = config.http_threads;
     http.max_body_bytes = config.max_message_bytes;
     http.websocket_timeout_ms = static_cast<int>(
@@ -250,12 +245,27 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     HealthService* health = server->health_.get();
     absl::StatusOr<std::unique_ptr<HttpServer>> started = HttpServer::Start(
         http, server->service_.get(), [health] { return health->serving(); });
-    if (!started.ok()) {
+    absl::StatusOr<std::unique_ptr<HttpFrontDoor>> front_door = absl::UnknownError("");
+    if (started.ok()) {
+      HttpFrontDoorOptions door;
+      door.max_connections = 4 * config.http_threads;
+      // Above the message limit, so that a message just over it is
+      // refused with its error by the stream, not cut off here.
+      door.limits.max_frame_bytes = int64_t{config.max_message_bytes} + (64 << 10);
+      door.tls_cert = config.tls_cert;
+      door.tls_key = config.tls_key;
+      door.tls_client_ca = config.tls_client_ca;
+      door.handshake_timeout = absl::Seconds(config.handshake_timeout_seconds);
+      front_door = HttpFrontDoor::Start(config.http_host.empty() ? config.host : config.http_host,
+                                        config.http_port, (*started)->port(), door);
+    }
+    if (!started.ok() || !front_door.ok()) {
       server->grpc_server_->Shutdown();
       server->grpc_server_.reset();
-      return started.status();
+      return started.ok() ? front_door.status() : started.status();
     }
     server->http_ = *std::move(started);
+    server->http_front_door_ = *std::move(front_door);
   }
   return server;
 }
@@ -418,6 +428,7 @@ void Server::Shutdown(absl::Duration grace) {
   // 503s of requests that came late) go out before its connections close.
   if (http_ != nullptr) http_->WaitUntilIdle(deadline);
   http_.reset();
+  http_front_door_.reset();  // after civetweb: the answers it wrote reach the clients
   {
     absl::MutexLock lock(&watch_mu_);
     stop_watching_ = true;

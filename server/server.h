@@ -20,6 +20,7 @@
 #include "server/connection_guard.h"
 #include "server/emotion_service.h"
 #include "server/health_service.h"
+#include "server/http_front_door.h"
 #include "server/http_server.h"
 #include "server/metrics.h"
 
@@ -52,7 +53,7 @@ class Server {
   // The bound gRPC port (the chosen one when config.port is 0).
   int port() const { return port_; }
   // The HTTP/JSON port; 0 when config.http_port is 0.
-  int http_port() const { return http_ != nullptr ? http_->port() : 0; }
+  int http_port() const { return http_front_door_ != nullptr ? http_front_door_->port() : 0; }
   const ServerConfig& config() const { return config_; }
   ServerMetrics& metrics() { return *metrics_; }
 
@@ -85,6 +86,7 @@ class Server {
   std::unique_ptr<grpc::Server> grpc_server_;
   // Stopped before the service whose calls it makes.
   std::unique_ptr<HttpServer> http_;
+  std::unique_ptr<HttpFrontDoor> http_front_door_;
   // Plaintext: the listener in front of gRPC (destroyed before gRPC).
   std::unique_ptr<ConnectionGuard> guard_;
 };

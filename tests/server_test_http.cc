@@ -1,8 +1,10 @@
 // The HTTP/JSON API in process (so that ThreadSanitizer sees it): HTTP and
-// gRPC calls at once agree, and a shutdown answers every HTTP call.
+// gRPC calls at once agree, and a shutdown answers every HTTP call;
+// WebSocket streams end, leave and are flushed at shutdown.
 #include <civetweb.h>
 
 #include <atomic>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -11,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "tests/server_test_support.h"
 #include "tests/test_support.h"
@@ -125,6 +128,109 @@ TEST(HttpServerTest, HttpAndGrpcCallsAtOnceAgreeAndShutdownAnswersEveryCall) {
     if (answer.status == 503) EXPECT_NE(answer.body.find("UNAVAILABLE"), std::string::npos);
   }
   EXPECT_EQ(Post(config.http_port, RawPath(), audio).status, 0);  // closed
+}
+
+// A WebSocket client (civetweb's) that keeps the server's text messages
+// and the close frame's code.
+class WebSocketClient {
+ public:
+  explicit WebSocketClient(int port) {
+    char error[256] = "";
+    connection_ = mg_connect_websocket_client("127.0.0.1", port, 0, error, sizeof(error),
+                                              "/v1/stream", nullptr, &OnData, &OnClose, this);
+    EXPECT_NE(connection_, nullptr) << error;
+  }
+  ~WebSocketClient() {
+    if (connection_ != nullptr) mg_close_connection(connection_);
+  }
+  bool connected() const { return connection_ != nullptr; }
+
+  void SendText(const std::string& text) { Send(MG_WEBSOCKET_OPCODE_TEXT, text); }
+  void SendAudio(const std::string& pcm) {
+    for (size_t at = 0; at < pcm.size(); at += 6400) {
+      Send(MG_WEBSOCKET_OPCODE_BINARY, pcm.substr(at, 6400));
+    }
+  }
+  // The messages until the server closed (close code; 0: still open at the deadline).
+  int WaitForClose(std::vector<std::string>* messages) {
+    absl::MutexLock lock(&mu_);
+    const auto closed = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return close_code_ != 0; };
+    mu_.AwaitWithTimeout(absl::Condition(&closed), absl::Seconds(120));
+    *messages = messages_;
+    return close_code_;
+  }
+  size_t received() {
+    absl::MutexLock lock(&mu_);
+    return messages_.size();
+  }
+
+ private:
+  void Send(int opcode, const std::string& data) {
+    mg_websocket_client_write(connection_, opcode, data.data(), data.size());
+  }
+  static int OnData(mg_connection* /*connection*/, int bits, char* data, size_t size,
+                    void* self) {
+    auto* client = static_cast<WebSocketClient*>(self);
+    absl::MutexLock lock(&client->mu_);
+    if ((bits & 0x0f) == MG_WEBSOCKET_OPCODE_TEXT) {
+      client->messages_.emplace_back(data, size);
+    } else if ((bits & 0x0f) == MG_WEBSOCKET_OPCODE_CONNECTION_CLOSE) {
+      client->close_code_ =
+          size >= 2 ? (static_cast<uint8_t>(data[0]) << 8) | static_cast<uint8_t>(data[1]) : -1;
+    }
+    return 1;
+  }
+  static void OnClose(const mg_connection* /*connection*/, void* self) {
+    auto* client = static_cast<WebSocketClient*>(self);
+    absl::MutexLock lock(&client->mu_);
+    if (client->close_code_ == 0) client->close_code_ = -1;  // closed without a close frame
+  }
+
+  mg_connection* connection_ = nullptr;
+  absl::Mutex mu_;
+  std::vector<std::string> messages_ ABSL_GUARDED_BY(mu_);
+  int close_code_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+bool Has(const std::vector<std::string>& messages, absl::string_view kind) {
+  for (const std::string& message : messages) {
+    if (message.find(absl::StrCat("{\"", kind, "\"")) == 0) return true;
+  }
+  return false;
+}
+
+TEST(HttpServerTest, WebSocketStreamsEndLeaveAndAreFlushedAtShutdown) {
+  ServerConfig config = TestServerConfig();
+  config.http_port = FreePort();
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string stream_config = absl::StrCat(
+      R"({"format":{"encoding":"AUDIO_ENCODING_LINEAR16","sampleRateHertz":)", kRate,
+      R"(},"interimResults":true})");
+  const std::string audio = testing::ToLinear16(testing::Sine(220, 0.3, kRate, 4.0));
+
+  // Three streams at once: one ends, one leaves, one is open at shutdown.
+  WebSocketClient ending(config.http_port), open(config.http_port);
+  std::optional<WebSocketClient> leaving(std::in_place, config.http_port);
+  ASSERT_TRUE(ending.connected() && leaving->connected() && open.connected());
+  for (WebSocketClient* client : {&ending, &*leaving, &open}) {
+    client->SendText(stream_config);
+    client->SendAudio(audio);
+  }
+  ending.SendText(R"({"end": true})");
+  std::vector<std::string> messages;
+  EXPECT_EQ(ending.WaitForClose(&messages), 1000);
+  EXPECT_TRUE(Has(messages, "window"));
+  EXPECT_TRUE(Has(messages, "utterance"));
+
+  leaving.reset();  // gone without a close frame or an end
+  leaving.emplace(config.http_port);  // and a new stream is admitted
+  EXPECT_TRUE(leaving->connected());
+
+  while (open.received() == 0) absl::SleepFor(absl::Milliseconds(5));  // configured
+  (*server)->Shutdown(absl::Seconds(10));
+  EXPECT_EQ(open.WaitForClose(&messages), 1000);
+  EXPECT_TRUE(Has(messages, "utterance"));  // flushed
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """The HTTP/JSON API (--http-port) of the real emoserve-server on 127.0.0.1,
 as curl would call it: every endpoint, every class of error with its HTTP
-status, the same answers as gRPC, the method label in the metrics; no plaintext HTTP beside TLS.
+status, the same answers as gRPC, the method label in the metrics; HTTPS (and client
+certificates) with the gRPC port's TLS flags.
 
   http_api_test.py --server BIN (--model DIR | --model-writer BIN)
 
@@ -11,6 +12,7 @@ import argparse
 import http.client
 import json
 import pathlib
+import ssl
 import sys
 import tempfile
 import unittest
@@ -166,23 +168,38 @@ class HttpApiTest(unittest.TestCase):
 
 
 class TlsTest(unittest.TestCase):
-    def test_a_tls_server_serves_no_plaintext_http(self):
+    def test_https_with_the_grpc_certificate_and_client_certificates(self):
         made = self_signed_certificate(SCRATCH)
         if isinstance(made, str):
             self.skipTest(made)
         cert, key = made
-        port = free_port()
-        server = ServerProcess(ARGS.server, SCRATCH,
-                               ["--model", MODEL, "--http-port", str(port),
-                                "--tls-cert", str(cert), "--tls-key", str(key)],
-                               name="tls-server")
-        try:
-            self.assertIn("event=http_disabled", server.log())
-            self.assertIn(" http_port=0 ", server.log())
-            with self.assertRaises(ConnectionRefusedError):
-                call("GET", "/readyz", port=port)
-        finally:
-            self.assertEqual(server.stop(), 0, server.log())
+        trusting = ssl.create_default_context(cafile=str(cert))
+        audio = wav_bytes(tone(4.0, RATE), RATE)
+        for mutual in (False, True):
+            port = free_port()
+            args = ["--model", MODEL, "--http-port", str(port), "--tls-cert", str(cert),
+                    "--tls-key", str(key)] + (["--tls-client-ca", str(cert)] if mutual else [])
+            server = ServerProcess(ARGS.server, SCRATCH, args, name=f"tls-server-{mutual}")
+            try:
+                self.assertIn(f" http_port={port} ", server.log())
+                context = trusting
+                if mutual:
+                    # Without a client certificate the handshake fails.
+                    with self.assertRaises((ssl.SSLError, OSError)):
+                        call("GET", "/readyz", port=port, context=trusting)
+                    context = ssl.create_default_context(cafile=str(cert))
+                    context.load_cert_chain(str(cert), str(key))
+                self.assertEqual(call("GET", "/readyz", port=port, context=context)[:2],
+                                 (200, {"status": "SERVING"}))
+                status, result, _ = call("POST", "/v1/classify", audio, port=port,
+                                         context=context)
+                self.assertEqual(status, 200, result)
+                self.assertIn(result["topLabel"], LABELS)
+                # Never plaintext on a TLS port.
+                with self.assertRaises((http.client.HTTPException, OSError)):
+                    call("GET", "/readyz", port=port)
+            finally:
+                self.assertEqual(server.stop(), 0, server.log())
 
 
 if __name__ == "__main__":

@@ -219,6 +219,15 @@ class WebSocketStreamTest(unittest.TestCase):
         ends_with([config(rate), b"\0" * 3200, "hello"], "INVALID_ARGUMENT", '{"end": true}')
         ends_with([config(rate), b"\0" * (MAX_MESSAGE + 1)], "RESOURCE_EXHAUSTED",
                   "--max-message-bytes")
+        # A frame far over the limit is not read: the connection is closed
+        # as soon as its header arrives.
+        ws = connect()
+        ws.send(config(rate))
+        ws.sock.sendall(bytes([0x82, 0xFF]) + (1 << 40).to_bytes(8, "big") + b"mask")
+        with self.assertRaises((websocket.WebSocketConnectionClosedException, OSError)):
+            while True:
+                ws.recv_frame()
+        ws.shutdown()
         # A message need not hold whole 16-bit samples: the server keeps
         # the partial one for the next message.
         ws = connect()
