@@ -126,7 +126,7 @@ std::optional<HttpRequestReader::Refusal> HttpRequestReader::OnFrameHeader() {
   if (length > static_cast<uint64_t>(max_frame_bytes_)) {
     return Refuse(0, absl::ResourceExhaustedError(
                          absl::StrCat("a WebSocket frame of ", length, " bytes is over ",
-                                      max_frame_bytes_, " (--max-message-bytes)")));
+                                      max_frame_bytes_, " (--max-chunk-bytes + 128 KiB)")));
   }
   payload_left_ = static_cast<int64_t>(length);
   return std::nullopt;

@@ -16,7 +16,7 @@ struct HttpReaderLimits {
   // A request's head (request line and headers).
   int64_t max_head_bytes = 64 << 10;
   // A WebSocket frame's payload.
-  int64_t max_frame_bytes = 32 << 20;
+  int64_t max_frame_bytes = 192 << 10;
 };
 
 // Reads the client's side of an HTTP/1.1 connection in pieces of any size:

@@ -246,7 +246,7 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const HttpOptions&
   }
   mg_set_request_handler(server->context_, "/", &HttpServer::Handle, server.get());
   server->streams_ = std::make_unique<WebSocketStreams>(server->context_, "/v1/stream", service,
-                                                        options.max_body_bytes);
+                                                        options.max_stream_message_bytes);
   mg_server_port ports[4];
   const int count = mg_get_server_ports(server->context_, 4, ports);
   server->port_ = count > 0 ? ports[0].port : options.port;

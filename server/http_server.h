@@ -39,6 +39,9 @@ struct HttpOptions {
   int threads = 16;
   // Largest request body (the audio of a classify call).
   int64_t max_body_bytes = 32 << 20;
+  // Largest WebSocket stream message (audio up to --max-chunk-bytes, a
+  // config); a larger one ends its stream.
+  int64_t max_stream_message_bytes = 128 << 10;
   // A request's headers and body must arrive within this.
   int request_timeout_ms = 30000;
   // A WebSocket client that sends nothing for this long is disconnected

@@ -240,6 +240,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     http.port = 0;
     http.threads = config.http_threads;
     http.max_body_bytes = config.max_message_bytes;
+    http.max_stream_message_bytes = int64_t{config.max_chunk_bytes} + (64 << 10);
     http.websocket_timeout_ms = static_cast<int>(
         std::min(config.stream_idle_seconds * 1000.0 + 10000.0, 1e9));
     HealthService* health = server->health_.get();
@@ -249,9 +250,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     if (started.ok()) {
       HttpFrontDoorOptions door;
       door.max_connections = 4 * config.http_threads;
-      // Above the message limit, so that a message just over it is
-      // refused with its error by the stream, not cut off here.
-      door.limits.max_frame_bytes = int64_t{config.max_message_bytes} + (64 << 10);
+      // Above the stream's message limit, so that a message just over it
+      // is refused with its error by the stream, not cut off here.
+      door.limits.max_frame_bytes = int64_t{config.max_chunk_bytes} + (128 << 10);
       door.tls_cert = config.tls_cert;
       door.tls_key = config.tls_key;
       door.tls_client_ca = config.tls_client_ca;

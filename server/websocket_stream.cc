@@ -68,7 +68,7 @@ class WebSocketStream final : public EmotionService::StreamTransport {
       message_opcode_ = 0;
       return Deliver(absl::ResourceExhaustedError(
           absl::StrCat("a message over this server's limit of ", max_message_bytes_,
-                       " bytes (--max-message-bytes)")));
+                       " bytes (--max-chunk-bytes of audio, and room for a config)")));
     }
     message_.append(data, size);
     if (!last_fragment) return true;

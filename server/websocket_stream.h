@@ -21,7 +21,7 @@ class WebSocketStreams {
  public:
   // Serves streams on `path` of `context`; `service` and this object must
   // outlive the context (mg_stop). A message over `max_message_bytes`
-  // fails its stream.
+  // (assembled from its fragments) fails its stream.
   WebSocketStreams(mg_context* context, const char* path, EmotionService* service,
                    int64_t max_message_bytes);
 

@@ -49,7 +49,7 @@ except ImportError as error:
     print(f"SKIP: {error} (python3-grpcio, python3-soundfile and python3-websocket are needed)")
     sys.exit(SKIP)
 
-MAX_MESSAGE = 256 << 10
+MAX_CHUNK = 64 << 10  # --max-chunk-bytes: a stream's largest audio message
 MAX_STREAMS = 3
 CHUNK_BYTES = 6400  # 200 ms at 16 kHz
 SCRATCH = SERVER = HTTP_PORT = METRICS_PORT = None
@@ -138,7 +138,7 @@ def setUpModule():
     SERVER = ServerProcess(ARGS.server, SCRATCH,
                            ["--model", ARGS.model, "--http-port", str(HTTP_PORT),
                             "--metrics-port", str(METRICS_PORT),
-                            "--max-message-bytes", str(MAX_MESSAGE),
+                            "--max-chunk-bytes", str(MAX_CHUNK),
                             "--max-streams", str(MAX_STREAMS)])
 
 
@@ -217,8 +217,10 @@ class WebSocketStreamTest(unittest.TestCase):
                   "INVALID_ARGUMENT", "bogus")
         ends_with([config(rate, modelName="nope")], "NOT_FOUND", "nope")
         ends_with([config(rate), b"\0" * 3200, "hello"], "INVALID_ARGUMENT", '{"end": true}')
-        ends_with([config(rate), b"\0" * (MAX_MESSAGE + 1)], "RESOURCE_EXHAUSTED",
-                  "--max-message-bytes")
+        ends_with([config(rate), b"\0" * (MAX_CHUNK + 2)], "RESOURCE_EXHAUSTED",
+                  "--max-chunk-bytes): send smaller chunks")
+        ends_with([config(rate), b"\0" * (MAX_CHUNK + (64 << 10) + 2)], "RESOURCE_EXHAUSTED",
+                  "a message over this server's limit")
         # A frame far over the limit is not read: the connection is closed
         # as soon as its header arrives.
         ws = connect()
