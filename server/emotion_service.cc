@@ -119,6 +119,9 @@ class EmotionService::ClassifyCall : public EmotionService::Call {
 
   // Whether the transport saw the call cancelled (the client left).
   virtual bool TransportCancelled() const = 0;
+  // Whether the server cut the call off at shutdown (Cancel), where the
+  // transport can still say so instead of "cancelled".
+  virtual bool CancelledByShutdown() const { return false; }
   // Hands the outcome to the transport (response_ is filled when it is
   // OK). The last thing the call does: it may be deleted at once.
   virtual void Deliver(const absl::Status& outcome) = 0;
@@ -212,7 +215,12 @@ class EmotionService::ClassifyCall : public EmotionService::Call {
   // Records the outcome and finishes the call. The last thing this object
   // does: OnDone may delete it on another thread right after.
   void Complete(const absl::Status& status) {
-    const absl::Status outcome = Outcome(status, TransportCancelled(), deadline_);
+    absl::Status outcome = Outcome(status, TransportCancelled(), deadline_);
+    if (absl::IsCancelled(outcome) && CancelledByShutdown()) {
+      outcome = absl::UnavailableError(
+          "the server shut down before the call finished (--grace-seconds); retry on another "
+          "instance");
+    }
     service_->RecordCall(method_, outcome, start_, model_.get(), CallKind::kUnary);
     Deliver(outcome);
   }
@@ -287,7 +295,10 @@ class EmotionService::HttpClassifyCall final : public EmotionService::ClassifyCa
   }
 
   // The shutdown grace is over: the work stops where it is.
-  void Cancel() override { cancel_->Cancel(); }
+  void Cancel() override {
+    shut_down_.store(true);
+    cancel_->Cancel();
+  }
 
  private:
   HttpClassifyCall(EmotionService* service, absl::string_view method,
@@ -300,6 +311,7 @@ class EmotionService::HttpClassifyCall final : public EmotionService::ClassifyCa
         done_(std::move(done)) {}
 
   bool TransportCancelled() const override { return false; }
+  bool CancelledByShutdown() const override { return shut_down_.load(); }
   void Deliver(const absl::Status& outcome) override {
     ClassifyDone done = std::move(done_);
     std::unique_ptr<v1::ClassifyResponse> response = std::move(response_storage_);
@@ -311,6 +323,7 @@ class EmotionService::HttpClassifyCall final : public EmotionService::ClassifyCa
   std::unique_ptr<v1::ClassifyRequest> request_storage_;
   std::unique_ptr<v1::ClassifyResponse> response_storage_;
   ClassifyDone done_;
+  std::atomic<bool> shut_down_{false};
 };
 
 void EmotionService::ClassifyFor(absl::string_view method,

@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -25,7 +26,7 @@
 namespace emoserve {
 namespace {
 
-constexpr size_t kRelayBytes = 64 << 10;  // read at once, per direction
+constexpr size_t kRelayBytes = 16 << 10;  // read at once, per direction
 
 absl::Status ErrnoError(absl::string_view what) {
   return absl::UnavailableError(absl::StrCat(what, ": ", std::strerror(errno)));
@@ -54,6 +55,8 @@ struct HttpFrontDoor::Impl {
 
   absl::Mutex mu;
   absl::flat_hash_set<int> clients ABSL_GUARDED_BY(mu);  // connections being relayed
+  // Those still waiting for their first request's head, and since when.
+  absl::flat_hash_map<int, absl::Time> waiting ABSL_GUARDED_BY(mu);
 
   ~Impl() {
     for (int fd : {listener, wake[0], wake[1]}) {
@@ -75,19 +78,36 @@ struct HttpFrontDoor::Impl {
       }
       {
         absl::MutexLock lock(&mu);
-        if (static_cast<int>(clients.size()) >= options.max_connections) {
+        if (static_cast<int>(clients.size()) >= options.max_connections &&
+            !EvictLongestWaitingLocked()) {
           close(client);
           continue;
         }
         clients.insert(client);
+        waiting[client] = absl::Now();
       }
       std::thread([this, client] {
         Serve(client);
         absl::MutexLock lock(&mu);
         clients.erase(client);
+        waiting.erase(client);
         close(client);
       }).detach();
     }
+  }
+
+  // At the limit, the connection that has waited longest for its first
+  // request makes room for a new one: idle connections cannot lock
+  // clients out (its thread sees the shutdown at once and ends).
+  bool EvictLongestWaitingLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    auto oldest = waiting.end();
+    for (auto it = waiting.begin(); it != waiting.end(); ++it) {
+      if (oldest == waiting.end() || it->second < oldest->second) oldest = it;
+    }
+    if (oldest == waiting.end()) return false;
+    shutdown(oldest->first, SHUT_RDWR);
+    waiting.erase(oldest);
+    return true;
   }
 
   // One connection: the TLS handshake, then the relay.
@@ -100,10 +120,19 @@ struct HttpFrontDoor::Impl {
         return;
       }
     }
-    const int backend = ConnectBackend();
-    if (backend >= 0) {
-      Relay(client, ssl, backend);
-      close(backend);
+    HttpRequestReader reader(options.limits);
+    std::string first;
+    const bool whole = FirstHead(client, ssl, &reader, &first);
+    {
+      absl::MutexLock lock(&mu);
+      waiting.erase(client);
+    }
+    if (whole) {
+      const int backend = ConnectBackend();
+      if (backend >= 0) {
+        Relay(client, ssl, backend, &reader, std::move(first));
+        close(backend);
+      }
     }
     if (ssl != nullptr) {
       SSL_shutdown(ssl);  // close_notify, best effort (non-blocking)
@@ -175,11 +204,42 @@ struct HttpFrontDoor::Impl {
   // client's bytes pass through the request reader first; each direction
   // holds at most one read's worth, so a side that does not read stops
   // the other from being read.
-  void Relay(int client, SSL* ssl, int backend) {
-    HttpRequestReader reader(options.limits);
-    std::string up, down;  // client to civetweb, civetweb to client
+  // Reads until the first request's head is whole (into `first`), within
+  // handshake_timeout; false: the client was too slow, left, or was refused.
+  bool FirstHead(int client, SSL* ssl, HttpRequestReader* reader, std::string* first) {
+    const absl::Time deadline = absl::Now() + options.handshake_timeout;
+    auto buffer = std::make_unique<char[]>(kRelayBytes);
+    while (reader->heads() == 0) {
+      const int n = Read(client, ssl, buffer.get(), kRelayBytes);
+      const Io io = Result(ssl, n);
+      if (io == Io::kClosed) return false;
+      if (io == Io::kDone) {
+        if (std::optional<HttpRequestReader::Refusal> refused =
+                reader->Feed(absl::string_view(buffer.get(), static_cast<size_t>(n)))) {
+          if (refused->http_status != 0) Answer(client, ssl, *refused);
+          return false;
+        }
+        first->append(buffer.get(), static_cast<size_t>(n));
+        continue;
+      }
+      const int64_t left_ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+      if (left_ms <= 0 || cutting.load()) return false;
+      pollfd fd = {client, static_cast<short>(io == Io::kWantWrite ? POLLOUT : POLLIN), 0};
+      poll(&fd, 1, static_cast<int>(std::min<int64_t>(left_ms, 250)));
+    }
+    return true;
+  }
+
+  void Relay(int client, SSL* ssl, int backend, HttpRequestReader* reader_state,
+             std::string first) {
+    HttpRequestReader& reader = *reader_state;
+    std::string up = std::move(first), down;  // client to civetweb, civetweb to client
     size_t up_sent = 0, down_sent = 0;
     bool client_done = false, backend_done = false, backend_shut = false;
+    // Civetweb answered before the request's body was whole (a refusal:
+    // 413, 400, 429...): once the answer is out the connection closes, so
+    // civetweb does not wait on a thread for a body it will discard.
+    bool answered_early = false;
     auto buffer = std::make_unique<char[]>(kRelayBytes);
     while (!cutting.load()) {
       bool progress = false;
@@ -188,7 +248,7 @@ struct HttpFrontDoor::Impl {
         if (io == Io::kWantRead) *events |= POLLIN;
         if (io == Io::kWantWrite) *events |= POLLOUT;
       };
-      if (up.empty() && !client_done) {
+      if (up.empty() && !client_done && !answered_early) {
         const int n = Read(client, ssl, buffer.get(), kRelayBytes);
         const Io io = Result(ssl, n);
         if (io == Io::kDone) {
@@ -228,6 +288,7 @@ struct HttpFrontDoor::Impl {
           down.assign(buffer.get(), static_cast<size_t>(n));
           down_sent = 0;
           progress = true;
+          if (reader.in_body()) answered_early = true;
         } else if (io == Io::kClosed) {
           backend_done = true;
         } else {
@@ -248,6 +309,13 @@ struct HttpFrontDoor::Impl {
         }
       }
       if (backend_done && down.empty()) return;  // civetweb closed: so does the client
+      // An early answer is whole once civetweb has nothing more to say for
+      // a moment; then the client is closed (and civetweb sees the end).
+      if (answered_early && down.empty() && !progress) {
+        pollfd fd = {backend, POLLIN, 0};
+        if (poll(&fd, 1, 100) == 0) return;
+        continue;
+      }
       if (client_done && backend_done) return;
       if (progress) continue;
       pollfd fds[2] = {{client, client_events, 0}, {backend, backend_events, 0}};

@@ -21,8 +21,9 @@
 namespace emoserve {
 
 struct HttpFrontDoorOptions {
-  // Connections relayed at once; more are closed at accept.
-  int max_connections = 64;
+  // Connections relayed at once. At the limit a new connection replaces
+  // the one that has waited longest for its first request, or is closed.
+  int max_connections = 256;
   // What a client may send (heads, WebSocket frames).
   HttpReaderLimits limits;
   // TLS: PEM files; an empty cert means plaintext. With a client CA,
@@ -30,7 +31,9 @@ struct HttpFrontDoorOptions {
   std::string tls_cert;
   std::string tls_key;
   std::string tls_client_ca;
-  // The TLS handshake must end within this.
+  // The TLS handshake, and then the first request's head, must each
+  // arrive within this: a connection reaches civetweb (whose threads wait
+  // on it) only with a whole request.
   absl::Duration handshake_timeout = absl::Seconds(10);
 };
 

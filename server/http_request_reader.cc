@@ -72,6 +72,7 @@ std::optional<HttpRequestReader::Refusal> HttpRequestReader::Feed(absl::string_v
 }
 
 std::optional<HttpRequestReader::Refusal> HttpRequestReader::OnHead() {
+  ++heads_;
   int64_t content_length = 0;
   bool has_length = false;
   upgrade_ = false;

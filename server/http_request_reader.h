@@ -33,6 +33,10 @@ class HttpRequestReader {
   explicit HttpRequestReader(const HttpReaderLimits& limits);
   std::optional<Refusal> Feed(absl::string_view bytes);
   bool in_websocket() const { return part_ == Part::kWebSocket; }
+  // Within a request's body (more of it is to come).
+  bool in_body() const { return part_ == Part::kBody; }
+  // Request heads read whole so far.
+  int64_t heads() const { return heads_; }
 
  private:
   enum class Part { kHead, kBody, kWebSocket };
@@ -47,6 +51,7 @@ class HttpRequestReader {
   bool upgrade_ = false;  // the head being read asks for a WebSocket
   std::string frame_header_;
   int64_t payload_left_ = 0;
+  int64_t heads_ = 0;
 };
 
 }  // namespace emoserve

@@ -249,7 +249,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     absl::StatusOr<std::unique_ptr<HttpFrontDoor>> front_door = absl::UnknownError("");
     if (started.ok()) {
       HttpFrontDoorOptions door;
-      door.max_connections = 4 * config.http_threads;
+      door.max_connections = 16 * config.http_threads;
       // Above the stream's message limit, so that a message just over it
       // is refused with its error by the stream, not cut off here.
       door.limits.max_frame_bytes = int64_t{config.max_chunk_bytes} + (128 << 10);

@@ -55,7 +55,14 @@ TEST(HttpRequestReaderTest, RequestsWithBodiesPassInPiecesOfAnySize) {
     HttpRequestReader reader(Limits());
     EXPECT_FALSE(FeedInPieces(reader, requests, piece).has_value()) << piece;
     EXPECT_FALSE(reader.in_websocket());
+    EXPECT_FALSE(reader.in_body());
+    EXPECT_EQ(reader.heads(), 3);
   }
+  HttpRequestReader reader(Limits());
+  EXPECT_FALSE(reader.Feed("POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nab").has_value());
+  EXPECT_TRUE(reader.in_body());  // an answer now would be an early one
+  EXPECT_FALSE(reader.Feed("cd").has_value());
+  EXPECT_FALSE(reader.in_body());
 }
 
 TEST(HttpRequestReaderTest, OversizedHeadsChunkedBodiesAndBadLengthsAreRefused) {

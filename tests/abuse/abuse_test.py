@@ -105,8 +105,12 @@ AUDIO_MEMORY_MB = 128
 MODEL_WORKING_MB = 192
 FULL_BOUND_MB = GRPC_MEMORY_MB + AUDIO_MEMORY_MB + MODEL_WORKING_MB
 
+# A case's flag with this value gets a free port.
+FREE_PORT = "<free port>"
+
 COMMON_FLAGS = [
     flag("--model", ARGS.model),
+    flag("--http-port", "0"),
     flag("--grace-seconds", "3"),
     flag("--metrics-host", "127.0.0.1"),
     flag("--grpc-memory-mb", str(GRPC_MEMORY_MB)),
@@ -120,6 +124,7 @@ CASE_FLAGS = {
     "idle_stream": [flag("--stream-idle-seconds", str(STREAM_IDLE_SECONDS))],
     "sigterm_with_streams": [flag("--grace-seconds", "3")],
     "stream_admission": [flag("--max-streams", "16")],
+    "http_port_abuse": [flag("--http-port", FREE_PORT), flag("--http-threads", "4")],
 }
 
 
@@ -1000,10 +1005,110 @@ class Result:
         self.details = []
 
 
+@case(22, rss_mb=128, threads=320)
+def http_port_abuse(ctx):
+    """The HTTP port with --http-threads 4 (64 connections): 150 idle
+    connections, 8 sending their head a byte at a time, 4 heads of
+    100 KiB, 4 bodies declaring 1 GiB, 4 WebSocket frames declaring 1 GiB
+    then sending 1 MiB: /readyz and an HTTP classify still answer within
+    2 s, each abuse gets its refusal, memory bounded."""
+    port = http_port(ctx)
+    for _ in range(150):
+        try:
+            ctx.tcp(port)  # idle: at the limit the longest waiting make room
+        except OSError:
+            pass
+
+    def slow(sock):
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        while not ctx.stop.wait(0.5):
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                return
+
+    for _ in range(8):
+        ctx.spawn(slow, ctx.tcp(port))
+
+    def first_line(sock):
+        try:
+            sock.settimeout(10)
+            return sock.recv(4096).split(b"\r\n")[0].decode(errors="replace")
+        except OSError as error:
+            return type(error).__name__
+
+    def big_head():
+        sock = ctx.tcp(port)
+        try:
+            sock.sendall(b"GET /readyz HTTP/1.1\r\nX: " + b"a" * (100 << 10) + b"\r\n\r\n")
+        except OSError:
+            pass
+        return first_line(sock)
+
+    def big_body():
+        sock = ctx.tcp(port)
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                     + str(1 << 30).encode() + b"\r\n\r\n" + b"\0" * 65536)
+        return first_line(sock)
+
+    def big_frame():
+        sock = ctx.tcp(port)
+        sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        upgraded = first_line(sock)
+        try:
+            sock.sendall(bytes([0x82, 0xFF]) + (1 << 30).to_bytes(8, "big") + b"mask")
+            for _ in range(16):
+                sock.sendall(b"\0" * 65536)
+            sock.settimeout(10)
+            return upgraded, sock.recv(1) == b""
+        except OSError:
+            return upgraded, True
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        heads = [pool.submit(big_head) for _ in range(4)]
+        bodies = [pool.submit(big_body) for _ in range(4)]
+        frames = [pool.submit(big_frame) for _ in range(4)]
+        heads = [f.result() for f in heads]
+        bodies = [f.result() for f in bodies]
+        frames = [f.result() for f in frames]
+    ctx.check("100 KiB heads get 431", all(" 431 " in h for h in heads), "; ".join(heads))
+    ctx.check("1 GiB bodies get 413 unread", all(" 413 " in b for b in bodies), "; ".join(bodies))
+    ctx.check("1 GiB WebSocket frames: upgraded, then closed",
+              all(" 101 " in up and closed for up, closed in frames), str(frames))
+    latencies = []
+    for path, body in [("/readyz", None), ("/v1/classify", ctx.normal)] * 2:
+        start = time.monotonic()
+        query = ""
+        if body is not None and body.HasField("format"):
+            query = f"?encoding=linear16&sample_rate_hertz={body.format.sample_rate_hertz}"
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("POST" if body is not None else "GET", path + query,
+                               body=body.audio if body is not None else None)
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            ok, result = response.status == 200, f"HTTP {response.status}"
+        except (OSError, http.client.HTTPException) as error:
+            ok, result = False, type(error).__name__
+        elapsed = time.monotonic() - start
+        latencies.append(elapsed)
+        ctx.check(f"{path} within 2 s", ok and elapsed <= 2.0, f"{result} in {elapsed:.2f}s")
+    ctx.number(f"HTTP max {max(latencies):.2f}s")
+
+
 def server_args(case):
     """The server flags of a case (a case's flag replaces a common one)."""
     by_name = dict(COMMON_FLAGS + CASE_FLAGS.get(case.name, []))
-    return [item for name, value in by_name.items() for item in (name, value)]
+    return [item for name, value in by_name.items()
+            for item in (name, str(harness.free_port()) if value == FREE_PORT else value)]
+
+
+def http_port(ctx):
+    args = ctx.server.args
+    return int(args[args.index("--http-port") + 1])
 
 
 def normal_clip(scratch):

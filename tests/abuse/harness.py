@@ -66,7 +66,7 @@ class Server:
         self.exit_seconds = None
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMOSERVE_")}
         command = [binary, "--host", "127.0.0.1", "--port", "0",
-                   "--metrics-port", str(self.metrics_port), "--http-port", "0"] + self.args
+                   "--metrics-port", str(self.metrics_port)] + self.args
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env)
