@@ -8,7 +8,6 @@ stubs against the proto.
 
 Exit code 77 (ctest: skipped) when a prerequisite is missing.
 """
-import argparse
 import filecmp
 import pathlib
 import subprocess
@@ -16,26 +15,15 @@ import sys
 import tempfile
 import unittest
 
-from support import (LABELS, SKIP, ServerProcess, linear16, model_dir, self_signed_certificate,
-                     stop_and_clean, tone, wav_bytes)
+from support import (LABELS, SKIP, ServerProcess, linear16, model_dir, parse_test_args,
+                     self_signed_certificate, stop_and_clean, tone, wav_bytes)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "clients" / "python"
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--model")
-    parser.add_argument("--model-writer")
-    parser.add_argument("--protoc")
-    parser.add_argument("--grpc-python-plugin")
-    args, rest = parser.parse_known_args()
-    sys.argv = [sys.argv[0]] + rest
-    return args
-
-
-ARGS = parse_args()
+ARGS = parse_test_args(__doc__, required=("--server",),
+                       optional=("--model", "--model-writer", "--protoc", "--grpc-python-plugin"))
 try:
     sys.path.insert(0, str(PACKAGE))
     import emoserve  # noqa: E402

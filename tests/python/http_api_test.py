@@ -8,7 +8,6 @@ certificates) with the gRPC port's TLS flags.
 
 Exit code 77 (ctest: skipped) when a prerequisite is missing.
 """
-import argparse
 import http.client
 import json
 import pathlib
@@ -18,23 +17,13 @@ import tempfile
 import unittest
 import urllib.request
 
-from support import (LABELS, SKIP, ServerProcess, free_port, linear16, model_dir,
+from support import (LABELS, SKIP, ServerProcess, free_port, linear16, model_dir, parse_test_args,
                      self_signed_certificate, stop_and_clean, tone, wav_bytes)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--model")
-    parser.add_argument("--model-writer")
-    args, rest = parser.parse_known_args()
-    sys.argv = [sys.argv[0]] + rest
-    return args
-
-
-ARGS = parse_args()
+ARGS = parse_test_args(__doc__, required=("--server",), optional=("--model", "--model-writer"))
 try:
     sys.path.insert(0, str(ROOT / "clients" / "python"))
     from emoserve import EmoserveClient  # noqa: E402

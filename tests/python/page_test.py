@@ -12,7 +12,6 @@ RAVDESS comes from $EMOSERVE_SHARED_DIR; without it the repository's
 synthetic sample (examples/hello.wav) is used.
 Exit code 77 (ctest: skipped) when Chromium, its driver or Selenium is missing.
 """
-import argparse
 import json
 import os
 import pathlib
@@ -22,7 +21,8 @@ import tempfile
 import unittest
 import urllib.request
 
-from support import SKIP, ServerProcess, free_port, stop_and_clean
+from support import (SKIP, ServerProcess, free_port, parse_test_args, ravdess_clip,
+                     stop_and_clean)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -30,17 +30,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 WAIT_S = 60
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--artifacts", required=True)
-    args, rest = parser.parse_known_args()
-    sys.argv = [sys.argv[0]] + rest
-    return args
-
-
-ARGS = parse_args()
+ARGS = parse_test_args(__doc__, required=("--server", "--model", "--artifacts"))
 try:
     import soundfile  # noqa: E402
     from selenium import webdriver  # noqa: E402
@@ -63,9 +53,8 @@ ARTIFACTS = pathlib.Path(ARGS.artifacts)
 def make_clip(scratch):
     """A 16-bit WAV of a RAVDESS clip (or the sample): Chromium's fake
     microphone plays WAV files only."""
-    shared = os.environ.get("EMOSERVE_SHARED_DIR", "")
-    flac = pathlib.Path(shared) / "datasets/ravdess/Actor_21/03-01-05-02-01-01-21.flac"
-    if not (shared and flac.is_file()):
+    flac = ravdess_clip()
+    if flac is None:
         return ROOT / "examples" / "hello.wav"
     samples, rate = soundfile.read(str(flac), dtype="int16")
     wav = pathlib.Path(scratch) / "clip.wav"

@@ -1,5 +1,6 @@
 """What the Python tests share: test audio and emoserve-server as a child
 process on 127.0.0.1."""
+import argparse
 import array
 import io
 import math
@@ -17,6 +18,25 @@ import wave
 SKIP = 77  # ctest: skipped
 PATIENCE_S = 120.0
 LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
+
+
+def parse_test_args(doc, required=(), optional=()):
+    """The test's own flags (the rest stay in sys.argv for unittest)."""
+    parser = argparse.ArgumentParser(description=doc)
+    for name in required:
+        parser.add_argument(name, required=True)
+    for name in optional:
+        parser.add_argument(name)
+    args, rest = parser.parse_known_args()
+    sys.argv = [sys.argv[0]] + rest
+    return args
+
+
+def ravdess_clip():
+    """A RAVDESS test-actor clip from $EMOSERVE_SHARED_DIR, or None."""
+    shared = os.environ.get("EMOSERVE_SHARED_DIR", "")
+    clip = pathlib.Path(shared) / "datasets/ravdess/Actor_21/03-01-05-02-01-01-21.flac"
+    return clip if shared and clip.is_file() else None
 
 
 def linear16(samples):

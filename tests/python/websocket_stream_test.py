@@ -11,9 +11,7 @@ RAVDESS comes from $EMOSERVE_SHARED_DIR; without it the repository's
 synthetic sample (examples/hello.wav) is streamed instead.
 Exit code 77 (ctest: skipped) when a prerequisite is missing.
 """
-import argparse
 import json
-import os
 import pathlib
 import socket
 import sys
@@ -23,21 +21,13 @@ import unittest
 import urllib.request
 import wave
 
-from support import SKIP, ServerProcess, free_port, stop_and_clean
+from support import (SKIP, ServerProcess, free_port, parse_test_args, ravdess_clip,
+                     stop_and_clean)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--model", required=True)
-    args, rest = parser.parse_known_args()
-    sys.argv = [sys.argv[0]] + rest
-    return args
-
-
-ARGS = parse_args()
+ARGS = parse_test_args(__doc__, required=("--server", "--model"))
 try:
     import grpc  # noqa: E402
     import soundfile  # noqa: E402
@@ -57,9 +47,8 @@ SCRATCH = SERVER = HTTP_PORT = METRICS_PORT = None
 
 def clip_pcm():
     """(16-bit PCM bytes, rate, name) of a RAVDESS clip, or of the sample."""
-    shared = os.environ.get("EMOSERVE_SHARED_DIR", "")
-    clip = pathlib.Path(shared) / "datasets/ravdess/Actor_21/03-01-05-02-01-01-21.flac"
-    if shared and clip.is_file():
+    clip = ravdess_clip()
+    if clip is not None:
         samples, rate = soundfile.read(str(clip), dtype="int16")
         return samples.tobytes(), rate, clip.name
     with wave.open(str(ROOT / "examples" / "hello.wav")) as sample:
