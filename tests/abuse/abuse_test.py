@@ -292,6 +292,21 @@ def tiny_hop(ctx):
               f"{len(bad)} of {len(outcomes)} not, e.g. {bad[0] if bad else ''}")
 
 
+def slow_header_clients(ctx, port, path, count):
+    """`count` connections that send a request's headers a byte every 0.5 s,
+    never ending them, until the case ends."""
+    def slow(sock):
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode())
+        while not ctx.stop.wait(0.5):
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                return
+
+    for _ in range(count):
+        ctx.spawn(slow, ctx.tcp(port))
+
+
 @case(4, rss_mb=32)
 def metrics_slowloris(ctx):
     """An idle TCP connection and 8 slow ones (headers one byte at a time)
@@ -299,17 +314,7 @@ def metrics_slowloris(ctx):
     answers within 2 s."""
     port = ctx.server.metrics_port
     ctx.tcp(port)  # idle: never sends a byte
-
-    def slow(sock):
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        while not ctx.stop.wait(0.5):
-            try:
-                sock.sendall(b"X")
-            except OSError:
-                return
-
-    for _ in range(8):
-        ctx.spawn(slow, ctx.tcp(port))
+    slow_header_clients(ctx, port, "/metrics", 8)
     long_line = ctx.tcp(port)
     try:
         long_line.sendall(b"GET /" + b"a" * 65536 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -1020,16 +1025,7 @@ def http_port_abuse(ctx):
         except OSError:
             pass
 
-    def slow(sock):
-        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        while not ctx.stop.wait(0.5):
-            try:
-                sock.sendall(b"X")
-            except OSError:
-                return
-
-    for _ in range(8):
-        ctx.spawn(slow, ctx.tcp(port))
+    slow_header_clients(ctx, port, "/readyz", 8)
 
     def first_line(sock):
         try:
