@@ -27,6 +27,9 @@ namespace emoserve {
 
 struct Model::Module {
   torch::jit::Module module;
+  // The module as loaded, for the methods speaker normalisation calls
+  // (optimising keeps forward only).
+  torch::jit::Module plain;
   torch::Device device{torch::kCPU};
   // Precision::kBf16: LibTorch's CPU autocast runs the matrix products and
   // convolutions in bfloat16 (oneDNN, AVX512_BF16) and keeps the ops that
@@ -201,6 +204,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
     return absl::InvalidArgumentError(
         absl::StrCat(pt_path, " is not a loadable TorchScript module: ", e.what()));
   }
+  module->plain = module->module;
   auto model = std::unique_ptr<Model>(
       new Model(*std::move(config), options.device, std::move(module)));
 
@@ -224,6 +228,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
     return absl::InvalidArgumentError(absl::StrCat(
         dir, ": model.pt's forward must return probabilities (softmax over ",
         model->num_classes(), " classes); a dry run's outputs sum to ", sum));
+  }
+  if (absl::Status s = model->CheckSpeakerNormalization(zeros); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(dir, ": ", s.message()));
   }
   // Only now: the optimised graph drops the plain one's shape checks (a
   // wrong input shape can crash it), and the input's shape is checked.
@@ -310,20 +317,20 @@ absl::Status Model::WarmUp(int max_batch_size) const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<float>> Model::Predict(
-    absl::Span<const float> features, int batch_size) const {
+template <typename Run>
+absl::StatusOr<std::vector<float>> Model::RunBatch(absl::Span<const float> features,
+                                                   int batch_size, int64_t width,
+                                                   const char* what, const Run& run) const {
   const int64_t f = config_.num_features();
   const int64_t t = config_.num_frames();
   if (batch_size <= 0 ||
       features.size() != static_cast<size_t>(batch_size) * f * t) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "Predict: expected ", batch_size, " x ", f, " x ", t, " floats, got ",
+        what, ": expected ", batch_size, " x ", f, " x ", t, " floats, got ",
         features.size()));
   }
   try {
     c10::InferenceMode inference_mode;
-    std::optional<CpuAutocastBf16> autocast;
-    if (module_->autocast_bf16) autocast.emplace();
     // from_blob does not copy; the module never writes to its input.
     torch::Tensor input = torch::from_blob(const_cast<float*>(features.data()),
                                            {batch_size, 1, f, t},
@@ -331,24 +338,93 @@ absl::StatusOr<std::vector<float>> Model::Predict(
     if (module_->device != torch::Device(torch::kCPU)) {
       input = input.to(module_->device);
     }
-    torch::Tensor output = module_->module.forward({input}).toTensor();
+    torch::Tensor output = run(input);
     output = output.to(torch::kCPU, torch::kFloat32).contiguous();
-    const int64_t classes = num_classes();
-    if (output.dim() != 2 || output.size(0) != batch_size ||
-        output.size(1) != classes) {
+    if (output.dim() != 2 || output.size(0) != batch_size || output.size(1) != width) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "the module returned shape ", c10::str(output.sizes()),
-          " but model.json declares ", classes, " labels: expected [",
-          batch_size, ", ", classes, "]"));
+          what, ": the module returned shape ", c10::str(output.sizes()), ", expected [",
+          batch_size, ", ", width, "] (model.json declares ", num_classes(), " labels)"));
     }
     const float* data = output.data_ptr<float>();
-    return std::vector<float>(data, data + batch_size * classes);
+    return std::vector<float>(data, data + batch_size * width);
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError(
         "model forward failed: out of memory; retry later or send less audio");
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("model forward failed: ", e.what()));
   }
+}
+
+absl::StatusOr<std::vector<float>> Model::Predict(
+    absl::Span<const float> features, int batch_size) const {
+  return RunBatch(features, batch_size, num_classes(), "Predict", [&](const torch::Tensor& x) {
+    std::optional<CpuAutocastBf16> autocast;
+    if (module_->autocast_bf16) autocast.emplace();
+    return module_->module.forward({x}).toTensor();
+  });
+}
+
+absl::Status Model::CheckSpeakerNormalization(absl::Span<const float> input) {
+  if (config_.speaker_normalization == SpeakerNormalization::kNone) return absl::OkStatus();
+  for (const char* method : {"summary", "adapted"}) {
+    if (!module_->plain.find_method(method).has_value()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "model.json declares speaker_normalization ",
+          SpeakerNormalizationName(config_.speaker_normalization), " but model.pt has no ",
+          method, "() method"));
+    }
+  }
+  try {
+    c10::InferenceMode inference_mode;
+    torch::Tensor x = torch::from_blob(const_cast<float*>(input.data()),
+                                       {1, 1, config_.num_features(), config_.num_frames()})
+                          .to(module_->device);
+    torch::Tensor summary = module_->plain.run_method("summary", x).toTensor();
+    if (summary.dim() != 2 || summary.size(0) != 1 || summary.size(1) < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "model.pt's summary() returns shape ", c10::str(summary.sizes()), ", not [1, W]"));
+    }
+    summary_size_ = static_cast<int>(summary.size(1));
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("model.pt's summary() fails: ", e.what()));
+  }
+  absl::StatusOr<std::vector<float>> summary = Summarize(input, 1);
+  if (!summary.ok()) return summary.status();
+  return PredictAdapted(input, 1, *summary).status();
+}
+
+absl::StatusOr<std::vector<float>> Model::Summarize(absl::Span<const float> features,
+                                                    int batch_size) const {
+  if (summary_size_ == 0) {
+    return absl::FailedPreconditionError("this model has no speaker normalization");
+  }
+  return RunBatch(features, batch_size, summary_size_, "Summarize", [&](const torch::Tensor& x) {
+    return module_->plain.run_method("summary", x).toTensor();
+  });
+}
+
+absl::StatusOr<std::vector<float>> Model::PredictAdapted(
+    absl::Span<const float> features, int batch_size,
+    absl::Span<const float> speaker_means) const {
+  if (summary_size_ == 0) {
+    return absl::FailedPreconditionError("this model has no speaker normalization");
+  }
+  if (batch_size <= 0 ||
+      speaker_means.size() != static_cast<size_t>(batch_size) * summary_size_) {
+    return absl::InvalidArgumentError(absl::StrCat("PredictAdapted: expected ", batch_size,
+                                                   " x ", summary_size_,
+                                                   " speaker statistics, got ",
+                                                   speaker_means.size()));
+  }
+  return RunBatch(features, batch_size, num_classes(), "PredictAdapted",
+                  [&](const torch::Tensor& x) {
+                    torch::Tensor means =
+                        torch::from_blob(const_cast<float*>(speaker_means.data()),
+                                         {batch_size, summary_size_})
+                            .to(module_->device);
+                    torch::Tensor summary = module_->plain.run_method("summary", x).toTensor();
+                    return module_->plain.run_method("adapted", summary, means).toTensor();
+                  });
 }
 
 }  // namespace emoserve

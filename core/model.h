@@ -3,6 +3,7 @@
 #ifndef EMOSERVE_CORE_MODEL_H_
 #define EMOSERVE_CORE_MODEL_H_
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -82,6 +83,20 @@ class Model {
   absl::StatusOr<std::vector<float>> Predict(absl::Span<const float> features,
                                              int batch_size) const;
 
+  // Speaker normalisation (config().speaker_normalization is
+  // kSummaryMean). The width of a window's summary: 0 for a model without.
+  int summary_size() const { return summary_size_; }
+  // The summaries of `batch_size` inputs (laid out as Predict's):
+  // batch_size * summary_size() floats, what a speaker's statistics average.
+  absl::StatusOr<std::vector<float>> Summarize(absl::Span<const float> features,
+                                               int batch_size) const;
+  // Predict's probabilities with each input normalised by its speaker's mean
+  // summary (speaker_means: batch_size * summary_size() floats). Runs the
+  // module as loaded, in fp32.
+  absl::StatusOr<std::vector<float>> PredictAdapted(absl::Span<const float> features,
+                                                    int batch_size,
+                                                    absl::Span<const float> speaker_means) const;
+
   // Runs each batch size from 1 to max_batch_size (at most the first
   // kMaxWarmUpBatchSizes) once: LibTorch specialises and optimises the
   // graph for each input shape on its first call, which takes several
@@ -99,12 +114,22 @@ class Model {
   // Makes the module run in `precision`; checks that it still returns
   // probabilities for `input`.
   absl::Status SetPrecision(Precision precision, absl::Span<const float> input);
+  // Checks that a speaker-normalised module has summary() and adapted();
+  // sets summary_size_.
+  absl::Status CheckSpeakerNormalization(absl::Span<const float> input);
+  // The input check, error mapping and output check every run shares: `run`
+  // maps the [B, 1, F, T] input to a [B, width] output.
+  template <typename Run>
+  absl::StatusOr<std::vector<float>> RunBatch(absl::Span<const float> features, int batch_size,
+                                              int64_t width, const char* what,
+                                              const Run& run) const;
   ModelConfig config_;
   std::string device_;
   std::unique_ptr<Module> module_;
   bool optimized_ = false;
   Precision precision_ = Precision::kFp32;
   std::string precision_fallback_;
+  int summary_size_ = 0;
 };
 
 }  // namespace emoserve

@@ -20,6 +20,19 @@ absl::StatusOr<Precision> ParsePrecision(std::string_view name) {
       absl::StrCat("unknown precision '", std::string(name), "'; use fp32, bf16 or int8"));
 }
 
+absl::StatusOr<SpeakerNormalization> ParseSpeakerNormalization(std::string_view name) {
+  for (SpeakerNormalization normalization :
+       {SpeakerNormalization::kNone, SpeakerNormalization::kSummaryMean}) {
+    if (name == SpeakerNormalizationName(normalization)) return normalization;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown speaker normalization '",
+                                                 std::string(name), "'; use none or summary_mean"));
+}
+
+const char* SpeakerNormalizationName(SpeakerNormalization normalization) {
+  return normalization == SpeakerNormalization::kSummaryMean ? "summary_mean" : "none";
+}
+
 const char* PrecisionName(Precision precision) {
   switch (precision) {
     case Precision::kFp32:
@@ -42,7 +55,8 @@ absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& json) {
   }
   static const std::set<std::string> kKnownKeys = {
       "name",     "version",      "labels",       "sample_rate", "window_seconds",
-      "features", "input_layout", "precision",    "architecture", "provenance"};
+      "features", "input_layout", "precision",    "architecture", "provenance",
+      "speaker_normalization"};
   for (const auto& item : json.items()) {
     if (!kKnownKeys.count(item.key())) {
       return absl::InvalidArgumentError(
@@ -76,6 +90,15 @@ absl::StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& json) {
             absl::StrCat("model.json: 'precision': ", precision.status().message()));
       }
       config.precision = *precision;
+    }
+    if (json.contains("speaker_normalization")) {
+      absl::StatusOr<SpeakerNormalization> normalization =
+          ParseSpeakerNormalization(json.at("speaker_normalization").get<std::string>());
+      if (!normalization.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "model.json: 'speaker_normalization': ", normalization.status().message()));
+      }
+      config.speaker_normalization = *normalization;
     }
     if (json.contains("architecture")) config.architecture = json["architecture"];
     if (json.contains("provenance")) config.provenance = json["provenance"];
@@ -145,6 +168,9 @@ nlohmann::json ModelConfigToJson(const ModelConfig& config) {
                          {"features", FeatureParamsToJson(config.features)},
                          {"input_layout", config.input_layout}};
   if (config.precision != Precision::kFp32) json["precision"] = PrecisionName(config.precision);
+  if (config.speaker_normalization != SpeakerNormalization::kNone) {
+    json["speaker_normalization"] = SpeakerNormalizationName(config.speaker_normalization);
+  }
   if (!config.architecture.empty()) json["architecture"] = config.architecture;
   if (!config.provenance.empty()) json["provenance"] = config.provenance;
   return json;

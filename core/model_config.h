@@ -27,6 +27,19 @@ enum class Precision {
 absl::StatusOr<Precision> ParsePrecision(std::string_view name);
 const char* PrecisionName(Precision precision);
 
+// What a model expects of its speaker's statistics.
+enum class SpeakerNormalization {
+  kNone,         // nothing: each window stands alone
+  // Trained on summaries moved by their speaker's mean summary: the module
+  // has summary(x) and adapted(s, speaker_mean), and forward(x) answers
+  // (less well) for a speaker not heard yet.
+  kSummaryMean,
+};
+
+// "none", "summary_mean".
+absl::StatusOr<SpeakerNormalization> ParseSpeakerNormalization(std::string_view name);
+const char* SpeakerNormalizationName(SpeakerNormalization normalization);
+
 struct ModelConfig {
   std::string name;
   std::string version;
@@ -37,6 +50,7 @@ struct ModelConfig {
   std::string input_layout = kInputLayoutBatchChannelFeatureTime;
   // What the model runs in unless the server is told otherwise.
   Precision precision = Precision::kFp32;
+  SpeakerNormalization speaker_normalization = SpeakerNormalization::kNone;
   // Free-form: how the model was made (command, data, split, metrics) and
   // the architecture. Carried through unchanged.
   nlohmann::json architecture = nlohmann::json::object();

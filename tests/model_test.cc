@@ -216,6 +216,16 @@ TEST(ModelTest, RejectsJsonThatDoesNotDescribeTheModule) {
   model = Model::Load(dir);
   ASSERT_FALSE(model.ok());
   EXPECT_THAT(model.status().message(), HasSubstr("4 labels"));
+
+  // Speaker normalization needs a module with summary() and adapted().
+  config = SmallConfig();
+  config.speaker_normalization = SpeakerNormalization::kSummaryMean;
+  ASSERT_TRUE(SaveModelConfig(config, dir + "/model.json").ok());
+  model = Model::Load(dir);
+  ASSERT_FALSE(model.ok());
+  EXPECT_THAT(model.status().message(),
+              HasSubstr("declares speaker_normalization summary_mean but model.pt has no "
+                        "summary() method"));
 }
 
 TEST(ModelTest, ClearErrorsForMissingFilesAndDevices) {
@@ -587,6 +597,58 @@ TEST(ModelArchitectureTest, EnsembleSharesTheSummaryOfLikeStatisticsMembers) {
   EXPECT_EQ(calls("name=\"forward\""), 1) << graph;
 }
 
+// A speaker-normalised model moves a window's summary by how its speaker's
+// mean summary differs from the training speakers' (speaker_reference): a
+// speaker whose mean is the reference gets forward's answer, another a
+// different one; an ensemble of such members averages their adapted
+// answers, each member against its own reference.
+TEST(ModelArchitectureTest, SpeakerNormalisedModelsMoveTheSummaryByTheSpeakersMean) {
+  ArchitectureOptions options;
+  options.num_features = 64;
+  options.parallel_branches = false;
+  options.statistics_hidden = 24;
+  std::vector<torch::jit::Module> members;
+  for (int i = 0; i < 2; ++i) {
+    torch::manual_seed(i + 1);
+    absl::StatusOr<torch::jit::Module> member = BuildArchitecture(options);
+    ASSERT_TRUE(member.ok()) << member.status();
+    member->eval();
+    members.push_back(*std::move(member));
+  }
+  torch::NoGradGuard no_grad;
+  const torch::Tensor x = torch::randn({3, 1, 64, 301}) * 20 - 40;
+  const torch::Tensor s = members[0].run_method("summary", x).toTensor();
+  const torch::Tensor reference = members[0].attr("speaker_reference").toTensor();
+  ASSERT_EQ(reference.numel(), s.size(1));
+  EXPECT_EQ(reference.abs().sum().item<double>(), 0.0) << "zeros until trained";
+  for (torch::jit::Module& member : members) {
+    member.attr("speaker_reference").toTensor().copy_(s.mean(0) + torch::randn({s.size(1)}));
+  }
+  const torch::Tensor own = members[0].attr("speaker_reference").toTensor().expand_as(s);
+  EXPECT_TRUE(torch::allclose(members[0].run_method("adapted", s, own).toTensor(),
+                              members[0].forward({x}).toTensor(), 1e-5, 1e-6));
+  const torch::Tensor speaker = s.mean(0, true).expand_as(s);
+  const torch::Tensor adapted = members[0].run_method("adapted", s, speaker).toTensor();
+  EXPECT_TRUE(torch::allclose(
+      adapted, members[0].run_method("from_summary", s - speaker + own).toTensor(), 1e-5, 1e-6));
+  EXPECT_GT((adapted - members[0].forward({x}).toTensor()).abs().max().item<double>(), 1e-3);
+  absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(members);
+  ASSERT_TRUE(ensemble.ok()) << ensemble.status();
+  EXPECT_TRUE(torch::equal(ensemble->run_method("summary", x).toTensor(), s));
+  const torch::Tensor mean = (adapted + members[1].run_method("adapted", s, speaker).toTensor()) / 2;
+  EXPECT_TRUE(torch::allclose(ensemble->run_method("adapted", s, speaker).toTensor(), mean, 1e-6,
+                              1e-7));
+  // With a member that has no summary, the ensemble does not adapt.
+  ArchitectureOptions parallel;
+  parallel.num_features = 64;
+  absl::StatusOr<torch::jit::Module> other = BuildArchitecture(parallel);
+  ASSERT_TRUE(other.ok());
+  members.push_back(*other);
+  absl::StatusOr<torch::jit::Module> mixed = BuildEnsemble(members);
+  ASSERT_TRUE(mixed.ok()) << mixed.status();
+  EXPECT_FALSE(mixed->find_method("adapted").has_value());
+}
+
 // Folds of one recipe hold distinct classes of one name; the ensemble gives
 // each its own name, without which TorchScript's compiler grows
 // exponentially with such members (30 folds once took over 8 GB).
@@ -697,18 +759,28 @@ TEST(ModelConfigTest, ValidatesFields) {
               HasSubstr("\"fmax\" must be <= sample_rate/2"));
   bad["features"]["fmax"] = bad["sample_rate"].get<int>() / 2;
   EXPECT_TRUE(ModelConfigFromJson(bad).ok());
-  // A precision is one the runtime knows, and survives the round trip.
-  bad = json;
-  bad["precision"] = "fp16";
-  EXPECT_THAT(ModelConfigFromJson(bad).status().message(),
-              HasSubstr("'precision': unknown precision 'fp16'; use fp32, bf16 or int8"));
-  nlohmann::json int8 = json;
-  int8["precision"] = "int8";
-  absl::StatusOr<ModelConfig> parsed = ModelConfigFromJson(int8);
+  // A precision and a speaker normalization are ones the runtime knows,
+  // survive the round trip, and are left out when they are the default.
+  const auto refused_and_kept = [&](const char* key, const char* unknown, const char* message,
+                                    const char* known) -> absl::StatusOr<ModelConfig> {
+    nlohmann::json changed = json;
+    changed[key] = unknown;
+    EXPECT_THAT(ModelConfigFromJson(changed).status().message(), HasSubstr(message)) << key;
+    changed[key] = known;
+    absl::StatusOr<ModelConfig> parsed = ModelConfigFromJson(changed);
+    if (parsed.ok()) EXPECT_EQ(ModelConfigToJson(*parsed)[key], known) << key;
+    EXPECT_FALSE(ModelConfigToJson(SmallConfig()).contains(key)) << key;
+    return parsed;
+  };
+  absl::StatusOr<ModelConfig> parsed = refused_and_kept(
+      "precision", "fp16", "'precision': unknown precision 'fp16'; use fp32, bf16 or int8", "int8");
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_EQ(parsed->precision, Precision::kInt8);
-  EXPECT_EQ(ModelConfigToJson(*parsed)["precision"], "int8");
-  EXPECT_FALSE(ModelConfigToJson(SmallConfig()).contains("precision"));
+  parsed = refused_and_kept("speaker_normalization", "per_frame",
+                            "unknown speaker normalization 'per_frame'; use none or summary_mean",
+                            "summary_mean");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->speaker_normalization, SpeakerNormalization::kSummaryMean);
 }
 
 // Python's torch loads what we save and computes the same outputs.

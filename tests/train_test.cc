@@ -163,6 +163,94 @@ TEST(TrainSmokeTest, SpeakerAdversarialRunWritesAServableModel) {
   EXPECT_EQ((*model)->config().provenance["test"]["clips"], 60);
 }
 
+// --speaker-normalization: the model.json says so, the module's reference
+// is the training windows' mean summary, a speaker whose mean is the
+// reference gets the unadapted answer, and `eval --adapt` reports each prior
+// (0 s: the unadapted figures). Refused where it does not apply.
+TEST(TrainSmokeTest, SpeakerNormalisedRunAdaptsAndEvalReportsEachPrior) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: training needs RAVDESS";
+  const fs::path out = fs::path(::testing::TempDir()) / "speaker_normalised_model";
+  const std::string flags =
+      " --features log_mel --statistics-only --statistics-hidden 16 --mixup 0 "
+      "--speaker-normalization";
+  const std::string command = SmokeTrainCommand(*shared, out, flags);
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(out.string());
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ((*model)->config().speaker_normalization, SpeakerNormalization::kSummaryMean);
+  EXPECT_EQ((*model)->config().provenance["speaker_normalization"], true);
+  const int width = (*model)->summary_size();
+  ASSERT_GT(width, 0);
+  torch::jit::Module module = torch::jit::load((out / "model.pt").string());
+  const torch::Tensor reference = module.attr("speaker_reference").toTensor().contiguous();
+  ASSERT_EQ(reference.numel(), width);
+  EXPECT_GT(reference.abs().max().item<float>(), 0.0f);
+  // Two windows of a test actor's clip.
+  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(Ravdess(*shared), {4});
+  ASSERT_TRUE(clips.ok());
+  absl::StatusOr<std::vector<LabeledAudio>> audio =
+      LoadRavdessAudio({(*clips)[0], (*clips)[30]}, 16000);
+  ASSERT_TRUE(audio.ok());
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create((*model)->config().features, 16000);
+  ASSERT_TRUE(extractor.ok());
+  std::vector<float> features;
+  std::vector<float> window((*model)->config().window_samples());
+  FeatureMatrix matrix;
+  for (const LabeledAudio& clip : *audio) {
+    CopyWindow(clip.samples, 0, window.size(), window.data());
+    ASSERT_TRUE((*extractor)->Compute(window, &matrix).ok());
+    features.insert(features.end(), matrix.data.begin(), matrix.data.end());
+  }
+  const float* r = reference.data_ptr<float>();
+  std::vector<float> references(r, r + width);
+  references.insert(references.end(), r, r + width);
+  absl::StatusOr<std::vector<float>> plain = (*model)->Predict(features, 2);
+  absl::StatusOr<std::vector<float>> at_reference =
+      (*model)->PredictAdapted(features, 2, references);
+  ASSERT_TRUE(plain.ok() && at_reference.ok()) << at_reference.status();
+  ASSERT_EQ(plain->size(), at_reference->size());
+  for (size_t i = 0; i < plain->size(); ++i) EXPECT_NEAR((*plain)[i], (*at_reference)[i], 1e-5);
+  // Its own summary as its speaker's mean moves the answer.
+  absl::StatusOr<std::vector<float>> own = (*model)->Summarize(features, 2);
+  ASSERT_TRUE(own.ok());
+  absl::StatusOr<std::vector<float>> adapted = (*model)->PredictAdapted(features, 2, *own);
+  ASSERT_TRUE(adapted.ok());
+  double moved = 0;
+  for (size_t i = 0; i < plain->size(); ++i) moved += std::abs((*plain)[i] - (*adapted)[i]);
+  EXPECT_GT(moved, 1e-4);
+  EXPECT_EQ((*model)->PredictAdapted(features, 2, absl::MakeSpan(*own).subspan(1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  const fs::path report = fs::path(::testing::TempDir()) / "adapt.json";
+  const std::string eval = absl::StrCat(EMOSERVE_BINARY_DIR, "/train/emoserve-train eval --model ",
+                                        out.string(), " --data ", Ravdess(*shared),
+                                        " --actors 4 --adapt 0 10 --json > ", report.string());
+  ASSERT_EQ(std::system(eval.c_str()), 0) << eval;
+  const nlohmann::json result = nlohmann::json::parse(std::ifstream(report));
+  ASSERT_EQ(result["adapted"].size(), 2u) << result.dump();
+  EXPECT_EQ(result["adapted"][0]["prior_seconds"], 0.0);
+  EXPECT_EQ(result["adapted"][0]["uar"], result["uar"]);
+  EXPECT_EQ(result["adapted"][1]["prior_seconds"], 10.0);
+  EXPECT_EQ(result["adapted"][1]["clips"], 60);
+
+  // A model without speaker normalization has nothing to adapt.
+  const std::string plain_eval =
+      absl::StrCat(EMOSERVE_BINARY_DIR, "/train/emoserve-train eval --model ", EMOSERVE_SOURCE_DIR,
+                   "/models/default --data ", Ravdess(*shared), " --actors 4 --adapt 10 2>&1");
+  const auto [plain_status, plain_output] = testing::RunCommand(plain_eval);
+  EXPECT_NE(plain_status, 0);
+  EXPECT_THAT(plain_output, HasSubstr("no speaker normalization"));
+  // Models with more than a summary, or mixup, are refused.
+  for (const char* refused : {" --mixup 0 --speaker-normalization",
+                              " --statistics-only --mixup 0.2 --speaker-normalization"}) {
+    const auto [status, output] = testing::RunCommand(SmokeTrainCommand(*shared, out, refused));
+    EXPECT_NE(status, 0) << refused;
+    EXPECT_THAT(output, HasSubstr("--speaker-normalization trains")) << refused;
+  }
+}
+
 // A log-mel model whose CNN and Transformer branches see MFCCs computed
 // inside it, with the statistics branch: the directory records both, its
 // module normalises the 40 cepstra (not the 64 mel rows) and it serves.
@@ -530,7 +618,7 @@ TEST(EnsembleTest, FoldsAreValidatedOutOfFold) {
     absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
     ASSERT_TRUE(audio.ok());
     absl::StatusOr<ConfusionMatrix> matrix =
-        EvaluateClips(*audio, config, **extractor, [&](absl::Span<const float> f, int batch) {
+        EvaluateClips(*audio, config, **extractor, [&](absl::Span<const float> f, int batch, absl::Span<const float>) {
           return folds[i]->Predict(f, batch);
         });
     ASSERT_TRUE(matrix.ok()) << matrix.status();
@@ -616,7 +704,8 @@ TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
     size_t windows = 0;
     absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
         *audio, config, **extractor,
-        [&](absl::Span<const float>, int batch) -> absl::StatusOr<std::vector<float>> {
+        [&](absl::Span<const float>, int batch, absl::Span<const float>)
+            -> absl::StatusOr<std::vector<float>> {
           windows += batch;
           return std::vector<float>(static_cast<size_t>(batch) * 8, 1.0f / 8);
         },
@@ -630,7 +719,8 @@ TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
   for (double bad : {-1.0, 3.5}) {
     absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
         *audio, config, **extractor,
-        [](absl::Span<const float>, int) -> absl::StatusOr<std::vector<float>> {
+        [](absl::Span<const float>, int, absl::Span<const float>)
+            -> absl::StatusOr<std::vector<float>> {
           return absl::InternalError("must not be called");
         },
         {.hop_seconds = bad});
@@ -659,7 +749,7 @@ TEST(BundledModelTest, KeepsItsRecordedTestAccuracy) {
   absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
   ASSERT_TRUE(audio.ok()) << audio.status();
   absl::StatusOr<ConfusionMatrix> matrix =
-      EvaluateClips(*audio, config, **extractor, [&](absl::Span<const float> f, int batch) {
+      EvaluateClips(*audio, config, **extractor, [&](absl::Span<const float> f, int batch, absl::Span<const float>) {
         return (*model)->Predict(f, batch);
       });
   ASSERT_TRUE(matrix.ok()) << matrix.status();

@@ -1,5 +1,6 @@
 #include "train/architectures.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -189,13 +190,21 @@ def forward(self, x):
 // A statistics-only model's probabilities in two steps, so that an ensemble
 // of such models computes the weight-free summary once for all
 // (BuildEnsemble): forward(x) = from_summary(summary(x)), exactly.
+// adapted(s, speaker_mean): the probabilities of the summary s moved by how
+// its speaker's mean summary differs from the training speakers'
+// (speaker_reference): speaker normalisation (TrainOptions).
 constexpr char kSummarySource[] = R"(
 def summary(self, x):
     return self.statistics.summary(x)
 
+def summary_logits(self, s):
+    return torch.linear(self.statistics.head(s), self.fc_weight, self.fc_bias)
+
 def from_summary(self, s):
-    hidden = self.statistics.head(s)
-    return torch.softmax(torch.linear(hidden, self.fc_weight, self.fc_bias), 1)
+    return torch.softmax(self.summary_logits(s), 1)
+
+def adapted(self, s, speaker_mean):
+    return self.from_summary(s - speaker_mean + self.speaker_reference)
 )";
 
 // What a statistics-only model's summary() computes: members of an ensemble
@@ -577,6 +586,9 @@ absl::StatusOr<torch::jit::Module> BuildArchitecture(const ArchitectureOptions& 
                                                     {"STATISTICS_CALL", statistics_call}}));
     if (!o.parallel_branches) {
       model.register_attribute("summary_key", c10::StringType::get(), SummaryKey(o));
+      model.register_buffer(
+          "speaker_reference",
+          torch::zeros_like(model.attr("statistics").toModule().attr("bn_running_mean").toTensor()));
       model.define(kSummarySource);
     }
     return model;
@@ -641,6 +653,24 @@ absl::StatusOr<torch::jit::Module> BuildEnsemble(
     std::string source = absl::StrCat("def forward(self, x):\n", summaries, sum);
     absl::StrAppend(&source, "    return p / ", members.size(),
                     "\n\ndef logits(self, x):\n    return torch.log(self.forward(x))\n");
+    // Members that all share one summary and adapt to a speaker make an
+    // ensemble that does (each member against its own reference).
+    const bool adaptive =
+        first_with_key.size() == 1 && first_with_key.begin()->second == 0 &&
+        std::all_of(members.begin(), members.end(), [](const Module& m) {
+          return m.hasattr("summary_key") && m.find_method("adapted").has_value();
+        });
+    if (adaptive) {
+      ensemble.register_attribute("summary_key", c10::StringType::get(),
+                                  members[0].attr("summary_key").toStringRef());
+      absl::StrAppend(&source, "\ndef summary(self, x):\n    return self.member0.summary(x)\n",
+                      "\ndef adapted(self, s, speaker_mean):\n");
+      for (size_t i = 0; i < members.size(); ++i) {
+        absl::StrAppend(&source, i == 0 ? "    p = " : "    p = p + ", "self.member", i,
+                        ".adapted(s, speaker_mean)\n");
+      }
+      absl::StrAppend(&source, "    return p / ", members.size(), "\n");
+    }
     // Members loaded from different files hold distinct classes of one name
     // (each fold's __torch__.emoserve.Statistics); with such homonyms
     // TorchScript's alias analysis of the new methods grows exponentially

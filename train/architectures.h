@@ -113,7 +113,11 @@ nlohmann::json ArchitectureOptionsToJson(const ArchitectureOptions& options);
 // and, statistics-only (parallel_branches false):
 //   summary(x)            -> the statistics before any weight [B, W]
 //   from_summary(s)       -> probabilities: forward(x) = from_summary(summary(x))
+//   adapted(s, speaker_mean [B, W]) -> probabilities of s speaker-normalised:
+//                            from_summary(s - speaker_mean + speaker_reference)
 //   summary_key           -> a string attribute naming what summary computes
+//   speaker_reference     -> buffer [W]: the training speakers' mean summary
+//                            (zeros unless trained speaker-normalised)
 // Buffers feature_mean / feature_std ([D]) normalise branch_input inside
 // the module; the trainer fills them from the training data.
 absl::StatusOr<torch::jit::Module> BuildArchitecture(const ArchitectureOptions& options);
@@ -131,7 +135,8 @@ absl::StatusOr<torch::jit::Module> BuildCepstralAdapter(torch::jit::Module membe
 // logits(x) -> its log. At least two members. Statistics-only members
 // (parallel_branches false) with the same statistics options compute their
 // weight-free summary of x once between them: a bag of such models costs
-// little more than one.
+// little more than one. When every member is such a model, the ensemble
+// also has summary(x) and adapted(s, speaker_mean) (the members' mean).
 absl::StatusOr<torch::jit::Module> BuildEnsemble(
     std::vector<torch::jit::Module> members);
 

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <random>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "core/audio.h"
 #include "core/resampler.h"
 #include "core/windowing.h"
@@ -70,7 +72,11 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
 
   // Windows of several clips share a batch; a clip's result is complete when
   // its last window has been predicted.
+  if (options.speaker_means != nullptr && options.speaker_means->size() != clips.size()) {
+    return absl::InvalidArgumentError("EvaluateClips: one speaker mean per clip");
+  }
   std::vector<float> batch;
+  std::vector<float> batch_speaker_means;
   std::vector<size_t> batch_clip;  // clip index of each window in the batch
   std::vector<float> window_samples(window);
   FeatureMatrix features;
@@ -78,7 +84,7 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
   auto flush = [&]() -> absl::Status {
     if (batch_clip.empty()) return absl::OkStatus();
     absl::StatusOr<std::vector<float>> probabilities =
-        predict(batch, static_cast<int>(batch_clip.size()));
+        predict(batch, static_cast<int>(batch_clip.size()), batch_speaker_means);
     if (!probabilities.ok()) return probabilities.status();
     for (size_t w = 0; w < batch_clip.size(); ++w) {
       auto& out = clip_probabilities[batch_clip[w]];
@@ -86,6 +92,7 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
                  probabilities->begin() + (w + 1) * classes);
     }
     batch.clear();
+    batch_speaker_means.clear();
     batch_clip.clear();
     return absl::OkStatus();
   };
@@ -102,6 +109,14 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
         return absl::InternalError("feature shape differs from the model's input");
       }
       batch.insert(batch.end(), features.data.begin(), features.data.end());
+      if (options.speaker_means != nullptr) {
+        const std::vector<float>& mean = (*options.speaker_means)[c];
+        if (mean.empty()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(clips[c].clip.path, ": no speaker statistics"));
+        }
+        batch_speaker_means.insert(batch_speaker_means.end(), mean.begin(), mean.end());
+      }
       batch_clip.push_back(c);
       if (static_cast<int>(batch_clip.size()) == options.batch_size) {
         if (absl::Status s = flush(); !s.ok()) return s;
@@ -121,6 +136,71 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
     }
   }
   return matrix;
+}
+
+absl::StatusOr<SummarySum> SpeechSummaries(absl::Span<const float> samples,
+                                           const ModelConfig& config,
+                                           const FeatureExtractor& extractor,
+                                           const BatchSummarizer& summarize,
+                                           const EvaluateOptions& options) {
+  const size_t window = config.window_samples();
+  absl::StatusOr<size_t> hop = HopSamples(options.hop_seconds, window, config.sample_rate);
+  if (!hop.ok()) return hop.status();
+  const ClipPlan plan = PlanClip(samples, window, *hop, options.vad_threshold_dbfs);
+  std::vector<float> window_samples(window), batch;
+  FeatureMatrix features;
+  SummarySum result;
+  for (size_t w = 0; w < plan.starts.size(); ++w) {
+    if (!plan.speech[w]) continue;
+    CopyWindow(samples, plan.starts[w], window, window_samples.data());
+    if (absl::Status s = extractor.Compute(window_samples, &features); !s.ok()) return s;
+    batch.insert(batch.end(), features.data.begin(), features.data.end());
+    ++result.windows;
+  }
+  if (result.windows == 0) return result;
+  absl::StatusOr<std::vector<float>> summaries = summarize(batch, result.windows);
+  if (!summaries.ok()) return summaries.status();
+  const size_t width = summaries->size() / result.windows;
+  result.sum.assign(width, 0.0f);
+  for (int w = 0; w < result.windows; ++w) {
+    for (size_t k = 0; k < width; ++k) result.sum[k] += (*summaries)[w * width + k];
+  }
+  return result;
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> SpeakerMeans(
+    const std::vector<LabeledAudio>& clips, const ModelConfig& config,
+    const FeatureExtractor& extractor, const BatchSummarizer& summarize, double prior_seconds,
+    uint64_t seed, const EvaluateOptions& options) {
+  const size_t prior_samples =
+      static_cast<size_t>(std::llround(prior_seconds * config.sample_rate));
+  std::mt19937_64 rng(seed);
+  std::vector<std::vector<float>> means(clips.size());
+  std::vector<float> prior;
+  ProgressBar progress(absl::StrFormat("speaker statistics (%.0f s)", prior_seconds),
+                       static_cast<int>(clips.size()));
+  for (size_t c = 0; c < clips.size(); ++c) {
+    std::vector<size_t> others;
+    for (size_t o = 0; o < clips.size(); ++o) {
+      if (o != c && clips[o].clip.actor == clips[c].clip.actor) others.push_back(o);
+    }
+    std::shuffle(others.begin(), others.end(), rng);
+    prior.clear();
+    for (size_t o : others) {
+      if (prior.size() >= prior_samples) break;
+      const std::vector<float>& samples = clips[o].samples;
+      prior.insert(prior.end(), samples.begin(),
+                   samples.begin() + std::min(samples.size(), prior_samples - prior.size()));
+    }
+    absl::StatusOr<SummarySum> speech =
+        SpeechSummaries(prior, config, extractor, summarize, options);
+    if (!speech.ok()) return speech.status();
+    for (float& v : speech->sum) v /= static_cast<float>(speech->windows);
+    means[c] = std::move(speech->sum);
+    progress.Update(static_cast<int>(c + 1));
+  }
+  progress.Finish();
+  return means;
 }
 
 absl::StatusOr<PrecisionCheck> ComparePredictions(const ClipPredictions& reference,

@@ -4,6 +4,7 @@
 #ifndef EMOSERVE_TRAIN_EVALUATE_H_
 #define EMOSERVE_TRAIN_EVALUATE_H_
 
+#include <cstdint>
 #include <functional>
 #include <set>
 #include <string>
@@ -38,15 +39,48 @@ absl::StatusOr<std::vector<LabeledAudio>> LoadRavdessActors(const std::string& d
                                                             const std::set<int>& actors,
                                                             int sample_rate);
 
-// Features of batch_size windows ([B][F][T]) -> probabilities ([B][C]).
+// Features of batch_size windows ([B][F][T]) -> probabilities ([B][C]);
+// with speaker_means ([B][W], else empty), each window speaker-normalised
+// by its speaker's mean summary.
 using BatchPredictor = std::function<absl::StatusOr<std::vector<float>>(
+    absl::Span<const float> features, int batch_size, absl::Span<const float> speaker_means)>;
+
+// Features of batch_size windows -> their summaries ([B][W]): what a
+// speaker's statistics are made of.
+using BatchSummarizer = std::function<absl::StatusOr<std::vector<float>>(
     absl::Span<const float> features, int batch_size)>;
 
 struct EvaluateOptions {
   double hop_seconds = 0;  // as a request's: 0 = half a window
   double vad_threshold_dbfs = kDefaultVadThresholdDbfs;
   int batch_size = 32;
+  // One mean summary per clip (SpeakerMeans): the clips are classified
+  // speaker-normalised. Null: as they are.
+  const std::vector<std::vector<float>>* speaker_means = nullptr;
 };
+
+// The summaries of the speech windows of `samples` (windowed as the
+// service windows a stream), added up, and how many there are.
+struct SummarySum {
+  std::vector<float> sum;
+  int windows = 0;
+};
+absl::StatusOr<SummarySum> SpeechSummaries(absl::Span<const float> samples,
+                                           const ModelConfig& config,
+                                           const FeatureExtractor& extractor,
+                                           const BatchSummarizer& summarize,
+                                           const EvaluateOptions& options = {});
+
+// For each clip, the mean summary of its speaker's other speech, as a
+// stream of that speaker would have gathered it before the clip: the
+// speaker's other clips in a random order (from `seed`), joined and cut to
+// `prior_seconds`, windowed as the service windows a stream, the summaries
+// of its speech windows averaged. A clip whose prior has no speech window
+// gets an empty vector.
+absl::StatusOr<std::vector<std::vector<float>>> SpeakerMeans(
+    const std::vector<LabeledAudio>& clips, const ModelConfig& config,
+    const FeatureExtractor& extractor, const BatchSummarizer& summarize, double prior_seconds,
+    uint64_t seed, const EvaluateOptions& options = {});
 
 // What EvaluateClips answered for each clip, in the clips' order.
 struct ClipPredictions {

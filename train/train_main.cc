@@ -1,6 +1,6 @@
 // emoserve-train: trains the bundled model on RAVDESS and evaluates models.
 //   emoserve-train train --data DIR --out DIR [--epochs N --seed S ...]
-//   emoserve-train eval --model DIR --data DIR [--actors 21-24] [--precision P] [--json] [--predictions CSV]
+//   emoserve-train eval --model DIR --data DIR [--actors 21-24] [--precision P] [--adapt S...] [--json] [--predictions CSV]
 
 #include <cstdio>
 #include <filesystem>
@@ -43,6 +43,10 @@ struct EvalCommand {
   bool json = false;
   std::string predictions;  // CSV of each clip's label; "": none
   std::string precision;    // "": the one model.json names
+  // Speaker normalisation: seconds of each speaker's other clips its
+  // statistics come from, one evaluation each (0: none).
+  std::vector<double> adapt_seconds;
+  uint64_t adapt_seed = 1;
 };
 
 CLI::App* AddEvalCommand(CLI::App& app, EvalCommand& command) {
@@ -71,6 +75,14 @@ CLI::App* AddEvalCommand(CLI::App& app, EvalCommand& command) {
                    "checked against fp32 on the same clips, and the command fails unless labels "
                    "agree on >= 99% of clips and no probability moves by more than 0.02")
       ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
+  eval->add_option("--adapt", command.adapt_seconds,
+                   "speaker-normalised models: also evaluate each clip with its speaker's "
+                   "statistics from this many seconds of the speaker's other clips (a stream "
+                   "that heard them first); several values, e.g. --adapt 0 10 30 60 120")
+      ->check(CLI::Range(0.0, 3600.0));
+  eval->add_option("--adapt-seed", command.adapt_seed,
+                   "seed of the order in which the other clips are taken")
+      ->capture_default_str();
   eval->add_flag("--json", command.json, "print JSON");
   return eval;
 }
@@ -111,12 +123,56 @@ absl::StatusOr<Evaluation> EvaluateModel(const EvalCommand& command,
   ClipPredictions predictions;
   absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
       audio, config, **extractor,
-      [&](absl::Span<const float> features, int batch) {
+      [&](absl::Span<const float> features, int batch, absl::Span<const float>) {
         return (*model)->Predict(features, batch);
       },
       command.options, &predictions);
   if (!matrix.ok()) return matrix.status();
   return Evaluation{*std::move(model), *std::move(matrix), std::move(predictions)};
+}
+
+// Accuracy and UAR with each speaker's statistics from `seconds` of its
+// other clips (AdaptedEvaluations).
+struct AdaptedEvaluation {
+  double seconds;
+  ConfusionMatrix matrix;
+};
+
+absl::StatusOr<std::vector<AdaptedEvaluation>> AdaptedEvaluations(
+    const EvalCommand& command, const Model& model, const ConfusionMatrix& unadapted,
+    const std::vector<LabeledAudio>& audio) {
+  std::vector<AdaptedEvaluation> results;
+  if (command.adapt_seconds.empty()) return results;
+  const ModelConfig& config = model.config();
+  if (config.speaker_normalization == SpeakerNormalization::kNone) {
+    return absl::InvalidArgumentError(
+        "--adapt: this model has no speaker normalization (model.json)");
+  }
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  if (!extractor.ok()) return extractor.status();
+  for (double seconds : command.adapt_seconds) {
+    if (seconds == 0) {
+      results.push_back({0, unadapted});
+      continue;
+    }
+    absl::StatusOr<std::vector<std::vector<float>>> means = SpeakerMeans(
+        audio, config, **extractor,
+        [&](absl::Span<const float> f, int batch) { return model.Summarize(f, batch); },
+        seconds, command.adapt_seed, command.options);
+    if (!means.ok()) return means.status();
+    EvaluateOptions options = command.options;
+    options.speaker_means = &*means;
+    absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
+        audio, config, **extractor,
+        [&](absl::Span<const float> f, int batch, absl::Span<const float> speaker_means) {
+          return model.PredictAdapted(f, batch, speaker_means);
+        },
+        options);
+    if (!matrix.ok()) return matrix.status();
+    results.push_back({seconds, *std::move(matrix)});
+  }
+  return results;
 }
 
 int RunEval(const EvalCommand& command) {
@@ -150,6 +206,9 @@ int RunEval(const EvalCommand& command) {
     if (!compared.ok()) return Fail(compared.status());
     check = *compared;
   }
+  absl::StatusOr<std::vector<AdaptedEvaluation>> adapted =
+      AdaptedEvaluations(command, *evaluation->model, evaluation->matrix, *audio);
+  if (!adapted.ok()) return Fail(adapted.status());
   if (!command.predictions.empty()) {
     if (absl::Status s = WritePredictions(command.predictions, *audio,
                                           evaluation->predictions.labels, config);
@@ -166,6 +225,11 @@ int RunEval(const EvalCommand& command) {
     out["hop_seconds"] = command.options.hop_seconds;
     out["vad_threshold_dbfs"] = command.options.vad_threshold_dbfs;
     out["gain_db"] = command.gain_db;
+    for (const AdaptedEvaluation& a : *adapted) {
+      nlohmann::json entry = a.matrix.ToJson();
+      entry["prior_seconds"] = a.seconds;
+      out["adapted"].push_back(entry);
+    }
     if (check) {
       out["against_fp32"] = {{"clips", check->clips},
                              {"agreeing", check->agreeing},
@@ -179,6 +243,14 @@ int RunEval(const EvalCommand& command) {
     std::cout << "model " << config.name << " " << config.version << " in " << precision_name
               << ", actors " << absl::StrJoin(*actors, ",") << "\n"
               << evaluation->matrix.ToText();
+    if (!adapted->empty()) {
+      std::cout << "speaker-normalised: seconds of the speaker's other clips heard first\n"
+                << "prior_s  accuracy  UAR\n";
+      for (const AdaptedEvaluation& a : *adapted) {
+        std::cout << absl::StrFormat("%7.0f  %8.3f  %.3f\n", a.seconds, a.matrix.accuracy(),
+                                     a.matrix.uar());
+      }
+    }
     if (check) {
       std::cout << absl::StrFormat(
           "against fp32: top labels agree on %d of %d clips (%.1f%%, needs >= %.0f%%); largest "
@@ -255,6 +327,10 @@ void AddRecipeOptions(CLI::App* train, TrainCommand& command) {
   train->add_option("--speaker-adversarial", options.speaker_adversarial_weight,
                     "gradient-reversal weight of an adversarial speaker classifier (0 = off)")
       ->capture_default_str();
+  train->add_flag("--speaker-normalization", options.speaker_normalization,
+                  "statistics-only models: train on summaries normalised by each actor's mean "
+                  "summary (from a few of its other clips, no labels), as a stream serves once it "
+                  "has heard its speaker; evaluate with eval --adapt");
   train->add_option("--ema-decay", options.ema_decay,
                     "evaluate and save a moving average of the weights (0 = off)")
       ->capture_default_str();

@@ -171,12 +171,33 @@ double SampleBeta(double alpha, std::mt19937_64& rng) {
 }
 
 BatchPredictor TorchPredictor(torch::jit::Module& module, int rows, int cols) {
+  return [&module, rows, cols](absl::Span<const float> features, int batch,
+                               absl::Span<const float> speaker_means)
+             -> absl::StatusOr<std::vector<float>> {
+    torch::NoGradGuard no_grad;
+    torch::Tensor input = torch::from_blob(const_cast<float*>(features.data()),
+                                           {batch, 1, rows, cols});
+    torch::Tensor out;
+    if (speaker_means.empty()) {
+      out = module.forward({input}).toTensor();
+    } else {
+      torch::Tensor means = torch::from_blob(const_cast<float*>(speaker_means.data()),
+                                             {batch, static_cast<int64_t>(
+                                                         speaker_means.size() / batch)});
+      out = module.run_method("adapted", module.run_method("summary", input), means).toTensor();
+    }
+    out = out.contiguous();
+    return std::vector<float>(out.data_ptr<float>(), out.data_ptr<float>() + out.numel());
+  };
+}
+
+BatchSummarizer TorchSummarizer(torch::jit::Module& module, int rows, int cols) {
   return [&module, rows, cols](absl::Span<const float> features,
                                int batch) -> absl::StatusOr<std::vector<float>> {
     torch::NoGradGuard no_grad;
     torch::Tensor input = torch::from_blob(const_cast<float*>(features.data()),
                                            {batch, 1, rows, cols});
-    torch::Tensor out = module.forward({input}).toTensor().contiguous();
+    torch::Tensor out = module.run_method("summary", input).toTensor().contiguous();
     return std::vector<float>(out.data_ptr<float>(), out.data_ptr<float>() + out.numel());
   };
 }
@@ -217,7 +238,8 @@ absl::Status EvaluateModelDirectory(const std::string& dir, const std::string& d
   absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
       FeatureExtractor::Create(config->features, config->sample_rate);
   if (!extractor.ok()) return extractor.status();
-  const BatchPredictor serving_predictor = [&](absl::Span<const float> f, int batch) {
+  const BatchPredictor serving_predictor = [&](absl::Span<const float> f, int batch,
+                                               absl::Span<const float>) {
     return (*saved)->Predict(f, batch);
   };
   // `what` names the provenance entry; `stem` the confusion_<stem> files.
@@ -320,6 +342,13 @@ absl::Status CheckTrainOptions(const TrainOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("--gain-db ", options.gain_db, " must be in [0, 60]"));
   }
+  if (options.speaker_normalization &&
+      (options.architecture.parallel_branches || options.speaker_adversarial_weight > 0 ||
+       options.mixup_alpha > 0)) {
+    return absl::InvalidArgumentError(
+        "--speaker-normalization trains statistics-only models (--statistics-only) without "
+        "mixup (--mixup 0) or a speaker adversary");
+  }
   if (!(options.ema_decay >= 0 && options.ema_decay < 1)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--ema-decay ", options.ema_decay, " must be in [0, 1)"));
@@ -418,6 +447,9 @@ absl::StatusOr<ModelSetup> SetUpModel(const TrainOptions& options) {
   config.window_seconds = options.window_seconds;
   config.features = options.features;
   config.features.sample_rate = options.sample_rate;
+  if (options.speaker_normalization) {
+    config.speaker_normalization = SpeakerNormalization::kSummaryMean;
+  }
   absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
       FeatureExtractor::Create(config.features, config.sample_rate);
   if (!extractor.ok()) return extractor.status();
@@ -546,6 +578,57 @@ torch::nn::functional::CrossEntropyFuncOptions TrainingLoss(
   return cross_entropy;
 }
 
+// Speaker normalisation's data (TrainOptions::speaker_normalization): the
+// summaries have no weights, so what they are of the unaugmented clips holds
+// for the whole run.
+struct SpeakerPriors {
+  std::vector<SummarySum> clips;  // each training clip's speech windows
+  std::map<int, std::vector<size_t>> actor_clips;  // training clips by actor
+  std::vector<std::vector<float>> val_means;  // each validation clip's speaker mean
+};
+
+// A training example's speaker is known from this many of its actor's other
+// clips, drawn afresh each time (about 7 to 120 s of speech): the model
+// learns from estimates as rough as a stream's early ones.
+constexpr int kMinPriorClips = 2;
+constexpr int kMaxPriorClips = 32;
+// Validation clips' speakers are known from this much of their other clips.
+constexpr double kValidationPriorSeconds = 60;
+
+// Fills the module's speaker_reference (the training windows' mean summary)
+// and returns the priors.
+absl::StatusOr<SpeakerPriors> MakeSpeakerPriors(const ModelSetup& setup,
+                                                const TrainingData& data,
+                                                torch::jit::Module& module) {
+  SpeakerPriors priors;
+  const BatchSummarizer summarize = TorchSummarizer(module, setup.rows, setup.cols);
+  ProgressBar progress("speaker statistics", static_cast<int>(data.train_audio.size()));
+  SummarySum total;
+  for (size_t c = 0; c < data.train_audio.size(); ++c) {
+    absl::StatusOr<SummarySum> speech = SpeechSummaries(
+        data.train_audio[c].samples, setup.config, *setup.extractor, summarize);
+    if (!speech.ok()) return speech.status();
+    if (speech->windows > 0) {
+      priors.actor_clips[data.train_audio[c].clip.actor].push_back(c);
+      total.sum.resize(speech->sum.size(), 0.0f);
+      for (size_t k = 0; k < speech->sum.size(); ++k) total.sum[k] += speech->sum[k];
+      total.windows += speech->windows;
+    }
+    priors.clips.push_back(*std::move(speech));
+    progress.Update(static_cast<int>(c + 1));
+  }
+  progress.Finish();
+  if (total.windows == 0) return absl::InvalidArgumentError("no speech in the training clips");
+  torch::Tensor reference = torch::tensor(total.sum) / static_cast<double>(total.windows);
+  module.attr("speaker_reference").toTensor().copy_(reference);
+  absl::StatusOr<std::vector<std::vector<float>>> val_means =
+      SpeakerMeans(data.val_audio, setup.config, *setup.extractor, summarize,
+                   kValidationPriorSeconds, /*seed=*/1);
+  if (!val_means.ok()) return val_means.status();
+  priors.val_means = *std::move(val_means);
+  return priors;
+}
+
 // The module in training and what trains it.
 struct Learner {
   torch::jit::Module module;
@@ -556,6 +639,7 @@ struct Learner {
   std::vector<torch::Tensor> trainable;  // the module's parameters, then the adversary's
   std::unique_ptr<torch::optim::AdamW> optimizer;
   torch::nn::functional::CrossEntropyFuncOptions loss;
+  std::optional<SpeakerPriors> speaker_priors;  // with speaker normalisation
 };
 
 // A freshly initialised module, normalised to the training clips, and what
@@ -571,6 +655,11 @@ absl::StatusOr<Learner> BuildLearner(const TrainOptions& options, const ModelSet
       NormaliseFeatures(setup, data.train_audio, learner.module);
   if (!input_mean.ok()) return input_mean.status();
   learner.input_mean = *std::move(input_mean);
+  if (options.speaker_normalization) {
+    absl::StatusOr<SpeakerPriors> priors = MakeSpeakerPriors(setup, data, learner.module);
+    if (!priors.ok()) return priors.status();
+    learner.speaker_priors = *std::move(priors);
+  }
   for (torch::Tensor p : learner.module.parameters()) {
     p.set_requires_grad(true);
     learner.trainable.push_back(p);
@@ -597,6 +686,7 @@ struct Batch {
   torch::Tensor x;  // [count, 1, rows, cols]
   torch::Tensor emotions;
   std::vector<int64_t> speakers;  // SpeakerAdversary classes
+  torch::Tensor speaker_means;    // [count, W] with speaker normalisation
   // Mixup blends example i with example permutation[i] in the shares
   // lambda and 1 - lambda.
   double lambda = 1.0;
@@ -637,7 +727,13 @@ ForwardPass Forward(Learner& learner, const Batch& batch) {
   torch::jit::Module& module = learner.module;
   const SpeakerAdversary& adversary = learner.adversary;
   torch::Tensor embedding, logits;
-  if (!adversary.on()) {
+  if (batch.speaker_means.defined()) {
+    const torch::Tensor summary = module.run_method("summary", batch.x).toTensor();
+    logits = module
+                 .run_method("summary_logits", summary - batch.speaker_means +
+                                                   module.attr("speaker_reference").toTensor())
+                 .toTensor();
+  } else if (!adversary.on()) {
     logits = module.run_method("logits", batch.x).toTensor();
   } else {
     embedding = module.run_method("embedding", batch.x).toTensor();
@@ -687,6 +783,8 @@ class EpochLoop {
   absl::Status TrainEpoch(ProgressBar& progress, std::mt19937_64& rng, EpochRecord* record);
   // The clips order_[first, first + count), augmented and mixed up.
   absl::StatusOr<Batch> MakeBatch(int64_t first, int64_t count, std::mt19937_64& rng);
+  // The mean summary of a random few of the clip's actor's other clips.
+  torch::Tensor DrawSpeakerMean(size_t clip, std::mt19937_64& rng);
   // One optimiser step, at the schedule's next learning rate.
   StepResult Step(const Batch& batch);
   // Sets the record's validation accuracy and UAR.
@@ -806,8 +904,34 @@ absl::StatusOr<Batch> EpochLoop::MakeBatch(int64_t first, int64_t count, std::mt
   }
   batch.x = torch::from_blob(inputs_.data(), {count, 1, rows, cols});
   batch.emotions = torch::tensor(emotions, torch::kLong);
+  if (learner_.speaker_priors.has_value()) {
+    std::vector<torch::Tensor> means;
+    for (int64_t i = 0; i < count; ++i) means.push_back(DrawSpeakerMean(order_[first + i], rng));
+    batch.speaker_means = torch::stack(means);
+  }
   MixUp(options_.mixup_alpha, rng, &batch);
   return batch;
+}
+
+torch::Tensor EpochLoop::DrawSpeakerMean(size_t clip, std::mt19937_64& rng) {
+  const SpeakerPriors& priors = *learner_.speaker_priors;
+  std::vector<size_t> others;
+  for (size_t o : priors.actor_clips.at(data_.train_audio[clip].clip.actor)) {
+    if (o != clip) others.push_back(o);
+  }
+  const int count = std::min<int>(
+      static_cast<int>(others.size()),
+      std::uniform_int_distribution<int>(kMinPriorClips, kMaxPriorClips)(rng));
+  std::vector<double> sum(priors.clips[others.front()].sum.size(), 0.0);
+  int windows = 0;
+  for (int i = 0; i < count; ++i) {
+    // A partial Fisher-Yates shuffle: `count` distinct clips.
+    std::swap(others[i], others[std::uniform_int_distribution<size_t>(i, others.size() - 1)(rng)]);
+    const SummarySum& speech = priors.clips[others[i]];
+    for (size_t k = 0; k < sum.size(); ++k) sum[k] += speech.sum[k];
+    windows += speech.windows;
+  }
+  return (torch::tensor(sum) / windows).to(torch::kFloat);
 }
 
 EpochLoop::StepResult EpochLoop::Step(const Batch& batch) {
@@ -827,9 +951,13 @@ EpochLoop::StepResult EpochLoop::Step(const Batch& batch) {
 absl::Status EpochLoop::Validate(EpochRecord* record) {
   learner_.module.eval();
   learner_.average.CopyBuffers();
+  EvaluateOptions evaluate;
+  if (learner_.speaker_priors.has_value()) {
+    evaluate.speaker_means = &learner_.speaker_priors->val_means;
+  }
   absl::StatusOr<ConfusionMatrix> val =
       EvaluateClips(data_.val_audio, setup_.config, *setup_.extractor,
-                    TorchPredictor(learner_.average.module(), setup_.rows, setup_.cols));
+                    TorchPredictor(learner_.average.module(), setup_.rows, setup_.cols), evaluate);
   if (!val.ok()) return val.status();
   record->val_accuracy = val->accuracy();
   record->val_uar = val->uar();
@@ -852,6 +980,7 @@ absl::Status WriteTrainedModel(const TrainOptions& options, const TrainingData& 
       {"balance_classes", options.balance_classes},
       {"speaker_adversarial_weight", options.speaker_adversarial_weight},
       {"ema_decay", options.ema_decay},
+      {"speaker_normalization", options.speaker_normalization},
       {"epochs", options.epochs},
       {"best_epoch", outcome.best_epoch},
       {"kept_epoch", options.keep_best_epoch ? outcome.best_epoch : options.epochs},
@@ -904,6 +1033,9 @@ absl::Status AddMember(const EnsembleOptions& options, size_t i, Members* member
         ": ensemble members must share input, labels and split"));
   };
   if (config.labels != first.labels) return differs("labels");
+  if (config.speaker_normalization != first.speaker_normalization) {
+    return differs("speaker_normalization");
+  }
   const bool same_features = FeatureParamsToJson(config.features) == FeatureParamsToJson(input);
   const bool cepstra_of_input = config.features.kind == FeatureKind::kMfcc &&
                                 input.kind == FeatureKind::kLogMel &&

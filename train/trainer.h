@@ -66,6 +66,12 @@ struct TrainOptions {
   // embedding behind a gradient reversal of this strength, so that the
   // embedding learns to carry less of who speaks. 0 disables it.
   double speaker_adversarial_weight = 0.0;
+  // Speaker normalisation (statistics-only models): each example's summary
+  // is moved by how its actor's mean summary, over a random few of the
+  // actor's other clips (no labels), differs from all training actors'. The
+  // model learns what a stream sees once it has heard its speaker
+  // (model.json: speaker_normalization summary_mean).
+  bool speaker_normalization = false;
   // Validation, selection and model.pt use an exponential moving average of
   // the weights with this decay per step (0 = the raw weights): it smooths
   // the step-to-step noise that a small validation set otherwise selects on.
