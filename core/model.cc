@@ -28,7 +28,7 @@ namespace emoserve {
 struct Model::Module {
   torch::jit::Module module;
   // The module as loaded, for the methods speaker normalisation calls
-  // (optimising keeps forward only).
+  // (optimising keeps forward only); held only by models that use them.
   torch::jit::Module plain;
   torch::Device device{torch::kCPU};
   // Precision::kBf16: LibTorch's CPU autocast runs the matrix products and
@@ -204,7 +204,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
     return absl::InvalidArgumentError(
         absl::StrCat(pt_path, " is not a loadable TorchScript module: ", e.what()));
   }
-  module->plain = module->module;
+  if (config->speaker_normalization != SpeakerNormalization::kNone) {
+    module->plain = module->module;
+  }
   auto model = std::unique_ptr<Model>(
       new Model(*std::move(config), options.device, std::move(module)));
 
