@@ -376,6 +376,12 @@ absl::Status Model::CheckSpeakerNormalization(absl::Span<const float> input) {
           method, "() method"));
     }
   }
+  if (!module_->plain.hasattr("summary_key") ||
+      !module_->plain.attr("summary_key").isString()) {
+    return absl::InvalidArgumentError(
+        "model.pt has no summary_key string naming what its summary() computes");
+  }
+  summary_key_ = module_->plain.attr("summary_key").toStringRef();
   try {
     c10::InferenceMode inference_mode;
     torch::Tensor x = torch::from_blob(const_cast<float*>(input.data()),

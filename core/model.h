@@ -86,6 +86,9 @@ class Model {
   // Speaker normalisation (config().speaker_normalization is
   // kSummaryMean). The width of a window's summary: 0 for a model without.
   int summary_size() const { return summary_size_; }
+  // What names the summary's function (the module's summary_key): speaker
+  // statistics carry over between models with the same key only.
+  const std::string& summary_key() const { return summary_key_; }
   // The summaries of `batch_size` inputs (laid out as Predict's):
   // batch_size * summary_size() floats, what a speaker's statistics average.
   absl::StatusOr<std::vector<float>> Summarize(absl::Span<const float> features,
@@ -130,6 +133,7 @@ class Model {
   Precision precision_ = Precision::kFp32;
   std::string precision_fallback_;
   int summary_size_ = 0;
+  std::string summary_key_;
 };
 
 }  // namespace emoserve

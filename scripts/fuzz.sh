@@ -21,7 +21,7 @@ while (($#)); do
   esac
 done
 ((${#targets[@]})) || targets=(decode_fuzzer classify_fuzzer stream_fuzzer model_json_fuzzer http2_guard_fuzzer
-                                  http_request_fuzzer)
+                                  http_request_fuzzer speaker_statistics_fuzzer)
 
 cmake --preset fuzz >/dev/null
 cmake --build --preset fuzz

@@ -180,6 +180,7 @@ TEST(TrainSmokeTest, SpeakerNormalisedRunAdaptsAndEvalReportsEachPrior) {
   ASSERT_TRUE(model.ok()) << model.status();
   EXPECT_EQ((*model)->config().speaker_normalization, SpeakerNormalization::kSummaryMean);
   EXPECT_EQ((*model)->config().provenance["speaker_normalization"], true);
+  EXPECT_THAT((*model)->summary_key(), HasSubstr("statistics summary"));
   const int width = (*model)->summary_size();
   ASSERT_GT(width, 0);
   torch::jit::Module module = torch::jit::load((out / "model.pt").string());
