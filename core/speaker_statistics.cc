@@ -112,6 +112,7 @@ absl::StatusOr<SpeakerStatistics> SpeakerStatistics::Parse(absl::string_view blo
     return Invalid(absl::StrCat("version ", Get<uint16_t>(blob, 4), " is not supported (",
                                 kVersion, " is)"));
   }
+  if (Get<uint16_t>(blob, 6) != 0) return Invalid("its reserved bytes are not zero");
   SpeakerStatistics statistics(summary_key, width);
   if (Get<uint64_t>(blob, 8) != statistics.key_hash_) {
     return Invalid("made by a model with another summary; statistics only carry over "

@@ -90,6 +90,9 @@ TEST(SpeakerStatisticsTest, RefusesBlobsThatAreNotThisModelsStatistics) {
   changed[4] = 2;  // version
   EXPECT_THAT(refused(changed, kKey, 8), HasSubstr("version 2 is not supported"));
   changed = blob;
+  changed[6] = 'A';  // reserved (found by speaker_statistics_fuzzer: accepted, written back as 0)
+  EXPECT_THAT(refused(changed, kKey, 8), HasSubstr("reserved bytes"));
+  changed = blob;
   for (int i = 0; i < 4; ++i) changed[24 + i] = '\xff';  // a NaN
   EXPECT_THAT(refused(changed, kKey, 8), HasSubstr("not finite"));
   changed = blob;
