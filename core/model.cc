@@ -320,6 +320,28 @@ absl::Status Model::WarmUp(int max_batch_size) const {
 }
 
 template <typename Run>
+absl::StatusOr<std::vector<float>> Model::RunModule(int rows, int64_t width, const char* what,
+                                                    const Run& run) const {
+  try {
+    c10::InferenceMode inference_mode;
+    torch::Tensor output = run();
+    output = output.to(torch::kCPU, torch::kFloat32).contiguous();
+    if (output.dim() != 2 || output.size(0) != rows || output.size(1) != width) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": the module returned shape ", c10::str(output.sizes()), ", expected [", rows,
+          ", ", width, "] (model.json declares ", num_classes(), " labels)"));
+    }
+    const float* data = output.data_ptr<float>();
+    return std::vector<float>(data, data + rows * width);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        "model forward failed: out of memory; retry later or send less audio");
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("model forward failed: ", e.what()));
+  }
+}
+
+template <typename Run>
 absl::StatusOr<std::vector<float>> Model::RunBatch(absl::Span<const float> features,
                                                    int batch_size, int64_t width,
                                                    const char* what, const Run& run) const {
@@ -331,30 +353,12 @@ absl::StatusOr<std::vector<float>> Model::RunBatch(absl::Span<const float> featu
         what, ": expected ", batch_size, " x ", f, " x ", t, " floats, got ",
         features.size()));
   }
-  try {
-    c10::InferenceMode inference_mode;
+  return RunModule(batch_size, width, what, [&] {
     // from_blob does not copy; the module never writes to its input.
     torch::Tensor input = torch::from_blob(const_cast<float*>(features.data()),
-                                           {batch_size, 1, f, t},
-                                           torch::kFloat32);
-    if (module_->device != torch::Device(torch::kCPU)) {
-      input = input.to(module_->device);
-    }
-    torch::Tensor output = run(input);
-    output = output.to(torch::kCPU, torch::kFloat32).contiguous();
-    if (output.dim() != 2 || output.size(0) != batch_size || output.size(1) != width) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, ": the module returned shape ", c10::str(output.sizes()), ", expected [",
-          batch_size, ", ", width, "] (model.json declares ", num_classes(), " labels)"));
-    }
-    const float* data = output.data_ptr<float>();
-    return std::vector<float>(data, data + batch_size * width);
-  } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(
-        "model forward failed: out of memory; retry later or send less audio");
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("model forward failed: ", e.what()));
-  }
+                                           {batch_size, 1, f, t}, torch::kFloat32);
+    return run(input.to(module_->device));
+  });
 }
 
 absl::StatusOr<std::vector<float>> Model::Predict(
@@ -411,28 +415,34 @@ absl::StatusOr<std::vector<float>> Model::Summarize(absl::Span<const float> feat
   });
 }
 
-absl::StatusOr<std::vector<float>> Model::PredictAdapted(
-    absl::Span<const float> features, int batch_size,
-    absl::Span<const float> speaker_means) const {
+absl::StatusOr<std::vector<float>> Model::PredictFromSummaries(
+    absl::Span<const float> summaries, int count, absl::Span<const float> speaker_means) const {
   if (summary_size_ == 0) {
     return absl::FailedPreconditionError("this model has no speaker normalization");
   }
-  if (batch_size <= 0 ||
-      speaker_means.size() != static_cast<size_t>(batch_size) * summary_size_) {
-    return absl::InvalidArgumentError(absl::StrCat("PredictAdapted: expected ", batch_size,
-                                                   " x ", summary_size_,
-                                                   " speaker statistics, got ",
-                                                   speaker_means.size()));
+  const size_t size = static_cast<size_t>(count) * summary_size_;
+  if (count <= 0 || summaries.size() != size || speaker_means.size() != size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "PredictFromSummaries: expected ", count, " x ", summary_size_,
+        " summaries and speaker statistics, got ", summaries.size(), " and ",
+        speaker_means.size()));
   }
-  return RunBatch(features, batch_size, num_classes(), "PredictAdapted",
-                  [&](const torch::Tensor& x) {
-                    torch::Tensor means =
-                        torch::from_blob(const_cast<float*>(speaker_means.data()),
-                                         {batch_size, summary_size_})
-                            .to(module_->device);
-                    torch::Tensor summary = module_->plain.run_method("summary", x).toTensor();
-                    return module_->plain.run_method("adapted", summary, means).toTensor();
-                  });
+  return RunModule(count, num_classes(), "PredictFromSummaries", [&] {
+    const auto tensor = [&](absl::Span<const float> values) {
+      return torch::from_blob(const_cast<float*>(values.data()), {count, summary_size_})
+          .to(module_->device);
+    };
+    return module_->plain.run_method("adapted", tensor(summaries), tensor(speaker_means))
+        .toTensor();
+  });
+}
+
+absl::StatusOr<std::vector<float>> Model::PredictAdapted(
+    absl::Span<const float> features, int batch_size,
+    absl::Span<const float> speaker_means) const {
+  absl::StatusOr<std::vector<float>> summaries = Summarize(features, batch_size);
+  if (!summaries.ok()) return summaries.status();
+  return PredictFromSummaries(*summaries, batch_size, speaker_means);
 }
 
 }  // namespace emoserve

@@ -93,9 +93,12 @@ class Model {
   // batch_size * summary_size() floats, what a speaker's statistics average.
   absl::StatusOr<std::vector<float>> Summarize(absl::Span<const float> features,
                                                int batch_size) const;
-  // Predict's probabilities with each input normalised by its speaker's mean
-  // summary (speaker_means: batch_size * summary_size() floats). Runs the
-  // module as loaded, in fp32.
+  // The probabilities of `count` summaries (Summarize's), each normalised
+  // by its speaker's mean summary (speaker_means: count * summary_size()
+  // floats). Runs the module as loaded, in fp32.
+  absl::StatusOr<std::vector<float>> PredictFromSummaries(
+      absl::Span<const float> summaries, int count, absl::Span<const float> speaker_means) const;
+  // PredictFromSummaries of the inputs' summaries.
   absl::StatusOr<std::vector<float>> PredictAdapted(absl::Span<const float> features,
                                                     int batch_size,
                                                     absl::Span<const float> speaker_means) const;
@@ -120,8 +123,13 @@ class Model {
   // Checks that a speaker-normalised module has summary() and adapted();
   // sets summary_size_.
   absl::Status CheckSpeakerNormalization(absl::Span<const float> input);
-  // The input check, error mapping and output check every run shares: `run`
-  // maps the [B, 1, F, T] input to a [B, width] output.
+  // The error mapping and output check every run shares: `run` returns a
+  // [rows, width] output.
+  template <typename Run>
+  absl::StatusOr<std::vector<float>> RunModule(int rows, int64_t width, const char* what,
+                                               const Run& run) const;
+  // RunModule with the input check: `run` maps the [B, 1, F, T] input to a
+  // [B, width] output.
   template <typename Run>
   absl::StatusOr<std::vector<float>> RunBatch(absl::Span<const float> features, int batch_size,
                                               int64_t width, const char* what,
