@@ -372,7 +372,7 @@ absl::StatusOr<std::vector<float>> Model::Predict(
 
 absl::Status Model::CheckSpeakerNormalization(absl::Span<const float> input) {
   if (config_.speaker_normalization == SpeakerNormalization::kNone) return absl::OkStatus();
-  for (const char* method : {"summary", "adapted"}) {
+  for (const char* method : {"summary", "from_summary", "adapted"}) {
     if (!module_->plain.find_method(method).has_value()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "model.json declares speaker_normalization ",

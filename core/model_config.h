@@ -31,8 +31,9 @@ const char* PrecisionName(Precision precision);
 enum class SpeakerNormalization {
   kNone,         // nothing: each window stands alone
   // Trained on summaries moved by their speaker's mean summary: the module
-  // has summary(x) and adapted(s, speaker_mean), and forward(x) answers
-  // (less well) for a speaker not heard yet.
+  // has summary(x), from_summary(s) (= forward) and adapted(s,
+  // speaker_mean), and forward(x) answers (less well) for a speaker not
+  // heard yet.
   kSummaryMean,
 };
 

@@ -635,6 +635,8 @@ TEST(ModelArchitectureTest, SpeakerNormalisedModelsMoveTheSummaryByTheSpeakersMe
   absl::StatusOr<torch::jit::Module> ensemble = BuildEnsemble(members);
   ASSERT_TRUE(ensemble.ok()) << ensemble.status();
   EXPECT_TRUE(torch::equal(ensemble->run_method("summary", x).toTensor(), s));
+  EXPECT_TRUE(torch::allclose(ensemble->run_method("from_summary", s).toTensor(),
+                              ensemble->forward({x}).toTensor(), 1e-6, 1e-7));
   const torch::Tensor mean = (adapted + members[1].run_method("adapted", s, speaker).toTensor()) / 2;
   EXPECT_TRUE(torch::allclose(ensemble->run_method("adapted", s, speaker).toTensor(), mean, 1e-6,
                               1e-7));

@@ -663,13 +663,16 @@ absl::StatusOr<torch::jit::Module> BuildEnsemble(
     if (adaptive) {
       ensemble.register_attribute("summary_key", c10::StringType::get(),
                                   members[0].attr("summary_key").toStringRef());
-      absl::StrAppend(&source, "\ndef summary(self, x):\n    return self.member0.summary(x)\n",
-                      "\ndef adapted(self, s, speaker_mean):\n");
-      for (size_t i = 0; i < members.size(); ++i) {
-        absl::StrAppend(&source, i == 0 ? "    p = " : "    p = p + ", "self.member", i,
-                        ".adapted(s, speaker_mean)\n");
+      absl::StrAppend(&source, "\ndef summary(self, x):\n    return self.member0.summary(x)\n");
+      for (const char* method : {"from_summary(s)", "adapted(s, speaker_mean)"}) {
+        absl::StrAppend(&source, "\ndef ", absl::StrReplaceAll(method, {{"(s", "(self, s"}}),
+                        ":\n");
+        for (size_t i = 0; i < members.size(); ++i) {
+          absl::StrAppend(&source, i == 0 ? "    p = " : "    p = p + ", "self.member", i, ".",
+                          method, "\n");
+        }
+        absl::StrAppend(&source, "    return p / ", members.size(), "\n");
       }
-      absl::StrAppend(&source, "    return p / ", members.size(), "\n");
     }
     // Members loaded from different files hold distinct classes of one name
     // (each fold's __torch__.emoserve.Statistics); with such homonyms

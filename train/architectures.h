@@ -136,7 +136,8 @@ absl::StatusOr<torch::jit::Module> BuildCepstralAdapter(torch::jit::Module membe
 // (parallel_branches false) with the same statistics options compute their
 // weight-free summary of x once between them: a bag of such models costs
 // little more than one. When every member is such a model, the ensemble
-// also has summary(x) and adapted(s, speaker_mean) (the members' mean).
+// also has summary(x), from_summary(s) and adapted(s, speaker_mean) (the
+// members' means).
 absl::StatusOr<torch::jit::Module> BuildEnsemble(
     std::vector<torch::jit::Module> members);
 
