@@ -108,13 +108,17 @@ absl::StatusOr<ConfusionMatrix> EvaluateClips(const std::vector<LabeledAudio>& c
       if (features.data.size() != input_size) {
         return absl::InternalError("feature shape differs from the model's input");
       }
+      // A clip whose speaker has no statistics yet is answered unadapted,
+      // as a stream answers before it has heard its speaker; a batch is
+      // all one or the other.
+      const bool adapted =
+          options.speaker_means != nullptr && !(*options.speaker_means)[c].empty();
+      if (!batch_clip.empty() && adapted == batch_speaker_means.empty()) {
+        if (absl::Status s = flush(); !s.ok()) return s;
+      }
       batch.insert(batch.end(), features.data.begin(), features.data.end());
-      if (options.speaker_means != nullptr) {
+      if (adapted) {
         const std::vector<float>& mean = (*options.speaker_means)[c];
-        if (mean.empty()) {
-          return absl::InvalidArgumentError(
-              absl::StrCat(clips[c].clip.path, ": no speaker statistics"));
-        }
         batch_speaker_means.insert(batch_speaker_means.end(), mean.begin(), mean.end());
       }
       batch_clip.push_back(c);

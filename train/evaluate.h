@@ -55,7 +55,8 @@ struct EvaluateOptions {
   double vad_threshold_dbfs = kDefaultVadThresholdDbfs;
   int batch_size = 32;
   // One mean summary per clip (SpeakerMeans): the clips are classified
-  // speaker-normalised. Null: as they are.
+  // speaker-normalised, those with an empty one as they are. Null: all as
+  // they are.
   const std::vector<std::vector<float>>* speaker_means = nullptr;
 };
 

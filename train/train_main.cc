@@ -166,7 +166,8 @@ absl::StatusOr<std::vector<AdaptedEvaluation>> AdaptedEvaluations(
     absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
         audio, config, **extractor,
         [&](absl::Span<const float> f, int batch, absl::Span<const float> speaker_means) {
-          return model.PredictAdapted(f, batch, speaker_means);
+          return speaker_means.empty() ? model.Predict(f, batch)
+                                       : model.PredictAdapted(f, batch, speaker_means);
         },
         options);
     if (!matrix.ok()) return matrix.status();
