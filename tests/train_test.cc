@@ -731,6 +731,53 @@ TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
 
 // The bundled model keeps the accuracy its model.json records on the
 // speaker-independent test actors (21-24).
+// With speaker means, a clip that has one is answered adapted and a clip
+// without (its speaker not heard yet) unadapted; no batch mixes the two.
+TEST(EvaluateClipsTest, ClipsWithoutSpeakerStatisticsAreAnsweredUnadapted) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: needs RAVDESS clips";
+  const ModelConfig config = testing::DefaultModelConfig();
+  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+      FeatureExtractor::Create(config.features, config.sample_rate);
+  ASSERT_TRUE(extractor.ok());
+  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(Ravdess(*shared), {1});
+  ASSERT_TRUE(clips.ok());
+  clips->resize(6);
+  absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
+  ASSERT_TRUE(audio.ok()) << audio.status();
+  const std::vector<std::vector<float>> means = {{1, 2, 3}, {}, {4, 5, 6}, {}, {}, {7, 8, 9}};
+  int adapted = 0, unadapted = 0;
+  const BatchPredictor predict = [&](absl::Span<const float>, int batch,
+                                     absl::Span<const float> speaker_means)
+      -> absl::StatusOr<std::vector<float>> {
+    if (speaker_means.empty()) {
+      unadapted += batch;
+    } else {
+      EXPECT_EQ(speaker_means.size(), static_cast<size_t>(batch) * 3);
+      adapted += batch;
+    }
+    return std::vector<float>(static_cast<size_t>(batch) * 8, 1.0f / 8);
+  };
+  int expected_adapted = 0, expected_unadapted = 0;
+  const size_t window = config.window_samples();
+  for (size_t c = 0; c < audio->size(); ++c) {
+    const int windows = static_cast<int>(
+        PlanClip((*audio)[c].samples, window, window / 2, kDefaultVadThresholdDbfs)
+            .to_model.size());
+    (means[c].empty() ? expected_unadapted : expected_adapted) += windows;
+  }
+  absl::StatusOr<ConfusionMatrix> matrix =
+      EvaluateClips(*audio, config, **extractor, predict, {.speaker_means = &means});
+  ASSERT_TRUE(matrix.ok()) << matrix.status();
+  EXPECT_EQ(adapted, expected_adapted);
+  EXPECT_EQ(unadapted, expected_unadapted);
+  const std::vector<std::vector<float>> too_few(5);
+  EXPECT_EQ(EvaluateClips(*audio, config, **extractor, predict, {.speaker_means = &too_few})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(BundledModelTest, KeepsItsRecordedTestAccuracy) {
   std::optional<std::string> shared = testing::SharedDir();
   if (!shared) GTEST_SKIP() << "../shared is absent: the accuracy test needs RAVDESS";
