@@ -683,28 +683,41 @@ TEST(EnsembleTest, MfccMemberJoinsALogMelEnsemble) {
   EXPECT_NE(std::system((command + " 2>/dev/null").c_str()), 0);
 }
 
-TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
-  std::optional<std::string> shared = testing::SharedDir();
-  if (!shared) GTEST_SKIP() << "../shared is absent: evaluation needs RAVDESS";
+// Six clips of actor 1 and the default features, as EvaluateClips sees them.
+class EvaluateClipsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::optional<std::string> shared = testing::SharedDir();
+    if (!shared) GTEST_SKIP() << "../shared is absent: evaluation needs RAVDESS";
+    absl::StatusOr<std::unique_ptr<FeatureExtractor>> created =
+        FeatureExtractor::Create(config.features, config.sample_rate);
+    ASSERT_TRUE(created.ok());
+    extractor = *std::move(created);
+    absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(Ravdess(*shared), {1});
+    ASSERT_TRUE(clips.ok());
+    clips->resize(6);
+    absl::StatusOr<std::vector<LabeledAudio>> loaded =
+        LoadRavdessAudio(*clips, config.sample_rate);
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    audio = *std::move(loaded);
+  }
+
   const ModelConfig config = testing::DefaultModelConfig();
-  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
-      FeatureExtractor::Create(config.features, config.sample_rate);
-  ASSERT_TRUE(extractor.ok());
-  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(Ravdess(*shared), {1});
-  ASSERT_TRUE(clips.ok());
-  clips->resize(6);
-  absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
-  ASSERT_TRUE(audio.ok()) << audio.status();
+  std::unique_ptr<FeatureExtractor> extractor;
+  std::vector<LabeledAudio> audio;
+};
+
+TEST_F(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
   const size_t window = config.window_samples();
   for (double hop_seconds : {0.0, 0.5, 3.0}) {
     const size_t hop = hop_seconds == 0 ? window / 2 : static_cast<size_t>(hop_seconds * 16000);
     size_t expected = 0;
-    for (const LabeledAudio& clip : *audio) {
+    for (const LabeledAudio& clip : audio) {
       expected += WindowStarts(clip.samples.size(), window, hop).size();
     }
     size_t windows = 0;
     absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
-        *audio, config, **extractor,
+        audio, config, *extractor,
         [&](absl::Span<const float>, int batch, absl::Span<const float>)
             -> absl::StatusOr<std::vector<float>> {
           windows += batch;
@@ -719,7 +732,7 @@ TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
   }
   for (double bad : {-1.0, 3.5}) {
     absl::StatusOr<ConfusionMatrix> matrix = EvaluateClips(
-        *audio, config, **extractor,
+        audio, config, *extractor,
         [](absl::Span<const float>, int, absl::Span<const float>)
             -> absl::StatusOr<std::vector<float>> {
           return absl::InternalError("must not be called");
@@ -733,18 +746,7 @@ TEST(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
 // speaker-independent test actors (21-24).
 // With speaker means, a clip that has one is answered adapted and a clip
 // without (its speaker not heard yet) unadapted; no batch mixes the two.
-TEST(EvaluateClipsTest, ClipsWithoutSpeakerStatisticsAreAnsweredUnadapted) {
-  std::optional<std::string> shared = testing::SharedDir();
-  if (!shared) GTEST_SKIP() << "../shared is absent: needs RAVDESS clips";
-  const ModelConfig config = testing::DefaultModelConfig();
-  absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
-      FeatureExtractor::Create(config.features, config.sample_rate);
-  ASSERT_TRUE(extractor.ok());
-  absl::StatusOr<std::vector<RavdessClip>> clips = ListRavdess(Ravdess(*shared), {1});
-  ASSERT_TRUE(clips.ok());
-  clips->resize(6);
-  absl::StatusOr<std::vector<LabeledAudio>> audio = LoadRavdessAudio(*clips, config.sample_rate);
-  ASSERT_TRUE(audio.ok()) << audio.status();
+TEST_F(EvaluateClipsTest, ClipsWithoutSpeakerStatisticsAreAnsweredUnadapted) {
   const std::vector<std::vector<float>> means = {{1, 2, 3}, {}, {4, 5, 6}, {}, {}, {7, 8, 9}};
   int adapted = 0, unadapted = 0;
   const BatchPredictor predict = [&](absl::Span<const float>, int batch,
@@ -760,19 +762,19 @@ TEST(EvaluateClipsTest, ClipsWithoutSpeakerStatisticsAreAnsweredUnadapted) {
   };
   int expected_adapted = 0, expected_unadapted = 0;
   const size_t window = config.window_samples();
-  for (size_t c = 0; c < audio->size(); ++c) {
+  for (size_t c = 0; c < audio.size(); ++c) {
     const int windows = static_cast<int>(
-        PlanClip((*audio)[c].samples, window, window / 2, kDefaultVadThresholdDbfs)
+        PlanClip(audio[c].samples, window, window / 2, kDefaultVadThresholdDbfs)
             .to_model.size());
     (means[c].empty() ? expected_unadapted : expected_adapted) += windows;
   }
   absl::StatusOr<ConfusionMatrix> matrix =
-      EvaluateClips(*audio, config, **extractor, predict, {.speaker_means = &means});
+      EvaluateClips(audio, config, *extractor, predict, {.speaker_means = &means});
   ASSERT_TRUE(matrix.ok()) << matrix.status();
   EXPECT_EQ(adapted, expected_adapted);
   EXPECT_EQ(unadapted, expected_unadapted);
   const std::vector<std::vector<float>> too_few(5);
-  EXPECT_EQ(EvaluateClips(*audio, config, **extractor, predict, {.speaker_means = &too_few})
+  EXPECT_EQ(EvaluateClips(audio, config, *extractor, predict, {.speaker_means = &too_few})
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);
