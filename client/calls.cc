@@ -167,8 +167,13 @@ void StreamCall::OnDone(const grpc::Status& status) {
     queued_.clear();
     keep_alive = std::move(self_);
   }
-  on_done_(status);
-  // keep_alive may be the last reference: this object dies here.
+  // The call lets go of itself before telling the caller, which may then
+  // return from main: were the last reference dropped after on_done, the
+  // call (its ClientContext) could be destroyed on this gRPC thread while
+  // the process tears gRPC down (ASan saw such a report cut off at exit).
+  DoneHandler on_done = std::move(on_done_);
+  keep_alive.reset();  // may destroy this object: no member is used below
+  on_done(status);
 }
 
 }  // namespace emoserve::client
