@@ -38,6 +38,10 @@ struct Job {
   std::shared_ptr<const CancelFlag> cancel;
   // Set when the job belongs to a clip that has already failed.
   std::shared_ptr<const CancelFlag> group_cancel;
+  // Speaker-normalised models: the mean summary to adapt the window to,
+  // and where its summary goes (each may be null).
+  std::shared_ptr<const std::vector<float>> speaker_mean;
+  std::shared_ptr<std::vector<float>> summary;
   ProbabilitiesCallback done;
 
   absl::Time submitted;
@@ -102,12 +106,16 @@ class ClipState {
       : result_(std::move(result)),
         pending_(pending),
         num_classes_(num_classes),
-        done_(std::move(done)) {}
+        done_(std::move(done)) {
+    if (result_.speaker_statistics.has_value()) summaries_.resize(result_.windows.size());
+  }
 
   // Stops the clip's windows that have not reached the model yet.
   std::shared_ptr<const CancelFlag> abandon() const { return abandon_; }
 
-  void OnWindow(size_t index, absl::StatusOr<std::vector<float>> probabilities) {
+  // `summary`: the window's, when the clip's statistics are wanted.
+  void OnWindow(size_t index, absl::StatusOr<std::vector<float>> probabilities,
+                std::vector<float> summary) {
     std::function<void(absl::StatusOr<ClipResult>)> done;
     absl::StatusOr<ClipResult> outcome;
     {
@@ -118,6 +126,7 @@ class ClipState {
         outcome = probabilities.status();
       } else {
         result_.windows[index].probabilities = *std::move(probabilities);
+        if (!summaries_.empty()) summaries_[index] = std::move(summary);
         if (--pending_ > 0) return;
         try {
           outcome = Aggregate();
@@ -132,22 +141,58 @@ class ClipState {
   }
 
  private:
-  ClipResult Aggregate() {
+  absl::StatusOr<ClipResult> Aggregate() {
     std::vector<float> rows;
     for (const WindowResult& window : result_.windows) {
       rows.insert(rows.end(), window.probabilities.begin(), window.probabilities.end());
     }
     result_.probabilities = MeanProbabilities(rows, num_classes_);
+    // In the windows' order, as a stream adds them.
+    for (size_t w = 0; w < summaries_.size(); ++w) {
+      if (!result_.windows[w].speech || summaries_[w].empty()) continue;
+      if (absl::Status added = result_.speaker_statistics->Add(summaries_[w]); !added.ok()) {
+        return added;
+      }
+    }
     return std::move(result_);
   }
 
   absl::Mutex mu_;
   ClipResult result_;
+  // The summary of each window, while the clip's statistics are wanted.
+  std::vector<std::vector<float>> summaries_;
   int pending_;
   const int num_classes_;
   std::function<void(absl::StatusOr<ClipResult>)> done_;
   const std::shared_ptr<CancelFlag> abandon_ = std::make_shared<CancelFlag>();
 };
+
+absl::Status NotSpeakerNormalised(const Model& model) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      "model ", model.config().name, " does not use speaker statistics (its model.json's "
+      "speaker_normalization is none)"));
+}
+
+// The speaker fields of a clip request, against the model.
+absl::Status CheckSpeakerRequest(const Model& model, const ClipRequest& request) {
+  if (request.speaker_mean.empty() && !request.speaker_statistics.has_value()) {
+    return absl::OkStatus();
+  }
+  if (model.summary_size() == 0) return NotSpeakerNormalised(model);
+  const size_t width = static_cast<size_t>(model.summary_size());
+  if (!request.speaker_mean.empty() && request.speaker_mean.size() != width) {
+    return absl::InvalidArgumentError(absl::StrCat("a speaker mean of ",
+                                                   request.speaker_mean.size(),
+                                                   " values for summaries of ", width));
+  }
+  if (request.speaker_statistics.has_value() &&
+      static_cast<size_t>(request.speaker_statistics->width()) != width) {
+    return absl::InvalidArgumentError(absl::StrCat("speaker statistics of width ",
+                                                   request.speaker_statistics->width(),
+                                                   " for summaries of ", width));
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -365,6 +410,42 @@ struct Engine::Impl : FeatureWorkers::Source {
     }
   }
 
+  // For speaker-normalised models: the summaries of the jobs that want
+  // theirs, and the adapted probabilities (in place of the unadapted ones
+  // in `probabilities`) of those with a speaker mean.
+  absl::Status AddSummaries(JobList& run, absl::Span<const float> input, int classes,
+                            std::vector<float>& probabilities) {
+    bool wanted = false;
+    for (const std::unique_ptr<Job>& job : run) {
+      wanted = wanted || job->summary != nullptr || job->speaker_mean != nullptr;
+    }
+    if (!wanted) return absl::OkStatus();
+    const int count = static_cast<int>(run.size());
+    absl::StatusOr<std::vector<float>> summaries = model->Summarize(input, count);
+    if (!summaries.ok()) return summaries.status();
+    const size_t width = static_cast<size_t>(model->summary_size());
+    std::vector<float> to_adapt, means;
+    std::vector<size_t> adapted;
+    for (size_t i = 0; i < run.size(); ++i) {
+      const auto row = summaries->begin() + i * width;
+      if (run[i]->summary != nullptr) run[i]->summary->assign(row, row + width);
+      if (run[i]->speaker_mean != nullptr) {
+        to_adapt.insert(to_adapt.end(), row, row + width);
+        means.insert(means.end(), run[i]->speaker_mean->begin(), run[i]->speaker_mean->end());
+        adapted.push_back(i);
+      }
+    }
+    if (adapted.empty()) return absl::OkStatus();
+    absl::StatusOr<std::vector<float>> rows =
+        model->PredictFromSummaries(to_adapt, static_cast<int>(adapted.size()), means);
+    if (!rows.ok()) return rows.status();
+    for (size_t j = 0; j < adapted.size(); ++j) {
+      std::copy(rows->begin() + j * classes, rows->begin() + (j + 1) * classes,
+                probabilities.begin() + adapted[j] * classes);
+    }
+    return absl::OkStatus();
+  }
+
   // Runs `run` on the model and completes each job with its row, or with
   // the error (a failing model, a row that is not probabilities, memory).
   void RunBatch(JobList& run, std::vector<float>& input, size_t input_size, int classes,
@@ -377,6 +458,11 @@ struct Engine::Impl : FeatureWorkers::Source {
                   input.begin() + i * input_size);
       }
       probabilities = model->Predict(input, static_cast<int>(run.size()));
+      if (probabilities.ok()) {
+        if (absl::Status s = AddSummaries(run, input, classes, *probabilities); !s.ok()) {
+          probabilities = s;
+        }
+      }
     } catch (...) {
       probabilities = StatusFromCurrentException("running the model");
     }
@@ -583,6 +669,10 @@ void Engine::Submit(WindowRequest request) {
     request.done(valid);
     return;
   }
+  if (request.summary != nullptr && model().summary_size() == 0) {
+    request.done(NotSpeakerNormalised(model()));
+    return;
+  }
   JobList jobs;
   try {
     auto job = std::make_unique<Job>();
@@ -590,6 +680,7 @@ void Engine::Submit(WindowRequest request) {
     job->flow = request.flow != 0 ? request.flow : NewFlow();
     job->deadline = request.deadline;
     job->cancel = std::move(request.cancel);
+    job->summary = std::move(request.summary);
     job->done = std::move(request.done);
     jobs.push_back(std::move(job));
   } catch (...) {
@@ -625,6 +716,10 @@ void Engine::Classify(ClipRequest request) {
     request.done(absl::InvalidArgumentError("vad_threshold_dbfs is NaN"));
     return;
   }
+  if (absl::Status speaker = CheckSpeakerRequest(model(), request); !speaker.ok()) {
+    request.done(speaker);
+    return;
+  }
   const size_t num_windows = WindowCount(num_samples, window, hop);
   if (num_windows > static_cast<size_t>(impl_->options.max_queue_size)) {
     request.done(absl::ResourceExhaustedError(absl::StrCat(
@@ -643,6 +738,13 @@ void Engine::Classify(ClipRequest request) {
     const std::vector<size_t>& to_model = plan.to_model;
     ClipResult result;
     result.duration_seconds = num_samples / rate;
+    result.speaker_adapted = !request.speaker_mean.empty();
+    result.speaker_statistics = std::move(request.speaker_statistics);
+    const bool want_summaries = result.speaker_statistics.has_value();
+    std::shared_ptr<const std::vector<float>> speaker_mean;
+    if (result.speaker_adapted) {
+      speaker_mean = std::make_shared<const std::vector<float>>(std::move(request.speaker_mean));
+    }
     result.speech_windows = plan.speech_windows;
     result.windows.resize(starts.size());
     for (size_t i = 0; i < starts.size(); ++i) {
@@ -664,6 +766,8 @@ void Engine::Classify(ClipRequest request) {
       job->flow = flow;
       job->deadline = request.deadline;
       job->cancel = request.cancel;
+      job->speaker_mean = speaker_mean;
+      if (want_summaries && plan.speech[index]) job->summary = std::make_shared<std::vector<float>>();
       jobs.push_back(std::move(job));
     }
     // Last, so that nothing can throw once `done` is the state's.
@@ -671,9 +775,10 @@ void Engine::Classify(ClipRequest request) {
                                         model().num_classes(), request.done);
     for (size_t i = 0; i < jobs.size(); ++i) {
       jobs[i]->group_cancel = state->abandon();
-      jobs[i]->done = [state, index = to_model[i]](
+      jobs[i]->done = [state, index = to_model[i], summary = jobs[i]->summary](
                           absl::StatusOr<std::vector<float>> probabilities) {
-        state->OnWindow(index, std::move(probabilities));
+        state->OnWindow(index, std::move(probabilities),
+                        summary != nullptr ? std::move(*summary) : std::vector<float>());
       };
     }
   } catch (...) {

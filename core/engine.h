@@ -19,6 +19,7 @@
 #include "absl/types/span.h"
 #include "core/memory_budget.h"
 #include "core/model.h"
+#include "core/speaker_statistics.h"
 #include "core/windowing.h"
 
 namespace emoserve {
@@ -141,6 +142,11 @@ struct WindowRequest {
   uint64_t flow = 0;
   absl::Time deadline = absl::InfiniteFuture();
   std::shared_ptr<const CancelFlag> cancel;  // may be null
+  // Speaker-normalised models only (Model::summary_size() > 0; others
+  // answer kFailedPrecondition): when set, receives the window's summary
+  // (Model::Summarize) before `done` is called with its unadapted
+  // probabilities.
+  std::shared_ptr<std::vector<float>> summary;
   // Probabilities in the model's label order.
   std::function<void(absl::StatusOr<std::vector<float>>)> done;
 };
@@ -161,6 +167,11 @@ struct ClipResult {
   std::vector<WindowResult> windows;
   int speech_windows = 0;
   double duration_seconds = 0;
+  // Whether the windows were answered adapted to ClipRequest::speaker_mean.
+  bool speaker_adapted = false;
+  // ClipRequest::speaker_statistics plus the summaries of the clip's speech
+  // windows, when it was set.
+  std::optional<SpeakerStatistics> speaker_statistics;
 };
 
 // Voice activity is judged per window: its RMS level over the whole window
@@ -175,6 +186,13 @@ struct ClipRequest {
   std::optional<double> vad_threshold_dbfs;
   absl::Time deadline = absl::InfiniteFuture();
   std::shared_ptr<const CancelFlag> cancel;
+  // Speaker-normalised models only (kFailedPrecondition otherwise). When
+  // not empty, every window is answered adapted to this voice's mean
+  // summary (Model::PredictFromSummaries; summary_size() floats).
+  std::vector<float> speaker_mean;
+  // When set, ClipResult::speaker_statistics is these plus the clip's
+  // speech windows, added in the windows' order (deterministic).
+  std::optional<SpeakerStatistics> speaker_statistics;
   std::function<void(absl::StatusOr<ClipResult>)> done;
 };
 

@@ -15,6 +15,11 @@
 
 namespace emoserve {
 
+// How much of a voice's speech its statistics must hold before windows are
+// adapted to them: cross-validation (docs/training.md) found adaptation to
+// 10 s of a speaker's audio worse than none and to 20 s or more better.
+inline constexpr double kDefaultAdaptationMinSpeechSeconds = 20.0;
+
 class SpeakerStatistics {
  public:
   // Statistics of the summaries a model's summary() computes: `summary_key`
@@ -28,6 +33,9 @@ class SpeakerStatistics {
 
   int width() const { return static_cast<int>(mean_.size()); }
   int64_t windows() const { return windows_; }
+  // The speech the statistics stand for when windows start every
+  // `hop_seconds` (each window adds a hop of new audio).
+  double speech_seconds(double hop_seconds) const { return windows_ * hop_seconds; }
   // The mean summary; empty before any window.
   std::vector<float> Mean() const;
   // Memory held, for budgets.

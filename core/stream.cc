@@ -33,6 +33,8 @@ struct Slot {
   double end_seconds = 0;
   bool speech = false;
   absl::StatusOr<std::vector<float>> probabilities = std::vector<float>();
+  // A speech window's summary, while the session keeps speaker statistics.
+  std::shared_ptr<std::vector<float>> summary;
   // The end: OK after Finish, else the error that ended the stream.
   absl::Status end_status;
 };
@@ -47,6 +49,9 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
   double model_rate = 0;
   size_t window = 0;  // samples at the model's rate
   size_t hop = 0;
+  // Bytes charged while a speech window is at the engine: its samples and
+  // its summary.
+  int64_t window_bytes = 0;
   uint64_t flow = 0;  // the engine's turn-taking unit: the whole stream
   uint64_t max_input_samples = 0;
   // Speech windows sent to the engine whose results are not back, and the
@@ -89,6 +94,10 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
   double utterance_end = 0;
   std::vector<float> utterance_sum;
   int utterance_windows = 0;
+  bool utterance_adapted = false;
+  // The voice's statistics (speaker-normalised models with adaptation on);
+  // touched only by the delivering thread.
+  std::optional<SpeakerStatistics> speaker;
 
   // Feeder side ----------------------------------------------------------
 
@@ -98,7 +107,8 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
   absl::Status Start() {
     const bool resampling = options.input_sample_rate != model_rate;
     const int64_t bytes = static_cast<int64_t>(window * sizeof(float)) +
-                          (resampling ? kResamplerBytes : 0);
+                          (resampling ? kResamplerBytes : 0) +
+                          (speaker.has_value() ? static_cast<int64_t>(speaker->bytes()) : 0);
     if (absl::Status s = lease->Grow(bytes); !s.ok()) return s;
     if (resampling) {
       absl::StatusOr<std::unique_ptr<StreamResampler>> created =
@@ -107,6 +117,34 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
       resampler = *std::move(created);
     }
     ring.resize(window);
+    return absl::OkStatus();
+  }
+
+  // The voice's statistics, for a speaker-normalised model with adaptation
+  // on: `options`' or empty.
+  absl::Status StartSpeaker(const Model& model, const StreamOptions& options) {
+    if (options.speaker_statistics.has_value() &&
+        (!options.speaker_adaptation || model.summary_size() == 0)) {
+      return absl::InvalidArgumentError(
+          model.summary_size() == 0
+              ? absl::StrCat("model ", model.config().name,
+                             " does not use speaker statistics (its model.json's "
+                             "speaker_normalization is none)")
+              : "speaker statistics were given to a stream with speaker adaptation off");
+    }
+    if (!(options.adaptation_min_speech_seconds >= 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bad adaptation_min_speech_seconds ", options.adaptation_min_speech_seconds));
+    }
+    if (!options.speaker_adaptation || model.summary_size() == 0) return absl::OkStatus();
+    if (options.speaker_statistics.has_value()) {
+      if (options.speaker_statistics->width() != model.summary_size()) {
+        return absl::InvalidArgumentError("speaker statistics of another model's summary");
+      }
+      speaker = options.speaker_statistics;
+    } else {
+      speaker.emplace(model.summary_key(), model.summary_size());
+    }
     return absl::OkStatus();
   }
 
@@ -165,7 +203,6 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
       absl::MutexLock lock(&mu);
       if (done) return absl::OkStatus();  // nobody listens any more
     }
-    const int64_t window_bytes = static_cast<int64_t>(window * sizeof(float));
     if (absl::Status charged = lease->Grow(window_bytes); !charged.ok()) {
       // The window's place in the order carries the error, which ends the
       // stream after the windows before it.
@@ -180,9 +217,13 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
     request.flow = flow;
     request.deadline = options.deadline;
     request.cancel = cancel;
+    if (speaker.has_value()) {
+      slot.summary = std::make_shared<std::vector<float>>();
+      request.summary = slot.summary;
+    }
     request.done = [self = shared_from_this(), seq, slot = std::move(slot)](
                        absl::StatusOr<std::vector<float>> probabilities) mutable {
-      self->lease->Shrink(static_cast<int64_t>(self->window * sizeof(float)));
+      self->lease->Shrink(self->window_bytes);
       self->windows_in_flight.fetch_sub(1, std::memory_order_relaxed);
       slot.probabilities = std::move(probabilities);
       self->Insert(seq, std::move(slot));
@@ -276,17 +317,23 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
     window.end_seconds = slot.end_seconds;
     window.speech = slot.speech;
     if (slot.speech) {
+      if (absl::Status s = Adapt(slot, &window); !s.ok()) {
+        *end = s;
+        return;
+      }
       if (!in_speech) {
         in_speech = true;
         utterance_start = slot.start_seconds;
         utterance_sum.assign(slot.probabilities->size(), 0.0f);
         utterance_windows = 0;
+        utterance_adapted = false;
         StreamEvent started = window;
         started.type = StreamEvent::Type::kSpeechStarted;
         events->push_back(std::move(started));
       }
       utterance_end = slot.end_seconds;
       ++utterance_windows;
+      utterance_adapted = utterance_adapted || window.speaker_adapted;
       for (size_t c = 0; c < utterance_sum.size(); ++c) {
         utterance_sum[c] += (*slot.probabilities)[c];
       }
@@ -295,6 +342,21 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
       CloseUtterance(events);
     }
     events->push_back(std::move(window));
+  }
+
+  // A speech window, in stream order: adapted to the windows before it once
+  // they hold enough speech, then added to the voice's statistics.
+  absl::Status Adapt(Slot& slot, StreamEvent* window) {
+    if (!speaker.has_value()) return absl::OkStatus();
+    const double hop_seconds = hop / model_rate;
+    if (speaker->speech_seconds(hop_seconds) >= options.adaptation_min_speech_seconds) {
+      absl::StatusOr<std::vector<float>> adapted =
+          engine->model().PredictFromSummaries(*slot.summary, 1, speaker->Mean());
+      if (!adapted.ok()) return adapted.status();
+      slot.probabilities = *std::move(adapted);
+      window->speaker_adapted = true;
+    }
+    return speaker->Add(*slot.summary);
   }
 
   void CloseUtterance(std::vector<StreamEvent>* events) {
@@ -308,6 +370,8 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
     utterance.type = StreamEvent::Type::kUtterance;
     utterance.speech = true;
     utterance.window_count = utterance_windows;
+    utterance.speaker_adapted = utterance_adapted;
+    if (speaker.has_value()) utterance.speaker_statistics = speaker->Serialize();
     utterance.probabilities = utterance_sum;
     for (float& p : utterance.probabilities) p /= static_cast<float>(utterance_windows);
     events->push_back(std::move(ended));
@@ -359,10 +423,16 @@ absl::StatusOr<std::unique_ptr<StreamSession>> StreamSession::Create(
         absl::StrCat("bad max_seconds ", options.max_seconds, " or vad_threshold_dbfs ",
                      options.vad_threshold_dbfs));
   }
+  if (absl::Status speaker = impl->StartSpeaker(engine->model(), options); !speaker.ok()) {
+    return speaker;
+  }
+  impl->window_bytes = static_cast<int64_t>(impl->window * sizeof(float)) +
+                       (impl->speaker.has_value() ? engine->model().summary_size() * 4 : 0);
   impl->engine = engine;
   impl->flow = engine->NewFlow();
   impl->lease = std::make_unique<BudgetLease>(options.budget);
   impl->options = options;
+  impl->options.speaker_statistics.reset();  // held as impl->speaker
   impl->on_event = std::move(on_event);
   impl->on_done = std::move(on_done);
   impl->max_input_samples =

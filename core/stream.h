@@ -5,12 +5,15 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "core/engine.h"
 #include "core/memory_budget.h"
+#include "core/speaker_statistics.h"
 
 namespace emoserve {
 
@@ -26,6 +29,16 @@ struct StreamOptions {
   // moment the window is sent until its result is back; a window the
   // budget cannot cover ends the stream with kResourceExhausted.
   MemoryBudget* budget = nullptr;
+  // Speaker-normalised models (Model::summary_size() > 0; ignored for
+  // others): the session keeps its voice's statistics, adds each speech
+  // window's summary in stream order, and answers a speech window adapted
+  // to the windows before it once they hold adaptation_min_speech_seconds
+  // of speech (SpeakerStatistics::speech_seconds at this stream's hop).
+  bool speaker_adaptation = true;
+  double adaptation_min_speech_seconds = kDefaultAdaptationMinSpeechSeconds;
+  // The voice's statistics from earlier audio (a blob's) to start from;
+  // needs speaker_adaptation and a speaker-normalised model.
+  std::optional<SpeakerStatistics> speaker_statistics;
 };
 
 struct StreamEvent {
@@ -45,6 +58,12 @@ struct StreamEvent {
   bool speech = false;
   std::vector<float> probabilities;  // kWindow (speech) and kUtterance
   int window_count = 0;              // kUtterance
+  // kWindow: its probabilities were adapted to the voice's statistics;
+  // kUtterance: at least one of its windows' were.
+  bool speaker_adapted = false;
+  // kUtterance, while the session keeps statistics: they, after the
+  // utterance's windows (SpeakerStatistics::Serialize).
+  std::string speaker_statistics;
 };
 
 // One per stream; not thread-safe (one caller feeds it), except Cancel.

@@ -111,6 +111,10 @@ absl::StatusOr<CommandLine> ParseCommandLine(int argc, const char* const* argv) 
   add("vad-threshold-dbfs", c.vad_threshold_dbfs,
       "Default voice-activity threshold: quieter windows are silence")
       ->check(CLI::Range(-200.0, 0.0));
+  add("adaptation-min-speech-seconds", c.adaptation_min_speech_seconds,
+      "Speech a voice's statistics must hold before results are adapted to them "
+      "(speaker-normalised models)")
+      ->check(CLI::Range(0.0, 86400.0));
   add("max-message-bytes", c.max_message_bytes, "Largest gRPC message accepted")
       ->check(CLI::Range(int64_t{1024}, int64_t{2147483647}));
   add("max-unary-seconds", c.max_unary_seconds, "Longest audio one Classify call takes")

@@ -47,6 +47,9 @@ struct ServerConfig {
   int model_instances = EngineOptions().model_instances;
   int intra_op_threads = kDefaultIntraOpThreads;  // LibTorch's; 0: one per core
   double vad_threshold_dbfs = EngineOptions().vad_threshold_dbfs;
+  // Speech a voice's statistics must hold before results are adapted to
+  // them (speaker-normalised models).
+  double adaptation_min_speech_seconds = kDefaultAdaptationMinSpeechSeconds;
   // Limits of a call.
   int64_t max_message_bytes = 32 << 20;
   double max_unary_seconds = 600.0;

@@ -38,6 +38,7 @@ RequestLimits LimitsOf(const ServerConfig& config) {
   limits.max_chunk_bytes = config.max_chunk_bytes;
   limits.min_hop_seconds = config.min_hop_seconds;
   limits.vad_threshold_dbfs = config.vad_threshold_dbfs;
+  limits.adaptation_min_speech_seconds = config.adaptation_min_speech_seconds;
   return limits;
 }
 
@@ -142,6 +143,10 @@ class EmotionService::ClassifyCall : public EmotionService::Call {
         CheckClassifyRequest(*request_, engine_->model().config(), service_->limits_);
     if (!raw.ok()) return raw.status();
     raw_ = *raw;
+    absl::StatusOr<ClipSpeaker> speaker =
+        CheckClassifySpeaker(*request_, engine_->model(), service_->limits_);
+    if (!speaker.ok()) return speaker.status();
+    speaker_ = *std::move(speaker);
     posted_ = absl::Now();
     if (!service_->workers_.TryPost([this] { Run(); })) {
       return absl::ResourceExhaustedError(absl::StrCat(
@@ -181,6 +186,8 @@ class EmotionService::ClassifyCall : public EmotionService::Call {
     clip.hop_seconds = request_->hop_seconds();
     clip.deadline = deadline_;
     clip.cancel = cancel_;
+    clip.speaker_mean = std::move(speaker_.mean);
+    clip.speaker_statistics = std::move(speaker_.statistics);
     clip.done = [this](absl::StatusOr<ClipResult> result) { OnClassified(std::move(result)); };
     // May complete inline; nothing of this object is touched after it.
     engine_->Classify(std::move(clip));
@@ -239,6 +246,7 @@ class EmotionService::ClassifyCall : public EmotionService::Call {
   std::shared_ptr<const ServedModel> model_;
   Engine* engine_ = nullptr;
   std::optional<RawPcmFormat> raw_;
+  ClipSpeaker speaker_;
   double duration_seconds_ = 0;
 };
 
@@ -659,6 +667,11 @@ class EmotionService::StreamCall : public EmotionService::Call {
     const ModelConfig& model = engine_->model().config();
     absl::StatusOr<StreamSetup> setup = CheckStreamConfig(request_, model, service_->limits_);
     if (!setup.ok()) return setup.status();
+    if (absl::Status speaker = SetStreamSpeaker(request_.config(), engine_->model(),
+                                                service_->limits_, &setup->options);
+        !speaker.ok()) {
+      return speaker;
+    }
     setup->options.deadline = deadline_;
     setup->options.budget = &service_->budget_;
     interim_results_ = setup->interim_results;

@@ -82,6 +82,7 @@ int main(int argc, char** argv) {
        {"grpc_memory_mb", config.grpc_memory_mb},
        {"max_concurrent_streams", config.max_concurrent_streams},
        {"vad_threshold_dbfs", config.vad_threshold_dbfs},
+       {"adaptation_min_speech_seconds", config.adaptation_min_speech_seconds},
        {"grace_seconds", config.grace_seconds}});
 
   const absl::Time load_start = absl::Now();

@@ -89,6 +89,7 @@ absl::StatusOr<v1::ModelInfo> ModelInfoFromConfig(const ModelConfig& config,
   for (const std::string& label : config.labels) info.add_labels(label);
   info.set_sample_rate_hertz(config.sample_rate);
   info.set_window_seconds(config.window_seconds);
+  info.set_speaker_adaptation(config.speaker_normalization != SpeakerNormalization::kNone);
   info.set_default_hop_seconds(
       static_cast<double>(DefaultHopSamples(static_cast<size_t>(config.window_samples()))) /
       config.sample_rate);

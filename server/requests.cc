@@ -27,6 +27,76 @@ absl::StatusOr<std::optional<RawPcmFormat>> CheckClassifyRequest(
   return raw;
 }
 
+namespace {
+
+// A request's statistics blob for `model`, with the field's name in errors.
+absl::StatusOr<SpeakerStatistics> ParseSpeakerStatistics(const std::string& blob,
+                                                         const Model& model,
+                                                         absl::string_view field) {
+  absl::StatusOr<SpeakerStatistics> statistics =
+      SpeakerStatistics::Parse(blob, model.summary_key(), model.summary_size());
+  if (!statistics.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": ", statistics.status().message()));
+  }
+  return statistics;
+}
+
+absl::Status NoSpeakerStatistics(const Model& model, absl::string_view field) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      field, " was set, but model ", model.config().name, " version ", model.config().version,
+      " does not adapt to speakers (ModelInfo.speaker_adaptation is false)"));
+}
+
+}  // namespace
+
+absl::StatusOr<ClipSpeaker> CheckClassifySpeaker(const v1::ClassifyRequest& request,
+                                                 const Model& model, const RequestLimits& limits) {
+  ClipSpeaker speaker;
+  if (request.speaker_statistics().empty() && !request.return_speaker_statistics()) {
+    return speaker;
+  }
+  const char* field = request.speaker_statistics().empty() ? "return_speaker_statistics"
+                                                           : "speaker_statistics";
+  if (model.summary_size() == 0) return NoSpeakerStatistics(model, field);
+  SpeakerStatistics statistics(model.summary_key(), model.summary_size());
+  if (!request.speaker_statistics().empty()) {
+    absl::StatusOr<SpeakerStatistics> parsed =
+        ParseSpeakerStatistics(request.speaker_statistics(), model, "speaker_statistics");
+    if (!parsed.ok()) return parsed.status();
+    statistics = *std::move(parsed);
+  }
+  const ModelConfig& config = model.config();
+  absl::StatusOr<size_t> hop = HopSamples(request.hop_seconds(), config.window_samples(),
+                                          config.sample_rate, limits.min_hop_seconds);
+  if (!hop.ok()) return hop.status();
+  const double hop_seconds = static_cast<double>(*hop) / config.sample_rate;
+  if (statistics.windows() > 0 &&
+      statistics.speech_seconds(hop_seconds) >= limits.adaptation_min_speech_seconds) {
+    speaker.mean = statistics.Mean();
+  }
+  if (request.return_speaker_statistics()) speaker.statistics = std::move(statistics);
+  return speaker;
+}
+
+absl::Status SetStreamSpeaker(const v1::StreamingConfig& config, const Model& model,
+                              const RequestLimits& limits, StreamOptions* options) {
+  const v1::SpeakerAdaptationConfig& adaptation = config.speaker_adaptation();
+  options->speaker_adaptation = !adaptation.disabled();
+  options->adaptation_min_speech_seconds = limits.adaptation_min_speech_seconds;
+  if (adaptation.speaker_statistics().empty()) return absl::OkStatus();
+  const char* field = "config.speaker_adaptation.speaker_statistics";
+  if (model.summary_size() == 0) return NoSpeakerStatistics(model, field);
+  if (adaptation.disabled()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " was set with config.speaker_adaptation.disabled: drop one of them"));
+  }
+  absl::StatusOr<SpeakerStatistics> parsed =
+      ParseSpeakerStatistics(adaptation.speaker_statistics(), model, field);
+  if (!parsed.ok()) return parsed.status();
+  options->speaker_statistics = *std::move(parsed);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Audio> DecodeClassifyAudio(
     const v1::ClassifyRequest& request, const std::optional<RawPcmFormat>& raw,
     const ModelConfig& model, const RequestLimits& limits,
@@ -62,12 +132,17 @@ void FillClassifyResponse(const ClipResult& result, const ModelConfig& model,
   response->set_model_version(model.version);
   response->set_window_count(static_cast<int>(result.windows.size()));
   response->set_speech_window_count(result.speech_windows);
+  response->set_speaker_adapted(result.speaker_adapted);
+  if (result.speaker_statistics.has_value()) {
+    response->set_speaker_statistics(result.speaker_statistics->Serialize());
+  }
   if (!include_timeline) return;
   for (const WindowResult& window : result.windows) {
     v1::WindowResult* out = response->add_timeline();
     out->set_start_seconds(window.start_seconds);
     out->set_end_seconds(window.end_seconds);
     out->set_speech(window.speech);
+    out->set_speaker_adapted(result.speaker_adapted && !window.probabilities.empty());
     // A window has probabilities when it reached the model: speech, or
     // every window of a clip without speech.
     AddSortedScores(model.labels, window.probabilities, out->mutable_scores());
@@ -174,6 +249,7 @@ std::optional<v1::StreamClassifyResponse> StreamResponse(const StreamEvent& even
       window->set_start_seconds(event.start_seconds);
       window->set_end_seconds(event.end_seconds);
       window->set_speech(event.speech);
+      window->set_speaker_adapted(event.speaker_adapted);
       AddSortedScores(labels, event.probabilities, window->mutable_scores());
       break;
     }
@@ -192,6 +268,8 @@ std::optional<v1::StreamClassifyResponse> StreamResponse(const StreamEvent& even
       utterance->set_top_label(
           AddSortedScores(labels, event.probabilities, utterance->mutable_scores()));
       utterance->set_window_count(event.window_count);
+      utterance->set_speaker_adapted(event.speaker_adapted);
+      utterance->set_speaker_statistics(event.speaker_statistics);
       break;
     }
   }

@@ -10,6 +10,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -17,7 +18,9 @@
 #include "absl/types/span.h"
 #include "core/audio.h"
 #include "core/engine.h"
+#include "core/model.h"
 #include "core/model_config.h"
+#include "core/speaker_statistics.h"
 #include "core/stream.h"
 #include "emoserve/v1/emoserve.pb.h"
 #include "server/config.h"
@@ -33,6 +36,7 @@ struct RequestLimits {
   double min_hop_seconds = ServerConfig().min_hop_seconds;
   // The threshold of calls that set none.
   double vad_threshold_dbfs = ServerConfig().vad_threshold_dbfs;
+  double adaptation_min_speech_seconds = ServerConfig().adaptation_min_speech_seconds;
 };
 
 // The raw PCM format of a Classify request (nullopt: a container file),
@@ -40,6 +44,19 @@ struct RequestLimits {
 absl::StatusOr<std::optional<RawPcmFormat>> CheckClassifyRequest(
     const v1::ClassifyRequest& request, const ModelConfig& model,
     const RequestLimits& limits);
+
+// What a Classify request asks of speaker adaptation (ClipRequest's
+// fields): the mean to adapt to, when its statistics hold enough speech,
+// and the statistics to add the clip to, when they are to be returned.
+struct ClipSpeaker {
+  std::vector<float> mean;
+  std::optional<SpeakerStatistics> statistics;
+};
+
+// Checks a Classify request's speaker fields against `model` (and parses
+// its blob).
+absl::StatusOr<ClipSpeaker> CheckClassifySpeaker(const v1::ClassifyRequest& request,
+                                                 const Model& model, const RequestLimits& limits);
 
 // Decodes a checked request's audio straight to the model's rate. `reserve`
 // and `keep_going` are DecodeOptions': the budget, and the call's deadline
@@ -68,6 +85,10 @@ struct StreamSetup {
 absl::StatusOr<StreamSetup> CheckStreamConfig(const v1::StreamClassifyRequest& first,
                                               const ModelConfig& model,
                                               const RequestLimits& limits);
+
+// Sets `options`' speaker adaptation from a checked config, for `model`.
+absl::Status SetStreamSpeaker(const v1::StreamingConfig& config, const Model& model,
+                              const RequestLimits& limits, StreamOptions* options);
 
 // A stream's audio messages to samples. A PCM frame (one sample of every
 // channel) may straddle two messages: the bytes of an incomplete PCM frame

@@ -5,6 +5,7 @@
 #include "core/stream.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <atomic>
 #include <cmath>
 #include <filesystem>
@@ -18,6 +19,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "core/engine.h"
+#include "core/features.h"
+#include "core/speaker_statistics.h"
 #include "core/resampler.h"
 #include "core/windowing.h"
 #include "tests/test_model.h"
@@ -544,6 +547,297 @@ TEST_F(StreamTest, RejectsBadOptionsAndSamples) {
   EXPECT_EQ((*session)->Push(bad).code(), absl::StatusCode::kInvalidArgument);
   ASSERT_TRUE(recorder.WaitDone());
   EXPECT_EQ(recorder.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Speaker adaptation: a stream of a speaker-normalised model learns its
+// voice in stream order; Classify adapts to statistics it is given.
+class SpeakerAdaptationTest : public StreamTest {
+ protected:
+  static void SetUpTestSuite() {
+    StreamTest::SetUpTestSuite();
+    ModelConfig config = testing::SmallModelConfig();
+    config.speaker_normalization = SpeakerNormalization::kSummaryMean;
+    absl::StatusOr<std::shared_ptr<const Model>> model = testing::MakeTestModel(
+        config, (std::filesystem::path(::testing::TempDir()) / "speaker_model").string());
+    ASSERT_TRUE(model.ok()) << model.status();
+    ASSERT_GT((*model)->summary_size(), 0);
+    EngineOptions options;
+    options.feature_threads = 2;
+    absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(*std::move(model), options);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    plain_engine_ = engine_;  // StreamTest's, for the models without a summary
+    engine_ = engine->release();
+  }
+  static void TearDownTestSuite() {
+    delete engine_;
+    engine_ = plain_engine_;
+    StreamTest::TearDownTestSuite();
+  }
+
+  const Model& model() { return engine().model(); }
+  double hop_seconds() const { return static_cast<double>(window() / 2) / rate(); }
+
+  // The summaries of `audio`'s speech windows (default hop and threshold),
+  // computed apart from the engine and the stream.
+  std::vector<std::vector<float>> SpeechSummaries(const std::vector<float>& audio) {
+    const ClipPlan plan = PlanClip(audio, window(), window() / 2, EngineOptions().vad_threshold_dbfs);
+    absl::StatusOr<std::unique_ptr<FeatureExtractor>> extractor =
+        FeatureExtractor::Create(model().config().features, model().config().sample_rate);
+    EXPECT_TRUE(extractor.ok()) << extractor.status();
+    std::vector<std::vector<float>> summaries;
+    std::vector<float> samples(window());
+    for (size_t w = 0; w < plan.starts.size(); ++w) {
+      if (!plan.speech[w]) continue;
+      CopyWindow(audio, plan.starts[w], window(), samples.data());
+      absl::StatusOr<FeatureMatrix> features = (*extractor)->Compute(samples);
+      EXPECT_TRUE(features.ok()) << features.status();
+      absl::StatusOr<std::vector<float>> summary = model().Summarize(features->data, 1);
+      EXPECT_TRUE(summary.ok()) << summary.status();
+      summaries.push_back(*std::move(summary));
+    }
+    return summaries;
+  }
+
+  static std::vector<float> Mean(const std::vector<std::vector<float>>& rows, size_t count) {
+    std::vector<double> sum(rows[0].size(), 0.0);
+    for (size_t r = 0; r < count; ++r) {
+      for (size_t k = 0; k < sum.size(); ++k) sum[k] += rows[r][k];
+    }
+    std::vector<float> mean(sum.size());
+    for (size_t k = 0; k < sum.size(); ++k) mean[k] = static_cast<float>(sum[k] / count);
+    return mean;
+  }
+
+  static void ExpectNear(absl::Span<const float> actual, absl::Span<const float> expected,
+                         double tolerance, const std::string& label) {
+    ASSERT_EQ(actual.size(), expected.size()) << label;
+    for (size_t k = 0; k < actual.size(); ++k) {
+      EXPECT_NEAR(actual[k], expected[k], tolerance) << label << " value " << k;
+    }
+  }
+
+  // The statistics in the stream's last utterance.
+  static SpeakerStatistics LastStatistics(const Recorder& recorder, const Model& model) {
+    std::string blob;
+    for (const StreamEvent& event : recorder.events()) {
+      if (event.type == Type::kUtterance) blob = event.speaker_statistics;
+    }
+    absl::StatusOr<SpeakerStatistics> parsed =
+        SpeakerStatistics::Parse(blob, model.summary_key(), model.summary_size());
+    EXPECT_TRUE(parsed.ok()) << parsed.status();
+    return parsed.ok() ? *std::move(parsed) : SpeakerStatistics(model.summary_key(), 1);
+  }
+
+  static inline Engine* plain_engine_ = nullptr;
+};
+
+// Window j of the speech is answered unadapted while the j windows before it
+// hold under the threshold's speech, then adapted to their mean; the
+// utterances carry the statistics of every speech window so far.
+TEST_F(SpeakerAdaptationTest, SpeechWindowsAreAdaptedToTheWindowsBeforeThemOnceTheyHoldEnough) {
+  const std::vector<float> audio = Speech();
+  const std::vector<std::vector<float>> summaries = SpeechSummaries(audio);
+  ASSERT_GE(summaries.size(), 7u);
+  StreamOptions options;
+  options.adaptation_min_speech_seconds = 3 * hop_seconds();  // from the fourth speech window
+  Recorder adapting, plain;
+  Stream(audio, 1600, options, &adapting);
+  options.speaker_adaptation = false;
+  Stream(audio, 1600, options, &plain);
+  const std::vector<StreamEvent> windows = adapting.windows();
+  const std::vector<StreamEvent> unadapted = plain.windows();
+  ASSERT_EQ(windows.size(), unadapted.size());
+  size_t j = 0;  // speech windows before this one
+  int adapted = 0;
+  double largest_change = 0;
+  for (size_t w = 0; w < windows.size(); ++w) {
+    const std::string label = absl::StrCat("window ", w, " (speech window ", j, ")");
+    EXPECT_FALSE(unadapted[w].speaker_adapted) << label;
+    if (!windows[w].speech) {
+      EXPECT_FALSE(windows[w].speaker_adapted) << label;
+      continue;
+    }
+    ASSERT_LT(j, summaries.size()) << label;
+    if (j < 3) {
+      EXPECT_FALSE(windows[w].speaker_adapted) << label;
+      ExpectNear(windows[w].probabilities, unadapted[w].probabilities, 1e-6, label);
+    } else {
+      EXPECT_TRUE(windows[w].speaker_adapted) << label;
+      absl::StatusOr<std::vector<float>> expected =
+          model().PredictFromSummaries(summaries[j], 1, Mean(summaries, j));
+      ASSERT_TRUE(expected.ok()) << expected.status();
+      ExpectNear(windows[w].probabilities, *expected, 1e-5, label);
+      for (size_t c = 0; c < expected->size(); ++c) {
+        largest_change = std::max(
+            largest_change, std::abs(static_cast<double>(windows[w].probabilities[c]) -
+                                     unadapted[w].probabilities[c]));
+      }
+      ++adapted;
+    }
+    ++j;
+  }
+  EXPECT_EQ(j, summaries.size());
+  EXPECT_GE(adapted, 4);
+  EXPECT_GT(largest_change, 1e-3) << "adapting changed nothing: the test would not see it";
+  const SpeakerStatistics statistics = LastStatistics(adapting, model());
+  EXPECT_EQ(statistics.windows(), static_cast<int64_t>(summaries.size()));
+  ExpectNear(statistics.Mean(), Mean(summaries, summaries.size()), 1e-5, "the voice's mean");
+  for (const StreamEvent& event : plain.events()) {
+    EXPECT_TRUE(event.speaker_statistics.empty()) << "statistics while not adapting";
+  }
+}
+
+// Statistics carried from an earlier stream adapt from the first window,
+// and Classify adds a clip's speech windows to them as a stream does.
+TEST_F(SpeakerAdaptationTest, CarriedStatisticsAdaptAtOnceAndClassifyAddsWhatAStreamAdds) {
+  const std::vector<float> audio = Speech();
+  StreamOptions options;
+  Recorder first;
+  Stream(audio, 4000, options, &first);
+  const SpeakerStatistics heard = LastStatistics(first, model());
+  ASSERT_GT(heard.windows(), 0);
+
+  options.speaker_statistics = heard;
+  options.adaptation_min_speech_seconds = heard.speech_seconds(hop_seconds());
+  Recorder second;
+  Stream(clips_[2], 4000, options, &second);
+  const std::vector<StreamEvent> windows = second.windows();
+  const auto first_speech = std::find_if(windows.begin(), windows.end(),
+                                         [](const StreamEvent& e) { return e.speech; });
+  ASSERT_NE(first_speech, windows.end());
+  EXPECT_TRUE(first_speech->speaker_adapted);
+  const std::vector<std::vector<float>> summaries = SpeechSummaries(clips_[2]);
+  absl::StatusOr<std::vector<float>> expected =
+      model().PredictFromSummaries(summaries[0], 1, heard.Mean());
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  ExpectNear(first_speech->probabilities, *expected, 1e-5, "first window");
+
+  // Classify: every window adapted to the given mean; the statistics it
+  // returns are the stream's after the same audio.
+  absl::Notification done;
+  absl::StatusOr<ClipResult> result;
+  ClipRequest request;
+  request.samples = clips_[2];
+  request.speaker_mean = heard.Mean();
+  request.speaker_statistics = heard;
+  request.done = [&](absl::StatusOr<ClipResult> r) {
+    result = std::move(r);
+    done.Notify();
+  };
+  engine().Classify(std::move(request));
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(kPatience));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(result->speaker_adapted);
+  size_t j = 0;
+  for (const WindowResult& window : result->windows) {
+    if (!window.speech) continue;
+    absl::StatusOr<std::vector<float>> adapted =
+        model().PredictFromSummaries(summaries[j], 1, heard.Mean());
+    ASSERT_TRUE(adapted.ok()) << adapted.status();
+    ExpectNear(window.probabilities, *adapted, 1e-5, absl::StrCat("Classify window ", j++));
+  }
+  ASSERT_TRUE(result->speaker_statistics.has_value());
+  const SpeakerStatistics after_stream = LastStatistics(second, model());
+  EXPECT_EQ(result->speaker_statistics->windows(), after_stream.windows());
+  EXPECT_EQ(result->speaker_statistics->windows(),
+            heard.windows() + static_cast<int64_t>(summaries.size()));
+  ExpectNear(result->speaker_statistics->Mean(), after_stream.Mean(), 1e-6, "statistics");
+}
+
+// The voice's statistics are a fixed size, charged to the stream's budget
+// with its ring buffer: a stream three times as long holds the same.
+TEST_F(SpeakerAdaptationTest, TheStatisticsAreChargedToTheBudgetAndDoNotGrow) {
+  const int64_t ring_bytes = static_cast<int64_t>(window() * sizeof(float));
+  const SpeakerStatistics empty(model().summary_key(), model().summary_size());
+  std::vector<int64_t> held;
+  for (int repeats : {1, 3}) {
+    const std::vector<float> speech = Speech();
+    std::vector<float> audio;
+    for (int r = 0; r < repeats; ++r) audio.insert(audio.end(), speech.begin(), speech.end());
+    MemoryBudget budget(int64_t{64} << 20);
+    StreamOptions options;
+    options.budget = &budget;
+    Recorder recorder;
+    absl::StatusOr<std::unique_ptr<StreamSession>> session =
+        StreamSession::Create(&engine(), options, recorder.OnEvent(), recorder.OnDone());
+    ASSERT_TRUE(session.ok()) << session.status();
+    ASSERT_TRUE((*session)->Push(audio).ok());
+    (*session)->Finish();
+    ASSERT_TRUE(recorder.WaitDone());
+    ASSERT_TRUE(recorder.status().ok()) << recorder.status();
+    held.push_back(budget.used());
+    session->reset();
+    EXPECT_TRUE(BudgetDrains(budget));
+  }
+  EXPECT_EQ(held[0], ring_bytes + static_cast<int64_t>(empty.bytes()));
+  EXPECT_EQ(held[1], held[0]);
+  // What adapting adds to a stream (3.1 KiB with the bundled recipe's
+  // 776-value summary), against the ring it holds anyway.
+  std::printf("statistics: %zu bytes for %d values; the ring: %lld bytes\n", empty.bytes(),
+              empty.width(), static_cast<long long>(ring_bytes));
+}
+
+TEST_F(SpeakerAdaptationTest, RefusesStatisticsTheModelOrStreamCannotUse) {
+  const SpeakerStatistics statistics(model().summary_key(), model().summary_size());
+  Recorder recorder;
+  StreamOptions options;
+  options.speaker_statistics = statistics;
+  EXPECT_EQ(StreamSession::Create(plain_engine_, options, recorder.OnEvent(), recorder.OnDone())
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  options.speaker_adaptation = false;
+  EXPECT_EQ(StreamSession::Create(&engine(), options, recorder.OnEvent(), recorder.OnDone())
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  options.speaker_adaptation = true;
+  options.speaker_statistics = SpeakerStatistics(model().summary_key(), 3);
+  EXPECT_EQ(StreamSession::Create(&engine(), options, recorder.OnEvent(), recorder.OnDone())
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  // A model without a summary streams unadapted, with no statistics.
+  options.speaker_statistics.reset();
+  EXPECT_TRUE(
+      StreamSession::Create(plain_engine_, options, recorder.OnEvent(), recorder.OnDone()).ok());
+
+  const auto classify = [&](Engine* engine, std::vector<float> mean,
+                            std::optional<SpeakerStatistics> stats) {
+    absl::Notification done;
+    absl::Status status;
+    ClipRequest request;
+    request.samples = clips_[0];
+    request.speaker_mean = std::move(mean);
+    request.speaker_statistics = std::move(stats);
+    request.done = [&](absl::StatusOr<ClipResult> r) {
+      status = r.status();
+      done.Notify();
+    };
+    engine->Classify(std::move(request));
+    EXPECT_TRUE(done.WaitForNotificationWithTimeout(kPatience));
+    return status.code();
+  };
+  const std::vector<float> mean(model().summary_size(), 0.0f);
+  EXPECT_EQ(classify(plain_engine_, mean, std::nullopt), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(classify(plain_engine_, {}, statistics), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(classify(&engine(), std::vector<float>(3), std::nullopt),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(classify(&engine(), {}, SpeakerStatistics(model().summary_key(), 3)),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(classify(&engine(), mean, statistics), absl::StatusCode::kOk);
+  WindowRequest no_summary;
+  no_summary.samples.assign(plain_engine_->model().config().window_samples(), 0.1f);
+  no_summary.summary = std::make_shared<std::vector<float>>();
+  absl::Notification window_done;
+  absl::Status window_status;
+  no_summary.done = [&](absl::StatusOr<std::vector<float>> r) {
+    window_status = r.status();
+    window_done.Notify();
+  };
+  plain_engine_->Submit(std::move(no_summary));
+  ASSERT_TRUE(window_done.WaitForNotificationWithTimeout(kPatience));
+  EXPECT_EQ(window_status.code(), absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace

@@ -63,9 +63,20 @@ absl::Status WriteTestModel(const ModelConfig& config, const std::string& dir,
   options.num_features = config.num_features();
   options.num_frames = config.num_frames();
   options.num_classes = static_cast<int>(config.labels.size());
+  const bool speaker_normalised =
+      config.speaker_normalization == SpeakerNormalization::kSummaryMean;
+  if (speaker_normalised) {
+    options.parallel_branches = false;  // statistics only: it has a summary
+    options.statistics_hidden = 32;
+  }
   torch::manual_seed(seed);
   absl::StatusOr<torch::jit::Module> module = BuildArchitecture(options);
   if (!module.ok()) return module.status();
+  if (speaker_normalised) {
+    // As if trained: the training speakers' mean summary, not zeros.
+    torch::Tensor reference = module->attr("speaker_reference").toTensor();
+    reference.copy_(torch::randn(reference.sizes()));
+  }
   return SaveModelDirectory(*module, config, dir);
 }
 

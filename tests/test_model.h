@@ -25,7 +25,9 @@ ModelConfig SmallModelConfig();
 ModelConfig DefaultModelConfig();
 
 // Writes model.pt (the default architecture sized for `config`, initialised
-// from `seed`) and model.json into `dir`, creating it.
+// from `seed`) and model.json into `dir`, creating it. A config with
+// speaker_normalization kSummaryMean gets a statistics-only model with a
+// random speaker_reference.
 absl::Status WriteTestModel(const ModelConfig& config, const std::string& dir,
                             uint64_t seed = 7);
 

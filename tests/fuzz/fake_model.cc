@@ -52,4 +52,15 @@ absl::StatusOr<std::vector<float>> Model::Predict(absl::Span<const float> featur
   return out;
 }
 
+// The stand-in has no summary (summary_size() is 0): the service refuses
+// speaker statistics for it before these are reached.
+absl::StatusOr<std::vector<float>> Model::Summarize(absl::Span<const float>, int) const {
+  return absl::FailedPreconditionError("the fuzzing stand-in model has no summary");
+}
+
+absl::StatusOr<std::vector<float>> Model::PredictFromSummaries(absl::Span<const float>, int,
+                                                              absl::Span<const float>) const {
+  return absl::FailedPreconditionError("the fuzzing stand-in model has no summary");
+}
+
 }  // namespace emoserve
