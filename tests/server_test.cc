@@ -37,6 +37,7 @@
 #include "absl/time/clock.h"
 #include "core/audio.h"
 #include "core/resampler.h"
+#include "core/speaker_statistics.h"
 #include "tests/server_test_support.h"
 #include "tests/test_model.h"
 #include "tests/test_support.h"
@@ -1537,6 +1538,128 @@ TEST(ServerLifecycleTest, ShutdownEndsWithinTheGracePeriodWhateverClientsDo) {
   EXPECT_LT(took, absl::Seconds(2) + absl::Milliseconds(500)) << took;
   ASSERT_TRUE(done.WaitForNotificationWithTimeout(kPatience));
   EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+}
+
+// --------------------------------------------------------------------------
+// Speaker adaptation.
+
+// A model without a summary refuses speaker statistics, and says so.
+TEST_F(ServerTest, SpeakerStatisticsNeedAModelThatAdapts) {
+  v1::ModelInfo info;
+  grpc::ClientContext info_context;
+  ASSERT_TRUE(stub_->GetModelInfo(&info_context, v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_FALSE(info.speaker_adaptation());
+  v1::ClassifyRequest request;
+  request.set_audio(ToLinear16(std::vector<float>(16000, 0.1f)));
+  *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+  request.set_return_speaker_statistics(true);
+  v1::ClassifyResponse response;
+  grpc::Status status = Classify(request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(status.error_message(), HasSubstr("does not adapt to speakers"));
+  v1::StreamingConfig config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  config.mutable_speaker_adaptation()->set_speaker_statistics("ESPK");
+  const StreamOutcome stream = RunStream(*stub_, config, "", 3200);
+  EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  // Without statistics, a stream of such a model is simply not adapted.
+  config.clear_speaker_adaptation();
+  const StreamOutcome plain = RunStream(*stub_, config, ToLinear16(LongSpeech()), 32000);
+  EXPECT_TRUE(plain.status.ok()) << plain.status.error_message();
+  for (const v1::UtteranceResult& utterance : plain.utterances()) {
+    EXPECT_FALSE(utterance.speaker_adapted());
+    EXPECT_TRUE(utterance.speaker_statistics().empty());
+  }
+}
+
+// The client carries a voice's statistics: from a Classify or a stream's
+// utterance into later calls, which adapt to them; the server keeps none.
+TEST(ServerSpeakerAdaptationTest, StatisticsTravelBetweenCallsOfOneVoice) {
+  SKIP_WITHOUT_SHARED_DATA();
+  ModelConfig model = testing::DefaultModelConfig();
+  model.speaker_normalization = SpeakerNormalization::kSummaryMean;
+  const std::string dir = testing::ScratchDir() + "/speaker_model";
+  ASSERT_TRUE(testing::WriteTestModel(model, dir).ok());
+  ServerConfig config = testing::TestServerConfig();
+  config.model = dir;
+  config.adaptation_min_speech_seconds = 1.5;  // one speech window at the 1.5 s hop
+  absl::StatusOr<std::unique_ptr<Server>> server = testing::StartServer(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::EmotionService::NewStub(testing::Connect((*server)->port()));
+  v1::ModelInfo info;
+  grpc::ClientContext info_context;
+  ASSERT_TRUE(stub->GetModelInfo(&info_context, v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_TRUE(info.speaker_adaptation());
+
+  absl::StatusOr<std::vector<std::vector<float>>> clips = testing::RavdessClips(3);
+  ASSERT_TRUE(clips.ok()) << clips.status();
+  const auto classify = [&](const std::vector<float>& samples, const std::string& statistics,
+                            v1::ClassifyResponse* response) {
+    v1::ClassifyRequest request;
+    request.set_audio(ToLinear16(samples));
+    *request.mutable_format() = Format(v1::AUDIO_ENCODING_LINEAR16, kRate);
+    request.set_include_timeline(true);
+    request.set_speaker_statistics(statistics);
+    request.set_return_speaker_statistics(true);
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    return stub->Classify(&context, request, response);
+  };
+  // Clip 0 alone: nothing to adapt to yet.
+  v1::ClassifyResponse first;
+  ASSERT_TRUE(classify((*clips)[0], "", &first).ok());
+  EXPECT_FALSE(first.speaker_adapted());
+  ASSERT_FALSE(first.speaker_statistics().empty());
+  ASSERT_GE(first.speech_window_count(), 1);
+  // Clip 1 with clip 0's statistics: adapted, and different from unadapted.
+  v1::ClassifyResponse alone, adapted;
+  ASSERT_TRUE(classify((*clips)[1], "", &alone).ok());
+  ASSERT_TRUE(classify((*clips)[1], first.speaker_statistics(), &adapted).ok());
+  EXPECT_FALSE(alone.speaker_adapted());
+  EXPECT_TRUE(adapted.speaker_adapted());
+  for (const v1::WindowResult& window : adapted.timeline()) {
+    EXPECT_EQ(window.speaker_adapted(), window.speech());
+  }
+  EXPECT_GT(MaxDifference(InLabelOrder(alone.scores()), InLabelOrder(adapted.scores())), 1e-4);
+  EXPECT_GT(adapted.speaker_statistics().size(), first.speaker_statistics().size() / 2);
+
+  // A stream learns the voice from its first utterance and adapts the
+  // second; a stream that starts from carried statistics adapts at once.
+  v1::StreamingConfig stream_config = StreamConfig(Format(v1::AUDIO_ENCODING_LINEAR16, kRate));
+  std::vector<float> audio = (*clips)[0];
+  audio.insert(audio.end(), 48000, 0.0f);
+  audio.insert(audio.end(), (*clips)[1].begin(), (*clips)[1].end());
+  const StreamOutcome streamed = RunStream(*stub, stream_config, ToLinear16(audio), 3200);
+  ASSERT_TRUE(streamed.status.ok()) << streamed.status.error_message();
+  const std::vector<v1::UtteranceResult> utterances = streamed.utterances();
+  ASSERT_GE(utterances.size(), 2u);
+  const std::vector<v1::WindowResult> windows = streamed.windows();
+  const auto first_speech = std::find_if(windows.begin(), windows.end(),
+                                         [](const v1::WindowResult& w) { return w.speech(); });
+  ASSERT_NE(first_speech, windows.end());
+  EXPECT_FALSE(first_speech->speaker_adapted()) << "nothing heard before it";
+  EXPECT_TRUE(utterances.back().speaker_adapted());
+  EXPECT_EQ(utterances[0].speaker_statistics().size(), first.speaker_statistics().size());
+  EXPECT_NE(utterances.back().speaker_statistics(), utterances[0].speaker_statistics());
+  stream_config.mutable_speaker_adaptation()->set_speaker_statistics(
+      adapted.speaker_statistics());
+  const StreamOutcome carried = RunStream(*stub, stream_config, ToLinear16((*clips)[2]), 3200);
+  ASSERT_TRUE(carried.status.ok()) << carried.status.error_message();
+  for (const v1::WindowResult& window : carried.windows()) {
+    EXPECT_EQ(window.speaker_adapted(), window.speech());
+  }
+
+  // Statistics that are not this model's, or garbage, are refused.
+  v1::ClassifyResponse refused;
+  grpc::Status status = classify((*clips)[2], "not statistics", &refused);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("speaker_statistics"));
+  std::string truncated = adapted.speaker_statistics();
+  truncated.pop_back();
+  EXPECT_EQ(classify((*clips)[2], truncated, &refused).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  stream_config.mutable_speaker_adaptation()->set_disabled(true);
+  EXPECT_EQ(RunStream(*stub, stream_config, "", 3200).status.error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
 }
 
 }  // namespace
