@@ -18,8 +18,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
+#include "core/engine.h"
 #include "core/features.h"
 #include "core/model.h"
+#include "core/speaker_statistics.h"
+#include "core/stream.h"
 #include "core/windowing.h"
 #include "tests/test_model.h"
 #include "tests/test_support.h"
@@ -746,6 +750,110 @@ TEST_F(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
 // speaker-independent test actors (21-24).
 // With speaker means, a clip that has one is answered adapted and a clip
 // without (its speaker not heard yet) unadapted; no batch mixes the two.
+// eval --adapt's statistics of N s of prior audio are a stream's over the
+// same audio, and the service adapts a clip to them as eval does: a
+// stream's statistics, carried to Classify, give eval --adapt's answer.
+TEST_F(EvaluateClipsTest, AStreamsStatisticsOfThePriorAudioAdaptAsEvalAdapt) {
+  ModelConfig adaptive = config;
+  adaptive.speaker_normalization = SpeakerNormalization::kSummaryMean;
+  const std::string dir = (fs::path(::testing::TempDir()) / "adaptive_eval_model").string();
+  ASSERT_TRUE(testing::WriteTestModel(adaptive, dir).ok());
+  absl::StatusOr<std::unique_ptr<Model>> loaded = Model::Load(dir);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  std::shared_ptr<const Model> model = *std::move(loaded);
+  // The prior: the actor's clips 1-5 joined (about 18 s), as eval joins them.
+  std::vector<float> prior;
+  for (size_t c = 1; c < audio.size(); ++c) {
+    prior.insert(prior.end(), audio[c].samples.begin(), audio[c].samples.end());
+  }
+  absl::StatusOr<SummarySum> speech = SpeechSummaries(
+      prior, adaptive, *extractor,
+      [&](absl::Span<const float> f, int batch) { return model->Summarize(f, batch); });
+  ASSERT_TRUE(speech.ok()) << speech.status();
+  ASSERT_GE(speech->windows, 5);
+  std::vector<float> eval_mean = speech->sum;
+  for (float& v : eval_mean) v /= static_cast<float>(speech->windows);
+
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(model, EngineOptions());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::string blob;
+  absl::Notification streamed;
+  absl::Status stream_status;
+  absl::StatusOr<std::unique_ptr<StreamSession>> session = StreamSession::Create(
+      engine->get(), StreamOptions(),
+      [&](const StreamEvent& event) {
+        if (event.type == StreamEvent::Type::kUtterance) blob = event.speaker_statistics;
+      },
+      [&](absl::Status status) {
+        stream_status = status;
+        streamed.Notify();
+      });
+  ASSERT_TRUE(session.ok()) << session.status();
+  for (size_t i = 0; i < prior.size(); i += 1600) {
+    ASSERT_TRUE((*session)->Push(absl::MakeConstSpan(prior).subspan(
+                                     i, std::min<size_t>(1600, prior.size() - i)))
+                    .ok());
+  }
+  (*session)->Finish();
+  ASSERT_TRUE(streamed.WaitForNotificationWithTimeout(absl::Seconds(300)));
+  ASSERT_TRUE(stream_status.ok()) << stream_status;
+  absl::StatusOr<SpeakerStatistics> statistics =
+      SpeakerStatistics::Parse(blob, model->summary_key(), model->summary_size());
+  ASSERT_TRUE(statistics.ok()) << statistics.status();
+  EXPECT_EQ(statistics->windows(), speech->windows);
+  const std::vector<float> stream_mean = statistics->Mean();
+  ASSERT_EQ(stream_mean.size(), eval_mean.size());
+  for (size_t k = 0; k < eval_mean.size(); ++k) {
+    EXPECT_NEAR(stream_mean[k], eval_mean[k], 1e-4 * (1 + std::abs(eval_mean[k]))) << k;
+  }
+
+  // Clip 0: eval --adapt's answer with its mean, the service's with the
+  // stream's statistics.
+  const std::vector<std::vector<float>> means = {eval_mean};
+  ClipPredictions eval;
+  EvaluateOptions options;
+  options.speaker_means = &means;
+  ASSERT_TRUE(EvaluateClips(
+                  {audio[0]}, adaptive, *extractor,
+                  [&](absl::Span<const float> f, int batch, absl::Span<const float> speaker_means) {
+                    return speaker_means.empty() ? model->Predict(f, batch)
+                                                 : model->PredictAdapted(f, batch, speaker_means);
+                  },
+                  options, &eval)
+                  .ok());
+  ClipRequest request;
+  request.samples = audio[0].samples;
+  request.speaker_mean = stream_mean;
+  absl::Notification classified;
+  absl::StatusOr<ClipResult> served;
+  request.done = [&](absl::StatusOr<ClipResult> result) {
+    served = std::move(result);
+    classified.Notify();
+  };
+  (*engine)->Classify(std::move(request));
+  ASSERT_TRUE(classified.WaitForNotificationWithTimeout(absl::Seconds(300)));
+  ASSERT_TRUE(served.ok()) << served.status();
+  EXPECT_TRUE(served->speaker_adapted);
+  ASSERT_EQ(served->probabilities.size(), eval.probabilities[0].size());
+  double moved = 0;
+  for (size_t c = 0; c < served->probabilities.size(); ++c) {
+    EXPECT_NEAR(served->probabilities[c], eval.probabilities[0][c], 1e-5) << c;
+  }
+  ClipPredictions plain;
+  ASSERT_TRUE(EvaluateClips(
+                  {audio[0]}, adaptive, *extractor,
+                  [&](absl::Span<const float> f, int batch, absl::Span<const float>) {
+                    return model->Predict(f, batch);
+                  },
+                  {}, &plain)
+                  .ok());
+  for (size_t c = 0; c < served->probabilities.size(); ++c) {
+    moved += std::abs(served->probabilities[c] - plain.probabilities[0][c]);
+  }
+  EXPECT_GT(moved, 1e-3) << "adapting changed nothing: the comparison would not see it";
+  (*engine)->Shutdown();
+}
+
 TEST_F(EvaluateClipsTest, ClipsWithoutSpeakerStatisticsAreAnsweredUnadapted) {
   const std::vector<std::vector<float>> means = {{1, 2, 3}, {}, {4, 5, 6}, {}, {}, {7, 8, 9}};
   int adapted = 0, unadapted = 0;
