@@ -14,6 +14,7 @@
 #include "client/calls.h"
 #include "client/commands.h"
 #include "client/format.h"
+#include "client/speaker_file.h"
 #include "core/audio.h"
 
 namespace emoserve::client {
@@ -26,12 +27,25 @@ int RunClassify(const ConnectionOptions& connection,
     PrintError(stub.status().message());
     return kExitFailure;
   }
+  // With --speaker the files are one voice: each call carries the
+  // statistics the one before it returned, so they go one at a time.
+  const bool speaker = !options.speaker_file.empty();
+  std::string statistics;
+  if (speaker) {
+    absl::StatusOr<std::string> read = ReadSpeakerFile(options.speaker_file);
+    if (!read.ok()) {
+      PrintError(read.status().message());
+      return kExitFailure;
+    }
+    statistics = *std::move(read);
+  }
+  const int concurrency = speaker ? 1 : options.concurrency;
   std::vector<ClassifyOutcome> outcomes(options.files.size());
   InFlightCounter in_flight;
   for (size_t i = 0; i < options.files.size(); ++i) {
     ClassifyOutcome& outcome = outcomes[i];
     outcome.file = options.files[i];
-    in_flight.WaitAndAdd(options.concurrency);
+    in_flight.WaitAndAdd(concurrency);
     // Files are read here, one at a time, while earlier ones are in flight.
     absl::StatusOr<std::string> bytes = ReadFileBytes(outcome.file);
     if (!bytes.ok()) {
@@ -47,15 +61,20 @@ int RunClassify(const ConnectionOptions& connection,
     request->set_hop_seconds(options.hop_seconds);
     request->set_model_name(options.model.name);
     request->set_model_version(options.model.version);
+    if (speaker) {
+      request->set_speaker_statistics(statistics);
+      request->set_return_speaker_statistics(true);
+    }
     const absl::Time start = absl::Now();
     StartClassify(
         stub->get(), std::move(request), connection,
         kDefaultCallTimeoutSeconds,
-        [&outcome, &in_flight, &connection, start](
+        [&outcome, &in_flight, &connection, &statistics, speaker, start](
             const grpc::Status& status, const v1::ClassifyResponse& response) {
           outcome.latency = absl::Now() - start;
           if (status.ok()) {
             outcome.response = response;
+            if (speaker) statistics = response.speaker_statistics();
           } else {
             outcome.error_code = StatusCodeName(status.error_code());
             outcome.error_message = status.error_message();
@@ -72,6 +91,13 @@ int RunClassify(const ConnectionOptions& connection,
         });
   }
   in_flight.WaitForNone(absl::InfiniteDuration());
+  if (speaker && !statistics.empty()) {
+    if (absl::Status written = WriteSpeakerFile(options.speaker_file, statistics);
+        !written.ok()) {
+      PrintError(written.message());
+      return kExitFailure;
+    }
+  }
 
   bool failed = false;
   std::set<std::string> reported;

@@ -147,6 +147,13 @@ void AddConnectionOptions(CLI::App* app, ConnectionOptions* connection,
                   "PEM client private key for mutual TLS (implies --tls)");
 }
 
+// Speaker adaptation (models that adapt; see `emoserve info`): the voice's
+// statistics kept in a file between calls.
+void AddSpeakerOption(CLI::App* command, const std::string& description,
+                      std::string* path) {
+  command->add_option("--speaker", *path, description)->type_name("FILE");
+}
+
 CLI::App* AddClassifyCommand(CLI::App* app, ClassifyCommandOptions* classify) {
   CLI::App* command = app->add_subcommand(
       "classify",
@@ -159,6 +166,10 @@ CLI::App* AddClassifyCommand(CLI::App* app, ClassifyCommandOptions* classify) {
                     "Also print each window's result (long audio)");
   AddHopOption(command, &classify->hop_seconds);
   AddModelOption(command, &classify->model);
+  AddSpeakerOption(command,
+                   "The files are one voice: classified in order, each adapted to this "
+                   "file's statistics, which are updated with what each adds",
+                   &classify->speaker_file);
   return command;
 }
 
@@ -215,6 +226,10 @@ CLI::App* AddStreamCommand(CLI::App* app, StreamCommandOptions* stream,
                  "Classify every window, silence included")
       ->excludes(vad_threshold.option);
   AddModelOption(command, &stream->model);
+  AddSpeakerOption(command,
+                   "Start from this file's statistics of the voice and keep the "
+                   "stream's in it after each utterance",
+                   &stream->speaker_file);
   AddOutputOption(command, kTextFormats, &stream->output);
   return command;
 }

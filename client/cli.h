@@ -32,6 +32,7 @@ struct ClassifyCommandOptions {
   bool timeline = false;
   double hop_seconds = 0;  // 0: the server's default
   ModelSelector model;
+  std::string speaker_file;  // --speaker: the files are one voice, in order
 };
 
 struct StreamCommandOptions {
@@ -47,6 +48,7 @@ struct StreamCommandOptions {
   bool vad_disabled = false;
   ModelSelector model;
   OutputFormat output = OutputFormat::kText;
+  std::string speaker_file;  // --speaker
 };
 
 struct InfoCommandOptions {

@@ -109,6 +109,7 @@ Json WindowJson(const v1::WindowResult& window) {
   json["start_seconds"] = RoundTo(window.start_seconds(), 3);
   json["end_seconds"] = RoundTo(window.end_seconds(), 3);
   json["speech"] = window.speech();
+  if (window.speaker_adapted()) json["speaker_adapted"] = true;
   json["scores"] = ScoresJson(window.scores());
   return json;
 }
@@ -250,6 +251,7 @@ Json ClassifyOutcomesJson(const std::vector<ClassifyOutcome>& outcomes,
     result["duration_seconds"] = RoundTo(response.audio_duration_seconds(), 4);
     result["window_count"] = response.window_count();
     result["speech_window_count"] = response.speech_window_count();
+    if (response.speaker_adapted()) result["speaker_adapted"] = true;
     result["model"] = response.model_name();
     result["model_version"] = response.model_version();
     result["latency_ms"] =
@@ -359,6 +361,7 @@ std::string FormatStreamResponse(const v1::StreamClassifyResponse& response,
                      {"top_label", utterance.top_label()},
                      {"scores", ScoresJson(utterance.scores())},
                      {"window_count", utterance.window_count()}};
+        if (utterance.speaker_adapted()) line["speaker_adapted"] = true;
         return line.dump() + "\n";
       }
       const bool has_scores = !utterance.scores().empty();
@@ -371,7 +374,8 @@ std::string FormatStreamResponse(const v1::StreamClassifyResponse& response,
           utterance.scores_size() > 1
               ? absl::StrCat("  (", FormatScores(utterance.scores(), 1, 2), ")")
               : "",
-          "  [", utterance.window_count(), " windows]\n");
+          "  [", utterance.window_count(), " windows",
+          utterance.speaker_adapted() ? ", adapted to the voice" : "", "]\n");
     }
     case v1::StreamClassifyResponse::RESULT_NOT_SET:
       break;

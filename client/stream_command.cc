@@ -21,6 +21,7 @@
 #include "client/calls.h"
 #include "client/commands.h"
 #include "client/format.h"
+#include "client/speaker_file.h"
 #include "core/audio.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -141,13 +142,29 @@ int RunStream(const ConnectionOptions& connection,
     config.mutable_voice_activity()->set_threshold_dbfs(
         *options.vad_threshold_dbfs);
   }
+  if (!options.speaker_file.empty()) {
+    absl::StatusOr<std::string> statistics = ReadSpeakerFile(options.speaker_file);
+    if (!statistics.ok()) {
+      PrintError(statistics.status().message());
+      return kExitFailure;
+    }
+    config.mutable_speaker_adaptation()->set_speaker_statistics(*std::move(statistics));
+  }
 
   const bool json = options.output == OutputFormat::kJson;
   grpc::Status final_status;
   absl::Notification done;
   std::shared_ptr<StreamCall> call = StreamCall::Start(
       stub->get(), config, connection,
-      [json](const v1::StreamClassifyResponse& response) {
+      [json, &options](const v1::StreamClassifyResponse& response) {
+        // Kept after each utterance, so that an interrupted stream keeps
+        // what it learned.
+        const std::string& statistics = response.utterance().speaker_statistics();
+        if (!options.speaker_file.empty() && !statistics.empty()) {
+          if (absl::Status s = WriteSpeakerFile(options.speaker_file, statistics); !s.ok()) {
+            PrintError(s.message());
+          }
+        }
         const std::string line = FormatStreamResponse(response, json);
         std::fwrite(line.data(), 1, line.size(), stdout);
         std::fflush(stdout);  // live, also into a pipe

@@ -107,7 +107,9 @@ class ClipState {
         pending_(pending),
         num_classes_(num_classes),
         done_(std::move(done)) {
-    if (result_.speaker_statistics.has_value()) summaries_.resize(result_.windows.size());
+    if (result_.speaker_statistics.has_value()) {
+      summary_sum_.assign(result_.speaker_statistics->width(), 0.0);
+    }
   }
 
   // Stops the clip's windows that have not reached the model yet.
@@ -126,7 +128,7 @@ class ClipState {
         outcome = probabilities.status();
       } else {
         result_.windows[index].probabilities = *std::move(probabilities);
-        if (!summaries_.empty()) summaries_[index] = std::move(summary);
+        if (!summary.empty() && result_.windows[index].speech) AddSummary(summary);
         if (--pending_ > 0) return;
         try {
           outcome = Aggregate();
@@ -147,20 +149,33 @@ class ClipState {
       rows.insert(rows.end(), window.probabilities.begin(), window.probabilities.end());
     }
     result_.probabilities = MeanProbabilities(rows, num_classes_);
-    // In the windows' order, as a stream adds them.
-    for (size_t w = 0; w < summaries_.size(); ++w) {
-      if (!result_.windows[w].speech || summaries_[w].empty()) continue;
-      if (absl::Status added = result_.speaker_statistics->Add(summaries_[w]); !added.ok()) {
+    if (summary_windows_ > 0) {
+      std::vector<float> mean(summary_sum_.size());
+      for (size_t k = 0; k < mean.size(); ++k) {
+        mean[k] = static_cast<float>(summary_sum_[k] / summary_windows_);
+      }
+      if (absl::Status added = result_.speaker_statistics->AddMean(mean, summary_windows_);
+          !added.ok()) {
         return added;
       }
     }
     return std::move(result_);
   }
 
+  // A speech window's summary, whatever order the windows complete in: a
+  // double sum keeps the clip's mean the same to float precision.
+  void AddSummary(absl::Span<const float> summary) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (summary.size() != summary_sum_.size()) return;  // never: Summarize checks the width
+    for (size_t k = 0; k < summary.size(); ++k) summary_sum_[k] += summary[k];
+    ++summary_windows_;
+  }
+
   absl::Mutex mu_;
   ClipResult result_;
-  // The summary of each window, while the clip's statistics are wanted.
-  std::vector<std::vector<float>> summaries_;
+  // The sum of the speech windows' summaries, while the clip's statistics
+  // are wanted: a fixed size, whatever the clip's length.
+  std::vector<double> summary_sum_;
+  int64_t summary_windows_ = 0;
   int pending_;
   const int num_classes_;
   std::function<void(absl::StatusOr<ClipResult>)> done_;

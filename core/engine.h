@@ -191,7 +191,8 @@ struct ClipRequest {
   // summary (Model::PredictFromSummaries; summary_size() floats).
   std::vector<float> speaker_mean;
   // When set, ClipResult::speaker_statistics is these plus the clip's
-  // speech windows, added in the windows' order (deterministic).
+  // speech windows (their mean, summed in double whatever order they
+  // complete in: the same, to float rounding, as a stream adding them).
   std::optional<SpeakerStatistics> speaker_statistics;
   std::function<void(absl::StatusOr<ClipResult>)> done;
 };

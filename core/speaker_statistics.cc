@@ -68,14 +68,26 @@ absl::Status SpeakerStatistics::Add(absl::Span<const float> summary) {
 }
 
 absl::Status SpeakerStatistics::Merge(const SpeakerStatistics& other) {
-  if (other.key_hash_ != key_hash_ || other.mean_.size() != mean_.size()) {
+  if (other.key_hash_ != key_hash_) {
     return absl::InvalidArgumentError("statistics of another model's summary");
   }
-  if (other.windows_ == 0) return absl::OkStatus();
-  const int64_t total = std::min(windows_ + other.windows_, kMaxWindows);
-  const double share = static_cast<double>(other.windows_) / (windows_ + other.windows_);
+  return AddMean(other.mean_, other.windows_);
+}
+
+absl::Status SpeakerStatistics::AddMean(absl::Span<const float> mean, int64_t windows) {
+  if (mean.size() != mean_.size() || windows < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("a mean of ", mean.size(), " values over ",
+                                                   windows, " windows for statistics of ",
+                                                   mean_.size()));
+  }
+  if (windows == 0) return absl::OkStatus();
+  for (float v : mean) {
+    if (!std::isfinite(v)) return absl::InvalidArgumentError("a mean that is not finite");
+  }
+  const int64_t total = std::min(windows_ + windows, kMaxWindows);
+  const double share = static_cast<double>(windows) / (windows_ + windows);
   for (size_t k = 0; k < mean_.size(); ++k) {
-    mean_[k] += static_cast<float>((other.mean_[k] - mean_[k]) * share);
+    mean_[k] += static_cast<float>((mean[k] - mean_[k]) * share);
   }
   windows_ = total;
   return absl::OkStatus();

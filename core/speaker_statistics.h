@@ -30,6 +30,8 @@ class SpeakerStatistics {
   absl::Status Add(absl::Span<const float> summary);
   // Adds what `other` (of the same summary) holds.
   absl::Status Merge(const SpeakerStatistics& other);
+  // Adds `windows` windows whose mean summary is `mean`.
+  absl::Status AddMean(absl::Span<const float> mean, int64_t windows);
 
   int width() const { return static_cast<int>(mean_.size()); }
   int64_t windows() const { return windows_; }

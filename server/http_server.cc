@@ -9,6 +9,7 @@
 
 #include <google/protobuf/util/json_util.h>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -119,7 +120,7 @@ absl::Status ParseClassifyQuery(const std::string& query, v1::ClassifyRequest* r
                                 double* timeout_seconds) {
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> parameters = QueryParameters(
       query, {"encoding", "sample_rate_hertz", "channel_count", "timeline", "hop_seconds", "model",
-              "timeout_seconds"});
+              "timeout_seconds", "speaker_statistics", "return_speaker_statistics"});
   if (!parameters.ok()) return parameters.status();
   for (const auto& [name, value] : *parameters) {
     if (name == "encoding") {
@@ -138,10 +139,22 @@ absl::Status ParseClassifyQuery(const std::string& query, v1::ClassifyRequest* r
       } else {
         request->mutable_format()->set_channel_count(number);
       }
-    } else if (name == "timeline") {
-      bool timeline = false;
-      if (absl::Status s = ParseBool(name, value, &timeline); !s.ok()) return s;
-      request->set_include_timeline(timeline);
+    } else if (name == "timeline" || name == "return_speaker_statistics") {
+      bool flag = false;
+      if (absl::Status s = ParseBool(name, value, &flag); !s.ok()) return s;
+      if (name == "timeline") {
+        request->set_include_timeline(flag);
+      } else {
+        request->set_return_speaker_statistics(flag);
+      }
+    } else if (name == "speaker_statistics") {
+      // URL-safe base64 (RFC 4648 section 5) or the standard alphabet, as
+      // the JSON responses carry it.
+      std::string blob;
+      if (!absl::WebSafeBase64Unescape(value, &blob) && !absl::Base64Unescape(value, &blob)) {
+        return BadValue(name, "(not shown)", "expected the blob in base64");
+      }
+      request->set_speaker_statistics(std::move(blob));
     } else if (name == "hop_seconds" || name == "timeout_seconds") {
       double number = 0;
       if (!absl::SimpleAtod(value, &number) || !std::isfinite(number) || number < 0 ||

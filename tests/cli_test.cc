@@ -708,42 +708,46 @@ struct Clip {
   double duration_seconds = 0;
 };
 
+// emoserve-server on 127.0.0.1 serving `model`, once it is SERVING (the
+// model loaded and warmed up); its port in `port`.
+absl::StatusOr<std::unique_ptr<testing::ServerProcess>> StartServing(
+    const std::string& model, const std::vector<std::string>& more_args, int* port) {
+  std::vector<std::string> args = {"--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                                   "--model", model, "--torch-threads", "1",
+                                   "--feature-threads", "2"};
+  args.insert(args.end(), more_args.begin(), more_args.end());
+  absl::StatusOr<std::unique_ptr<testing::ServerProcess>> server =
+      testing::ServerProcess::Start(args);
+  if (!server.ok()) return server.status();
+  absl::StatusOr<int> listening = (*server)->WaitForPort();
+  if (!listening.ok()) return listening.status();
+  *port = *listening;
+  std::shared_ptr<grpc::Channel> channel = testing::Connect(*port);
+  const absl::Time until = absl::Now() + testing::kPatience;
+  while (true) {
+    absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> health =
+        testing::CheckHealth(*channel);
+    if (health.ok() && *health == grpc::health::v1::HealthCheckResponse::SERVING) {
+      return server;
+    }
+    if (absl::Now() > until) {
+      return absl::DeadlineExceededError("the server never got to SERVING:\n" +
+                                         (*server)->Log());
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+}
+
 class CliServerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     absl::StatusOr<std::unique_ptr<testing::ServerProcess>> server =
-        testing::ServerProcess::Start(
-            {"--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-             "--model", testing::TestModelDir(), "--torch-threads", "1",
-             "--feature-threads", "2"});
+        StartServing(testing::TestModelDir(), {}, &port_);
     if (!server.ok()) {
       setup_error_ = new std::string(server.status().ToString());
       return;
     }
     server_ = server->release();
-    absl::StatusOr<int> port = server_->WaitForPort();
-    if (!port.ok()) {
-      setup_error_ = new std::string(port.status().ToString());
-      return;
-    }
-    port_ = *port;
-    // Serving once the model is loaded and warmed up.
-    std::shared_ptr<grpc::Channel> channel = testing::Connect(port_);
-    const absl::Time until = absl::Now() + testing::kPatience;
-    while (true) {
-      absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus>
-          health = testing::CheckHealth(*channel);
-      if (health.ok() &&
-          *health == grpc::health::v1::HealthCheckResponse::SERVING) {
-        break;
-      }
-      if (absl::Now() > until) {
-        setup_error_ = new std::string("the server never got to SERVING:\n" +
-                                       server_->Log());
-        return;
-      }
-      absl::SleepFor(absl::Milliseconds(50));
-    }
   }
 
   static void TearDownTestSuite() {
@@ -1123,6 +1127,53 @@ TEST_F(CliServerTest, ModelsListsTheServedModelsAndModelPicksOne) {
       Run({"classify", "--model", "nope", testing::TestModelDir() + "/model.json"});
   EXPECT_EQ(classify.exit_code, client::kExitFailure);
   EXPECT_THAT(classify.out + classify.err, HasSubstr("test-default-architecture"));
+}
+
+// --speaker keeps one voice's statistics in a file: the files of one call
+// are classified in order, each adapted to those before it, and later calls
+// and streams start from the file. A model that does not adapt refuses it.
+TEST_F(CliServerTest, SpeakerFileCarriesAVoiceAcrossCallsAndStreams) {
+  REQUIRE_SHARED_DATA();
+  const std::vector<Clip> clips = Clips(3);
+  ASSERT_EQ(clips.size(), 3u);
+  const std::string file = ::testing::TempDir() + "/cli_voice.espk";
+  std::remove(file.c_str());
+  const ProcessResult refused = Run({"classify", "--speaker", file, clips[0].path});
+  EXPECT_EQ(refused.exit_code, client::kExitFailure);
+  EXPECT_THAT(refused.err, HasSubstr("FAILED_PRECONDITION"));
+  EXPECT_FALSE(std::filesystem::exists(file));
+
+  int port = 0;
+  absl::StatusOr<std::unique_ptr<testing::ServerProcess>> adaptive =
+      StartServing(std::string(EMOSERVE_SOURCE_DIR) + "/models/speaker-adaptive",
+                   {"--adaptation-min-speech-seconds", "1.5"}, &port);
+  ASSERT_TRUE(adaptive.ok()) << adaptive.status();
+  const std::string server = absl::StrCat("127.0.0.1:", port);
+  const ProcessResult two = RunCli({"--server", server, "classify", "-o", "json", "--speaker",
+                                    file, clips[0].path, clips[1].path});
+  ASSERT_EQ(two.exit_code, 0) << Describe(two);
+  const Json results = ParseJson(two.out);
+  ASSERT_EQ(results.size(), 2u);
+  EXPECT_FALSE(results[0].contains("speaker_adapted")) << results[0].dump();
+  EXPECT_EQ(results[1].value("speaker_adapted", false), true) << results[1].dump();
+  absl::StatusOr<std::string> kept = ReadFileBytes(file);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ(kept->substr(0, 4), "ESPK");
+
+  const ProcessResult streamed = RunCli({"--server", server, "stream", "--fast", "-o", "json",
+                                         "--speaker", file, clips[2].path});
+  ASSERT_EQ(streamed.exit_code, 0) << Describe(streamed);
+  EXPECT_THAT(streamed.out, HasSubstr("\"speaker_adapted\":true"));
+  absl::StatusOr<std::string> after = ReadFileBytes(file);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->size(), kept->size());
+  EXPECT_NE(*after, *kept) << "the stream added its utterance to the file";
+
+  ASSERT_TRUE(std::ofstream(file, std::ios::trunc) << "not statistics");
+  const ProcessResult garbage = RunCli({"--server", server, "classify", "--speaker", file,
+                                        clips[0].path});
+  EXPECT_EQ(garbage.exit_code, client::kExitFailure);
+  EXPECT_THAT(garbage.err, HasSubstr("speaker_statistics"));
 }
 
 TEST_F(CliServerTest, HealthExitStatusFollowsTheServer) {

@@ -288,22 +288,27 @@ TEST_F(ModelRepositoryTest, LoadedVersionsAreBoundedHighestFirst) {
   EXPECT_EQ(Summary(r.List()), "m* default 2: 1=ready 2=ready; ");
 }
 
-// The project's models/ folder: the bundled model and the trainer's CNN +
-// Transformer, each a model directory, served side by side.
-TEST_F(ModelRepositoryTest, TheProjectsModelsFolderServesBothModels) {
+// The project's models/ folder: the bundled model, the trainer's CNN +
+// Transformer and the speaker-adaptive model, each a model directory,
+// served side by side.
+TEST_F(ModelRepositoryTest, TheProjectsModelsFolderServesAllThreeModels) {
   RepositoryOptions options = Options("default");
   options.root = std::string(EMOSERVE_SOURCE_DIR) + "/models";
   absl::StatusOr<std::unique_ptr<ModelRepository>> repository =
       ModelRepository::Open(std::move(options));
   ASSERT_TRUE(repository.ok()) << repository.status();
   EXPECT_EQ(Summary((*repository)->List()),
-            "cnn-transformer default 1: 1=ready; default* default 1: 1=ready; ");
-  for (const char* name : {"default", "cnn-transformer"}) {
+            "cnn-transformer default 1: 1=ready; default* default 1: 1=ready; "
+            "speaker-adaptive default 1: 1=ready; ");
+  for (const char* name : {"default", "cnn-transformer", "speaker-adaptive"}) {
     absl::StatusOr<std::shared_ptr<const ServedModel>> served = (*repository)->Find(name, 0);
     ASSERT_TRUE(served.ok()) << served.status();
     absl::StatusOr<std::vector<float>> probabilities = Classify(**served);
     ASSERT_TRUE(probabilities.ok()) << probabilities.status();
     EXPECT_EQ(probabilities->size(), 8u) << name;
+    EXPECT_EQ((*served)->engine().model().summary_size() > 0,
+              std::string(name) == "speaker-adaptive")
+        << name << ": only the speaker-adaptive model adapts";
   }
 }
 

@@ -26,6 +26,10 @@ std::vector<std::vector<float>> RandomSummaries(int count, int width, uint32_t s
   return out;
 }
 
+std::vector<float> NaNs(int width) {
+  return std::vector<float>(width, std::numeric_limits<float>::quiet_NaN());
+}
+
 // The running mean is the mean of what was added, in any split of the
 // windows between statistics that are then merged.
 TEST(SpeakerStatisticsTest, MeanOfTheWindowsAddedAndMerged) {
@@ -38,16 +42,29 @@ TEST(SpeakerStatisticsTest, MeanOfTheWindowsAddedAndMerged) {
     ASSERT_TRUE((w < 20 ? first : second).Add(summaries[w]).ok());
     for (int k = 0; k < 7; ++k) expected[k] += summaries[w][k] / 50.0;
   }
+  // A clip's windows arrive as their mean (Classify adds them so).
+  SpeakerStatistics by_mean(kKey, 7);
+  std::vector<float> last_thirty(7, 0.0f);
+  for (size_t w = 20; w < summaries.size(); ++w) {
+    for (int k = 0; k < 7; ++k) last_thirty[k] += summaries[w][k] / 30.0f;
+  }
+  ASSERT_TRUE(by_mean.Merge(first).ok());  // windows 0-19
+  ASSERT_TRUE(by_mean.AddMean(last_thirty, 30).ok());
   ASSERT_TRUE(first.Merge(second).ok());
   EXPECT_EQ(all.windows(), 50);
   EXPECT_EQ(first.windows(), 50);
+  EXPECT_EQ(by_mean.windows(), 50);
   for (int k = 0; k < 7; ++k) {
     EXPECT_NEAR(all.Mean()[k], expected[k], 1e-4);
     EXPECT_NEAR(first.Mean()[k], expected[k], 1e-4);
+    EXPECT_NEAR(by_mean.Mean()[k], expected[k], 1e-4);
   }
+  EXPECT_EQ(by_mean.AddMean(std::vector<float>(6), 3).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(by_mean.AddMean(last_thirty, -1).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(by_mean.AddMean(NaNs(7), 3).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(by_mean.windows(), 50);
   EXPECT_EQ(all.Add(std::vector<float>(6)).code(), absl::StatusCode::kInvalidArgument);
-  std::vector<float> nan(7, std::numeric_limits<float>::quiet_NaN());
-  EXPECT_EQ(all.Add(nan).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(all.Add(NaNs(7)).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(all.windows(), 50);
   EXPECT_FALSE(all.Merge(SpeakerStatistics("another summary", 7)).ok());
   // Fixed size: what a stream holds does not grow with what it hears.

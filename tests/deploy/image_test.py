@@ -125,8 +125,9 @@ try:
         missing = [line.strip() for line in ldd.stdout.splitlines() if "not found" in line]
         check(ldd.returncode == 0 and not missing, f"{binary} in the image: missing {missing}")
     check((root / "opt/emoserve/models/default/model.pt").is_file(), "the image has no bundled model")
-    check((root / "opt/emoserve/models/cnn-transformer/model.pt").is_file(),
-          "the image lacks models/cnn-transformer (its models/ is a repository of both)")
+    for model in ("cnn-transformer", "speaker-adaptive"):
+        check((root / f"opt/emoserve/models/{model}/model.pt").is_file(),
+              f"the image lacks models/{model} (its models/ is a repository of all three)")
 
     grpc_port, metrics_port, http_port = lib.free_port(), lib.free_port(), lib.free_port()
     # As the container would run: the image's environment (the ports moved to

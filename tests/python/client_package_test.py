@@ -148,6 +148,58 @@ class ClientTest(unittest.TestCase):
         unreachable.close()
 
 
+class SpeakerAdaptationTest(unittest.TestCase):
+    """The voice's statistics travel through the client: the bundled
+    speaker-adaptive model, adapting after one speech window."""
+
+    def test_statistics_from_one_call_adapt_the_next(self):
+        scratch = tempfile.mkdtemp(prefix="emoserve_client_speaker_")
+        server = ServerProcess(ARGS.server, scratch,
+                               ["--model", str(ROOT / "models" / "speaker-adaptive"),
+                                "--adaptation-min-speech-seconds", "1.5"], name="speaker")
+        try:
+            with EmoserveClient(server.address, timeout=60) as client:
+                self.assertTrue(client.info().speaker_adaptation)
+                first = client.classify(linear16(tone(4.0, RATE)), encoding="linear16",
+                                        sample_rate_hertz=RATE, return_speaker_statistics=True)
+                self.assertFalse(first.speaker_adapted)
+                self.assertEqual(first.speaker_statistics[:4], b"ESPK")
+                pcm = linear16(tone(4.0, RATE, frequency=180.0))
+                alone = client.classify(pcm, encoding="linear16", sample_rate_hertz=RATE)
+                adapted = client.classify(pcm, encoding="linear16", sample_rate_hertz=RATE,
+                                          timeline=True,
+                                          speaker_statistics=first.speaker_statistics)
+                self.assertTrue(adapted.speaker_adapted)
+                self.assertTrue(all(w.speaker_adapted for w in adapted.timeline))
+                self.assertNotEqual(adapted.probabilities, alone.probabilities)
+                chunk = RATE * 2 // 10
+                results = list(client.stream((pcm[i:i + chunk] for i in range(0, len(pcm), chunk)),
+                                             speaker_statistics=first.speaker_statistics))
+                windows = [r for r in results if isinstance(r, emoserve.Window)]
+                utterances = [r for r in results if isinstance(r, emoserve.Utterance)]
+                self.assertTrue(windows and all(w.speaker_adapted for w in windows))
+                self.assertTrue(utterances[-1].speaker_adapted)
+                self.assertEqual(len(utterances[-1].speaker_statistics),
+                                 len(first.speaker_statistics))
+                plain = list(client.stream((pcm[i:i + chunk] for i in range(0, len(pcm), chunk)),
+                                           speaker_adaptation=False))
+                self.assertFalse(any(getattr(r, "speaker_adapted", False) for r in plain))
+                with self.assertRaises(EmoserveError) as garbage:
+                    client.classify(pcm, encoding="linear16", sample_rate_hertz=RATE,
+                                    speaker_statistics=b"ESPK garbage")
+                self.assertEqual(garbage.exception.code, "INVALID_ARGUMENT")
+        finally:
+            stop_and_clean(server, scratch)
+
+    def test_a_model_that_does_not_adapt_says_so(self):
+        with EmoserveClient(SERVER.address, timeout=60) as client:
+            self.assertFalse(client.info().speaker_adaptation)
+            with self.assertRaises(EmoserveError) as refused:
+                client.classify(linear16(tone(1.0, RATE)), encoding="linear16",
+                                sample_rate_hertz=RATE, return_speaker_statistics=True)
+            self.assertEqual(refused.exception.code, "FAILED_PRECONDITION")
+
+
 class ExampleTest(unittest.TestCase):
     def test_the_example_script_runs(self):
         run = subprocess.run([sys.executable, str(ROOT / "examples/python_client.py"), SERVER.address],

@@ -67,6 +67,7 @@ class Window(_Scored):
     end_seconds: float
     speech: bool
     scores: List[Score]  # most probable first; empty for a silent window
+    speaker_adapted: bool = False  # adapted to the voice's statistics
 
     @property
     def top_label(self) -> Optional[str]:
@@ -87,6 +88,10 @@ class Utterance(_Scored):
     top_label: str
     scores: List[Score]
     window_count: int
+    speaker_adapted: bool = False  # at least one of its windows was
+    # The voice's statistics after it (streams that adapt): pass them as
+    # speaker_statistics to a later call of the same voice.
+    speaker_statistics: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,8 @@ class ClassifyResult(_Scored):
     window_count: int
     speech_window_count: int
     timeline: List[Window] = field(default_factory=list)  # with timeline=True
+    speaker_adapted: bool = False
+    speaker_statistics: bytes = b""  # with return_speaker_statistics=True
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class ModelInfo:
     features: Dict[str, object]
     device: str
     max_batch_size: int
+    speaker_adaptation: bool = False  # the model adapts to a voice's statistics
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,7 @@ class Model:
 
 
 def _window(w) -> Window:
-    return Window(w.start_seconds, w.end_seconds, w.speech, _scores(w.scores))
+    return Window(w.start_seconds, w.end_seconds, w.speech, _scores(w.scores), w.speaker_adapted)
 
 
 def _model(selector: ModelSelector) -> Tuple[str, int]:
@@ -209,14 +217,21 @@ class EmoserveClient:
     def classify(self, audio: Audio, *, encoding: Optional[str] = None,
                  sample_rate_hertz: int = 0, channel_count: int = 1,
                  model: ModelSelector = None, hop_seconds: float = 0.0,
-                 timeline: bool = False, timeout: Optional[float] = None) -> ClassifyResult:
+                 timeline: bool = False, speaker_statistics: bytes = b"",
+                 return_speaker_statistics: bool = False,
+                 timeout: Optional[float] = None) -> ClassifyResult:
         """Classifies one recording: a file's path, or its bytes (any
         container the server decodes: WAV, FLAC, Ogg, ...), or raw PCM with
-        `encoding` ("linear16", "float32") and `sample_rate_hertz`."""
+        `encoding` ("linear16", "float32") and `sample_rate_hertz`. With a
+        model that adapts (info().speaker_adaptation), `speaker_statistics`
+        from an earlier call of the same voice adapt the answer, and
+        `return_speaker_statistics` returns them with this recording added."""
         name, version = _model(model)
         request = pb.ClassifyRequest(audio=_read(audio), include_timeline=timeline,
                                      hop_seconds=hop_seconds, model_name=name,
-                                     model_version=version)
+                                     model_version=version,
+                                     speaker_statistics=speaker_statistics,
+                                     return_speaker_statistics=return_speaker_statistics)
         raw = _format(encoding, sample_rate_hertz, channel_count)
         if raw is not None:
             request.format.CopyFrom(raw)
@@ -226,19 +241,24 @@ class EmoserveClient:
             duration_seconds=reply.audio_duration_seconds, model_name=reply.model_name,
             model_version=reply.model_version, window_count=reply.window_count,
             speech_window_count=reply.speech_window_count,
-            timeline=[_window(w) for w in reply.timeline])
+            timeline=[_window(w) for w in reply.timeline],
+            speaker_adapted=reply.speaker_adapted,
+            speaker_statistics=reply.speaker_statistics)
 
     def stream(self, chunks: Iterable[bytes], *, encoding: str = "linear16",
                sample_rate_hertz: int = 16000, channel_count: int = 1,
                interim_results: bool = True, hop_seconds: float = 0.0,
                vad_threshold_dbfs: Optional[float] = None, vad: bool = True,
-               model: ModelSelector = None,
+               model: ModelSelector = None, speaker_adaptation: bool = True,
+               speaker_statistics: bytes = b"",
                timeout: Optional[float] = None) -> Iterator[Union[Window, SpeechEvent, Utterance]]:
         """Classifies live audio: raw PCM `chunks` (each at most the
         server's --max-chunk-bytes, 64 KiB by default) as they come. Yields
         each window (with interim_results), speech start and end, and each
         utterance's result, in order; raises EmoserveError if the stream
-        fails."""
+        fails. A model that adapts learns the voice as it listens (unless
+        speaker_adaptation=False), starting from `speaker_statistics` when
+        given; each Utterance carries the statistics so far."""
         name, version = _model(model)
         config = pb.StreamingConfig(format=_format(encoding, sample_rate_hertz, channel_count),
                                     hop_seconds=hop_seconds, interim_results=interim_results,
@@ -246,6 +266,8 @@ class EmoserveClient:
         if vad_threshold_dbfs is not None:
             config.voice_activity.threshold_dbfs = vad_threshold_dbfs
         config.voice_activity.disabled = not vad
+        config.speaker_adaptation.disabled = not speaker_adaptation
+        config.speaker_adaptation.speaker_statistics = speaker_statistics
 
         def requests():
             yield pb.StreamClassifyRequest(config=config)
@@ -264,7 +286,8 @@ class EmoserveClient:
                 elif kind == "utterance":
                     u = reply.utterance
                     yield Utterance(u.start_seconds, u.end_seconds, u.top_label,
-                                    _scores(u.scores), u.window_count)
+                                    _scores(u.scores), u.window_count, u.speaker_adapted,
+                                    u.speaker_statistics)
         except grpc.RpcError as error:
             raise EmoserveError.from_rpc(error) from None
 
@@ -279,7 +302,8 @@ class EmoserveClient:
                          window_seconds=reply.window_seconds,
                          default_hop_seconds=reply.default_hop_seconds,
                          features=json_format.MessageToDict(reply.features),
-                         device=reply.device, max_batch_size=reply.max_batch_size)
+                         device=reply.device, max_batch_size=reply.max_batch_size,
+                         speaker_adaptation=reply.speaker_adaptation)
 
     def models(self, *, timeout: Optional[float] = None) -> List[Model]:
         """Every model the server has, with its versions and their states."""

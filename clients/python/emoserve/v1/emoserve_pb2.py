@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65moserve/v1/emoserve.proto\x12\x0b\x65moserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"m\n\x0b\x41udioFormat\x12,\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1a.emoserve.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x15\n\rchannel_count\x18\x03 \x01(\x05\"2\n\x0c\x45motionScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"u\n\x0cWindowResult\x12\x15\n\rstart_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x02 \x01(\x01\x12)\n\x06scores\x18\x03 \x03(\x0b\x32\x19.emoserve.v1.EmotionScore\x12\x0e\n\x06speech\x18\x04 \x01(\x08\"\xa4\x01\n\x0f\x43lassifyRequest\x12\r\n\x05\x61udio\x18\x01 \x01(\x0c\x12(\n\x06\x66ormat\x18\x02 \x01(\x0b\x32\x18.emoserve.v1.AudioFormat\x12\x18\n\x10include_timeline\x18\x03 \x01(\x08\x12\x13\n\x0bhop_seconds\x18\x04 \x01(\x01\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\"\xfb\x01\n\x10\x43lassifyResponse\x12)\n\x06scores\x18\x01 \x03(\x0b\x32\x19.emoserve.v1.EmotionScore\x12\x11\n\ttop_label\x18\x02 \x01(\t\x12\x1e\n\x16\x61udio_duration_seconds\x18\x03 \x01(\x01\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12+\n\x08timeline\x18\x06 \x03(\x0b\x32\x19.emoserve.v1.WindowResult\x12\x14\n\x0cwindow_count\x18\x07 \x01(\x05\x12\x1b\n\x13speech_window_count\x18\x08 \x01(\x05\"?\n\x13VoiceActivityConfig\x12\x16\n\x0ethreshold_dbfs\x18\x01 \x01(\x01\x12\x10\n\x08\x64isabled\x18\x02 \x01(\x08\"\xce\x01\n\x0fStreamingConfig\x12(\n\x06\x66ormat\x18\x01 \x01(\x0b\x32\x18.emoserve.v1.AudioFormat\x12\x13\n\x0bhop_seconds\x18\x02 \x01(\x01\x12\x17\n\x0finterim_results\x18\x03 \x01(\x08\x12\x38\n\x0evoice_activity\x18\x04 \x01(\x0b\x32 .emoserve.v1.VoiceActivityConfig\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\"m\n\x15StreamClassifyRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.emoserve.v1.StreamingConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\x13\n\x11streaming_request\"\x94\x01\n\x0bSpeechEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.emoserve.v1.SpeechEvent.Type\x12\x14\n\x0ctime_seconds\x18\x02 \x01(\x01\"B\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSPEECH_STARTED\x10\x01\x12\x10\n\x0cSPEECH_ENDED\x10\x02\"\x91\x01\n\x0fUtteranceResult\x12\x15\n\rstart_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x02 \x01(\x01\x12)\n\x06scores\x18\x03 \x03(\x0b\x32\x19.emoserve.v1.EmotionScore\x12\x11\n\ttop_label\x18\x04 \x01(\t\x12\x14\n\x0cwindow_count\x18\x05 \x01(\x05\"\xb4\x01\n\x16StreamClassifyResponse\x12+\n\x06window\x18\x01 \x01(\x0b\x32\x19.emoserve.v1.WindowResultH\x00\x12\x30\n\x0cspeech_event\x18\x02 \x01(\x0b\x32\x18.emoserve.v1.SpeechEventH\x00\x12\x31\n\tutterance\x18\x03 \x01(\x0b\x32\x1c.emoserve.v1.UtteranceResultH\x00\x42\x08\n\x06result\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\xdd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x19\n\x11sample_rate_hertz\x18\x04 \x01(\x05\x12\x16\n\x0ewindow_seconds\x18\x05 \x01(\x01\x12\x1b\n\x13\x64\x65\x66\x61ult_hop_seconds\x18\x06 \x01(\x01\x12)\n\x08\x66\x65\x61tures\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\"\x13\n\x11ListModelsRequest\"v\n\x12ModelVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.emoserve.v1.ModelState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x18\n\x10reported_version\x18\x04 \x01(\t\"{\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x08versions\x18\x02 \x03(\x0b\x32\x1f.emoserve.v1.ModelVersionStatus\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\x03\x12\x12\n\nis_default\x18\x04 \x01(\x08\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.emoserve.v1.ModelStatus*h\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x01\x12\x1a\n\x16\x41UDIO_ENCODING_FLOAT32\x10\x02*q\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x32\xd1\x02\n\x0e\x45motionService\x12G\n\x08\x43lassify\x12\x1c.emoserve.v1.ClassifyRequest\x1a\x1d.emoserve.v1.ClassifyResponse\x12]\n\x0eStreamClassify\x12\".emoserve.v1.StreamClassifyRequest\x1a#.emoserve.v1.StreamClassifyResponse(\x01\x30\x01\x12H\n\x0cGetModelInfo\x12 .emoserve.v1.GetModelInfoRequest\x1a\x16.emoserve.v1.ModelInfo\x12M\n\nListModels\x12\x1e.emoserve.v1.ListModelsRequest\x1a\x1f.emoserve.v1.ListModelsResponseB+\n\x0f\x64\x65v.emoserve.v1P\x01Z\x16\x65moserve/v1;emoservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65moserve/v1/emoserve.proto\x12\x0b\x65moserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"m\n\x0b\x41udioFormat\x12,\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1a.emoserve.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x15\n\rchannel_count\x18\x03 \x01(\x05\"2\n\x0c\x45motionScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x8e\x01\n\x0cWindowResult\x12\x15\n\rstart_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x02 \x01(\x01\x12)\n\x06scores\x18\x03 \x03(\x0b\x32\x19.emoserve.v1.EmotionScore\x12\x0e\n\x06speech\x18\x04 \x01(\x08\x12\x17\n\x0fspeaker_adapted\x18\x05 \x01(\x08\"\xe3\x01\n\x0f\x43lassifyRequest\x12\r\n\x05\x61udio\x18\x01 \x01(\x0c\x12(\n\x06\x66ormat\x18\x02 \x01(\x0b\x32\x18.emoserve.v1.AudioFormat\x12\x18\n\x10include_timeline\x18\x03 \x01(\x08\x12\x13\n\x0bhop_seconds\x18\x04 \x01(\x01\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x1a\n\x12speaker_statistics\x18\x07 \x01(\x0c\x12!\n\x19return_speaker_statistics\x18\x08 \x01(\x08\"\xb0\x02\n\x10\x43lassifyResponse\x12)\n\x06scores\x18\x01 \x03(\x0b\x32\x19.emoserve.v1.EmotionScore\x12\x11\n\ttop_label\x18\x02 \x01(\t\x12\x1e\n\x16\x61udio_duration_seconds\x18\x03 \x01(\x01\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12+\n\x08timeline\x18\x06 \x03(\x0b\x32\x19.emoserve.v1.WindowResult\x12\x14\n\x0cwindow_count\x18\x07 \x01(\x05\x12\x1b\n\x13speech_window_count\x18\x08 \x01(\x05\x12\x17\n\x0fspeaker_adapted\x18\t \x01(\x08\x12\x1a\n\x12speaker_statistics\x18\n \x01(\x0c\"?\n\x13VoiceActivityConfig\x12\x16\n\x0ethreshold_dbfs\x18\x01 \x01(\x01\x12\x10\n\x08\x64isabled\x18\x02 \x01(\x08\"G\n\x17SpeakerAdaptationConfig\x12\x10\n\x08\x64isabled\x18\x01 \x01(\x08\x12\x1a\n\x12speaker_statistics\x18\x02 \x01(\x0c\"\x90\x02\n\x0fStreamingConfig\x12(\n\x06\x66ormat\x18\x01 \x01(\x0b\x32\x18.emoserve.v1.AudioFormat\x12\x13\n\x0bhop_seconds\x18\x02 \x01(\x01\x12\x17\n\x0finterim_results\x18\x03 \x01(\x08\x12\x38\n\x0evoice_activity\x18\x04 \x01(\x0b\x32 .emoserve.v1.VoiceActivityConfig\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12@\n\x12speaker_adaptation\x18\x07 \x01(\x0b\x32$.emoserve.v1.SpeakerAdaptationConfig\"m\n\x15StreamClassifyRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.emoserve.v1.StreamingConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\x13\n\x11streaming_request\"\x94\x01\n\x0bSpeechEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.emoserve.v1.SpeechEvent.Type\x12\x14\n\x0ctime_seconds\x18\x02 \x01(\x01\"B\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSPEECH_STARTED\x10\x01\x12\x10\n\x0cSPEECH_ENDED\x10\x02\"\xc6\x01\n\x0fUtteranceResult\x12\x15\n\rstart_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x02 \x01(\x01\x12)\n\x06scores\x18\x03 \x03(\x0b\x32\x19.emoserve.v1.EmotionScore\x12\x11\n\ttop_label\x18\x04 \x01(\t\x12\x14\n\x0cwindow_count\x18\x05 \x01(\x05\x12\x17\n\x0fspeaker_adapted\x18\x06 \x01(\x08\x12\x1a\n\x12speaker_statistics\x18\x07 \x01(\x0c\"\xb4\x01\n\x16StreamClassifyResponse\x12+\n\x06window\x18\x01 \x01(\x0b\x32\x19.emoserve.v1.WindowResultH\x00\x12\x30\n\x0cspeech_event\x18\x02 \x01(\x0b\x32\x18.emoserve.v1.SpeechEventH\x00\x12\x31\n\tutterance\x18\x03 \x01(\x0b\x32\x1c.emoserve.v1.UtteranceResultH\x00\x42\x08\n\x06result\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\xf9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x19\n\x11sample_rate_hertz\x18\x04 \x01(\x05\x12\x16\n\x0ewindow_seconds\x18\x05 \x01(\x01\x12\x1b\n\x13\x64\x65\x66\x61ult_hop_seconds\x18\x06 \x01(\x01\x12)\n\x08\x66\x65\x61tures\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\x1a\n\x12speaker_adaptation\x18\n \x01(\x08\"\x13\n\x11ListModelsRequest\"v\n\x12ModelVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.emoserve.v1.ModelState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x18\n\x10reported_version\x18\x04 \x01(\t\"{\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x08versions\x18\x02 \x03(\x0b\x32\x1f.emoserve.v1.ModelVersionStatus\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\x03\x12\x12\n\nis_default\x18\x04 \x01(\x08\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.emoserve.v1.ModelStatus*h\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x01\x12\x1a\n\x16\x41UDIO_ENCODING_FLOAT32\x10\x02*q\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x32\xd1\x02\n\x0e\x45motionService\x12G\n\x08\x43lassify\x12\x1c.emoserve.v1.ClassifyRequest\x1a\x1d.emoserve.v1.ClassifyResponse\x12]\n\x0eStreamClassify\x12\".emoserve.v1.StreamClassifyRequest\x1a#.emoserve.v1.StreamClassifyResponse(\x01\x30\x01\x12H\n\x0cGetModelInfo\x12 .emoserve.v1.GetModelInfoRequest\x1a\x16.emoserve.v1.ModelInfo\x12M\n\nListModels\x12\x1e.emoserve.v1.ListModelsRequest\x1a\x1f.emoserve.v1.ListModelsResponseB+\n\x0f\x64\x65v.emoserve.v1P\x01Z\x16\x65moserve/v1;emoservev1b\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'emoserve.v1.emoserve_pb2', globals())
@@ -22,46 +22,48 @@ if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
   DESCRIPTOR._serialized_options = b'\n\017dev.emoserve.v1P\001Z\026emoserve/v1;emoservev1'
-  _AUDIOENCODING._serialized_start=2263
-  _AUDIOENCODING._serialized_end=2367
-  _MODELSTATE._serialized_start=2369
-  _MODELSTATE._serialized_end=2482
+  _AUDIOENCODING._serialized_start=2625
+  _AUDIOENCODING._serialized_end=2729
+  _MODELSTATE._serialized_start=2731
+  _MODELSTATE._serialized_end=2844
   _AUDIOFORMAT._serialized_start=73
   _AUDIOFORMAT._serialized_end=182
   _EMOTIONSCORE._serialized_start=184
   _EMOTIONSCORE._serialized_end=234
-  _WINDOWRESULT._serialized_start=236
-  _WINDOWRESULT._serialized_end=353
-  _CLASSIFYREQUEST._serialized_start=356
-  _CLASSIFYREQUEST._serialized_end=520
-  _CLASSIFYRESPONSE._serialized_start=523
-  _CLASSIFYRESPONSE._serialized_end=774
-  _VOICEACTIVITYCONFIG._serialized_start=776
-  _VOICEACTIVITYCONFIG._serialized_end=839
-  _STREAMINGCONFIG._serialized_start=842
-  _STREAMINGCONFIG._serialized_end=1048
-  _STREAMCLASSIFYREQUEST._serialized_start=1050
-  _STREAMCLASSIFYREQUEST._serialized_end=1159
-  _SPEECHEVENT._serialized_start=1162
-  _SPEECHEVENT._serialized_end=1310
-  _SPEECHEVENT_TYPE._serialized_start=1244
-  _SPEECHEVENT_TYPE._serialized_end=1310
-  _UTTERANCERESULT._serialized_start=1313
-  _UTTERANCERESULT._serialized_end=1458
-  _STREAMCLASSIFYRESPONSE._serialized_start=1461
-  _STREAMCLASSIFYRESPONSE._serialized_end=1641
-  _GETMODELINFOREQUEST._serialized_start=1643
-  _GETMODELINFOREQUEST._serialized_end=1707
-  _MODELINFO._serialized_start=1710
-  _MODELINFO._serialized_end=1931
-  _LISTMODELSREQUEST._serialized_start=1933
-  _LISTMODELSREQUEST._serialized_end=1952
-  _MODELVERSIONSTATUS._serialized_start=1954
-  _MODELVERSIONSTATUS._serialized_end=2072
-  _MODELSTATUS._serialized_start=2074
-  _MODELSTATUS._serialized_end=2197
-  _LISTMODELSRESPONSE._serialized_start=2199
-  _LISTMODELSRESPONSE._serialized_end=2261
-  _EMOTIONSERVICE._serialized_start=2485
-  _EMOTIONSERVICE._serialized_end=2822
+  _WINDOWRESULT._serialized_start=237
+  _WINDOWRESULT._serialized_end=379
+  _CLASSIFYREQUEST._serialized_start=382
+  _CLASSIFYREQUEST._serialized_end=609
+  _CLASSIFYRESPONSE._serialized_start=612
+  _CLASSIFYRESPONSE._serialized_end=916
+  _VOICEACTIVITYCONFIG._serialized_start=918
+  _VOICEACTIVITYCONFIG._serialized_end=981
+  _SPEAKERADAPTATIONCONFIG._serialized_start=983
+  _SPEAKERADAPTATIONCONFIG._serialized_end=1054
+  _STREAMINGCONFIG._serialized_start=1057
+  _STREAMINGCONFIG._serialized_end=1329
+  _STREAMCLASSIFYREQUEST._serialized_start=1331
+  _STREAMCLASSIFYREQUEST._serialized_end=1440
+  _SPEECHEVENT._serialized_start=1443
+  _SPEECHEVENT._serialized_end=1591
+  _SPEECHEVENT_TYPE._serialized_start=1525
+  _SPEECHEVENT_TYPE._serialized_end=1591
+  _UTTERANCERESULT._serialized_start=1594
+  _UTTERANCERESULT._serialized_end=1792
+  _STREAMCLASSIFYRESPONSE._serialized_start=1795
+  _STREAMCLASSIFYRESPONSE._serialized_end=1975
+  _GETMODELINFOREQUEST._serialized_start=1977
+  _GETMODELINFOREQUEST._serialized_end=2041
+  _MODELINFO._serialized_start=2044
+  _MODELINFO._serialized_end=2293
+  _LISTMODELSREQUEST._serialized_start=2295
+  _LISTMODELSREQUEST._serialized_end=2314
+  _MODELVERSIONSTATUS._serialized_start=2316
+  _MODELVERSIONSTATUS._serialized_end=2434
+  _MODELSTATUS._serialized_start=2436
+  _MODELSTATUS._serialized_end=2559
+  _LISTMODELSRESPONSE._serialized_start=2561
+  _LISTMODELSRESPONSE._serialized_end=2623
+  _EMOTIONSERVICE._serialized_start=2847
+  _EMOTIONSERVICE._serialized_end=3184
 # @@protoc_insertion_point(module_scope)
