@@ -425,40 +425,48 @@ struct Engine::Impl : FeatureWorkers::Source {
     }
   }
 
-  // For speaker-normalised models: the summaries of the jobs that want
-  // theirs, and the adapted probabilities (in place of the unadapted ones
-  // in `probabilities`) of those with a speaker mean.
-  absl::Status AddSummaries(JobList& run, absl::Span<const float> input, int classes,
-                            std::vector<float>& probabilities) {
-    bool wanted = false;
-    for (const std::unique_ptr<Job>& job : run) {
-      wanted = wanted || job->summary != nullptr || job->speaker_mean != nullptr;
-    }
-    if (!wanted) return absl::OkStatus();
+  static bool WantsSummaries(const JobList& run) {
+    return std::any_of(run.begin(), run.end(), [](const std::unique_ptr<Job>& job) {
+      return job->summary != nullptr || job->speaker_mean != nullptr;
+    });
+  }
+
+  // Speaker-normalised models, when a job wants its summary or adapts: the
+  // summaries once for the batch (given to the jobs that want theirs), then
+  // the probabilities from them, adapted for jobs with a speaker mean.
+  absl::StatusOr<std::vector<float>> PredictWithSummaries(const JobList& run,
+                                                          absl::Span<const float> input,
+                                                          int classes) {
     const int count = static_cast<int>(run.size());
     absl::StatusOr<std::vector<float>> summaries = model->Summarize(input, count);
     if (!summaries.ok()) return summaries.status();
     const size_t width = static_cast<size_t>(model->summary_size());
-    std::vector<float> to_adapt, means;
-    std::vector<size_t> adapted;
+    // Two groups, each one run of the head: adapted rows and the others.
+    std::vector<float> rows[2], means;
+    std::vector<size_t> members[2];
     for (size_t i = 0; i < run.size(); ++i) {
       const auto row = summaries->begin() + i * width;
       if (run[i]->summary != nullptr) run[i]->summary->assign(row, row + width);
-      if (run[i]->speaker_mean != nullptr) {
-        to_adapt.insert(to_adapt.end(), row, row + width);
+      const bool adapted = run[i]->speaker_mean != nullptr;
+      rows[adapted].insert(rows[adapted].end(), row, row + width);
+      members[adapted].push_back(i);
+      if (adapted) {
         means.insert(means.end(), run[i]->speaker_mean->begin(), run[i]->speaker_mean->end());
-        adapted.push_back(i);
       }
     }
-    if (adapted.empty()) return absl::OkStatus();
-    absl::StatusOr<std::vector<float>> rows =
-        model->PredictFromSummaries(to_adapt, static_cast<int>(adapted.size()), means);
-    if (!rows.ok()) return rows.status();
-    for (size_t j = 0; j < adapted.size(); ++j) {
-      std::copy(rows->begin() + j * classes, rows->begin() + (j + 1) * classes,
-                probabilities.begin() + adapted[j] * classes);
+    std::vector<float> probabilities(run.size() * classes);
+    for (int adapted : {0, 1}) {
+      if (members[adapted].empty()) continue;
+      absl::StatusOr<std::vector<float>> group = model->PredictFromSummaries(
+          rows[adapted], static_cast<int>(members[adapted].size()),
+          adapted ? absl::MakeConstSpan(means) : absl::Span<const float>());
+      if (!group.ok()) return group.status();
+      for (size_t j = 0; j < members[adapted].size(); ++j) {
+        std::copy(group->begin() + j * classes, group->begin() + (j + 1) * classes,
+                  probabilities.begin() + members[adapted][j] * classes);
+      }
     }
-    return absl::OkStatus();
+    return probabilities;
   }
 
   // Runs `run` on the model and completes each job with its row, or with
@@ -472,12 +480,8 @@ struct Engine::Impl : FeatureWorkers::Source {
         std::copy(run[i]->features.data.begin(), run[i]->features.data.end(),
                   input.begin() + i * input_size);
       }
-      probabilities = model->Predict(input, static_cast<int>(run.size()));
-      if (probabilities.ok()) {
-        if (absl::Status s = AddSummaries(run, input, classes, *probabilities); !s.ok()) {
-          probabilities = s;
-        }
-      }
+      probabilities = WantsSummaries(run) ? PredictWithSummaries(run, input, classes)
+                                          : model->Predict(input, static_cast<int>(run.size()));
     } catch (...) {
       probabilities = StatusFromCurrentException("running the model");
     }

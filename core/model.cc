@@ -421,7 +421,8 @@ absl::StatusOr<std::vector<float>> Model::PredictFromSummaries(
     return absl::FailedPreconditionError("this model has no speaker normalization");
   }
   const size_t size = static_cast<size_t>(count) * summary_size_;
-  if (count <= 0 || summaries.size() != size || speaker_means.size() != size) {
+  if (count <= 0 || summaries.size() != size ||
+      (!speaker_means.empty() && speaker_means.size() != size)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "PredictFromSummaries: expected ", count, " x ", summary_size_,
         " summaries and speaker statistics, got ", summaries.size(), " and ",
@@ -432,6 +433,9 @@ absl::StatusOr<std::vector<float>> Model::PredictFromSummaries(
       return torch::from_blob(const_cast<float*>(values.data()), {count, summary_size_})
           .to(module_->device);
     };
+    if (speaker_means.empty()) {
+      return module_->plain.run_method("from_summary", tensor(summaries)).toTensor();
+    }
     return module_->plain.run_method("adapted", tensor(summaries), tensor(speaker_means))
         .toTensor();
   });

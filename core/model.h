@@ -95,7 +95,8 @@ class Model {
                                                int batch_size) const;
   // The probabilities of `count` summaries (Summarize's), each normalised
   // by its speaker's mean summary (speaker_means: count * summary_size()
-  // floats). Runs the module as loaded, in fp32.
+  // floats), or unadapted when speaker_means is empty (Predict's answer, to
+  // float rounding). Runs the module as loaded, in fp32.
   absl::StatusOr<std::vector<float>> PredictFromSummaries(
       absl::Span<const float> summaries, int count, absl::Span<const float> speaker_means) const;
   // PredictFromSummaries of the inputs' summaries.

@@ -662,7 +662,8 @@ TEST_F(SpeakerAdaptationTest, SpeechWindowsAreAdaptedToTheWindowsBeforeThemOnceT
     ASSERT_LT(j, summaries.size()) << label;
     if (j < 3) {
       EXPECT_FALSE(windows[w].speaker_adapted) << label;
-      ExpectNear(windows[w].probabilities, unadapted[w].probabilities, 1e-6, label);
+      // Computed from the window's summary: the same to float rounding.
+      ExpectNear(windows[w].probabilities, unadapted[w].probabilities, 1e-5, label);
     } else {
       EXPECT_TRUE(windows[w].speaker_adapted) << label;
       absl::StatusOr<std::vector<float>> expected =

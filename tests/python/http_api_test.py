@@ -126,6 +126,13 @@ class HttpApiTest(unittest.TestCase):
         self.assert_error(call("POST", "/v1/classify?model=nope", audio), 404, "NOT_FOUND",
                           "no model named \"nope\"")
         self.assert_error(call("GET", "/v1/model?model=nope:2"), 404, "NOT_FOUND", "nope")
+        self.assert_error(call("POST", "/v1/classify?speaker_statistics=%25%25", audio), 400,
+                          "INVALID_ARGUMENT", "base64")
+        # This server's model does not adapt to speakers.
+        self.assert_error(call("POST", "/v1/classify?return_speaker_statistics=true", audio), 400,
+                          "FAILED_PRECONDITION", "does not adapt to speakers")
+        self.assert_error(call("POST", "/v1/classify?speaker_statistics=RVNQSw", audio), 400,
+                          "FAILED_PRECONDITION", "speaker_statistics")
         self.assert_error(call("POST", "/v1/classify", b"\0" * (MAX_BODY + 1)), 413,
                           "RESOURCE_EXHAUSTED", "--max-message-bytes")
         # A body under the limit whose decoded samples (twice its size as
