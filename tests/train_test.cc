@@ -746,8 +746,6 @@ TEST_F(EvaluateClipsTest, HopSecondsPlacesTheWindowsAsARequestDoes) {
   }
 }
 
-// The bundled model keeps the accuracy its model.json records on the
-// speaker-independent test actors (21-24).
 // With speaker means, a clip that has one is answered adapted and a clip
 // without (its speaker not heard yet) unadapted; no batch mixes the two.
 // eval --adapt's statistics of N s of prior audio are a stream's over the
@@ -888,6 +886,8 @@ TEST_F(EvaluateClipsTest, ClipsWithoutSpeakerStatisticsAreAnsweredUnadapted) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// The bundled model keeps the accuracy its model.json records on the
+// speaker-independent test actors (21-24).
 TEST(BundledModelTest, KeepsItsRecordedTestAccuracy) {
   std::optional<std::string> shared = testing::SharedDir();
   if (!shared) GTEST_SKIP() << "../shared is absent: the accuracy test needs RAVDESS";
@@ -915,6 +915,38 @@ TEST(BundledModelTest, KeepsItsRecordedTestAccuracy) {
   EXPECT_EQ(matrix->total(), 240);
   EXPECT_GE(matrix->accuracy(), recorded - 0.02);
   EXPECT_GE(matrix->uar(), config.provenance["test"]["uar"].get<double>() - 0.02);
+}
+
+// models/speaker-adaptive gives its card's figures on the test actors,
+// unadapted and with 30 s of each speaker's other clips
+// (docs/results/speaker_normalisation_test.json, from eval --adapt).
+TEST(BundledModelTest, SpeakerAdaptiveModelKeepsItsCardsFigures) {
+  std::optional<std::string> shared = testing::SharedDir();
+  if (!shared) GTEST_SKIP() << "../shared is absent: the accuracy test needs RAVDESS";
+  const nlohmann::json card = nlohmann::json::parse(
+      std::ifstream(std::string(EMOSERVE_SOURCE_DIR) +
+                    "/docs/results/speaker_normalisation_test.json"));
+  const fs::path report = fs::path(::testing::TempDir()) / "speaker_adaptive_eval.json";
+  const std::string eval = absl::StrCat(
+      EMOSERVE_BINARY_DIR, "/train/emoserve-train eval --model ", EMOSERVE_SOURCE_DIR,
+      "/models/speaker-adaptive --data ", Ravdess(*shared), " --adapt 0 30 --json > ",
+      report.string());
+  ASSERT_EQ(std::system(eval.c_str()), 0) << eval;
+  const nlohmann::json result = nlohmann::json::parse(std::ifstream(report));
+  ASSERT_EQ(result["adapted"].size(), 2u) << result.dump();
+  for (const nlohmann::json& prior : result["adapted"]) {
+    const nlohmann::json* recorded = nullptr;
+    for (const nlohmann::json& entry : card["adapted"]) {
+      if (entry["prior_seconds"] == prior["prior_seconds"]) recorded = &entry;
+    }
+    ASSERT_NE(recorded, nullptr) << prior.dump();
+    EXPECT_EQ(prior["clips"], 240);
+    // Two clips of 240 for float rounding on another CPU.
+    EXPECT_NEAR(prior["uar"].get<double>(), (*recorded)["uar"].get<double>(), 0.01)
+        << prior["prior_seconds"];
+    EXPECT_NEAR(prior["accuracy"].get<double>(), (*recorded)["accuracy"].get<double>(), 0.01)
+        << prior["prior_seconds"];
+  }
 }
 
 }  // namespace
