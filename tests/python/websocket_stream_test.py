@@ -197,7 +197,8 @@ class WebSocketStreamTest(unittest.TestCase):
             got, close = receive_all(ws)
             self.assertEqual(got[-1]["error"]["code"], code, got)
             self.assertIn(fragment, got[-1]["error"]["message"])
-            numbers = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "RESOURCE_EXHAUSTED": 8}
+            numbers = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "RESOURCE_EXHAUSTED": 8,
+                       "FAILED_PRECONDITION": 9}
             self.assertEqual(close, 4000 + numbers[code])
 
         ends_with([b"\0" * 3200], "INVALID_ARGUMENT", "first message is the StreamingConfig")
@@ -205,6 +206,9 @@ class WebSocketStreamTest(unittest.TestCase):
         ends_with([json.dumps({"format": {"sampleRateHertz": rate}, "bogus": 1})],
                   "INVALID_ARGUMENT", "bogus")
         ends_with([config(rate, modelName="nope")], "NOT_FOUND", "nope")
+        # This server's model does not adapt to speakers; the field is the proto's.
+        ends_with([config(rate, speakerAdaptation={"speakerStatistics": "RVNQSw=="})],
+                  "FAILED_PRECONDITION", "does not adapt to speakers")
         ends_with([config(rate), b"\0" * 3200, "hello"], "INVALID_ARGUMENT", '{"end": true}')
         ends_with([config(rate), b"\0" * (MAX_CHUNK + 2)], "RESOURCE_EXHAUSTED",
                   "--max-chunk-bytes): send smaller chunks")
