@@ -182,18 +182,14 @@ class ClipState {
   const std::shared_ptr<CancelFlag> abandon_ = std::make_shared<CancelFlag>();
 };
 
-absl::Status NotSpeakerNormalised(const Model& model) {
-  return absl::FailedPreconditionError(absl::StrCat(
-      "model ", model.config().name, " does not use speaker statistics (its model.json's "
-      "speaker_normalization is none)"));
-}
-
 // The speaker fields of a clip request, against the model.
 absl::Status CheckSpeakerRequest(const Model& model, const ClipRequest& request) {
   if (request.speaker_mean.empty() && !request.speaker_statistics.has_value()) {
     return absl::OkStatus();
   }
-  if (model.summary_size() == 0) return NotSpeakerNormalised(model);
+  if (absl::Status adapts = CheckAdaptsToSpeakers(model, "speaker statistics"); !adapts.ok()) {
+    return adapts;
+  }
   const size_t width = static_cast<size_t>(model.summary_size());
   if (!request.speaker_mean.empty() && request.speaker_mean.size() != width) {
     return absl::InvalidArgumentError(absl::StrCat("a speaker mean of ",
@@ -688,9 +684,11 @@ void Engine::Submit(WindowRequest request) {
     request.done(valid);
     return;
   }
-  if (request.summary != nullptr && model().summary_size() == 0) {
-    request.done(NotSpeakerNormalised(model()));
-    return;
+  if (request.summary != nullptr) {
+    if (absl::Status adapts = CheckAdaptsToSpeakers(model(), "a window's summary"); !adapts.ok()) {
+      request.done(adapts);
+      return;
+    }
   }
   JobList jobs;
   try {

@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "core/model_config.h"
 
@@ -54,6 +56,13 @@ inline constexpr int kDefaultIntraOpThreads = 1;
 // that runs a model calls it before loading one; a later call changes the
 // thread count.
 void SetUpModelRuntime(int intra_op_threads);
+
+class Model;
+
+// OK when `model` adapts to speakers (a speaker-normalised model, with
+// summary_size() > 0); else kFailedPrecondition saying so, after `what`
+// (the field or option that asked).
+absl::Status CheckAdaptsToSpeakers(const Model& model, absl::string_view what);
 
 class Model {
  public:
@@ -144,6 +153,14 @@ class Model {
   int summary_size_ = 0;
   std::string summary_key_;
 };
+
+inline absl::Status CheckAdaptsToSpeakers(const Model& model, absl::string_view what) {
+  if (model.summary_size() > 0) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      what, ": model ", model.config().name, " version ", model.config().version,
+      " does not adapt to speakers (its model.json's speaker_normalization is none; "
+      "ModelInfo.speaker_adaptation is false)"));
+}
 
 }  // namespace emoserve
 

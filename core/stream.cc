@@ -123,14 +123,15 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
   // The voice's statistics, for a speaker-normalised model with adaptation
   // on: `options`' or empty.
   absl::Status StartSpeaker(const Model& model, const StreamOptions& options) {
-    if (options.speaker_statistics.has_value() &&
-        (!options.speaker_adaptation || model.summary_size() == 0)) {
-      return absl::InvalidArgumentError(
-          model.summary_size() == 0
-              ? absl::StrCat("model ", model.config().name,
-                             " does not use speaker statistics (its model.json's "
-                             "speaker_normalization is none)")
-              : "speaker statistics were given to a stream with speaker adaptation off");
+    if (options.speaker_statistics.has_value()) {
+      if (absl::Status adapts = CheckAdaptsToSpeakers(model, "speaker statistics");
+          !adapts.ok()) {
+        return adapts;
+      }
+      if (!options.speaker_adaptation) {
+        return absl::InvalidArgumentError(
+            "speaker statistics were given to a stream with speaker adaptation off");
+      }
     }
     if (!(options.adaptation_min_speech_seconds >= 0)) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -349,7 +350,8 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
   absl::Status Adapt(Slot& slot, StreamEvent* window) {
     if (!speaker.has_value()) return absl::OkStatus();
     const double hop_seconds = hop / model_rate;
-    if (speaker->speech_seconds(hop_seconds) >= options.adaptation_min_speech_seconds) {
+    if (speaker->windows() > 0 &&
+        speaker->speech_seconds(hop_seconds) >= options.adaptation_min_speech_seconds) {
       absl::StatusOr<std::vector<float>> adapted =
           engine->model().PredictFromSummaries(*slot.summary, 1, speaker->Mean());
       if (!adapted.ok()) return adapted.status();

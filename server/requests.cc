@@ -41,12 +41,6 @@ absl::StatusOr<SpeakerStatistics> ParseSpeakerStatistics(const std::string& blob
   return statistics;
 }
 
-absl::Status NoSpeakerStatistics(const Model& model, absl::string_view field) {
-  return absl::FailedPreconditionError(absl::StrCat(
-      field, " was set, but model ", model.config().name, " version ", model.config().version,
-      " does not adapt to speakers (ModelInfo.speaker_adaptation is false)"));
-}
-
 }  // namespace
 
 absl::StatusOr<ClipSpeaker> CheckClassifySpeaker(const v1::ClassifyRequest& request,
@@ -57,7 +51,7 @@ absl::StatusOr<ClipSpeaker> CheckClassifySpeaker(const v1::ClassifyRequest& requ
   }
   const char* field = request.speaker_statistics().empty() ? "return_speaker_statistics"
                                                            : "speaker_statistics";
-  if (model.summary_size() == 0) return NoSpeakerStatistics(model, field);
+  if (absl::Status adapts = CheckAdaptsToSpeakers(model, field); !adapts.ok()) return adapts;
   SpeakerStatistics statistics(model.summary_key(), model.summary_size());
   if (!request.speaker_statistics().empty()) {
     absl::StatusOr<SpeakerStatistics> parsed =
@@ -85,7 +79,7 @@ absl::Status SetStreamSpeaker(const v1::StreamingConfig& config, const Model& mo
   options->adaptation_min_speech_seconds = limits.adaptation_min_speech_seconds;
   if (adaptation.speaker_statistics().empty()) return absl::OkStatus();
   const char* field = "config.speaker_adaptation.speaker_statistics";
-  if (model.summary_size() == 0) return NoSpeakerStatistics(model, field);
+  if (absl::Status adapts = CheckAdaptsToSpeakers(model, field); !adapts.ok()) return adapts;
   if (adaptation.disabled()) {
     return absl::InvalidArgumentError(absl::StrCat(
         field, " was set with config.speaker_adaptation.disabled: drop one of them"));

@@ -688,6 +688,19 @@ TEST_F(SpeakerAdaptationTest, SpeechWindowsAreAdaptedToTheWindowsBeforeThemOnceT
   for (const StreamEvent& event : plain.events()) {
     EXPECT_TRUE(event.speaker_statistics.empty()) << "statistics while not adapting";
   }
+  // With no threshold, from the second speech window: the first has no
+  // window before it to adapt to.
+  options.speaker_adaptation = true;
+  options.adaptation_min_speech_seconds = 0;
+  Recorder at_once;
+  Stream(audio, 1600, options, &at_once);
+  std::vector<bool> adapted_flags;
+  for (const StreamEvent& window : at_once.windows()) {
+    if (window.speech) adapted_flags.push_back(window.speaker_adapted);
+  }
+  ASSERT_EQ(adapted_flags.size(), summaries.size());
+  EXPECT_FALSE(adapted_flags[0]);
+  EXPECT_TRUE(std::all_of(adapted_flags.begin() + 1, adapted_flags.end(), [](bool a) { return a; }));
 }
 
 // Statistics carried from an earlier stream adapt from the first window,
@@ -788,7 +801,7 @@ TEST_F(SpeakerAdaptationTest, RefusesStatisticsTheModelOrStreamCannotUse) {
   EXPECT_EQ(StreamSession::Create(plain_engine_, options, recorder.OnEvent(), recorder.OnDone())
                 .status()
                 .code(),
-            absl::StatusCode::kInvalidArgument);
+            absl::StatusCode::kFailedPrecondition);
   options.speaker_adaptation = false;
   EXPECT_EQ(StreamSession::Create(&engine(), options, recorder.OnEvent(), recorder.OnDone())
                 .status()
