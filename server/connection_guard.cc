@@ -125,6 +125,7 @@ struct ConnectionGuard::Impl {
   int wake = -1;  // eventfd: the destructor stops the loop through it
   int port = 0;
   std::atomic<bool> stopping{false};
+  std::atomic<bool> shutting_down{false};  // see EnterShutdown
   std::thread thread;
   TokenBucket total_resets{1};
   std::unique_ptr<MemoryBudget> upload_budget;  // null: no limit
@@ -291,7 +292,7 @@ struct ConnectionGuard::Impl {
       if (n > 0) {
         const absl::string_view bytes(scratch.get(), static_cast<size_t>(n));
         if (!up) {
-          c.uploads.FromServer(bytes, &buffer.data);
+          c.uploads.FromServer(bytes, shutting_down.load(), &buffer.data);
           continue;
         }
         if (std::optional<std::string> reason = c.counter.Feed(bytes, now)) {
@@ -450,5 +451,7 @@ ConnectionGuard::~ConnectionGuard() {
 }
 
 int ConnectionGuard::port() const { return impl_->port; }
+
+void ConnectionGuard::EnterShutdown() { impl_->shutting_down = true; }
 
 }  // namespace emoserve

@@ -100,6 +100,13 @@ class ConnectionGuard {
 
   int port() const;
 
+  // Called once the service has ended every call it took, before gRPC
+  // shuts down: gRPC then cancels the calls whose request was still
+  // arriving, which never reached the service, and their clients are told
+  // UNAVAILABLE (safe to send elsewhere) instead of CANCELLED (see
+  // UploadAdmission::FromServer).
+  void EnterShutdown();
+
  private:
   struct Impl;
   explicit ConnectionGuard(std::unique_ptr<Impl> impl);

@@ -424,6 +424,9 @@ void Server::Shutdown(absl::Duration grace) {
     Log(LogLevel::kWarning, "shutdown_grace_expired",
         {{"grace_seconds", absl::ToDoubleSeconds(grace)}});
     service_->CancelAll();
+  } else if (guard_ != nullptr) {
+    // Whatever gRPC cancels from here on never reached the service.
+    guard_->EnterShutdown();
   }
   // Its calls are over or cancelled: the answers being written (and the
   // 503s of requests that came late) go out before its connections close.

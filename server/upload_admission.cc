@@ -1,6 +1,8 @@
 #include "server/upload_admission.h"
 
+#include <optional>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -10,8 +12,13 @@ namespace {
 // RST_STREAM error codes (RFC 9113, section 7).
 constexpr uint32_t kNoError = 0x0;
 constexpr uint32_t kCancel = 0x8;
-// gRPC's status code RESOURCE_EXHAUSTED.
+// gRPC's status codes.
+constexpr absl::string_view kGrpcCancelled = "1";
 constexpr int kResourceExhausted = 8;
+constexpr absl::string_view kGrpcUnavailable = "14";
+// The largest trailers held to be checked for a cancellation: gRPC's are
+// under 100 bytes.
+constexpr uint32_t kMaxHeldTrailers = 1024;
 
 void AppendFrameHeader(uint32_t length, uint8_t type, uint8_t flags, uint32_t stream,
                        std::string* out) {
@@ -74,6 +81,60 @@ std::string PercentEncode(absl::string_view text) {
   return encoded;
 }
 
+// The fields of a header block written only with literals without
+// indexing, new name, not Huffman-coded (RFC 7541, 6.2.2, lengths under
+// 127): how gRPC 1.51 writes the trailers of a call it cancels before
+// answering. Anything else: nullopt.
+std::optional<std::vector<std::pair<std::string, std::string>>> PlainLiterals(
+    absl::string_view block) {
+  std::vector<std::pair<std::string, std::string>> fields;
+  const auto read_string = [&block](std::string* out) {
+    if (block.empty() || static_cast<unsigned char>(block[0]) >= 127) return false;
+    const size_t length = static_cast<unsigned char>(block[0]);
+    if (block.size() < 1 + length) return false;
+    out->assign(block.data() + 1, length);
+    block.remove_prefix(1 + length);
+    return true;
+  };
+  while (!block.empty()) {
+    if (block[0] != 0) return std::nullopt;
+    block.remove_prefix(1);
+    std::pair<std::string, std::string> field;
+    if (!read_string(&field.first) || !read_string(&field.second)) return std::nullopt;
+    fields.push_back(std::move(field));
+  }
+  return fields;
+}
+
+// gRPC's trailers-only CANCELLED, as UNAVAILABLE saying why; nullopt when
+// `frame` (header and block) is anything else.
+std::optional<std::string> CancellationAsUnavailable(absl::string_view frame) {
+  std::optional<std::vector<std::pair<std::string, std::string>>> fields =
+      PlainLiterals(frame.substr(9));
+  if (!fields.has_value()) return std::nullopt;
+  bool cancelled = false;
+  std::string block;
+  for (const auto& [name, value] : *fields) {
+    if (name == "grpc-status") {
+      cancelled = value == kGrpcCancelled;
+      AppendHpackLiteral(name, kGrpcUnavailable, &block);
+    } else if (name == "grpc-message") {
+      AppendHpackLiteral(name,
+                         PercentEncode("the server is shutting down and did not start the "
+                                       "call; send it again (to another instance)"),
+                         &block);
+    } else {
+      AppendHpackLiteral(name, value, &block);
+    }
+  }
+  if (!cancelled) return std::nullopt;
+  std::string rewritten(frame.data(), 9);
+  rewritten[0] = static_cast<char>(block.size() >> 16);
+  rewritten[1] = static_cast<char>(block.size() >> 8);
+  rewritten[2] = static_cast<char>(block.size());
+  return rewritten + block;
+}
+
 // Ends a call on the server's behalf: its trailers (a trailers-only
 // response when gRPC has not answered yet), then RST_STREAM NO_ERROR so
 // that the client stops sending (RFC 9113, 8.1).
@@ -131,6 +192,7 @@ void UploadAdmission::OnClientPiece(const Http2FrameReader::Piece& piece,
         frame.stream > last_client_stream_) {
       last_client_stream_ = frame.stream;
       uploads_[frame.stream] = std::make_unique<Upload>(budget_);
+      unanswered_.insert(frame.stream);
     }
   } else if (!dropping_) {
     to_server->append(piece.bytes.data(), piece.bytes.size());
@@ -159,7 +221,10 @@ void UploadAdmission::OnClientPiece(const Http2FrameReader::Piece& piece,
   if (client_ends) {
     uploads_.erase(frame.stream);
     refused_streams_.erase(frame.stream);
-    if (frame.type == kHttp2RstStream) answered_.erase(frame.stream);
+    if (frame.type == kHttp2RstStream) {
+      answered_.erase(frame.stream);
+      unanswered_.erase(frame.stream);
+    }
   }
   to_server->append(to_server_after_frame_);
   to_server_after_frame_.clear();
@@ -203,13 +268,32 @@ void UploadAdmission::Refuse(uint32_t stream, const absl::Status& why) {
   AppendRstStream(stream, kCancel, &to_server_after_frame_);
   AppendRefusal(stream, answered_.contains(stream), why, &to_client_pending_);
   answered_.erase(stream);
+  unanswered_.erase(stream);
 }
 
-void UploadAdmission::FromServer(absl::string_view bytes, std::string* to_client) {
+void UploadAdmission::FromServer(absl::string_view bytes, bool shutting_down,
+                                 std::string* to_client) {
   from_server_.Feed(bytes, [&](const Http2FrameReader::Piece& piece) {
-    to_client->append(piece.bytes.data(), piece.bytes.size());
-    if (piece.part == Http2FrameReader::Part::kHeader) OnServerFrame(*piece.frame);
+    if (piece.part == Http2FrameReader::Part::kHeader) {
+      const Http2FrameHeader& frame = *piece.frame;
+      holding_ = shutting_down && frame.type == kHttp2Headers &&
+                 (frame.flags & (kHttp2EndStream | kHttp2EndHeaders | kHttp2Padded)) ==
+                     (kHttp2EndStream | kHttp2EndHeaders) &&
+                 frame.length <= kMaxHeldTrailers && unanswered_.contains(frame.stream);
+      OnServerFrame(frame);
+    }
+    if (holding_) {
+      held_.append(piece.bytes.data(), piece.bytes.size());
+    } else {
+      to_client->append(piece.bytes.data(), piece.bytes.size());
+    }
     if (piece.frame_ends) {
+      if (holding_) {
+        std::optional<std::string> unavailable = CancellationAsUnavailable(held_);
+        to_client->append(unavailable.has_value() ? *unavailable : held_);
+        held_.clear();
+        holding_ = false;
+      }
       server_started_ = true;
       FlushToClient(to_client);
     }
@@ -219,6 +303,9 @@ void UploadAdmission::FromServer(absl::string_view bytes, std::string* to_client
 void UploadAdmission::OnServerFrame(const Http2FrameHeader& frame) {
   const bool server_ends = (frame.type == kHttp2Headers && (frame.flags & kHttp2EndStream) != 0) ||
                            frame.type == kHttp2RstStream;
+  if (frame.type == kHttp2Headers || frame.type == kHttp2RstStream) {
+    unanswered_.erase(frame.stream);
+  }
   if (server_ends) {
     // gRPC ended the call (it may have refused it early): nothing more of
     // it reaches the service.

@@ -96,8 +96,13 @@ class UploadAdmission {
   // the connection must be closed (kMaxRefusedStreams).
   bool FromClient(absl::string_view bytes, std::string* to_server);
   // gRPC -> client: appends to `to_client` what the client is to get, the
-  // guard's own frames inserted between gRPC's.
-  void FromServer(absl::string_view bytes, std::string* to_client);
+  // guard's own frames inserted between gRPC's. `shutting_down`: the
+  // service has ended every call it took and gRPC is shutting down. A call
+  // gRPC now cancels before answering never reached the service (gRPC 1.51
+  // cancels a call whose request was still arriving when its shutdown
+  // began), and its client is told UNAVAILABLE, safe to send again
+  // elsewhere, instead of CANCELLED.
+  void FromServer(absl::string_view bytes, bool shutting_down, std::string* to_client);
   // The guard's frames still waiting, appended when gRPC's output is
   // between frames.
   void FlushToClient(std::string* to_client);
@@ -117,6 +122,13 @@ class UploadAdmission {
   absl::flat_hash_map<uint32_t, std::unique_ptr<Upload>> uploads_;
   absl::flat_hash_set<uint32_t> refused_streams_;
   absl::flat_hash_set<uint32_t> answered_;  // gRPC sent response headers
+  // Streams the client opened that gRPC has neither answered nor reset (at
+  // most gRPC's concurrent streams: it resets those beyond).
+  absl::flat_hash_set<uint32_t> unanswered_;
+  // gRPC's current frame, held whole: trailers that may be a cancellation
+  // to rewrite (see FromServer).
+  bool holding_ = false;
+  std::string held_;
   uint32_t last_client_stream_ = 0;
   bool dropping_ = false;  // the current client frame is not forwarded
   uint8_t pad_ = 0;        // padding of the current DATA frame

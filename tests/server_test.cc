@@ -13,11 +13,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <optional>
 #include <limits>
 #include <map>
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -1321,6 +1323,42 @@ TEST(ServerLimitsTest, CompressedRequestsAreRefused) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED) << status.error_message();
 }
 
+// A TCP connection to 127.0.0.1:port, for speaking HTTP/2 by hand; -1 when
+// it fails.
+int ConnectRaw(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    close(fd);
+    return -1;
+  }
+  timeval timeout{static_cast<time_t>(absl::ToInt64Seconds(kPatience)), 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  return fd;
+}
+
+// One HTTP/2 frame (RFC 9113, 4.1).
+std::string Http2Frame(uint8_t type, uint8_t flags, uint32_t stream, const std::string& payload) {
+  std::string f = {static_cast<char>(payload.size() >> 16), static_cast<char>(payload.size() >> 8),
+                   static_cast<char>(payload.size()), static_cast<char>(type),
+                   static_cast<char>(flags), static_cast<char>(stream >> 24),
+                   static_cast<char>(stream >> 16), static_cast<char>(stream >> 8),
+                   static_cast<char>(stream)};
+  return f + payload;
+}
+
+bool SendAll(int fd, absl::string_view bytes) {
+  while (!bytes.empty()) {
+    const ssize_t n = send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+    if (n <= 0) return false;
+    bytes.remove_prefix(static_cast<size_t>(n));
+  }
+  return true;
+}
+
 // A connection that opens calls and resets them at once, as fast as it
 // can, is closed (gRPC 1.51 alone would grow without bound); the server
 // serves everyone else.
@@ -1329,36 +1367,18 @@ TEST(ServerLimitsTest, RapidResetClosesTheConnection) {
   config.metrics_port = 0;
   absl::StatusOr<std::unique_ptr<Server>> server = StartServer(config);
   ASSERT_TRUE(server.ok()) << server.status();
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons((*server)->port());
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  const int fd = ConnectRaw((*server)->port());
+  ASSERT_GE(fd, 0);
   // The preface, empty SETTINGS, then HEADERS (a literal :path, enough for
   // the frame to count) and RST_STREAM for stream after stream.
-  const auto frame = [](uint8_t type, uint8_t flags, uint32_t stream, const std::string& payload) {
-    std::string f = {static_cast<char>(payload.size() >> 16), static_cast<char>(payload.size() >> 8),
-                     static_cast<char>(payload.size()), static_cast<char>(type),
-                     static_cast<char>(flags), static_cast<char>(stream >> 24),
-                     static_cast<char>(stream >> 16), static_cast<char>(stream >> 8),
-                     static_cast<char>(stream)};
-    return f + payload;
-  };
-  std::string flood = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0x4, 0, 0, "");
+  std::string flood = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + Http2Frame(0x4, 0, 0, "");
   const std::string header_block = "\x83\x86\x41\x09127.0.0.1\x44\x05/x/yz";
   for (uint32_t stream = 1; stream < 2 * 5000; stream += 2) {
-    flood += frame(0x1, 0x4, stream, header_block) + frame(0x3, 0, stream, std::string("\0\0\0\x08", 4));
+    flood += Http2Frame(0x1, 0x4, stream, header_block) +
+             Http2Frame(0x3, 0, stream, std::string("\0\0\0\x08", 4));
   }
-  size_t sent = 0;
-  while (sent < flood.size()) {
-    const ssize_t n = send(fd, flood.data() + sent, flood.size() - sent, MSG_NOSIGNAL);
-    if (n <= 0) break;
-    sent += static_cast<size_t>(n);
-  }
+  SendAll(fd, flood);  // it may be closed before all is sent
   // The server closes it: reads end (EOF or reset) within the patience.
-  timeval timeout{static_cast<time_t>(absl::ToInt64Seconds(kPatience)), 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
   char buffer[4096];
   ssize_t n;
   while ((n = read(fd, buffer, sizeof(buffer))) > 0) {
@@ -1538,6 +1558,72 @@ TEST(ServerLifecycleTest, ShutdownEndsWithinTheGracePeriodWhateverClientsDo) {
   EXPECT_LT(took, absl::Seconds(2) + absl::Milliseconds(500)) << took;
   ASSERT_TRUE(done.WaitForNotificationWithTimeout(kPatience));
   EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+}
+
+// A call whose request is still arriving when gRPC shuts down never reaches
+// the service, and gRPC 1.51 cancels it: its client is told UNAVAILABLE
+// (not processed, send it elsewhere), not CANCELLED. The call is spoken by
+// hand: its message is half sent until the server's GOAWAY.
+TEST(ServerLifecycleTest, ACallStillArrivingAtShutdownIsRefusedNotCancelled) {
+  absl::StatusOr<std::unique_ptr<Server>> server = StartServer(TestServerConfig());
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int fd = ConnectRaw((*server)->port());
+  ASSERT_GE(fd, 0);
+  // HPACK (RFC 7541): :method POST and :scheme http indexed, then literals
+  // without indexing of :authority, :path, content-type (static index 31:
+  // 0x0f 0x10) and te (a new name).
+  const auto literal = [](const std::string& name, absl::string_view value) {
+    return name + static_cast<char>(value.size()) + std::string(value);
+  };
+  const std::string headers = "\x83\x86" + literal("\x01", "127.0.0.1") +
+                              literal("\x04", "/emoserve.v1.EmotionService/Classify") +
+                              literal("\x0f\x10", "application/grpc") +
+                              literal(std::string("\0\x02te", 4), "trailers");
+  const std::string message = std::string(1, '\0') + std::string("\0\0\0\x64", 4) +
+                              std::string(100, '\0');  // 100 bytes of protobuf
+  ASSERT_TRUE(SendAll(fd, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + Http2Frame(0x4, 0, 0, "") +
+                              Http2Frame(0x1, 0x4, 1, headers) +
+                              Http2Frame(0x0, 0, 1, message.substr(0, 50))));
+  std::thread shutdown([&] { (*server)->Shutdown(absl::Seconds(10)); });
+  // The server's frames, until its GOAWAY (SETTINGS and PING answered, as
+  // clients do); then the rest of the message; then until stream 1 ends.
+  std::string received;
+  bool goaway = false;
+  std::optional<std::pair<uint8_t, std::string>> ending;  // stream 1's last frame
+  char buffer[4096];
+  ssize_t n;
+  while (!ending.has_value() && (n = read(fd, buffer, sizeof(buffer))) > 0) {
+    received.append(buffer, static_cast<size_t>(n));
+    while (received.size() >= 9) {
+      const auto* h = reinterpret_cast<const unsigned char*>(received.data());
+      const size_t length = (size_t{h[0]} << 16) | (size_t{h[1]} << 8) | h[2];
+      if (received.size() < 9 + length) break;
+      const uint8_t type = h[3], flags = h[4];
+      const uint32_t stream = (uint32_t{h[5] & 0x7fu} << 24) | (uint32_t{h[6]} << 16) |
+                              (uint32_t{h[7]} << 8) | h[8];
+      const std::string payload = received.substr(9, length);
+      received.erase(0, 9 + length);
+      if (type == 0x4 && (flags & 0x1) == 0) SendAll(fd, Http2Frame(0x4, 0x1, 0, ""));
+      if (type == 0x6 && (flags & 0x1) == 0) SendAll(fd, Http2Frame(0x6, 0x1, 0, payload));
+      if (type == 0x7 && !goaway) {
+        goaway = true;
+        SendAll(fd, Http2Frame(0x0, 0x1, 1, message.substr(50)));  // END_STREAM
+      }
+      if (stream == 1 && !ending.has_value() &&
+          (type == 0x3 || (type == 0x1 && (flags & 0x1) != 0))) {
+        ending.emplace(type, payload);
+      }
+    }
+  }
+  close(fd);
+  shutdown.join();
+  EXPECT_TRUE(goaway);
+  ASSERT_TRUE(ending.has_value()) << "stream 1 never ended";
+  // Trailers-only, written as gRPC writes them (HPACK literals, see
+  // upload_admission.cc): UNAVAILABLE and why.
+  EXPECT_EQ(ending->first, 0x1);
+  EXPECT_THAT(ending->second, HasSubstr("\x0bgrpc-status\x02" "14"));
+  EXPECT_THAT(ending->second, HasSubstr("did not start the call"));
 }
 
 // --------------------------------------------------------------------------

@@ -512,7 +512,7 @@ TEST(UploadAdmissionTest, MessagesThatFitPassUnchangedAndAreChargedUntilTheyArri
   EXPECT_EQ(budget.used(), 0);  // END_STREAM: all arrived
   EXPECT_EQ(uploads.refused(), 0);
   std::string to_client;
-  uploads.FromServer(Frame(kHttp2Settings, 0, 0), &to_client);
+  uploads.FromServer(Frame(kHttp2Settings, 0, 0), false, &to_client);
   EXPECT_EQ(to_client, Frame(kHttp2Settings, 0, 0));
 }
 
@@ -521,7 +521,7 @@ TEST(UploadAdmissionTest, AMessageThatDoesNotFitIsRefusedWithTrailersAndItsDataD
   UploadAdmission uploads(&budget);
   std::string to_server, to_client;
   const std::string server_settings = Frame(kHttp2Settings, 0, 0);
-  uploads.FromServer(server_settings, &to_client);
+  uploads.FromServer(server_settings, false, &to_client);
   to_client.clear();
   // Stream 1 declares 800 KiB (fits in 7/8 of 1 MiB); stream 3 declares
   // 200 KiB more, which only the reserve could hold, and it is not small.
@@ -576,7 +576,7 @@ TEST(UploadAdmissionTest, AMessageThatDoesNotFitIsRefusedWithTrailersAndItsDataD
   // gRPC's trailers for stream 1 end its charge.
   to_client.clear();
   const std::string trailers = FrameWith(kHttp2Headers, kHttp2EndStream | kHttp2EndHeaders, 1, "t");
-  uploads.FromServer(trailers, &to_client);
+  uploads.FromServer(trailers, false, &to_client);
   EXPECT_EQ(to_client, trailers);
   EXPECT_EQ(budget.used(), 0);
 }
@@ -605,7 +605,7 @@ TEST(UploadAdmissionTest, RefusalsWaitForABoundaryBetweenGrpcsFrames) {
   UploadAdmission uploads(&budget);
   std::string to_server, to_client;
   const std::string response = FrameWith(kHttp2Data, 0, 7, std::string(100, 'r'));
-  uploads.FromServer(Frame(kHttp2Settings, 0, 0) + response.substr(0, 50), &to_client);
+  uploads.FromServer(Frame(kHttp2Settings, 0, 0) + response.substr(0, 50), false, &to_client);
   ASSERT_TRUE(uploads.FromClient(std::string(kPreface) +
                                      FrameWith(kHttp2Headers, kHttp2EndHeaders, 1, "h") +
                                      FrameWith(kHttp2Data, 0, 1, GrpcPrefix(5000)),
@@ -614,12 +614,66 @@ TEST(UploadAdmissionTest, RefusalsWaitForABoundaryBetweenGrpcsFrames) {
   const size_t before = to_client.size();
   uploads.FlushToClient(&to_client);  // in the middle of gRPC's frame: waits
   EXPECT_EQ(to_client.size(), before);
-  uploads.FromServer(response.substr(50), &to_client);
+  uploads.FromServer(response.substr(50), false, &to_client);
   std::vector<ParsedFrame> frames = ParseFrames(to_client);
   ASSERT_EQ(frames.size(), 4u);
   EXPECT_EQ(frames[1].payload, std::string(100, 'r'));
   EXPECT_EQ(frames[2].type, kHttp2Headers);
   EXPECT_EQ(frames[3].type, kHttp2RstStream);
+}
+
+// gRPC 1.51 cancels a call whose request is still arriving when its
+// shutdown begins, with trailers-only CANCELLED written as HPACK literals.
+// Once the server is shutting down, such trailers for a call gRPC had not
+// answered become UNAVAILABLE; anything else passes unchanged.
+TEST(UploadAdmissionTest, CancellationsOfUnansweredCallsAreUnavailableOnceShuttingDown) {
+  MemoryBudget budget(1 << 20, nullptr, "the upload budget");
+  UploadAdmission uploads(&budget);
+  std::string to_server, to_client;
+  uploads.FromServer(Frame(kHttp2Settings, 0, 0), false, &to_client);
+  std::string client(kPreface);
+  for (uint32_t stream : {1, 3, 5, 7}) {
+    client += FrameWith(kHttp2Headers, kHttp2EndHeaders, stream, "h") +
+              FrameWith(kHttp2Data, kHttp2EndStream, stream, GrpcPrefix(4) + "tiny");
+  }
+  ASSERT_TRUE(uploads.FromClient(client, &to_server));
+  const auto literal = [](absl::string_view name, absl::string_view value) {
+    return std::string(1, '\0') + static_cast<char>(name.size()) + std::string(name) +
+           static_cast<char>(value.size()) + std::string(value);
+  };
+  const auto trailers = [&](uint32_t stream, absl::string_view status) {
+    return FrameWith(kHttp2Headers, kHttp2EndStream | kHttp2EndHeaders, stream,
+                     literal(":status", "200") + literal("content-type", "application/grpc") +
+                         literal("grpc-status", status) + literal("grpc-message", "CANCELLED"));
+  };
+  const auto through = [&](const std::string& bytes, bool shutting_down) {
+    std::string out;
+    for (char c : bytes) uploads.FromServer(std::string(1, c), shutting_down, &out);
+    return out;
+  };
+  // Before the shutdown: unchanged.
+  EXPECT_EQ(through(trailers(1, "1"), false), trailers(1, "1"));
+  // Answered before: unchanged.
+  const std::string answer = FrameWith(kHttp2Headers, kHttp2EndHeaders, 3, "\x88");
+  EXPECT_EQ(through(answer, false), answer);
+  EXPECT_EQ(through(trailers(3, "1"), true), trailers(3, "1"));
+  // Another status: unchanged.
+  EXPECT_EQ(through(trailers(7, "0"), true), trailers(7, "0"));
+  // Unanswered and cancelled: UNAVAILABLE, saying why.
+  std::vector<ParsedFrame> frames = ParseFrames(through(trailers(5, "1"), true));
+  ASSERT_EQ(frames.size(), 1u);
+  EXPECT_EQ(frames[0].type, kHttp2Headers);
+  EXPECT_EQ(frames[0].stream, 5u);
+  EXPECT_EQ(frames[0].flags, kHttp2EndStream | kHttp2EndHeaders);
+  EXPECT_THAT(frames[0].payload, HasSubstr(literal("grpc-status", "14")));
+  EXPECT_THAT(frames[0].payload, HasSubstr(literal(":status", "200")));
+  EXPECT_THAT(frames[0].payload, HasSubstr("did not start the call"));
+  EXPECT_THAT(frames[0].payload, testing::Not(HasSubstr("CANCELLED")));
+  // gRPC's own encoding (indexed, Huffman-coded) is never touched.
+  ASSERT_TRUE(uploads.FromClient(FrameWith(kHttp2Headers, kHttp2EndHeaders, 9, "h"), &to_server));
+  const std::string indexed = FrameWith(kHttp2Headers, kHttp2EndStream | kHttp2EndHeaders, 9,
+                                        "\x88\x40\x8agrpc-status\x01" "1");
+  EXPECT_EQ(through(indexed, true), indexed);
 }
 
 TEST(ProtoConvertTest, ScoresAreSortedHighestFirstWithStableTies) {

@@ -1,9 +1,12 @@
 // libFuzzer: the connection guard's reading of HTTP/2 (upload admission and
 // the frame counter) on anything. The input is a sequence of chunks, each a
 // byte (bit 7: from gRPC rather than the client; bits 0-6: length) and its
-// bytes, fed as they would arrive. The guard must never crash, must hand on
-// gRPC's bytes in order (its own frames between them), and must
-// give the upload budget back in full when the connection goes.
+// bytes, fed as they would arrive; the first byte's bit 0 says the server
+// is shutting down (gRPC's resets of unanswered streams are rewritten). The
+// guard must never crash, must hand on gRPC's bytes in order (its own
+// frames between them; only their length when resets may be rewritten),
+// and must give the upload budget back in full when the connection goes.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -19,10 +22,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // up to 512 bytes.
   MemoryBudget budget(64 << 10, nullptr, "the fuzz upload budget",
                       SmallLeaseReserve::EighthOf(64 << 10));
+  if (size == 0) return 0;
+  const bool shutting_down = (data[0] & 1) != 0;
   {
     UploadAdmission uploads(&budget);
     std::string to_server, to_client, from_server;
-    size_t at = 0;
+    size_t at = 1;
     while (at < size) {
       const uint8_t head = data[at++];
       const size_t length = std::min<size_t>(head & 0x7f, size - at);
@@ -30,7 +35,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       at += length;
       if ((head & 0x80) != 0) {
         from_server.append(chunk.data(), chunk.size());
-        uploads.FromServer(chunk, &to_client);
+        uploads.FromServer(chunk, shutting_down, &to_client);
       } else if (!uploads.FromClient(chunk, &to_server)) {
         break;  // closed: too many refused streams
       }
@@ -44,6 +49,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (char c : to_client) {
       if (found < from_server.size() && c == from_server[found]) ++found;
     }
+    if (shutting_down) found = std::min(to_client.size(), from_server.size());
     if (found + 8 < from_server.size()) std::abort();
   }
   if (budget.used() != 0) std::abort();
