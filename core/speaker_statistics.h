@@ -38,6 +38,11 @@ class SpeakerStatistics {
   // The speech the statistics stand for when windows start every
   // `hop_seconds` (each window adds a hop of new audio).
   double speech_seconds(double hop_seconds) const { return windows_ * hop_seconds; }
+  // Enough to adapt to: at least one window, and `min_speech_seconds` of
+  // speech (the server's --adaptation-min-speech-seconds).
+  bool EnoughToAdapt(double hop_seconds, double min_speech_seconds) const {
+    return windows_ > 0 && speech_seconds(hop_seconds) >= min_speech_seconds;
+  }
   // The mean summary; empty before any window.
   std::vector<float> Mean() const;
   // Memory held, for budgets.

@@ -350,8 +350,7 @@ struct StreamSession::Impl : std::enable_shared_from_this<Impl> {
   absl::Status Adapt(Slot& slot, StreamEvent* window) {
     if (!speaker.has_value()) return absl::OkStatus();
     const double hop_seconds = hop / model_rate;
-    if (speaker->windows() > 0 &&
-        speaker->speech_seconds(hop_seconds) >= options.adaptation_min_speech_seconds) {
+    if (speaker->EnoughToAdapt(hop_seconds, options.adaptation_min_speech_seconds)) {
       absl::StatusOr<std::vector<float>> adapted =
           engine->model().PredictFromSummaries(*slot.summary, 1, speaker->Mean());
       if (!adapted.ok()) return adapted.status();

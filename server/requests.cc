@@ -64,8 +64,7 @@ absl::StatusOr<ClipSpeaker> CheckClassifySpeaker(const v1::ClassifyRequest& requ
                                           config.sample_rate, limits.min_hop_seconds);
   if (!hop.ok()) return hop.status();
   const double hop_seconds = static_cast<double>(*hop) / config.sample_rate;
-  if (statistics.windows() > 0 &&
-      statistics.speech_seconds(hop_seconds) >= limits.adaptation_min_speech_seconds) {
+  if (statistics.EnoughToAdapt(hop_seconds, limits.adaptation_min_speech_seconds)) {
     speaker.mean = statistics.Mean();
   }
   if (request.return_speaker_statistics()) speaker.statistics = std::move(statistics);

@@ -71,6 +71,19 @@ TEST(SpeakerStatisticsTest, MeanOfTheWindowsAddedAndMerged) {
   EXPECT_EQ(all.bytes(), SpeakerStatistics(kKey, 7).bytes());
 }
 
+// Adaptation waits for the threshold's worth of speech, and for at least
+// one window even when the threshold is 0.
+TEST(SpeakerStatisticsTest, EnoughToAdaptOnceTheSpeechReachesTheThreshold) {
+  SpeakerStatistics statistics(kKey, 7);
+  EXPECT_FALSE(statistics.EnoughToAdapt(0.5, 0.0));
+  for (const auto& summary : RandomSummaries(39, 7, 3)) ASSERT_TRUE(statistics.Add(summary).ok());
+  EXPECT_TRUE(statistics.EnoughToAdapt(0.5, 0.0));
+  EXPECT_FALSE(statistics.EnoughToAdapt(0.5, 20.0));  // 19.5 s
+  ASSERT_TRUE(statistics.Add(RandomSummaries(1, 7, 4)[0]).ok());
+  EXPECT_TRUE(statistics.EnoughToAdapt(0.5, 20.0));  // 20 s
+  EXPECT_FALSE(statistics.EnoughToAdapt(0.25, 20.0));
+}
+
 TEST(SpeakerStatisticsTest, BlobRoundTripsExactly) {
   SpeakerStatistics statistics(kKey, 776);
   for (const auto& summary : RandomSummaries(9, 776, 2)) ASSERT_TRUE(statistics.Add(summary).ok());
