@@ -8,6 +8,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/model_config.h"
@@ -84,7 +85,8 @@ std::string StreamInput(const std::vector<v1::StreamClassifyRequest>& messages) 
 }
 
 // http2_guard_fuzzer's chunks: a byte (bit 7: from gRPC; bits 0-6: length)
-// before each piece of at most 127 bytes.
+// before each piece of at most 127 bytes. (An input starts with a byte
+// whose bit 0 says the server is shutting down.)
 std::string Chunks(bool from_grpc, const std::string& bytes) {
   std::string out;
   for (size_t i = 0; i < bytes.size(); i += 127) {
@@ -203,7 +205,8 @@ int main(int argc, char** argv) {
 
   // http2_guard_fuzzer: a Classify call (HEADERS, a padded DATA frame and
   // one that ends the stream) and its answer; a call whose message is too
-  // large for the budget, with data after the refusal.
+  // large for the budget, with data after the refusal; a call gRPC cancels
+  // as the server shuts down (trailers-only, HPACK literals).
   const std::string preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
   const std::string settings = Http2Frame(0x4, 0, 0, "");
   const std::string request = GrpcMessage(300, std::string(300, 'a'));
@@ -214,14 +217,26 @@ int main(int argc, char** argv) {
   const std::string answer = Http2Frame(0x1, 0x4, 1, "response-headers") +
                              Http2Frame(0x0, 0, 1, GrpcMessage(20, std::string(20, 'r'))) +
                              Http2Frame(0x1, 0x5, 1, "trailers");
+  const std::string running(1, 0), shutting_down(1, 1);
   Write(root / "http2_guard_fuzzer" / "classify",
-        Chunks(false, preface + settings) + Chunks(true, settings) + Chunks(false, call) +
+        running + Chunks(false, preface + settings) + Chunks(true, settings) + Chunks(false, call) +
             Chunks(true, answer));
   const std::string big = Http2Frame(0x1, 0x4, 3, "hpack-block") +
                           Http2Frame(0x0, 0, 3, GrpcMessage(1 << 20, std::string(100, 'b'))) +
                           Http2Frame(0x0, 0x1, 3, std::string(200, 'b'));
   Write(root / "http2_guard_fuzzer" / "refused",
-        Chunks(false, preface + settings) + Chunks(true, settings) + Chunks(false, big) +
-            Chunks(true, Http2Frame(0x6, 0x1, 0, std::string(8, 0))));
+        running + Chunks(false, preface + settings) + Chunks(true, settings) +
+            Chunks(false, big) + Chunks(true, Http2Frame(0x6, 0x1, 0, std::string(8, 0))));
+  std::string cancelled_block;
+  for (const auto& [name, value] : {std::pair<std::string, std::string>{":status", "200"},
+                                    {"content-type", "application/grpc"},
+                                    {"grpc-status", "1"},
+                                    {"grpc-message", "CANCELLED"}}) {
+    cancelled_block += std::string(1, 0) + static_cast<char>(name.size()) + name +
+                       static_cast<char>(value.size()) + value;
+  }
+  Write(root / "http2_guard_fuzzer" / "cancelled_at_shutdown",
+        shutting_down + Chunks(false, preface + settings) + Chunks(true, settings) +
+            Chunks(false, call) + Chunks(true, Http2Frame(0x1, 0x5, 1, cancelled_block)));
   return 0;
 }
